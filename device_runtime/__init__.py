@@ -1,0 +1,36 @@
+"""lowra.device_runtime: the light, torch-free side that runs on the device.
+
+Owns the adapter wire format (:mod:`.format`) and its numpy reference codec; loads a base, verifies a user's
+blob against it, merges the adapter at load time and swaps users without drift (:class:`DeviceRuntime`).
+"""
+from .errors import (
+    BaseMismatchError,
+    BaseNotFoundError,
+    BlobContentError,
+    BlobError,
+    BlobTruncatedError,
+    ChecksumMismatchError,
+    LowraError,
+    UnsupportedFormatError,
+)
+from .format import FORMAT_NAME, FORMAT_VERSION, Blob, parse_blob, read_blob
+from .runtime import BaseWeights, DeviceRuntime, UserInfo
+
+__all__ = [
+    "BaseMismatchError",
+    "BaseNotFoundError",
+    "BaseWeights",
+    "Blob",
+    "BlobContentError",
+    "BlobError",
+    "BlobTruncatedError",
+    "ChecksumMismatchError",
+    "DeviceRuntime",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LowraError",
+    "UnsupportedFormatError",
+    "UserInfo",
+    "parse_blob",
+    "read_blob",
+]

@@ -1,0 +1,268 @@
+"""Compress a trained LoRA adapter below 2 effective bits per parameter into a lowra blob (format v1).
+
+Method (measured side by side against simpler schemes in bench/bench_adapter_compression.py):
+1. **Activation-aware SVD.** Each delta ``s * B @ A`` is re-factored as ``sum_k up_k down_k`` with components
+   orthogonal in the metric of the module's inputs (SVD of ``s * B @ A @ diag(sqrt(E[x^2]))``), so component k's
+   share of the output error is ``sigma_k^2`` and the components are ordered by importance.
+2. **Per-channel learned codebooks.** Each ``down_k`` row (weighted by ``E[x^2]``) and ``up_k`` column gets a
+   weighted Lloyd-Max codebook at widths 1, 2 and 4; the resulting output-error estimate is exact up to
+   cross terms between components.
+3. **Precision assignment.** Per component the options are "drop" or any (down width, up width) pair; a
+   multiple-choice knapsack on convex hulls picks them under the budget, where the budget counts *every* byte
+   of the final file: codes with byte padding, float16 codebooks, the 2-bit width map and the whole header.
+4. **Refit.** With the down factors quantized, the up factors are re-solved by weighted least squares against
+   the exact delta (so up absorbs the down quantization error), then quantized at their assigned widths.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..device_runtime import format as fmt
+from ..device_runtime.safetensors_io import atomic_write_bytes, header_size
+from .allocation import assign_precision
+from .codebook import lloyd_max
+from .errors import BudgetError, ConfigError
+
+NONZERO_WIDTHS = (1, 2, 4)
+# Per component: dropped, or any (down width, up width) pair.
+OPTIONS = [(0, 0)] + [(wd, wu) for wd in NONZERO_WIDTHS for wu in NONZERO_WIDTHS]
+# Relative floor on input second moments: keeps the whitening invertible for features never seen active.
+STATS_FLOOR = 1e-6
+
+
+@dataclass
+class CompressConfig:
+    bits: float = 1.0  # effective bits per fp adapter parameter, every stored byte counted
+    weighted: bool = True  # use input second moments (activation-aware SVD + weighted Lloyd-Max)
+    refit: bool = True  # re-solve up factors after the down factors are quantized
+    iters: int = 40  # Lloyd-Max iterations (it stops earlier once converged)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bits, (int, float)) and np.isfinite(self.bits) and 0 < self.bits <= 16):
+            raise BudgetError(f"bits must be a number in (0, 16] effective bits per parameter, got {self.bits!r}")
+        if self.iters < 1:
+            raise ConfigError(f"iters must be >= 1, got {self.iters}")
+
+
+@dataclass
+class ModuleComponents:
+    """A module's delta as ``up @ down`` with orthogonal, importance-ordered components."""
+
+    up: torch.Tensor  # float64 [out, r]
+    down: torch.Tensor  # float64 [r, in]
+    sigma: torch.Tensor  # float64 [r], singular values in the input-weighted metric
+    input_ms: torch.Tensor  # float64 [in], mean x^2 of the module's inputs (ones when unweighted)
+
+
+def components(A: torch.Tensor, B: torch.Tensor, scaling: float, input_ms: torch.Tensor | None) -> ModuleComponents:
+    """Activation-aware SVD of ``scaling * B @ A`` through two thin QRs and an r x r SVD (cheap, exact)."""
+    A64, B64 = A.detach().to(torch.float64), B.detach().to(torch.float64)
+    ms = torch.ones(A.shape[1], dtype=torch.float64) if input_ms is None else input_ms.detach().to(torch.float64)
+    ms = ms.clamp_min(STATS_FLOOR * float(ms.mean().clamp_min(1e-30)))
+    d = ms.sqrt()
+    qb, rb = torch.linalg.qr(B64 * scaling)
+    qa, ra = torch.linalg.qr((A64 * d[None, :]).T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    root = s.sqrt()
+    up = (qb @ u) * root[None, :]
+    down = (root[:, None] * (vh @ qa.T)) / d[None, :]
+    return ModuleComponents(up=up, down=down, sigma=s, input_ms=ms)
+
+
+@dataclass
+class CompressedAdapter:
+    blob_bytes: bytes
+    blob: fmt.Blob
+    config: CompressConfig
+    predicted_error: float  # estimated output error / energy of the delta (0 = lossless, 1 = all dropped)
+    report: dict[str, object] = field(default_factory=dict)
+
+    def factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """module -> (up [out, r], down [r, in]) decoded with the device's numpy reference codec."""
+        return {m.name: self.blob.factors(m.name) for m in self.blob.modules}
+
+    def write(self, path: str | Path, overwrite: bool = False) -> Path:
+        return atomic_write_bytes(path, self.blob_bytes, overwrite=overwrite)
+
+
+def _channel_bits(length: int, width: int) -> int:
+    return 0 if width == 0 else 8 * fmt.packed_bytes(length, width) + 16 * (1 << width)
+
+
+def _check_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    if not factors:
+        raise ConfigError("the adapter has no modules to compress")
+    for name, (A, B) in factors.items():
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ConfigError(
+                f"module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be [r, in] and [out, r]"
+            )
+        for label, t in (("lora_A", A), ("lora_B", B)):
+            if not torch.all(torch.isfinite(t)):
+                raise ConfigError(f"module {name}: {label} contains NaN or Inf; the adapter diverged in training")
+
+
+def compress_adapter(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+    config: CompressConfig,
+    *,
+    adapter_id: str,
+    base_fingerprint: str,
+    lora_meta: Mapping[str, object],
+    card: Mapping[str, object] | None = None,
+    input_stats: Mapping[str, torch.Tensor] | None = None,
+    created: str | None = None,
+) -> CompressedAdapter:
+    """Compress ``factors`` (module -> (A [r, in], B [out, r])) into a blob whose *whole file* fits the budget."""
+    _check_factors(factors)
+    names = list(factors)
+    modules = [fmt.ModuleEntry(n, int(factors[n][1].shape[0]), int(factors[n][0].shape[1]), int(factors[n][0].shape[0])) for n in names]
+    n_params = sum(m.n_params for m in modules)
+
+    comps: dict[str, ModuleComponents] = {}
+    for name in names:
+        ms = input_stats.get(name) if (config.weighted and input_stats) else None
+        comps[name] = components(factors[name][0], factors[name][1], scaling, ms)
+
+    # Codebooks at every non-zero width, per channel, batched per (module side, width).
+    fits: dict[tuple[str, str, int], object] = {}
+    for name in names:
+        c = comps[name]
+        for w in NONZERO_WIDTHS:
+            fits[(name, "down", w)] = lloyd_max(c.down, w, weight=c.input_ms[None, :], iters=config.iters)
+            fits[(name, "up", w)] = lloyd_max(c.up.T, w, iters=config.iters)
+
+    # Option table per component: cost in bits, distortion as expected output squared error.
+    options = OPTIONS
+    cost_rows, dist_rows, owners = [], [], []
+    for name, m in zip(names, modules):
+        c = comps[name]
+        sigma = c.sigma.numpy()
+        for k in range(m.rank):
+            costs, dists = [], []
+            for wd, wu in options:
+                if wd == 0:
+                    costs.append(0.0)
+                    dists.append(float(sigma[k] ** 2))
+                    continue
+                d_down = sigma[k] * float(fits[(name, "down", wd)].distortion[k])
+                d_up = sigma[k] * float(fits[(name, "up", wu)].distortion[k])
+                costs.append(float(_channel_bits(m.in_features, wd) + _channel_bits(m.out_features, wu)))
+                dists.append(min(d_down + d_up, float(sigma[k] ** 2)))
+            cost_rows.append(costs)
+            dist_rows.append(dists)
+            owners.append((name, k))
+
+    metadata = {
+        "adapter_id": adapter_id,
+        "base_fingerprint": base_fingerprint,
+        "lora": dict(lora_meta),
+        "scheme": {
+            "method": "aa-svd+lloyd-max+knapsack" + ("+refit" if config.refit else ""),
+            "budget_bits": float(config.bits),
+            "widths": list(fmt.WIDTHS),
+            "weighted": bool(config.weighted and bool(input_stats)),
+            "codebook_dtype": "float16",
+        },
+        "created": created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "card": dict(card or {}),
+    }
+    fixed_bits = 8 * _header_upper_bound(modules, metadata)
+    budget_bits = config.bits * n_params - fixed_bits
+    if budget_bits < 0:
+        raise BudgetError(
+            f"a budget of {config.bits} effective bits/param ({config.bits * n_params / 8:.0f} bytes for "
+            f"{n_params} adapter parameters) is below what any blob needs: {fixed_bits / 8:.0f} bytes of header, "
+            f"metadata and width map ({fixed_bits / n_params:.4f} bits/param). Raise --bits"
+        )
+    choice = assign_precision(np.array(cost_rows), np.array(dist_rows), budget_bits)
+
+    widths_by_module: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
+    total_dist = 0.0
+    for (name, k), j, drow in zip(owners, choice, dist_rows):
+        widths_by_module[name].append(options[j])
+        total_dist += drow[j]
+    energy = float(sum(float((c.sigma**2).sum()) for c in comps.values()))
+
+    all_widths: list[int] = []
+    codes: list[np.ndarray] = []
+    levels: list[np.ndarray] = []
+    for name, m in zip(names, modules):
+        c = comps[name]
+        pairs = widths_by_module[name]
+        down_w = [p[0] for p in pairs]
+        up_w = [p[1] for p in pairs]
+        down_hat = torch.zeros_like(c.down)
+        for k, w in enumerate(down_w):
+            if w:
+                fit = fits[(name, "down", w)]
+                codes.append(fit.codes[k].numpy())
+                levels.append(fit.levels[k].numpy().astype(np.float16))
+                down_hat[k] = torch.from_numpy(levels[-1].astype(np.float64))[fit.codes[k].long()]
+            else:
+                codes.append(np.zeros(0, np.uint8))
+                levels.append(np.zeros(0, np.float16))
+        up = _refit_up(c, down_hat, [w > 0 for w in down_w]) if config.refit else c.up
+        for k, w in enumerate(up_w):
+            if w:
+                fit = lloyd_max(up[:, k][None, :], w, iters=config.iters) if config.refit else None
+                col_codes = fit.codes[0] if fit is not None else fits[(name, "up", w)].codes[k]
+                col_levels = fit.levels[0] if fit is not None else fits[(name, "up", w)].levels[k]
+                codes.append(col_codes.numpy())
+                levels.append(col_levels.numpy().astype(np.float16))
+            else:
+                codes.append(np.zeros(0, np.uint8))
+                levels.append(np.zeros(0, np.float16))
+        all_widths.extend(down_w + up_w)
+
+    blob_bytes = fmt.build_blob_bytes(modules, np.array(all_widths, dtype=np.uint8), codes, levels, metadata)
+    blob = fmt.parse_blob(blob_bytes, f"adapter {adapter_id!r}")
+    report = blob.bits_report()
+    if report["effective_bits"] > config.bits + 1e-9:  # the header bound makes this impossible; keep it honest
+        raise RuntimeError(f"internal: blob uses {report['effective_bits']:.4f} bits > budget {config.bits}")
+    report["predicted_error"] = total_dist / max(energy, 1e-300)
+    return CompressedAdapter(blob_bytes, blob, config, report["predicted_error"], report)
+
+
+def _refit_up(c: ModuleComponents, down_hat: torch.Tensor, kept: list[bool]) -> torch.Tensor:
+    """Least-squares up factors for the quantized downs: argmin_U E||(up@down - U@down_hat) x||^2."""
+    up = torch.zeros_like(c.up)
+    idx = [k for k, keep in enumerate(kept) if keep]
+    if not idx:
+        return up
+    dq = down_hat[idx]  # [k, in]
+    weighted = dq * c.input_ms[None, :]
+    gram = weighted @ dq.T  # [k, k]
+    gram += torch.eye(len(idx), dtype=gram.dtype) * (1e-10 * float(gram.diagonal().mean().clamp_min(1e-300)))
+    rhs = c.up @ (c.down @ weighted.T)  # [out, k]
+    up[:, idx] = torch.linalg.solve(gram, rhs.T).T
+    return up
+
+
+def _header_upper_bound(modules: list[fmt.ModuleEntry], metadata: Mapping[str, object]) -> int:
+    """Bytes of header + width map for this blob, bounded above (tensor sizes taken at their maximum)."""
+    n_channels = sum(2 * m.rank for m in modules)
+    max_code_bytes = sum(m.rank * (fmt.packed_bytes(m.in_features, 4) + fmt.packed_bytes(m.out_features, 4)) for m in modules)
+    max_levels = n_channels * 16
+    width_bytes = (n_channels + 3) // 4
+    meta = {k: (json.dumps(v, separators=(",", ":"), sort_keys=True) if k in fmt.JSON_METADATA else str(v)) for k, v in metadata.items()}
+    meta.update(
+        format=fmt.FORMAT_NAME,
+        format_version=str(fmt.FORMAT_VERSION),
+        modules=json.dumps([[m.name, m.out_features, m.in_features, m.rank] for m in modules], separators=(",", ":")),
+        payload_sha256="0" * 64,
+    )
+    entries = {
+        "codes": ("U8", (max_code_bytes,), max_code_bytes),
+        "codebooks": ("F16", (max_levels,), 2 * max_levels),
+        "widths": ("U8", (width_bytes,), width_bytes),
+    }
+    return header_size(entries, meta) + width_bytes
