@@ -77,6 +77,10 @@ def test_blob_decodes_to_codebook_lookups(tiny_base):
               np.arange(16, dtype=np.float16) / 8]
     meta = {"adapter_id": "a", "base_fingerprint": "sha256:x", "lora": {}, "scheme": {}, "created": "t", "card": {}}
     blob = fmt.parse_blob(fmt.build_blob_bytes([m], widths, codes, levels, meta))
+    # the worked example of docs/FORMAT.md, byte for byte
+    assert blob.codes.tobytes().hex(" ") == "e4 00 05 0f 07"
+    assert fmt.encode_widths(blob.layout.widths).tobytes().hex() == "d2"
+    assert blob.layout.level_offsets.tolist() == [0, 4, 4, 6, 22]
     up, down = blob.factors("layer")
     np.testing.assert_array_equal(down, [[-1, -0.5, 0.5, 1, -1], [0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(up, [[2, 15 / 8], [-2, 0], [2, 7 / 8]])
