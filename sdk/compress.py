@@ -23,6 +23,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..device_runtime import format as fmt
 from ..device_runtime.safetensors_io import atomic_write_bytes, header_size
@@ -33,6 +34,8 @@ from .errors import BudgetError, ConfigError
 NONZERO_WIDTHS = (1, 2, 4)
 # Per component: dropped, or any (down width, up width) pair.
 OPTIONS = [(0, 0)] + [(wd, wu) for wd in NONZERO_WIDTHS for wu in NONZERO_WIDTHS]
+# Header room kept free so the adapter card can be updated after compression (see with_card).
+CARD_RESERVE_BYTES = 256
 # Relative floor on input second moments: keeps the whitening invertible for features never seen active.
 STATS_FLOOR = 1e-6
 
@@ -83,13 +86,42 @@ class CompressedAdapter:
     config: CompressConfig
     predicted_error: float  # estimated output error / energy of the delta (0 = lossless, 1 = all dropped)
     report: dict[str, object] = field(default_factory=dict)
+    # What the bytes were built from, so the card can be replaced without recompressing.
+    modules: list[fmt.ModuleEntry] = field(default_factory=list, repr=False)
+    widths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8), repr=False)
+    codes: list[np.ndarray] = field(default_factory=list, repr=False)
+    levels: list[np.ndarray] = field(default_factory=list, repr=False)
+    metadata: dict[str, object] = field(default_factory=dict, repr=False)
 
     def factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """module -> (up [out, r], down [r, in]) decoded with the device's numpy reference codec."""
         return {m.name: self.blob.factors(m.name) for m in self.blob.modules}
 
+    def with_card(self, card: Mapping[str, object]) -> "CompressedAdapter":
+        """The same codes with another adapter card (e.g. once the compressed held-out loss is known).
+
+        The budget reserved ``CARD_RESERVE_BYTES`` for this; a card that outgrows it raises BudgetError.
+        """
+        metadata = dict(self.metadata, card=dict(card))
+        return _finish(self.modules, self.widths, self.codes, self.levels, metadata, self.config, self.predicted_error)
+
     def write(self, path: str | Path, overwrite: bool = False) -> Path:
         return atomic_write_bytes(path, self.blob_bytes, overwrite=overwrite)
+
+
+def _finish(modules, widths, codes, levels, metadata, config: CompressConfig, predicted_error: float) -> CompressedAdapter:
+    blob_bytes = fmt.build_blob_bytes(modules, widths, codes, levels, metadata)
+    blob = fmt.parse_blob(blob_bytes, f"adapter {metadata['adapter_id']!r}")
+    report = blob.bits_report()
+    if report["effective_bits"] > config.bits + 1e-12:
+        raise BudgetError(
+            f"the blob takes {report['effective_bits']:.4f} effective bits/param, over the budget of {config.bits}; "
+            f"the adapter card grew by more than the {CARD_RESERVE_BYTES} bytes reserved for it. Shorten the card"
+        )
+    report["predicted_error"] = predicted_error
+    return CompressedAdapter(
+        blob_bytes, blob, config, predicted_error, report, list(modules), widths, codes, levels, dict(metadata)
+    )
 
 
 def _channel_bits(length: int, width: int) -> int:
@@ -120,6 +152,7 @@ def compress_adapter(
     card: Mapping[str, object] | None = None,
     input_stats: Mapping[str, torch.Tensor] | None = None,
     created: str | None = None,
+    progress: bool = False,
 ) -> CompressedAdapter:
     """Compress ``factors`` (module -> (A [r, in], B [out, r])) into a blob whose *whole file* fits the budget."""
     _check_factors(factors)
@@ -134,7 +167,7 @@ def compress_adapter(
 
     # Codebooks at every non-zero width, per channel, batched per (module side, width).
     fits: dict[tuple[str, str, int], object] = {}
-    for name in names:
+    for name in tqdm(names, desc="codebooks", unit="module", disable=not progress):
         c = comps[name]
         for w in NONZERO_WIDTHS:
             fits[(name, "down", w)] = lloyd_max(c.down, w, weight=c.input_ms[None, :], iters=config.iters)
@@ -223,13 +256,8 @@ def compress_adapter(
                 levels.append(np.zeros(0, np.float16))
         all_widths.extend(down_w + up_w)
 
-    blob_bytes = fmt.build_blob_bytes(modules, np.array(all_widths, dtype=np.uint8), codes, levels, metadata)
-    blob = fmt.parse_blob(blob_bytes, f"adapter {adapter_id!r}")
-    report = blob.bits_report()
-    if report["effective_bits"] > config.bits + 1e-9:  # the header bound makes this impossible; keep it honest
-        raise RuntimeError(f"internal: blob uses {report['effective_bits']:.4f} bits > budget {config.bits}")
-    report["predicted_error"] = total_dist / max(energy, 1e-300)
-    return CompressedAdapter(blob_bytes, blob, config, report["predicted_error"], report)
+    predicted = total_dist / max(energy, 1e-300)
+    return _finish(modules, np.array(all_widths, dtype=np.uint8), codes, levels, metadata, config, predicted)
 
 
 def _refit_up(c: ModuleComponents, down_hat: torch.Tensor, kept: list[bool]) -> torch.Tensor:
@@ -265,4 +293,4 @@ def _header_upper_bound(modules: list[fmt.ModuleEntry], metadata: Mapping[str, o
         "codebooks": ("F16", (max_levels,), 2 * max_levels),
         "widths": ("U8", (width_bytes,), width_bytes),
     }
-    return header_size(entries, meta) + width_bytes
+    return header_size(entries, meta) + width_bytes + CARD_RESERVE_BYTES
