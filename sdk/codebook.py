@@ -13,7 +13,7 @@ from statistics import NormalDist
 
 import torch
 
-MAX_ITERS = 12
+MAX_ITERS = 30
 # Stop when no level moves by more than this fraction of the channel's spread.
 TOLERANCE = 1e-5
 # Quantile edges the grid DP start may put cell boundaries on (see grid_optimal_levels).
@@ -56,13 +56,36 @@ class _SortedRows:
         self.p1 = torch.cat([zero, (self.w * self.x).cumsum(1)], 1)
         self.p2 = torch.cat([zero, (self.w * self.x * self.x).cumsum(1)], 1)
 
+    def moments(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weighted sums of 1, x, x^2 over sorted elements [a, b) per row; a, b are index tensors."""
+        return (
+            self.p0.gather(1, b) - self.p0.gather(1, a),
+            self.p1.gather(1, b) - self.p1.gather(1, a),
+            self.p2.gather(1, b) - self.p2.gather(1, a),
+        )
+
     def cell(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted mean, weighted SSE) of sorted elements [a, b) per row; a, b broadcast as index tensors."""
-        m0 = self.p0.gather(1, b) - self.p0.gather(1, a)
-        m1 = self.p1.gather(1, b) - self.p1.gather(1, a)
-        m2 = self.p2.gather(1, b) - self.p2.gather(1, a)
+        """(weighted mean, weighted SSE) of sorted elements [a, b) per row."""
+        m0, m1, m2 = self.moments(a, b)
         mean = m1 / m0.clamp_min(1e-300)
         return mean, (m2 - m1 * mean).clamp_min(0.0)
+
+    def cells_of(self, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start/end positions in sorted order of each level's nearest-neighbour cell.
+
+        Cell i holds t[i-1] < x <= t[i] (t = midpoints), exactly as :func:`assign_codes` assigns.
+        """
+        thresholds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+        inner = torch.searchsorted(self.x, thresholds, right=True)
+        n = levels.shape[0]
+        zero = torch.zeros(n, 1, dtype=torch.long, device=levels.device)
+        end = torch.full((n, 1), self.x.shape[1], dtype=torch.long, device=levels.device)
+        return torch.cat([zero, inner], 1), torch.cat([inner, end], 1)
+
+    def distortion(self, levels: torch.Tensor) -> torch.Tensor:
+        """Weighted SSE of nearest-level quantization per row, from prefix sums (no per-element pass)."""
+        m0, m1, m2 = self.moments(*self.cells_of(levels))
+        return (m2 - 2 * levels * m1 + levels * levels * m0).sum(1).clamp_min(0.0)
 
     def split_levels(self, levels: torch.Tensor) -> torch.Tensor:
         """Double the codebook: split every cell of ``levels`` at its SSE-optimal point (exact per cell)."""
@@ -128,22 +151,22 @@ def grid_optimal_levels(rows: _SortedRows, k: int, grid: int = GRID_CELLS) -> to
     return torch.sort(means, dim=1).values
 
 
-def _lloyd(x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd-Max iterations from ``levels``; returns (levels, weighted SSE per row)."""
-    k = levels.shape[1]
-    scale = (x.amax(1) - x.amin(1)).clamp_min(1e-30)[:, None]
+def _lloyd(rows: _SortedRows, levels: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd-Max iterations from ``levels``; returns (levels, weighted SSE per row).
+
+    Works on the sorted rows: a cell is a contiguous range found by binary search of the thresholds, and its
+    weighted mean comes from prefix sums, so an iteration costs O(levels * log L) per row, not O(L).
+    """
+    scale = (rows.x[:, -1:] - rows.x[:, :1]).clamp_min(1e-30)
     for _ in range(iters):
-        idx = assign_codes(x, levels).long()
-        sums = torch.zeros(x.shape[0], k, dtype=x.dtype, device=x.device).scatter_add_(1, idx, w * x)
-        mass = torch.zeros_like(sums).scatter_add_(1, idx, w)
+        m0, m1, _ = rows.moments(*rows.cells_of(levels))
         # An empty cell keeps its level: it still separates its neighbours and may capture points later.
-        new = torch.sort(torch.where(mass > 0, sums / mass.clamp_min(1e-300), levels), dim=1).values
+        new = torch.sort(torch.where(m0 > 0, m1 / m0.clamp_min(1e-300), levels), dim=1).values
         moved = ((new - levels).abs() / scale).max()
         levels = new
         if moved < TOLERANCE:
             break
-    err = x - torch.gather(levels, 1, assign_codes(x, levels).long())
-    return levels, (w * err * err).sum(1)
+    return levels, rows.distortion(levels)
 
 
 def lloyd_max(
@@ -181,12 +204,12 @@ def lloyd_max(
     if bits == 1:
         levels = rows.split_levels(mean)
     elif bits == 2:
-        levels, _ = _lloyd(x, w, grid_optimal_levels(rows, 4), iters)
+        levels, _ = _lloyd(rows, grid_optimal_levels(rows, 4), iters)
     else:
         levels = mean
         for _ in range(bits):
-            levels, sse = _lloyd(x, w, rows.split_levels(levels), iters)
-        grid, grid_sse = _lloyd(x, w, grid_optimal_levels(rows, 1 << bits, GRID_CELLS_FINE), iters)
+            levels, sse = _lloyd(rows, rows.split_levels(levels), iters)
+        grid, grid_sse = _lloyd(rows, grid_optimal_levels(rows, 1 << bits, GRID_CELLS_FINE), iters)
         levels = torch.where((grid_sse < sse)[:, None], grid, levels)
     codes = assign_codes(x, levels)
     err = x - torch.gather(levels, 1, codes.long())

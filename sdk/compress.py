@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..device_runtime import format as fmt
 from ..device_runtime.safetensors_io import atomic_write_bytes, header_size
 from .allocation import assign_precision
-from .codebook import lloyd_max
+from .codebook import Codebook, lloyd_max
 from .errors import BudgetError, ConfigError
 
 NONZERO_WIDTHS = (1, 2, 4)
@@ -165,13 +165,16 @@ def compress_adapter(
         ms = input_stats.get(name) if (config.weighted and input_stats) else None
         comps[name] = components(factors[name][0], factors[name][1], scaling, ms)
 
-    # Codebooks at every non-zero width, per channel, batched per (module side, width).
-    fits: dict[tuple[str, str, int], object] = {}
-    for name in tqdm(names, desc="codebooks", unit="module", disable=not progress):
+    # Codebooks at every non-zero width for every channel, batched over modules with equal channel length.
+    jobs = {}
+    for name in names:
         c = comps[name]
-        for w in NONZERO_WIDTHS:
-            fits[(name, "down", w)] = lloyd_max(c.down, w, weight=c.input_ms[None, :], iters=config.iters)
-            fits[(name, "up", w)] = lloyd_max(c.up.T, w, iters=config.iters)
+        jobs[(name, "down")] = (c.down, c.input_ms[None, :].expand_as(c.down))
+        jobs[(name, "up")] = (c.up.T, None)
+    fits = {}
+    for w in tqdm(NONZERO_WIDTHS, desc="codebooks", unit="width", disable=not progress):
+        for key, fit in fit_codebooks(jobs, w, config.iters).items():
+            fits[(*key, w)] = fit
 
     # Option table per component: cost in bits, distortion as expected output squared error.
     options = OPTIONS
@@ -225,39 +228,69 @@ def compress_adapter(
         total_dist += drow[j]
     energy = float(sum(float((c.sigma**2).sum()) for c in comps.values()))
 
+    # Final codes: downs from the fits above; ups refitted to the quantized downs (optional), then quantized.
+    down_w = {n: [p[0] for p in widths_by_module[n]] for n in names}
+    up_w = {n: [p[1] for p in widths_by_module[n]] for n in names}
+    channel_fits: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+    refit_jobs: dict[tuple[str, int], tuple[torch.Tensor, None]] = {}
+    for name in names:
+        c = comps[name]
+        down_hat = torch.zeros_like(c.down)
+        for k, w in enumerate(down_w[name]):
+            if w:
+                fit = fits[(name, "down", w)]
+                lv = fit.levels[k].numpy().astype(np.float16)
+                channel_fits[(name, "down", k)] = (fit.codes[k].numpy(), lv)
+                down_hat[k] = torch.from_numpy(lv.astype(np.float64))[fit.codes[k].long()]
+        up = _refit_up(c, down_hat, [w > 0 for w in down_w[name]]) if config.refit else None
+        for k, w in enumerate(up_w[name]):
+            if not w:
+                continue
+            if up is None:
+                fit = fits[(name, "up", w)]
+                channel_fits[(name, "up", k)] = (fit.codes[k].numpy(), fit.levels[k].numpy().astype(np.float16))
+            else:
+                refit_jobs.setdefault(w, {})[(name, k)] = (up[:, k][None, :], None)
+    for w, group in refit_jobs.items():
+        for (name, k), fit in fit_codebooks(group, w, config.iters).items():
+            channel_fits[(name, "up", k)] = (fit.codes[0].numpy(), fit.levels[0].numpy().astype(np.float16))
+
     all_widths: list[int] = []
     codes: list[np.ndarray] = []
     levels: list[np.ndarray] = []
+    empty = (np.zeros(0, np.uint8), np.zeros(0, np.float16))
     for name, m in zip(names, modules):
-        c = comps[name]
-        pairs = widths_by_module[name]
-        down_w = [p[0] for p in pairs]
-        up_w = [p[1] for p in pairs]
-        down_hat = torch.zeros_like(c.down)
-        for k, w in enumerate(down_w):
-            if w:
-                fit = fits[(name, "down", w)]
-                codes.append(fit.codes[k].numpy())
-                levels.append(fit.levels[k].numpy().astype(np.float16))
-                down_hat[k] = torch.from_numpy(levels[-1].astype(np.float64))[fit.codes[k].long()]
-            else:
-                codes.append(np.zeros(0, np.uint8))
-                levels.append(np.zeros(0, np.float16))
-        up = _refit_up(c, down_hat, [w > 0 for w in down_w]) if config.refit else c.up
-        for k, w in enumerate(up_w):
-            if w:
-                fit = lloyd_max(up[:, k][None, :], w, iters=config.iters) if config.refit else None
-                col_codes = fit.codes[0] if fit is not None else fits[(name, "up", w)].codes[k]
-                col_levels = fit.levels[0] if fit is not None else fits[(name, "up", w)].levels[k]
-                codes.append(col_codes.numpy())
-                levels.append(col_levels.numpy().astype(np.float16))
-            else:
-                codes.append(np.zeros(0, np.uint8))
-                levels.append(np.zeros(0, np.float16))
-        all_widths.extend(down_w + up_w)
+        for side, widths in (("down", down_w[name]), ("up", up_w[name])):
+            for k in range(m.rank):
+                code, level = channel_fits.get((name, side, k), empty)
+                codes.append(code)
+                levels.append(level)
+            all_widths.extend(widths)
 
     predicted = total_dist / max(energy, 1e-300)
     return _finish(modules, np.array(all_widths, dtype=np.uint8), codes, levels, metadata, config, predicted)
+
+
+def fit_codebooks(jobs: Mapping[object, tuple[torch.Tensor, torch.Tensor | None]], bits: int, iters: int) -> dict:
+    """Lloyd-Max codebooks for many channel sets at once: key -> (rows [n, L], weights [n, L] or None).
+
+    Rows of equal length are stacked into one call (hundreds of small calls cost far more than one big one).
+    Returns key -> Codebook for that key's rows.
+    """
+    by_length: dict[int, list[object]] = {}
+    for key, (x, _) in jobs.items():
+        by_length.setdefault(int(x.shape[1]), []).append(key)
+    out = {}
+    for keys in by_length.values():
+        xs = torch.cat([jobs[k][0] for k in keys])
+        ws = torch.cat([jobs[k][1] if jobs[k][1] is not None else torch.ones_like(jobs[k][0]) for k in keys])
+        fit = lloyd_max(xs, bits, weight=ws, iters=iters)
+        start = 0
+        for k in keys:
+            n = jobs[k][0].shape[0]
+            out[k] = Codebook(fit.levels[start : start + n], fit.codes[start : start + n], fit.distortion[start : start + n])
+            start += n
+    return out
 
 
 def _refit_up(c: ModuleComponents, down_hat: torch.Tensor, kept: list[bool]) -> torch.Tensor:
