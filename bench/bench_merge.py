@@ -35,7 +35,7 @@ def make_blob(base_dir: Path, path: Path) -> None:
             factors[name[: -len(".weight")]] = (torch.randn(16, in_f, generator=gen) * 0.02,
                                                 torch.randn(out_f, 16, generator=gen) * 0.02)
     lora = LoraConfig()
-    c = compress_factors(factors, lora, CompressConfig(bits=1.0, refit=False), adapter_id="bench",
+    c = compress_factors(factors, lora, CompressConfig(bits=1.0), adapter_id="bench",
                          base_fingerprint=weights.fingerprint(list(factors)))
     c.write(path, overwrite=True)
 

@@ -64,7 +64,6 @@ def _add_compress(p: argparse.ArgumentParser, bits_default: float = 1.0) -> None
         default=bits_default,
         help=f"budget in effective bits per adapter parameter, counting every stored byte (default {bits_default})",
     )
-    g.add_argument("--no-refit", action="store_true", help="skip re-solving up factors after quantizing down factors")
     g.add_argument("--unweighted", action="store_true", help="ignore recorded input statistics (plain SVD and MSE)")
 
 
@@ -167,7 +166,7 @@ def _lora_config(args: argparse.Namespace):
 def _compress_config(args: argparse.Namespace):
     from .compress import CompressConfig
 
-    return CompressConfig(bits=args.bits, refit=not args.no_refit, weighted=not args.unweighted)
+    return CompressConfig(bits=args.bits, weighted=not args.unweighted)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -343,7 +342,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sweep = tuple(float(b) for b in args.sweep.split(",") if b.strip()) if args.sweep else ()
     users = tuple(u.strip() for u in args.users.split(",")) if args.users else DemoConfig().users
     run_demo(DemoConfig(out=args.out, users=users, steps=args.steps, bits=args.bits, sweep=sweep, base=args.base,
-                        refit=not args.no_refit, weighted=not args.unweighted))
+                        weighted=not args.unweighted))
     return 0
 
 

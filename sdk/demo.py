@@ -42,7 +42,6 @@ class DemoConfig:
     bits: float = 1.0
     sweep: tuple[float, ...] = (0.5, 2.0)
     base: str | None = None
-    refit: bool = True
     weighted: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_new_tokens: int = 48
@@ -94,7 +93,7 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
         for bits in budgets:
             t0 = time.perf_counter()
             compressed = compress_factors(
-                factors, config.lora, CompressConfig(bits=bits, refit=config.refit, weighted=config.weighted),
+                factors, config.lora, CompressConfig(bits=bits, weighted=config.weighted),
                 adapter_id=uid, base_fingerprint=fingerprint, input_stats=result.input_stats, card=card,
             )
             seconds = time.perf_counter() - t0
