@@ -246,6 +246,32 @@ class Blob:
         )
         return np.ascontiguousarray(up_t.T), down
 
+    def all_factors(self, drop_empty: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Every module's (up, down) at once, decoded in one vectorized pass per channel length and width.
+
+        With ``drop_empty``, components whose down or up channel has width 0 are left out (their product is
+        zero), so a merge multiplies only the components that carry information.
+        """
+        lay = self.layout
+        decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for length in np.unique(lay.lengths):
+            chans = np.nonzero(lay.lengths == length)[0]
+            decoded[int(length)] = (chans, decode_channel_group(lay, self.codes, self.codebooks, chans, int(length)))
+        out = {}
+        for i, m in enumerate(lay.modules):
+            first = int(lay.module_offsets[i])
+            parts = []
+            for start, length in ((first, m.in_features), (first + m.rank, m.out_features)):
+                chans, values = decoded[length]
+                pos = int(np.searchsorted(chans, start))
+                parts.append(values[pos : pos + m.rank])
+            down, up_t = parts
+            if drop_empty:
+                keep = (lay.widths[first : first + m.rank] > 0) & (lay.widths[first + m.rank : first + 2 * m.rank] > 0)
+                down, up_t = down[keep], up_t[keep]
+            out[m.name] = (np.ascontiguousarray(up_t.T), np.ascontiguousarray(down))
+        return out
+
     def delta(self, name: str) -> np.ndarray:
         up, down = self.factors(name)
         return up @ down

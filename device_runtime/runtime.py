@@ -17,10 +17,6 @@ from . import format as fmt
 from .errors import BaseMismatchError, BaseNotFoundError, BlobContentError
 from .safetensors_io import bf16_to_float32, memmap_tensors, read_header
 
-# Rows merged per chunk: keeps the pristine rows, the delta rows and the output in cache (~100-400 KB).
-MERGE_CHUNK_ROWS = 64
-
-
 @dataclass(frozen=True)
 class UserInfo:
     adapter_id: str
@@ -111,7 +107,7 @@ class DeviceRuntime:
                 f"but the loaded base at {self.base.path} is {expected[:23]}...; load the base it was trained on "
                 "or retrain the adapter for this base"
             )
-        decoded = {m.name: parsed.factors(m.name) for m in parsed.modules}
+        decoded = parsed.all_factors(drop_empty=True)
         t1 = time.perf_counter()
         touched = {f"{name}.weight" for name in decoded}
         for name in self._merged - touched:  # modules the previous user touched and this one does not
@@ -162,7 +158,10 @@ class DeviceRuntime:
         live = self._live.get(name)
         if live is None:
             live = self._live[name] = np.empty(pristine.shape, dtype=np.float32)
-        for r0 in range(0, pristine.shape[0], MERGE_CHUNK_ROWS):
-            r1 = min(r0 + MERGE_CHUNK_ROWS, pristine.shape[0])
-            np.matmul(up[r0:r1], down, out=live[r0:r1])
-            np.add(live[r0:r1], pristine[r0:r1], out=live[r0:r1])
+        if up.shape[1] == 0:  # every component dropped: the user's weight is the base's
+            np.copyto(live, pristine)
+            return
+        # One GEMM per module then one add measured fastest here (76 ms for SmolLM2 vs 92-134 ms for row
+        # chunks that stay in cache): BLAS threads both cores, and only the kept components are multiplied.
+        np.matmul(up, down, out=live)
+        np.add(live, pristine, out=live)

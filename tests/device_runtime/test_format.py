@@ -207,3 +207,16 @@ def test_build_refuses_non_finite_levels():
     with pytest.raises(BlobContentError, match="non-finite"):
         fmt.build_blob_bytes([m], np.array([1, 1], np.uint8), [np.array([0, 1], np.uint8)] * 2,
                              [np.array([0, np.inf], np.float16)] * 2, meta)
+
+
+def test_all_factors_matches_per_module_decode(tiny_base):
+    blob = fmt.parse_blob(make_blob_bytes(tiny_base, widths=(4, 0, 1, 2)))
+    every = blob.all_factors()
+    kept = blob.all_factors(drop_empty=True)
+    for m in blob.modules:
+        up, down = blob.factors(m.name)
+        np.testing.assert_array_equal(every[m.name][0], up)
+        np.testing.assert_array_equal(every[m.name][1], down)
+        # component 1 has width 0: dropped, and the product is unchanged
+        assert kept[m.name][0].shape == (m.out_features, m.rank - 1)
+        np.testing.assert_allclose(kept[m.name][0] @ kept[m.name][1], up @ down, rtol=1e-6, atol=1e-7)
