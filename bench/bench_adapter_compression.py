@@ -6,9 +6,9 @@ split. Gain kept = (base loss - compressed loss) / (base loss - fp32 adapter los
 
 Schemes (bits are per fp adapter parameter; baselines count codes + their fp16 scales/codebooks, lowra rows
 count every byte of the blob file):
-  uniform-2b     per-row min-max uniform 2-bit on A and B (fp16 min + step per row)
+  uniform-2b     per-channel min-max uniform 2-bit on rows of A and columns of B (fp16 min + step each)
   uniform-1b     same at 1 bit
-  lloydmax-1b    per-row Lloyd-Max 1-bit on A and B (2 fp16 levels per row)
+  lloydmax-1b    per-channel Lloyd-Max 1-bit on A and B (2 fp16 levels per channel)
   svd-greedy     SVD components + learned codebooks + {0,1,2,4}-bit knapsack, unweighted (lowra's skeleton)
   lowra          ... with activation-aware SVD and input-weighted codebooks: the shipped scheme
 
@@ -48,18 +48,22 @@ def lloydmax_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def baseline(factors, quantize, bits: int):
-    """Quantize A row-wise and B row-wise (its rows are output channels); returns (factors, bits/param)."""
+    """Quantize each rank channel (rows of A, columns of B) on its own; returns (factors, bits/param).
+
+    Two float16 numbers per channel (min and step, or the two 1-bit levels) are counted; B's own rows are only
+    `rank` long, so quantizing them row-wise would spend 2 bits/param on scales alone."""
     out, code_bits, n = {}, 0.0, 0
     for name, (a, b) in factors.items():
-        out[name] = (quantize(a, bits), quantize(b, bits))
+        out[name] = (quantize(a, bits), quantize(b.T.contiguous(), bits).T.contiguous())
         n += a.numel() + b.numel()
-        code_bits += bits * (a.numel() + b.numel()) + 32 * (a.shape[0] + b.shape[0])
+        code_bits += bits * (a.numel() + b.numel()) + 32 * (a.shape[0] + b.shape[1])
     return out, code_bits / n
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", default=None, help="folder with <user>/ adapters from `lowra train` (skip training)")
+    ap.add_argument("--adapters", default=None, help="skip training: a folder with <user>/ adapters from `lowra train`, or a demo output "
+                    "folder (<user>/adapter), e.g. out/demo")
     ap.add_argument("--steps", type=int, default=DemoConfig().steps)
     ap.add_argument("--users", default=",".join(USERS))
     ap.add_argument("--out", default="out/bench")
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
         ev = lambda: evaluate_loss(base.model, base.tokenizer, dataset.heldout)  # noqa: E731
         base_loss = ev()
         if args.adapters:
-            files = load_adapter(Path(args.adapters) / uid)
+            folder = Path(args.adapters) / uid
+            files = load_adapter(folder / "adapter" if (folder / "adapter").is_dir() else folder)
             factors, stats, lora_used = files.factors, files.input_stats, files.lora
         else:
             res = train_adapter(base.model, base.tokenizer, dataset, lora, TrainConfig(steps=args.steps), adapter_name=uid)

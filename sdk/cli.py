@@ -356,8 +356,19 @@ COMMANDS = {
 }
 
 
+def _quiet_third_party_logs() -> None:
+    """torchao (imported by transformers) warns about CUDA libraries a CPU machine cannot load, and torch's
+    pytree warns about torchao's enums: harmless, and confusing on every command. The CLI silences them."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..device_runtime.errors import LowraError
+
+    _quiet_third_party_logs()
 
     args = build_parser().parse_args(argv)
     try:
