@@ -2,6 +2,7 @@
 
 Owns the adapter wire format (:mod:`.format`) and its numpy reference codec; loads a base, verifies a user's
 blob against it, merges the adapter at load time and swaps users without drift (:class:`DeviceRuntime`).
+Also reads the sub-2-bit quantized base file (:mod:`.quantized_base`, one layer: :class:`QuantizedWeight`).
 """
 from .errors import (
     BaseMismatchError,
@@ -14,6 +15,8 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format import FORMAT_NAME, FORMAT_VERSION, Blob, parse_blob, read_blob
+from .quantized_base import QuantizedBase, read_quantized_base, write_quantized_base
+from .quantized_weight import QuantizedWeight
 from .runtime import BaseWeights, DeviceRuntime, UserInfo
 
 __all__ = [
@@ -29,8 +32,12 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LowraError",
+    "QuantizedBase",
+    "QuantizedWeight",
     "UnsupportedFormatError",
     "UserInfo",
     "parse_blob",
     "read_blob",
+    "read_quantized_base",
+    "write_quantized_base",
 ]

@@ -128,6 +128,15 @@ def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def dtype_name(dtype: np.dtype) -> str:
+    """The safetensors name of a numpy dtype (what :func:`serialize` writes for it)."""
+    dtype = np.dtype(dtype)
+    name = _NUMPY_TO_NAME.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if name is None:
+        raise BlobContentError(f"numpy dtype {dtype} has no safetensors equivalent")
+    return name
+
+
 def _header(entries: Mapping[str, tuple[str, tuple[int, ...], int]], metadata: Mapping[str, str]) -> bytes:
     """The length-prefixed, 8-byte padded JSON header for tensors given as name -> (dtype, shape, nbytes)."""
     table: dict[str, object] = {"__metadata__": dict(metadata)}

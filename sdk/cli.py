@@ -133,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit (default 64)")
     _add_base(p)
 
+    p = sub.add_parser(
+        "quantize-base",
+        help="quantize the base model's linear layers below 2 bits (LowRA) into one lowra-base file",
+        description="Quantize every linear layer of the base (not embeddings/norms/head, kept in float16) with "
+        "per-row learned codebooks and 1/2/4-bit rows chosen under --bits effective bits per parameter, every byte "
+        "of the file counted except the dense tensors. Prints effective bits, error (MSE / weight variance) and "
+        "the width histogram. Format: docs/FORMAT.md (Quantized base).",
+    )
+    p.add_argument("--out", required=True, help="file to write, e.g. out/base-1.5bit.safetensors")
+    p.add_argument("--bits", type=float, default=1.5, help="budget in effective bits per parameter (default 1.5)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="inputs per absmax scale group; 0 = none, one codebook per row (default: the measured best)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    _add_base(p)
+
     from .demo import DemoConfig
 
     dc = DemoConfig()
@@ -336,6 +351,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize_base(args: argparse.Namespace) -> int:
+    from .base_model import load_base
+    from .quantize_base import QuantizeConfig, quantize_model
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    defaults = QuantizeConfig()
+    config = QuantizeConfig(bits=args.bits, group_size=defaults.group_size if args.group_size is None else args.group_size)
+    base = load_base(args.base)
+    quantized = quantize_model(base.model, config, progress=True, source=str(base.path))
+    quantized.write(out, overwrite=args.force)
+    r, total = quantized.bits_report(), quantized.report["total"]
+    rows = sum(r["width_histogram"].values())
+    print(
+        f"wrote {out}: {r['file_bytes']:,} bytes; {r['effective_bits']:.4f} effective bits/param over "
+        f"{r['n_quantized_params']:,} quantized weights ({r['code_bits']:.4f} code bits), dense tensors "
+        f"{r['bytes']['dense']:,} bytes (float16)"
+    )
+    print(f"error: MSE / weight variance {total['mse_over_var']:.4f}; fingerprint {quantized.fingerprint}")
+    print("rows: " + ", ".join(f"{w}-bit {n} ({100 * n / rows:.1f}%)" for w, n in r["width_histogram"].items()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -353,6 +392,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "generate": cmd_generate,
     "demo": cmd_demo,
+    "quantize-base": cmd_quantize_base,
 }
 
 
