@@ -177,8 +177,13 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def _adaptable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every linear layer in model order, an already-wrapped LoRA layer counted as its linear."""
+    """Every linear layer in model order, an already-wrapped LoRA layer counted as its linear.
+
+    A ``LowBitLinear`` (a linear whose weight is kept packed) counts as a linear too, so LoRA can be injected
+    before or after the base is quantized.
+    """
     from .lora import LoraLinear
+    from .lowbit import LowBitLinear
 
     head = _output_head(model)
     found: list[tuple[str, nn.Module]] = []
@@ -189,7 +194,7 @@ def _adaptable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, LoraLinear):
             inside_lora.append(name)
             found.append((name, module))
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, LowBitLinear)):
             if module is head or name.split(".")[-1] == "lm_head":
                 continue
             found.append((name, module))

@@ -298,6 +298,8 @@ def set_adapter_factors(
     Every shape is checked before anything is changed, so a bad entry leaves the
     model untouched.
     """
+    from .lowbit import LowBitLinear  # lowbit imports this module: import when needed
+
     _check_adapter_name(name)
     if not factors:
         raise ConfigError(f"no factors given for adapter {name!r}")
@@ -310,7 +312,7 @@ def set_adapter_factors(
                 f"module {path!r} does not exist in this model; adaptable modules: "
                 f"{linear_module_names(model)[:8]}..."
             ) from None
-        if not isinstance(module, LoraLinear) and not isinstance(module, nn.Linear):
+        if not isinstance(module, (LoraLinear, nn.Linear, LowBitLinear)):
             raise ConfigError(f"module {path!r} is a {type(module).__name__}, expected a linear layer")
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ConfigError(f"factors[{path!r}] must be a pair (A, B), got {type(pair).__name__}")
