@@ -42,13 +42,29 @@ def _weight_files(base_dir: Path) -> list[Path]:
 
 
 class BaseWeights:
-    """The base model's weights, memory-mapped read-only, with per-tensor digests for the base fingerprint."""
+    """The base model's weights as float32 arrays nobody writes to, with per-tensor digests for the fingerprint.
 
-    def __init__(self, base_dir: str | Path):
-        self.path = Path(base_dir)
-        if not self.path.is_dir():
-            raise BaseNotFoundError(f"base model directory {self.path} does not exist")
+    ``base`` is a Hugging Face model folder (safetensors, memory-mapped read-only: the file is the pristine
+    copy) or a quantized base file written by ``lowra quantize-base`` (decoded once to float32 in RAM and
+    marked read-only). Either way the fingerprint covers the float32 weights the model computes with, so an
+    adapter trained on a low-bit base binds to exactly that decoded base.
+    """
+
+    def __init__(self, base: str | Path):
+        self.path = Path(base)
         self.tensors: dict[str, np.ndarray] = {}
+        self._digests: dict[str, str] = {}
+        if self.path.is_file():
+            from .quantized_base import read_quantized_base
+
+            for name, arr in read_quantized_base(self.path).dequantized_state_dict().items():
+                arr.flags.writeable = False
+                self.tensors[name] = arr
+            return
+        if not self.path.is_dir():
+            raise BaseNotFoundError(
+                f"base {self.path} does not exist; expected a Hugging Face model folder or a quantized base file"
+            )
         for file in _weight_files(self.path):
             if not file.is_file():
                 raise BaseNotFoundError(f"base weights shard {file} is missing")
@@ -56,7 +72,6 @@ class BaseWeights:
             for name, arr in tensors.items():
                 dtype = header.tensors[name].dtype
                 self.tensors[name] = bf16_to_float32(arr) if dtype == "BF16" else arr
-        self._digests: dict[str, str] = {}
 
     def digest(self, tensor_name: str) -> str:
         if tensor_name not in self._digests:
@@ -86,8 +101,8 @@ class BaseWeights:
 class DeviceRuntime:
     """One base, at most one active user. ``weights()`` is what an inference engine should run."""
 
-    def __init__(self, base_dir: str | Path, precompute_digests: bool = True):
-        self.base = BaseWeights(base_dir)
+    def __init__(self, base: str | Path, precompute_digests: bool = True):
+        self.base = BaseWeights(base)
         if precompute_digests:
             self.base.precompute_digests()
         self._live: dict[str, np.ndarray] = {}  # tensor name -> merged float32 buffer (allocated once)

@@ -24,9 +24,14 @@ def model_fingerprint(model: nn.Module, module_names: list[str]) -> str:
     digests, shapes = {}, {}
     for name in module_names:
         layer = layers[name].base if name in layers else modules.get(name)
-        if layer is None or not hasattr(layer, "weight"):
-            raise ConfigError(f"module {name!r} not found in the model (or has no weight)")
-        weight = layer.weight.detach().to("cpu", torch.float32).contiguous().numpy()
+        if layer is None:
+            raise ConfigError(f"module {name!r} not found in the model")
+        # A low-bit layer has no stored fp weight: its identity is what it decodes to (the same float32 the
+        # device runtime decodes, bit for bit).
+        weight = layer.dequantize() if hasattr(layer, "dequantize") else getattr(layer, "weight", None)
+        if weight is None:
+            raise ConfigError(f"module {name!r} has neither a weight nor a dequantize()")
+        weight = weight.detach().to("cpu", torch.float32).contiguous().numpy()
         digests[name] = fmt.tensor_digest(weight)
         shapes[name] = tuple(weight.shape)
     return fmt.base_fingerprint(digests, shapes)

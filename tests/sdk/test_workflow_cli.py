@@ -148,3 +148,27 @@ def test_cli_missing_dataset(tmp_path, capsys):
     code = main(["train", "--user", str(tmp_path / "nobody"), "--out", str(tmp_path / "a"), "--base", str(tmp_path)])
     assert code == 2
     assert "nobody" in capsys.readouterr().err
+
+
+def test_adapter_on_a_quantized_base_binds_to_its_decoded_weights(tmp_path):
+    """Train-side LowBitLinear model and device runtime on the lowra-base file agree on the fingerprint and the
+    merged weights, and the fp base is refused for that adapter."""
+    from lowra.sdk.lowbit import replace_linears
+    from lowra.sdk.quantize_base import QuantizeConfig, quantize_model
+
+    model = build_tiny_model()
+    fp_dir = tmp_path / "fp"
+    model.save_pretrained(fp_dir)
+    quantized = quantize_model(model, QuantizeConfig(bits=8.0, group_size=32), progress=False)
+    base_file = quantized.write(tmp_path / "base.lowra-base")
+    replace_linears(model, quantized.layers)
+    factors = random_adapter(model)
+    c = make_blob(model, factors, model_fingerprint(model, list(factors)))
+    runtime = DeviceRuntime(base_file)
+    runtime.load_user(c.blob_bytes)
+    layers = lora_layers(model)
+    for n in factors:
+        sdk = (layers[n].base.dequantize() + torch.from_numpy(c.blob.delta(n))).numpy()
+        np.testing.assert_allclose(runtime.weight(f"{n}.weight"), sdk, rtol=0, atol=1e-6)
+    with pytest.raises(BaseMismatchError):
+        DeviceRuntime(fp_dir).load_user(c.blob_bytes)
