@@ -46,8 +46,8 @@ class Toy(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(input_ids)
         h = h + self.proj(self.down(torch.relu(self.up(h))))
         return self.lm_head(self.norm(h))
 
@@ -332,3 +332,22 @@ def test_cli_quantize_base(tmp_path, capsys, tiny_tokenizer):
     assert "below the smallest storable base" in capsys.readouterr().err
     assert main(args + ["--force", "--group-size", "16"]) == 0
     assert read_quantized_base(out).layers["model.layers.0.mlp.down_proj"].scales.shape == (32, 4)
+
+
+def test_record_input_stats_is_the_mean_square_of_each_linear_input():
+    from lowra.sdk.quantize_base import record_input_stats
+
+    model = Toy()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    stats = record_input_stats(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert set(stats) == {"up", "down", "proj"}
+    with torch.no_grad():
+        h = model.embed(ids)[mask.bool()]  # the 6 real tokens
+        expected_up = (h * h).mean(0)
+        a = torch.relu(model.up(h))
+        expected_down = (a * a).mean(0)
+    torch.testing.assert_close(stats["up"], expected_up, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats["down"], expected_down, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="no calibration tokens"):
+        record_input_stats(model, [])
