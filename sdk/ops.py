@@ -39,6 +39,10 @@ LOWBIT_LINEAR_SCHEMA = f"(Tensor x, {_BUFFERS}, Tensor? bias) -> Tensor"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
 _LIB.define("dequantize" + DEQUANTIZE_SCHEMA)
 _LIB.define("lowbit_linear" + LOWBIT_LINEAR_SCHEMA)
+# Out variants: ExecuTorch's to_executorch() rewrites every op to its ``.out`` overload (memory-planned output);
+# the native ExecuTorch kernels (lowra.export, export/kernels/) implement exactly these two schemas.
+_LIB.define(f"dequantize.out({_BUFFERS}, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.define(f"lowbit_linear.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
 
 _DTYPES = {
     "codes": torch.uint8,
@@ -233,6 +237,22 @@ def _check_input(x: Tensor, in_features: int) -> None:
 
 _LIB.impl("dequantize", dequantize_reference, "CompositeExplicitAutograd")
 _LIB.impl("lowbit_linear", lowbit_linear_reference, "CompositeExplicitAutograd")
+
+
+def _dequantize_out(*args: Any, out: Tensor) -> Tensor:
+    result = torch.ops.lowra.dequantize(*args)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+def _lowbit_linear_out(*args: Any, out: Tensor) -> Tensor:
+    result = torch.ops.lowra.lowbit_linear(*args)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+_LIB.impl("dequantize.out", _dequantize_out, "CompositeExplicitAutograd")
+_LIB.impl("lowbit_linear.out", _lowbit_linear_out, "CompositeExplicitAutograd")
 
 
 # ------------------------------------------------------------------------------------------------ fake kernels
