@@ -36,3 +36,11 @@ class BaseMismatchError(LowraError, ValueError):
 
 class BaseNotFoundError(LowraError, FileNotFoundError):
     """The base model directory or its weights file does not exist."""
+
+
+class ProgramError(LowraError, ValueError):
+    """An exported program (.pte), its data file (.ptd) or its manifest is corrupt or belongs to another export."""
+
+
+class KernelLibraryError(LowraError, OSError):
+    """The native kernel library a program needs is missing, cannot be loaded, or does not provide its ops."""
