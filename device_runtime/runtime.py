@@ -173,10 +173,19 @@ class DeviceRuntime:
         live = self._live.get(name)
         if live is None:
             live = self._live[name] = np.empty(pristine.shape, dtype=np.float32)
-        if up.shape[1] == 0:  # every component dropped: the user's weight is the base's
-            np.copyto(live, pristine)
-            return
-        # One GEMM per module then one add measured fastest here (76 ms for SmolLM2 vs 92-134 ms for row
-        # chunks that stay in cache): BLAS threads both cores, and only the kept components are multiplied.
-        np.matmul(up, down, out=live)
-        np.add(live, pristine, out=live)
+        merge_into(live, pristine, up, down)
+
+
+def merge_into(out: np.ndarray, pristine: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+    """``out = pristine + up @ down`` (float32), the one place a device merges an adapter into a weight.
+
+    ``out`` may be any writable float32 buffer of the weight's shape (the ExecuTorch engine passes a view into
+    the data file it hands to the program); ``pristine`` is never written.
+    """
+    if up.shape[1] == 0:  # every component dropped: the user's weight is the base's
+        np.copyto(out, pristine)
+        return
+    # One GEMM per module then one add measured fastest here (76 ms for SmolLM2 vs 92-134 ms for row
+    # chunks that stay in cache): BLAS threads both cores, and only the kept components are multiplied.
+    np.matmul(up, down, out=out)
+    np.add(out, pristine, out=out)
