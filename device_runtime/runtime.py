@@ -73,6 +73,19 @@ class BaseWeights:
                 dtype = header.tensors[name].dtype
                 self.tensors[name] = bf16_to_float32(arr) if dtype == "BF16" else arr
 
+    @classmethod
+    def from_arrays(cls, tensors: dict[str, np.ndarray], label: str | Path) -> "BaseWeights":
+        """A base whose float32 weights were decoded elsewhere (e.g. an ONNX model directory's packed tensors);
+        the arrays are marked read-only and become the pristine copy. ``label`` names it in messages."""
+        self = cls.__new__(cls)
+        self.path = Path(label)
+        self.tensors = {}
+        self._digests = {}
+        for name, arr in tensors.items():
+            arr.flags.writeable = False
+            self.tensors[name] = arr
+        return self
+
     def digest(self, tensor_name: str) -> str:
         if tensor_name not in self._digests:
             self._digests[tensor_name] = fmt.tensor_digest(self.tensors[tensor_name])
@@ -101,8 +114,8 @@ class BaseWeights:
 class DeviceRuntime:
     """One base, at most one active user. ``weights()`` is what an inference engine should run."""
 
-    def __init__(self, base: str | Path, precompute_digests: bool = True):
-        self.base = BaseWeights(base)
+    def __init__(self, base: str | Path | BaseWeights, precompute_digests: bool = True):
+        self.base = base if isinstance(base, BaseWeights) else BaseWeights(base)
         if precompute_digests:
             self.base.precompute_digests()
         self._live: dict[str, np.ndarray] = {}  # tensor name -> merged float32 buffer (allocated once)

@@ -130,6 +130,7 @@ def test_runtime_never_imports_torch(tiny_base, tmp_path):
         sys.meta_path.insert(0, Block())
         import lowra.device_runtime as dr
         from lowra.device_runtime import format, runtime, safetensors_io
+        from lowra.device_runtime import onnx_engine  # noqa: F401  (the ONNX engine is torch-free too)
         rt = dr.DeviceRuntime({str(tiny_base)!r})
         info = rt.load_user({str(blob)!r})
         rt.unload_user()
