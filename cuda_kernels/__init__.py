@@ -10,11 +10,14 @@ it returns a falsy :class:`KernelStatus` whose ``reason`` says why, so callers c
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DISABLE_ENV", "KernelStatus", "load", "sources"]
+__all__ = ["CACHE_ENV", "DISABLE_ENV", "OPS", "KernelStatus", "cache_dir", "cuda_home", "load", "nvcc_path", "sources"]
 
 # Set to "0" to keep the reference implementation even where the kernels could be built (A/B checks, debugging).
 DISABLE_ENV = "LOWRA_CUDA_KERNELS"
@@ -35,9 +38,50 @@ class KernelStatus:
 _status: KernelStatus | None = None
 
 
+# Where builds are cached: one folder per (sources, torch, CUDA, GPU architecture), so a changed kernel or a new
+# torch never loads a stale library.
+CACHE_ENV = "LOWRA_CUDA_CACHE"
+_EXTENSION = "lowra_cuda_kernels"
+# The ops the binding registers for CUDA (lowbit_ops.cpp, TORCH_LIBRARY_IMPL); load() checks each one landed.
+OPS = ("dequantize", "lowbit_linear", "lowbit_linear_grad_input", "quantize_codes")
+
+
 def sources() -> list[Path]:
-    """The CUDA / C++ sources shipped in this package (none yet: the kernels are a later issue)."""
+    """The CUDA / C++ sources shipped in this package (kernels in .cu, torch binding in .cpp)."""
     return sorted(p for p in _HERE.iterdir() if p.suffix in (".cu", ".cpp"))
+
+
+def headers() -> list[Path]:
+    return sorted(p for p in _HERE.iterdir() if p.suffix in (".cuh", ".h"))
+
+
+def nvcc_path() -> str | None:
+    """The nvcc that builds the kernels: $CUDA_HOME/bin/nvcc if set, else the one on PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_home() -> Path | None:
+    """The CUDA toolkit root (with include/cuda_runtime.h): $CUDA_HOME, nvcc's own tree, or /usr/local/cuda.
+
+    nvcc on PATH may be a wrapper script (it is on the CI machine), so its resolved folder is only one candidate.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = nvcc_path()
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "include" / "cuda_runtime.h").is_file():
+            return Path(candidate)
+    return None
+
+
+def cache_dir(tag: str) -> Path:
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lowra" / "cuda_kernels")
+    return root / tag
 
 
 def load() -> KernelStatus:
@@ -60,11 +104,99 @@ def _try_load() -> KernelStatus:
             False, "CUDA is not available (CPU-only torch or no GPU); the pure-torch reference ops are used"
         )
     if not sources():
+        return KernelStatus(False, f"no CUDA sources in {_HERE}; the pure-torch reference ops are used")
+    nvcc = nvcc_path()
+    if nvcc is None:
         return KernelStatus(
-            False, f"no CUDA sources in {_HERE} yet; the pure-torch reference ops run on CUDA tensors as well"
+            False, "nvcc not found (set CUDA_HOME or put nvcc on PATH); the pure-torch reference ops run on CUDA"
         )
-    return KernelStatus(
-        False,
-        f"CUDA sources {[p.name for p in sources()]} exist but no build step is wired into lowra.cuda_kernels.load() "
-        "yet; the pure-torch reference ops are used",
-    )
+    from ..sdk import ops as _ops  # noqa: F401  (the schemas must exist before the CUDA kernels register)
+
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return KernelStatus(False, f"GPU compute capability {major}.{minor} < 8.0 (the WMMA bf16 kernels need sm_80+)")
+    arch = f"{major}{minor}"
+    digest = hashlib.sha256()
+    for path in sources() + headers():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|sm_{arch}".encode())
+    build_dir = cache_dir(digest.hexdigest()[:16])
+    build_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for build in (_build_with_torch, _build_with_nvcc):
+        try:
+            build(torch, build_dir, nvcc, arch)
+        except Exception as exc:  # noqa: BLE001  (any build failure means: try the next way, then report all)
+            errors.append(f"{build.__name__}: {type(exc).__name__}: {str(exc)[-2000:]}")
+            continue
+        missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lowra::{op}", "CUDA")]
+        if missing:
+            return KernelStatus(False, f"built {build_dir} but no CUDA kernel registered for {missing}")
+        return KernelStatus(True, f"CUDA kernels for sm_{arch} loaded from {build_dir} ({build.__name__})")
+    return KernelStatus(False, "building the CUDA kernels failed; the pure-torch reference ops are used. " + " | ".join(errors))
+
+
+def _build_with_torch(torch: object, build_dir: Path, nvcc: str, arch: str) -> None:
+    """torch.utils.cpp_extension.load (needs ninja), for this GPU's architecture only (a fat build is 3x slower)."""
+    from torch.utils import cpp_extension
+
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
+    try:
+        cpp_extension.load(
+            name=_EXTENSION,
+            sources=[str(p) for p in sources()],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+
+
+def _build_with_nvcc(torch: object, build_dir: Path, nvcc: str, arch: str) -> None:
+    """The same library without ninja: nvcc for the kernels, the host compiler for the binding, then one link.
+
+    The kernels include no torch header (lowbit_kernels.cuh), so only the binding needs torch's flags.
+    """
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    library = build_dir / f"{_EXTENSION}_direct.so"
+    if not library.is_file():
+        home = cuda_home()
+        if home is None:
+            raise RuntimeError("no CUDA toolkit headers found (set CUDA_HOME to the folder holding include/cuda_runtime.h)")
+        cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"
+        abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{home / 'include'}", f"-I{_HERE}"]
+        objects = []
+        for src in sources():
+            obj = build_dir / f"{src.stem}.o"
+            if src.suffix == ".cu":
+                cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                       f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{_HERE}"]
+            else:
+                cmd = [cxx, "-c", str(src), "-o", str(obj), "-O2", "-fPIC", "-std=c++20", abi, *includes]
+            _run(cmd)
+            objects.append(str(obj))
+        torch_lib = Path(torch.__file__).resolve().parent / "lib"
+        lib_dirs = [torch_lib] + [d for d in (home / "lib64", home / "lib", home / "targets" / "x86_64-linux" / "lib") if d.is_dir()]
+        tmp = library.with_suffix(f".{os.getpid()}.tmp")
+        _run([cxx, "-shared", "-o", str(tmp), *objects, *[f"-L{d}" for d in lib_dirs],
+              *[f"-Wl,-rpath,{d}" for d in lib_dirs], "-lc10", "-lc10_cuda", "-ltorch_cpu", "-ltorch_cuda",
+              "-lcudart", f"-L{sysconfig.get_config_var('LIBDIR')}"])
+        os.replace(tmp, library)  # atomic: a crash never leaves a half-written library under the final name
+    torch.ops.load_library(str(library))
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {done.returncode}: {(done.stderr or done.stdout)[-1500:]}")

@@ -7,6 +7,11 @@ width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax sc
   group_size) -> Tensor``: float32 ``[out, in]``, equal element for element to ``QuantizedWeight.dequantize()``.
 - ``lowra::lowbit_linear(x, <same buffers>, bias?) -> Tensor``: ``x @ dequantize(...)^T (+ bias)``, with a
   backward for ``x`` only (the buffers are a frozen base; LoRA trains beside it).
+- ``lowra::lowbit_linear_grad_input(grad_out, <same buffers>) -> Tensor``: ``grad_out @ dequantize(...)``, the
+  backward of ``lowbit_linear`` for ``x`` (its own op so a device can fuse it; CUDA decodes tile by tile).
+- ``lowra::quantize_codes(weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes)
+  -> (codes, scales)``: the encode for given codebooks (float32 arithmetic: float16 group absmax, value / scale,
+  code = number of level midpoints strictly below the value), packed in the same layout.
 
 The reference implementation registered here is composed of plain torch ops, so it runs on every device;
 ``lowra.cuda_kernels`` registers CUDA kernels for the same schemas when it can build them, and CUDA falls back to
@@ -25,7 +30,15 @@ from torch import Tensor
 from ..device_runtime.quantized_weight import ROW_WIDTHS
 from .errors import ConfigError
 
-__all__ = ["NAMESPACE", "check_buffers", "dequantize_reference", "lowbit_linear_reference", "native_kernels"]
+__all__ = [
+    "NAMESPACE",
+    "check_buffers",
+    "dequantize_reference",
+    "lowbit_linear_grad_input_reference",
+    "lowbit_linear_reference",
+    "native_kernels",
+    "quantize_codes_reference",
+]
 
 NAMESPACE = "lowra"
 _BUFFERS = (
@@ -34,11 +47,20 @@ _BUFFERS = (
 )
 DEQUANTIZE_SCHEMA = f"({_BUFFERS}) -> Tensor"
 LOWBIT_LINEAR_SCHEMA = f"(Tensor x, {_BUFFERS}, Tensor? bias) -> Tensor"
+GRAD_INPUT_SCHEMA = f"(Tensor grad_out, {_BUFFERS}) -> Tensor"
+# n_code_bytes (= row_code_offsets[-1]) is passed explicitly so the output size is known without reading values
+# (fake tensors, export); the implementations check it against the offsets.
+QUANTIZE_CODES_SCHEMA = (
+    "(Tensor weight, Tensor codebooks, Tensor widths, Tensor row_code_offsets, Tensor row_level_offsets, "
+    "int group_size, int n_code_bytes) -> (Tensor, Tensor)"
+)
 
 # A Library object owns its registrations: it must live as long as the process, hence module level.
 _LIB = torch.library.Library(NAMESPACE, "DEF")
 _LIB.define("dequantize" + DEQUANTIZE_SCHEMA)
 _LIB.define("lowbit_linear" + LOWBIT_LINEAR_SCHEMA)
+_LIB.define("lowbit_linear_grad_input" + GRAD_INPUT_SCHEMA)
+_LIB.define("quantize_codes" + QUANTIZE_CODES_SCHEMA)
 # Out variants: ExecuTorch's to_executorch() rewrites every op to its ``.out`` overload (memory-planned output);
 # the native ExecuTorch kernels (lowra.export, export/kernels/) implement exactly these two schemas.
 _LIB.define(f"dequantize.out({_BUFFERS}, *, Tensor(a!) out) -> Tensor(a!)")
@@ -218,6 +240,10 @@ def lowbit_linear_reference(
     bias: Tensor | None,
 ) -> Tensor:
     """``x @ W^T + bias`` with ``W`` decoded for this call only (dropped on return)."""
+    if _load_native_once(x.device):
+        return torch.ops.lowra.lowbit_linear(
+            x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size, bias
+        )
     _check_input(x, in_features)
     weight = torch.ops.lowra.dequantize(
         codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
@@ -235,8 +261,125 @@ def _check_input(x: Tensor, in_features: int) -> None:
         raise ConfigError(f"lowbit_linear input is {x.dtype}; expected a floating-point tensor")
 
 
+def lowbit_linear_grad_input_reference(
+    grad_out: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    widths: Tensor,
+    row_code_offsets: Tensor,
+    row_level_offsets: Tensor,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    """``grad_out @ W`` in ``grad_out``'s dtype, ``W`` decoded for this call only (the input gradient)."""
+    if _load_native_once(grad_out.device):
+        return torch.ops.lowra.lowbit_linear_grad_input(
+            grad_out, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
+        )
+    weight = torch.ops.lowra.dequantize(
+        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
+    )
+    _check_grad_out(grad_out, weight.shape[0])
+    return grad_out @ weight.to(grad_out.dtype)
+
+
+def _check_grad_out(grad_out: Tensor, out_features: int) -> None:
+    if grad_out.dim() < 1 or grad_out.shape[-1] != out_features or not grad_out.is_floating_point():
+        raise ConfigError(
+            f"lowbit_linear_grad_input got grad_out {grad_out.dtype} {list(grad_out.shape)}; expected a floating-point "
+            f"[..., {out_features}] tensor (last dimension = out_features of the low-bit weight)"
+        )
+
+
+def _check_quantize_inputs(
+    weight: Tensor, codebooks: Tensor, widths: Tensor, row_code_offsets: Tensor, row_level_offsets: Tensor,
+    group_size: int, n_code_bytes: int,
+) -> tuple[int, int, int]:
+    """Shapes and dtypes only (fake-tensor safe); returns (out_features, in_features, n_groups)."""
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] != widths.shape[0]:
+        raise ConfigError(
+            f"quantize_codes weight is {weight.dtype} {list(weight.shape)}; expected a floating-point "
+            f"[out_features = {widths.shape[0]}, in_features] matrix"
+        )
+    out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
+    n_groups = 0 if group_size == 0 else -(-in_features // group_size)
+    check_buffers(
+        codes=weight.new_empty(0, dtype=torch.uint8), codebooks=codebooks,
+        scales=weight.new_empty((out_features, n_groups), dtype=torch.float16), widths=widths,
+        row_code_offsets=row_code_offsets, row_level_offsets=row_level_offsets, in_features=in_features,
+        group_size=group_size,
+    )  # fmt: skip
+    if n_code_bytes < 0:
+        raise ConfigError(f"quantize_codes n_code_bytes={n_code_bytes}; expected row_code_offsets[-1] (>= 0)")
+    return out_features, in_features, n_groups
+
+
+def quantize_codes_reference(
+    weight: Tensor,
+    codebooks: Tensor,
+    widths: Tensor,
+    row_code_offsets: Tensor,
+    row_level_offsets: Tensor,
+    group_size: int,
+    n_code_bytes: int,
+) -> tuple[Tensor, Tensor]:
+    """Encode ``weight`` [out, in] against the rows' codebooks: (uint8 packed codes, float16 scales [out, n_groups]).
+
+    float32 throughout so every device can match it bit for bit: scale = float16(absmax of the group) (0 for an
+    all-zero group, whose values then encode as 0), value = w / float32(scale), and the code is the number of
+    midpoints ``(level[k] + level[k + 1]) * 0.5`` strictly below the value (a tie goes to the lower level).
+    Codebooks must be ascending per row (the format's rule). This is the encode of the serving path (re-encoding
+    a weight against known codebooks); the mapping in quantize_base fits codebooks in float64 and stays the spec
+    of what it produces.
+    """
+    if _load_native_once(weight.device):
+        return torch.ops.lowra.quantize_codes(
+            weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes
+        )
+    out_features, in_features, n_groups = _check_quantize_inputs(
+        weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes
+    )
+    if int(row_code_offsets[-1]) != n_code_bytes:
+        raise ConfigError(
+            f"quantize_codes n_code_bytes={n_code_bytes} but row_code_offsets[-1]={int(row_code_offsets[-1])}; "
+            "pass QuantizedWeight.row_code_offsets[-1]"
+        )
+    device = weight.device
+    w = weight.float()
+    if group_size:
+        padded = torch.nn.functional.pad(w.abs(), (0, n_groups * group_size - in_features))
+        scales = padded.view(out_features, n_groups, group_size).amax(2).to(torch.float16)
+        element_scale = scales.float().repeat_interleave(group_size, 1)[:, :in_features]
+        values = torch.where(element_scale == 0, torch.zeros_like(w), w / element_scale)
+    else:
+        scales = torch.empty(out_features, 0, dtype=torch.float16, device=device)
+        values = w
+    codes = torch.zeros(n_code_bytes, dtype=torch.uint8, device=device)
+    levels = codebooks.float()
+    for width in ROW_WIDTHS:
+        rows = torch.nonzero(widths == width).flatten()
+        if rows.numel() == 0:
+            continue
+        level_index = row_level_offsets[rows].unsqueeze(1) + torch.arange(1 << width, device=device)
+        books = levels.index_select(0, level_index.flatten()).view(-1, 1 << width)
+        thresholds = ((books[:, 1:] + books[:, :-1]) * 0.5).contiguous()
+        # searchsorted (left) on ascending midpoints = how many midpoints are strictly below the value.
+        index = torch.searchsorted(thresholds, values.index_select(0, rows).contiguous())
+        per_byte = 8 // width
+        nbytes = (in_features * width + 7) // 8
+        index = torch.nn.functional.pad(index, (0, nbytes * per_byte - in_features)).view(-1, nbytes, per_byte)
+        shifts = torch.arange(0, 8, width, device=device)
+        packed = (index << shifts).sum(-1).to(torch.uint8)
+        byte_index = row_code_offsets[rows].unsqueeze(1) + torch.arange(nbytes, device=device)
+        codes.index_copy_(0, byte_index.flatten(), packed.flatten())
+    return codes, scales
+
+
 _LIB.impl("dequantize", dequantize_reference, "CompositeExplicitAutograd")
 _LIB.impl("lowbit_linear", lowbit_linear_reference, "CompositeExplicitAutograd")
+_LIB.impl("lowbit_linear_grad_input", lowbit_linear_grad_input_reference, "CompositeExplicitAutograd")
+_LIB.impl("quantize_codes", quantize_codes_reference, "CompositeExplicitAutograd")
 
 
 def _dequantize_out(*args: Any, out: Tensor) -> Tensor:
@@ -293,6 +436,44 @@ def _lowbit_linear_fake(
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+@torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_grad_input", lib=_LIB)
+def _lowbit_linear_grad_input_fake(
+    grad_out: Tensor,
+    codes: Tensor,
+    codebooks: Tensor,
+    scales: Tensor,
+    widths: Tensor,
+    row_code_offsets: Tensor,
+    row_level_offsets: Tensor,
+    in_features: int,
+    group_size: int,
+) -> Tensor:
+    out_features = check_buffers(
+        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
+    )
+    _check_grad_out(grad_out, out_features)
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize_codes", lib=_LIB)
+def _quantize_codes_fake(
+    weight: Tensor,
+    codebooks: Tensor,
+    widths: Tensor,
+    row_code_offsets: Tensor,
+    row_level_offsets: Tensor,
+    group_size: int,
+    n_code_bytes: int,
+) -> tuple[Tensor, Tensor]:
+    out_features, _, n_groups = _check_quantize_inputs(
+        weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes
+    )
+    return (
+        weight.new_empty((n_code_bytes,), dtype=torch.uint8),
+        weight.new_empty((out_features, n_groups), dtype=torch.float16),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ autograd
 def _lowbit_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     x, codes, codebooks, scales, widths, code_off, level_off, in_features, group_size, bias = inputs
@@ -310,10 +491,9 @@ def _lowbit_linear_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, 
     codes, codebooks, scales, widths, code_off, level_off = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = torch.ops.lowra.dequantize(
-            codes, codebooks, scales, widths, code_off, level_off, ctx.in_features, ctx.group_size
-        )
-        grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
+        grad_x = torch.ops.lowra.lowbit_linear_grad_input(
+            grad_out, codes, codebooks, scales, widths, code_off, level_off, ctx.in_features, ctx.group_size
+        ).to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[9]:
         # A bias is frozen like the rest of the base in lowra, but a caller that asks for its gradient gets it.
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)

@@ -205,3 +205,82 @@ def test_cuda_kernel_loader_is_optional() -> None:
     if not torch.cuda.is_available():
         assert not status and "CUDA is not available" in status.reason
     assert load() is status  # cached: one attempt per process
+
+
+# ------------------------------------------------------------------------------------------------ quantize / grad
+def numpy_encode(weight: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """lowra::quantize_codes written from its docstring with numpy, element by element in float32 (the spec)."""
+    w = weight.astype(np.float32)
+    out, inp, g = qw.out_features, qw.in_features, qw.group_size
+    n_groups = 0 if g == 0 else -(-inp // g)
+    scales = np.zeros((out, n_groups), np.float16)
+    codes = np.zeros(int(qw.row_code_offsets[-1]), np.uint8)
+    for r in range(out):
+        width = int(qw.widths[r])
+        levels = qw.codebooks[qw.row_level_offsets[r] : qw.row_level_offsets[r + 1]].astype(np.float32)
+        mids = (levels[1:] + levels[:-1]) * np.float32(0.5)
+        values = w[r].copy()
+        for k in range(n_groups):
+            part = slice(k * g, min((k + 1) * g, inp))
+            scales[r, k] = np.float16(np.abs(w[r, part]).max())
+            s = np.float32(scales[r, k])
+            values[part] = 0 if s == 0 else w[r, part] / s
+        row_codes = (mids[None, :] < values[:, None]).sum(1)
+        packed = pack_codes(row_codes[None, :], width)[0]
+        codes[qw.row_code_offsets[r] : qw.row_code_offsets[r + 1]] = packed
+    return codes, scales
+
+
+def encode_args(weight: torch.Tensor, qw: QuantizedWeight, device: str = "cpu") -> tuple:
+    b = buffers(qw, device)
+    return (weight.to(device), b[1], b[3], b[4], b[5], qw.group_size, int(qw.row_code_offsets[-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out,inp,group_size,widths", CASES)
+def test_quantize_codes_equals_numpy_spec(dtype: torch.dtype, out: int, inp: int, group_size: int, widths: list[int]) -> None:
+    qw = random_weight(out, inp, group_size, widths, seed=inp)
+    torch.manual_seed(inp)
+    weight = (torch.randn(out, inp) * 1.3).to(dtype)
+    weight[0, : min(group_size or inp, inp)] = 0  # an all-zero group: scale 0, values encode as 0
+    codes, scales = torch.ops.lowra.quantize_codes(*encode_args(weight, qw))
+    want_codes, want_scales = numpy_encode(weight.float().numpy(), qw)
+    assert codes.dtype == torch.uint8 and np.array_equal(codes.numpy(), want_codes)
+    assert scales.dtype == torch.float16 and np.array_equal(scales.numpy(), want_scales)
+
+
+def test_quantize_codes_inverts_dequantize_without_groups() -> None:
+    qw = random_weight(6, 77, 0, [1, 2, 4, 4, 1, 2])
+    # Distinct levels per row (random ones can collide in float16, and then two codes decode alike).
+    qw.codebooks = np.concatenate(
+        [np.linspace(-1, 1, 1 << int(w)) * (r + 1) for r, w in enumerate(qw.widths)]
+    ).astype(np.float16)
+    decoded = torch.from_numpy(qw.dequantize())
+    codes, scales = torch.ops.lowra.quantize_codes(*encode_args(decoded, qw))
+    # Each value sits on a level, away from every midpoint: the codes come back exactly (padding bits zero).
+    assert np.array_equal(codes.numpy(), qw.codes) and scales.shape == (6, 0)
+
+
+def test_quantize_codes_refuses_wrong_byte_count() -> None:
+    qw = random_weight(4, 50, 7, [1, 4, 2, 1])
+    args = list(encode_args(torch.randn(4, 50), qw))
+    args[-1] += 1
+    with pytest.raises(ConfigError, match="n_code_bytes"):
+        torch.ops.lowra.quantize_codes(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_quantize_codes_and_grad_input(device: str) -> None:
+    qw = random_weight(4, 50, 7, [1, 4, 2, 1])
+    torch.library.opcheck(torch.ops.lowra.quantize_codes.default, encode_args(torch.randn(4, 50), qw, device))
+    grad_out = torch.randn(2, 3, 4, device=device)
+    torch.library.opcheck(torch.ops.lowra.lowbit_linear_grad_input.default, (grad_out, *buffers(qw, device)))
+
+
+def test_grad_input_op_is_grad_out_times_weight() -> None:
+    qw = random_weight(5, 128, 64, [4, 1, 1, 2, 4])
+    grad_out = torch.randn(3, 5)
+    got = torch.ops.lowra.lowbit_linear_grad_input(grad_out, *buffers(qw))
+    assert torch.equal(got, grad_out @ torch.from_numpy(qw.dequantize()))
+    meta = torch.ops.lowra.lowbit_linear_grad_input(torch.empty(2, 7, 5, device="meta"), *buffers(qw, "meta"))
+    assert meta.shape == (2, 7, 128)

@@ -1,0 +1,562 @@
+// lowra CUDA kernels: quantize (codes + scales), dequantize, batch-1 GEMV, and fused low-bit GEMMs (forward and input
+// gradient) that decode the weight tile by tile into shared memory. No torch headers here (see lowbit_kernels.cuh).
+//
+// Exactness contract (tests/cuda_kernels, bench/gpu_check.py): quantize codes/scales and float32 dequantize equal the
+// CPU reference bit for bit (one IEEE float32 multiply / divide / compare each, no fast-math); the matmuls accumulate
+// in float32 and agree within the tolerances stated in the tests.
+#include "lowbit_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+namespace lowra_cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------------ element helpers
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ const __half* books_of(const LowBitWeight& w) {
+  return static_cast<const __half*>(w.codebooks);
+}
+__device__ __forceinline__ const __half* scales_of(const LowBitWeight& w) {
+  return static_cast<const __half*>(w.scales);
+}
+
+__device__ __forceinline__ int64_t row_bytes_of(int64_t in_features, int width) {
+  return (in_features * width + 7) / 8;
+}
+
+// Eight consecutive weights W[r, j0 .. j0 + 8) (j0 % 8 == 0) as float32: the `width` bytes holding their codes are
+// read once, each code looked up in the row's float16 codebook and scaled. Elements past in_features decode to 0.
+__device__ __forceinline__ void decode8(const LowBitWeight& w, int64_t r, int width, int64_t j0, float v[8]) {
+  const uint8_t* row = w.codes + w.row_code_offsets[r];
+  const __half* book = books_of(w) + w.row_level_offsets[r];
+  const int64_t nbytes = row_bytes_of(w.in_features, width);
+  const int64_t b0 = (j0 >> 3) * width;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (i < width && b0 + i < nbytes) bits |= uint32_t(__ldg(row + b0 + i)) << (8 * i);
+  }
+  const uint32_t mask = (1u << width) - 1u;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int64_t j = j0 + e;
+    float value = 0.f;
+    if (j < w.in_features) {
+      value = __half2float(book[(bits >> (e * width)) & mask]);
+      if (w.group_size > 0) value *= __half2float(scales_of(w)[r * w.n_groups + j / w.group_size]);
+    }
+    v[e] = value;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ dequantize
+// One block per row, 8 outputs per thread (one 16- or 32-byte store). The row's codebook is staged in shared memory:
+// every thread of the row looks codes up in it.
+constexpr int kDequantThreads = 128;
+
+template <typename OutT>
+__global__ void __launch_bounds__(kDequantThreads)
+    dequantize_kernel(LowBitWeight w, int64_t row_begin, OutT* __restrict__ out, bool vector_store) {
+  const int64_t local_row = blockIdx.x;
+  const int64_t r = row_begin + local_row;
+  const int width = w.widths[r];
+  const int64_t K = w.in_features;
+  const int64_t j0 = (int64_t(blockIdx.y) * kDequantThreads + threadIdx.x) * 8;
+  if (j0 >= K) return;
+  float v[8];
+  decode8(w, r, width, j0, v);
+  OutT* dst = out + local_row * K + j0;
+  if (vector_store && j0 + 8 <= K) {
+    if constexpr (sizeof(OutT) == 4) {
+      reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      __align__(16) OutT packed[8];  // read back as one uint4: must be 16-byte aligned
+#pragma unroll
+      for (int e = 0; e < 8; ++e) packed[e] = from_float<OutT>(v[e]);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
+    }
+  } else {
+    for (int e = 0; e < 8 && j0 + e < K; ++e) dst[e] = from_float<OutT>(v[e]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ GEMV (batch 1)
+// Lane l of every warp owns the input slice [l * S, (l + 1) * S) (S a multiple of 32): the packed bytes of a row
+// for that slice are contiguous, so a warp streams one row with coalesced loads and never re-reads x from global
+// memory. x lives in shared memory as float with a one-float pad per lane slice (stride S + 1) so that the 32 lanes
+// reading "their" element t hit 32 different banks. Each warp walks several rows; a block stages x once.
+constexpr int kGemvWarps = 8;
+
+template <int W>
+__device__ __forceinline__ void load_code_chunk(const uint8_t* row, int64_t byte_off, int64_t nbytes,
+                                                uint32_t words[W]) {
+  const uint8_t* p = row + byte_off;
+  const bool fast = byte_off + 4 * W <= nbytes && (reinterpret_cast<uintptr_t>(p) % (4 * W)) == 0;
+  if (fast) {
+    if constexpr (W == 1) {
+      words[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+    } else if constexpr (W == 2) {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
+      words[0] = q.x;
+      words[1] = q.y;
+    } else {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+      words[0] = q.x;
+      words[1] = q.y;
+      words[2] = q.z;
+      words[3] = q.w;
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < W; ++i) words[i] = 0;
+  for (int i = 0; i < 4 * W; ++i) {
+    if (byte_off + i < nbytes) words[i >> 2] |= uint32_t(p[i]) << (8 * (i & 3));
+  }
+}
+
+// Partial dot product of one row with the lane's slice. scale_mode: 0 no scales, 1 one scale per 32-element chunk
+// (group_size % 32 == 0), 2 one scale per element.
+template <int W>
+__device__ float gemv_row_lane(const LowBitWeight& w, int64_t r, const float* book, const float* xl, int64_t lane_j0,
+                               int slice, int scale_mode) {
+  const int64_t K = w.in_features;
+  const uint8_t* row = w.codes + w.row_code_offsets[r];
+  const int64_t nbytes = row_bytes_of(K, W);
+  constexpr uint32_t mask = (1u << W) - 1u;
+  const __half* scales = scales_of(w) + r * w.n_groups;
+  float acc = 0.f;
+  for (int t = 0; t < slice && lane_j0 + t < K; t += 32) {
+    uint32_t words[W];
+    load_code_chunk<W>(row, (lane_j0 + t) / 8 * W, nbytes, words);
+    float part = 0.f;
+    if (scale_mode == 2) {
+#pragma unroll
+      for (int e = 0; e < 32; ++e) {
+        const int bit = e * W;
+        const int64_t j = lane_j0 + t + e;
+        const float s = j < K ? __half2float(scales[j / w.group_size]) : 0.f;
+        part += book[(words[bit >> 5] >> (bit & 31)) & mask] * s * xl[t + e];
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 32; ++e) {
+        const int bit = e * W;
+        part += book[(words[bit >> 5] >> (bit & 31)) & mask] * xl[t + e];
+      }
+      if (scale_mode == 1) part *= __half2float(scales[(lane_j0 + t) / w.group_size]);
+    }
+    acc += part;
+  }
+  return acc;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    gemv_kernel(LowBitWeight w, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, int slice,
+                int rows_per_block, int scale_mode) {
+  extern __shared__ float xs[];  // [32][slice + 1]
+  __shared__ float books[kGemvWarps][16];
+  const int64_t K = w.in_features;
+  const int stride = slice + 1;
+  for (int i = threadIdx.x; i < 32 * slice; i += blockDim.x) {
+    const int lane_of = i / slice;
+    const int t = i - lane_of * slice;
+    xs[lane_of * stride + t] = i < K ? to_float(x[i]) : 0.f;
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const float* xl = xs + lane * stride;
+  const int64_t lane_j0 = int64_t(lane) * slice;
+  const int64_t first = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t last = min(first + rows_per_block, w.out_features);
+  for (int64_t r = first + warp; r < last; r += kGemvWarps) {
+    const int width = w.widths[r];
+    if (lane < (1 << width)) books[warp][lane] = __half2float(books_of(w)[w.row_level_offsets[r] + lane]);
+    __syncwarp();
+    float acc = 0.f;
+    if (lane_j0 < K) {
+      if (width == 1) {
+        acc = gemv_row_lane<1>(w, r, books[warp], xl, lane_j0, slice, scale_mode);
+      } else if (width == 2) {
+        acc = gemv_row_lane<2>(w, r, books[warp], xl, lane_j0, slice, scale_mode);
+      } else {
+        acc = gemv_row_lane<4>(w, r, books[warp], xl, lane_j0, slice, scale_mode);
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (lane == 0) {
+      if (bias != nullptr) acc += to_float(bias[r]);
+      y[r] = from_float<T>(acc);
+    }
+    __syncwarp();  // the next row overwrites this warp's codebook
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ fused GEMMs
+// 64x64 output tile per block of 4 warps (each 32x32 = 2x2 WMMA 16x16x16 fragments, float32 accumulate). The weight
+// tile is decoded from the packed codes straight into shared memory in the activation dtype: deq(W) never exists in
+// global memory. Single-buffered; a cp.async pipeline is the next step if the device check says the decode hides.
+constexpr int kTile = 64;
+constexpr int kStep = 32;
+constexpr int kPad = 8;  // keeps WMMA row strides a multiple of 16 bytes and spreads banks
+constexpr int kGemmThreads = 128;
+
+// Rows [row0, row0 + 64) x cols [col0, col0 + 32) of a row-major [rows, cols] activation matrix into dst[64][40];
+// zero outside the matrix.
+template <typename T>
+__device__ __forceinline__ void load_activation_tile(const T* __restrict__ src, int64_t rows, int64_t cols,
+                                                     int64_t row0, int64_t col0, T (*dst)[kStep + kPad],
+                                                     bool vector_ok) {
+  for (int v = threadIdx.x; v < kTile * (kStep / 8); v += kGemmThreads) {
+    const int rr = v / (kStep / 8);
+    const int cc = (v % (kStep / 8)) * 8;
+    const int64_t gr = row0 + rr;
+    const int64_t gc = col0 + cc;
+    if (vector_ok && gr < rows && gc + 8 <= cols) {
+      *reinterpret_cast<uint4*>(&dst[rr][cc]) = __ldg(reinterpret_cast<const uint4*>(src + gr * cols + gc));
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        dst[rr][cc + e] = (gr < rows && gc + e < cols) ? src[gr * cols + gc + e] : from_float<T>(0.f);
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float v[8]) {
+  __align__(16) T packed[8];  // read back as one uint4: must be 16-byte aligned
+#pragma unroll
+  for (int e = 0; e < 8; ++e) packed[e] = from_float<T>(v[e]);
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
+}
+
+// y[M, N] = x[M, K] W^T: block (n tile, m tile); B tile = W[n0 .. n0+64, k .. k+32] stored [n][k] (col-major B).
+template <typename T>
+__global__ void __launch_bounds__(kGemmThreads)
+    gemm_forward_kernel(LowBitWeight w, const T* __restrict__ x, int64_t M, const T* __restrict__ bias,
+                        T* __restrict__ y, bool vector_ok) {
+  using namespace nvcuda;
+  __shared__ __align__(128) T a_tile[kTile][kStep + kPad];
+  __shared__ __align__(128) T b_tile[kTile][kStep + kPad];
+  __shared__ __align__(128) float c_tile[kTile][kTile + 4];
+  const int64_t N = w.out_features, K = w.in_features;
+  const int64_t n0 = int64_t(blockIdx.x) * kTile, m0 = int64_t(blockIdx.y) * kTile;
+  const int warp = threadIdx.x >> 5;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int64_t k0 = 0; k0 < K; k0 += kStep) {
+    load_activation_tile<T>(x, M, K, m0, k0, a_tile, vector_ok);
+    for (int s = threadIdx.x; s < kTile * (kStep / 8); s += kGemmThreads) {
+      const int rr = s / (kStep / 8);
+      const int cc = (s % (kStep / 8)) * 8;
+      const int64_t r = n0 + rr;
+      float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (r < N) decode8(w, r, w.widths[r], k0 + cc, v);
+      store8<T>(&b_tile[rr][cc], v);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &a_tile[wm + 16 * i][kk], kStep + kPad);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &b_tile[wn + 16 * j][kk], kStep + kPad);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&c_tile[wm + 16 * i][wn + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTile * kTile; e += kGemmThreads) {
+    const int rr = e / kTile, cc = e % kTile;
+    const int64_t m = m0 + rr, n = n0 + cc;
+    if (m < M && n < N) {
+      float value = c_tile[rr][cc];
+      if (bias != nullptr) value += to_float(bias[n]);
+      y[m * N + n] = from_float<T>(value);
+    }
+  }
+}
+
+// grad_in[M, K] = grad_out[M, N] W: block (k tile, m tile), reduction over n in steps of 32;
+// B tile = W[n .. n+32, k0 .. k0+64] stored [n][k] (row-major B).
+template <typename T>
+__global__ void __launch_bounds__(kGemmThreads)
+    gemm_grad_input_kernel(LowBitWeight w, const T* __restrict__ grad_out, int64_t M, T* __restrict__ grad_in,
+                           bool vector_ok) {
+  using namespace nvcuda;
+  __shared__ __align__(128) T a_tile[kTile][kStep + kPad];
+  __shared__ __align__(128) T b_tile[kStep][kTile + kPad];
+  __shared__ __align__(128) float c_tile[kTile][kTile + 4];
+  const int64_t N = w.out_features, K = w.in_features;
+  const int64_t k0 = int64_t(blockIdx.x) * kTile, m0 = int64_t(blockIdx.y) * kTile;
+  const int warp = threadIdx.x >> 5;
+  const int wm = (warp >> 1) * 32, wk = (warp & 1) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int64_t n0 = 0; n0 < N; n0 += kStep) {
+    load_activation_tile<T>(grad_out, M, N, m0, n0, a_tile, vector_ok);
+    for (int s = threadIdx.x; s < kStep * (kTile / 8); s += kGemmThreads) {
+      const int rr = s / (kTile / 8);
+      const int cc = (s % (kTile / 8)) * 8;
+      const int64_t r = n0 + rr;
+      float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (r < N) decode8(w, r, w.widths[r], k0 + cc, v);
+      store8<T>(&b_tile[rr][cc], v);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &a_tile[wm + 16 * i][kk], kStep + kPad);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &b_tile[kk][wk + 16 * j], kTile + kPad);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&c_tile[wm + 16 * i][wk + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTile * kTile; e += kGemmThreads) {
+    const int rr = e / kTile, cc = e % kTile;
+    const int64_t m = m0 + rr, k = k0 + cc;
+    if (m < M && k < K) grad_in[m * K + k] = from_float<T>(c_tile[rr][cc]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ quantize
+// One block per row: absmax per group (one warp per group) -> float16 scale; then one thread per packed byte
+// computes value / scale and counts the row's level midpoints strictly below it (ties go to the lower level,
+// like torch.searchsorted(right=False) in the reference).
+constexpr int kQuantThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_codes_kernel(LowBitWeight w, const T* __restrict__ weight, uint8_t* __restrict__ codes,
+                          __half* __restrict__ scales) {
+  __shared__ float thresholds[15];
+  const int64_t r = blockIdx.x;
+  const int64_t K = w.in_features;
+  const int width = w.widths[r];
+  const int levels = 1 << width;
+  const T* src = weight + r * K;
+  const __half* book = books_of(w) + w.row_level_offsets[r];
+  if (threadIdx.x < levels - 1) {
+    thresholds[threadIdx.x] = (__half2float(book[threadIdx.x]) + __half2float(book[threadIdx.x + 1])) * 0.5f;
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (w.group_size > 0) {
+    for (int64_t g = warp; g < w.n_groups; g += kQuantThreads / 32) {
+      float m = 0.f;
+      const int64_t end = min((g + 1) * w.group_size, K);
+      for (int64_t j = g * w.group_size + lane; j < end; j += 32) m = fmaxf(m, fabsf(to_float(src[j])));
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+      if (lane == 0) scales[r * w.n_groups + g] = __float2half_rn(m);
+    }
+  }
+  __syncthreads();  // thresholds and this row's scales (global writes of this block) are visible from here on
+  const int64_t nbytes = row_bytes_of(K, width);
+  const int per_byte = 8 / width;
+  uint8_t* dst = codes + w.row_code_offsets[r];
+  for (int64_t b = threadIdx.x; b < nbytes; b += kQuantThreads) {
+    uint32_t byte = 0;
+    for (int e = 0; e < per_byte; ++e) {
+      const int64_t j = b * per_byte + e;
+      if (j >= K) break;
+      float value = to_float(src[j]);
+      if (w.group_size > 0) {
+        const float s = __half2float(scales[r * w.n_groups + j / w.group_size]);
+        value = s == 0.f ? 0.f : value / s;
+      }
+      uint32_t code = 0;
+      for (int t = 0; t < levels - 1; ++t) code += thresholds[t] < value ? 1u : 0u;
+      byte |= code << (e * width);
+    }
+    dst[b] = static_cast<uint8_t>(byte);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host helpers
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+int device_sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 80;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) return 80;
+  return sms;
+}
+
+template <typename T>
+cudaError_t dequantize_as(const LowBitWeight& w, int64_t row_begin, int64_t row_count, void* out, cudaStream_t s) {
+  if (row_count <= 0) return cudaSuccess;
+  const bool vector_store = w.in_features % 8 == 0 && aligned16(out);
+  const dim3 grid(static_cast<unsigned>(row_count),
+                  static_cast<unsigned>(ceil_div(w.in_features, int64_t(kDequantThreads) * 8)));
+  dequantize_kernel<T><<<grid, kDequantThreads, 0, s>>>(w, row_begin, static_cast<T*>(out), vector_store);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t gemv_as(const LowBitWeight& w, const void* x, const void* bias, void* y, cudaStream_t s) {
+  const int64_t slice = ceil_div(ceil_div(w.in_features, 32), 32) * 32;
+  const size_t smem = size_t(32) * size_t(slice + 1) * sizeof(float);
+  if (smem > 48 * 1024) {
+    int device = 0, limit = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (smem + sizeof(float) * kGemvWarps * 16 > size_t(limit)) return cudaErrorInvalidValue;
+    const cudaError_t err =
+        cudaFuncSetAttribute(gemv_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const int scale_mode = w.group_size == 0 ? 0 : (w.group_size % 32 == 0 ? 1 : 2);
+  // Enough blocks for ~4 waves of the device, at least one row per warp: x is staged once per block, so fewer,
+  // fuller blocks read it less often, but too few leave SMs idle on small layers.
+  const int64_t target_blocks = int64_t(device_sm_count()) * 4;
+  int64_t rows_per_block = ceil_div(w.out_features, target_blocks);
+  rows_per_block = ceil_div(rows_per_block, kGemvWarps) * kGemvWarps;
+  if (rows_per_block < kGemvWarps) rows_per_block = kGemvWarps;
+  const int64_t blocks = ceil_div(w.out_features, rows_per_block);
+  gemv_kernel<T><<<static_cast<unsigned>(blocks), kGemvWarps * 32, smem, s>>>(
+      w, static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(y), static_cast<int>(slice),
+      static_cast<int>(rows_per_block), scale_mode);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_dequantize(const LowBitWeight& w, int64_t row_begin, int64_t row_count, void* out, Dtype out_dtype,
+                              cudaStream_t stream) {
+  switch (out_dtype) {
+    case Dtype::kFloat32:
+      return dequantize_as<float>(w, row_begin, row_count, out, stream);
+    case Dtype::kFloat16:
+      return dequantize_as<__half>(w, row_begin, row_count, out, stream);
+    case Dtype::kBFloat16:
+      return dequantize_as<__nv_bfloat16>(w, row_begin, row_count, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_lowbit_gemv(const LowBitWeight& w, const void* x, const void* bias, void* y, Dtype dtype,
+                               cudaStream_t stream) {
+  switch (dtype) {
+    case Dtype::kFloat32:
+      return gemv_as<float>(w, x, bias, y, stream);
+    case Dtype::kFloat16:
+      return gemv_as<__half>(w, x, bias, y, stream);
+    case Dtype::kBFloat16:
+      return gemv_as<__nv_bfloat16>(w, x, bias, y, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_lowbit_gemm(const LowBitWeight& w, const void* x, int64_t m, const void* bias, void* y, Dtype dtype,
+                               cudaStream_t stream) {
+  if (m <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(ceil_div(w.out_features, kTile)), static_cast<unsigned>(ceil_div(m, kTile)));
+  const bool vector_ok = w.in_features % 8 == 0 && aligned16(x);
+  if (dtype == Dtype::kFloat16) {
+    gemm_forward_kernel<__half><<<grid, kGemmThreads, 0, stream>>>(
+        w, static_cast<const __half*>(x), m, static_cast<const __half*>(bias), static_cast<__half*>(y), vector_ok);
+  } else if (dtype == Dtype::kBFloat16) {
+    gemm_forward_kernel<__nv_bfloat16><<<grid, kGemmThreads, 0, stream>>>(
+        w, static_cast<const __nv_bfloat16*>(x), m, static_cast<const __nv_bfloat16*>(bias),
+        static_cast<__nv_bfloat16*>(y), vector_ok);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_lowbit_gemm_grad_input(const LowBitWeight& w, const void* grad_out, int64_t m, void* grad_in,
+                                          Dtype dtype, cudaStream_t stream) {
+  if (m <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(ceil_div(w.in_features, kTile)), static_cast<unsigned>(ceil_div(m, kTile)));
+  const bool vector_ok = w.out_features % 8 == 0 && aligned16(grad_out);
+  if (dtype == Dtype::kFloat16) {
+    gemm_grad_input_kernel<__half><<<grid, kGemmThreads, 0, stream>>>(
+        w, static_cast<const __half*>(grad_out), m, static_cast<__half*>(grad_in), vector_ok);
+  } else if (dtype == Dtype::kBFloat16) {
+    gemm_grad_input_kernel<__nv_bfloat16><<<grid, kGemmThreads, 0, stream>>>(
+        w, static_cast<const __nv_bfloat16*>(grad_out), m, static_cast<__nv_bfloat16*>(grad_in), vector_ok);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_quantize_codes(const LowBitWeight& w, const void* weight, Dtype weight_dtype, uint8_t* codes,
+                                  void* scales, cudaStream_t stream) {
+  if (w.out_features <= 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(w.out_features);
+  __half* out_scales = static_cast<__half*>(scales);
+  switch (weight_dtype) {
+    case Dtype::kFloat32:
+      quantize_codes_kernel<float><<<grid, kQuantThreads, 0, stream>>>(w, static_cast<const float*>(weight), codes,
+                                                                        out_scales);
+      break;
+    case Dtype::kFloat16:
+      quantize_codes_kernel<__half><<<grid, kQuantThreads, 0, stream>>>(w, static_cast<const __half*>(weight), codes,
+                                                                         out_scales);
+      break;
+    case Dtype::kBFloat16:
+      quantize_codes_kernel<__nv_bfloat16><<<grid, kQuantThreads, 0, stream>>>(
+          w, static_cast<const __nv_bfloat16*>(weight), codes, out_scales);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lowra_cuda
