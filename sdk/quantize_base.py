@@ -57,6 +57,11 @@ from .errors import BudgetError, ConfigError
 HIST_BINS = 128
 # Rows per lloyd_max call: bounds its float64 work buffers ([rows, bins] prefix sums, [rows, grid^2] DP).
 CHUNK_ROWS = 4096
+# On a GPU the same work is launch-bound at 4096 rows (dozens of small kernels per Lloyd iteration), so rows are
+# fitted 64k at a time (a few GB of float64 buffers at the 4-bit refit's grid). Lloyd-Max stops on the largest level
+# move of its chunk, so GPU results may differ from CPU ones in the last iterations of some rows; CPU results are
+# unchanged by the device option.
+CUDA_CHUNK_ROWS = 65536
 # Grid-DP start of lloyd_max per width (None = its default, 0 = binary splitting only). Measured on 4,096
 # SmolLM2 rows, seconds on one core / SSE above the default start:  2 bits: grid 48 2.4 s, grid 24 0.21 s +0.25%,
 # splitting 0.11 s +0.5%;  4 bits: grid 64 4.7 s, grid 32 0.87 s +2.3%, splitting 0.23 s +7.7%.
@@ -124,10 +129,17 @@ class _Prepared:
         return int(self.weight.shape[0]), int(self.weight.shape[1])
 
 
-def _prepare(name: str, weight: torch.Tensor, group_size: int, input_ms: torch.Tensor | None) -> _Prepared:
+def _prepare(
+    name: str,
+    weight: torch.Tensor,
+    group_size: int,
+    input_ms: torch.Tensor | None,
+    device: torch.device | str | None = None,
+) -> _Prepared:
     if weight.ndim != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ConfigError(f"layer {name}: weight must be a non-empty 2-D [out, in] matrix, got {tuple(weight.shape)}")
-    w = weight.detach().to("cpu", torch.float64)
+    device = torch.device(device or "cpu")
+    w = weight.detach().to(device, torch.float64)
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         rows = torch.nonzero(bad.any(1))[:, 0]
@@ -140,7 +152,7 @@ def _prepare(name: str, weight: torch.Tensor, group_size: int, input_ms: torch.T
         raise ConfigError(f"layer {name}: group_size must be >= 0, got {group_size}")
     ms = None
     if input_ms is not None:
-        ms = input_ms.detach().to("cpu", torch.float64).reshape(-1)
+        ms = input_ms.detach().to(device, torch.float64).reshape(-1)
         if ms.numel() != n_in or not bool(torch.all(torch.isfinite(ms))) or bool(torch.any(ms < 0)):
             raise ConfigError(
                 f"layer {name}: input statistics must be {n_in} finite non-negative mean squares (one per input "
@@ -162,7 +174,7 @@ def _prepare(name: str, weight: torch.Tensor, group_size: int, input_ms: torch.T
         # Division by the float16-rounded scale: decode multiplies by exactly this number.
         values = torch.where(element_scale > 0, w / element_scale.clamp_min(1e-300), torch.zeros_like(w))
         importance = element_scale * element_scale
-        scales = scales16.numpy()
+        scales = scales16.cpu().numpy()
     else:
         if float(w.abs().max()) > 65504:
             raise ConfigError(
@@ -201,11 +213,11 @@ def _histogram(prep: _Prepared, bins: int = HIST_BINS) -> _Histogram:
     x, imp = prep.values, prep.importance
     span = x.abs().amax(1, keepdim=True).clamp_min(1e-30)  # ~1 with groups; the row's range without
     idx = ((x / span + 1) * (bins / 2)).floor().clamp_(0, bins - 1).long()
-    zeros = torch.zeros(x.shape[0], bins, dtype=torch.float64)
+    zeros = torch.zeros(x.shape[0], bins, dtype=torch.float64, device=x.device)
     m0 = zeros.clone().scatter_add_(1, idx, imp)
     m1 = zeros.clone().scatter_add_(1, idx, imp * x)
     m2 = zeros.scatter_add_(1, idx, imp * x * x)
-    centres = ((torch.arange(bins, dtype=torch.float64) + 0.5) * (2 / bins) - 1)[None, :] * span
+    centres = ((torch.arange(bins, dtype=torch.float64, device=x.device) + 0.5) * (2 / bins) - 1)[None, :] * span
     filled = m0 > 0
     centroids = torch.where(filled, m1 / m0.clamp_min(1e-300), centres)
     within = torch.where(filled, m2 - m1 * centroids, torch.zeros_like(m2)).sum(1).clamp_min(0.0)
@@ -219,8 +231,9 @@ def _fit(hist: _Histogram, width: int, grid: int | None) -> tuple[torch.Tensor, 
     per-element nearest assignment that differs only in bins straddling a threshold.
     """
     levels, sse = [], []
-    for start in range(0, hist.mass.shape[0], CHUNK_ROWS):
-        part = hist.rows(slice(start, start + CHUNK_ROWS))
+    chunk = CHUNK_ROWS if hist.mass.device.type == "cpu" else CUDA_CHUNK_ROWS
+    for start in range(0, hist.mass.shape[0], chunk):
+        part = hist.rows(slice(start, start + chunk))
         fit = lloyd_max(part.centroids, width, weight=part.mass, grid=grid)
         lv = fit.levels.to(torch.float16).to(torch.float64)
         codes = assign_codes(part.centroids, lv)
@@ -243,14 +256,15 @@ class _Batcher:
     def add(self, hist: _Histogram) -> None:
         self.pending.append(hist)
         self.pending_rows += hist.mass.shape[0]
-        if self.pending_rows >= CHUNK_ROWS:
+        if self.pending_rows >= (CHUNK_ROWS if hist.mass.device.type == "cpu" else CUDA_CHUNK_ROWS):
             self.flush()
 
     def flush(self) -> None:
         if self.pending_rows:
             lv, d = _fit(_Histogram.cat(self.pending), self.width, self.grid)
-            self.levels.append(lv)
-            self.sse.append(d)
+            # Results live on the CPU (small: [rows, 2**w]); the assignment and packing read them there.
+            self.levels.append(lv.cpu())
+            self.sse.append(d.cpu())
         self.pending, self.pending_rows = [], 0
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,10 +292,10 @@ def _assemble(prep: _Prepared, widths: np.ndarray, levels: Mapping[int, torch.Te
         lv = levels[w]
         if lv.shape != (rows.size, 1 << w):
             raise ValueError(f"levels for width {w}: {tuple(lv.shape)}, expected {(rows.size, 1 << w)}")
-        idx = assign_codes(prep.values[torch.from_numpy(rows)], lv).numpy()
+        idx = assign_codes(prep.values[torch.from_numpy(rows)], lv.to(prep.values.device)).cpu().numpy()
         packed = pack_codes(idx, w)
         codes[code_off[rows][:, None] + np.arange(packed.shape[1])[None, :]] = packed
-        codebooks[level_off[rows][:, None] + np.arange(1 << w)[None, :]] = lv.numpy().astype(np.float16)
+        codebooks[level_off[rows][:, None] + np.arange(1 << w)[None, :]] = lv.cpu().numpy().astype(np.float16)
     qw = QuantizedWeight(out, n_in, prep.group_size, widths, codes, codebooks, prep.scales)
     qw.validate(f"layer {prep.name}")
     return qw
@@ -305,14 +319,16 @@ def quantize_weight(
     group_size: int = DEFAULT_GROUP_SIZE,
     input_ms: torch.Tensor | None = None,
     name: str = "weight",
+    device: torch.device | str | None = None,
 ) -> QuantizedWeight:
     """Quantize one weight [out, in] with the given width per row (one int for all rows, or one per row).
 
     ``input_ms`` [in]: mean squared input of each feature; the codebooks then minimize the expected output
-    error instead of the weight error. ``name`` appears in error messages.
+    error instead of the weight error. ``name`` appears in error messages. ``device``: where the fitting runs
+    (default CPU; e.g. "cuda" fits all rows of the layer there, see CUDA_CHUNK_ROWS).
     """
     with _torch_threads(TORCH_THREADS):
-        prep = _prepare(name, W, group_size, input_ms)
+        prep = _prepare(name, W, group_size, input_ms, device)
         w = _check_widths(widths, prep.shape[0])
         hist = _histogram(prep)
         levels = {}
@@ -569,9 +585,10 @@ class QuantizePlan:
     aliases: dict[str, str]
     source: str
     scoring_grid: dict[int, int | None]
+    device: torch.device | None = None  # where rows are fitted (None: CPU)
 
     def prepare(self, name: str) -> _Prepared:
-        return _prepare(name, self.weights[name], self.config.group_size, self.stats.get(name))
+        return _prepare(name, self.weights[name], self.config.group_size, self.stats.get(name), self.device)
 
     @property
     def n_params(self) -> int:
@@ -667,14 +684,14 @@ class QuantizePlan:
                     picked[width] = levels[width][start + torch.from_numpy(rows)]
             qw = _assemble(prep, w, picked)
             layers[name] = qw
-            W = prep.weight.numpy()
+            W = prep.weight.cpu().numpy()
             err = W - qw.dequantize().astype(np.float64)
             sse, energy = float(np.sum(err * err)), float(W.size * np.var(W))
             # storage_bits counts 2 bits per row for the width; the file pads each layer's width map to bytes.
             stored_bits = qw.storage_bits() - 2 * o + 8 * ((o + 3) // 4)
             row = [_round(sse / max(energy, 1e-300)), _round(stored_bits / W.size), _round(qw.code_bits() / W.size)]
             if weighted:
-                ms = prep.input_ms.numpy()
+                ms = prep.input_ms.cpu().numpy()
                 e_out, e_ref = float(np.sum(err * err * ms[None, :])), float(np.sum(W * W * ms[None, :]))
                 row.append(_round(e_out / max(e_ref, 1e-300)))
                 out_err, out_energy = out_err + e_out, out_energy + e_ref
@@ -712,14 +729,17 @@ def plan_model(
     timings: dict[str, float] | None = None,
     scoring_grid: Mapping[int, int | None] | None = None,
     torch_threads: int | None = TORCH_THREADS,
+    device: torch.device | str | None = None,
 ) -> QuantizePlan:
     """Score every row of every targeted linear layer of ``model`` at widths 1, 2 and 4 (see :class:`QuantizePlan`).
 
     ``scoring_grid`` overrides :data:`DECISION_GRID` (the bench uses FINAL_GRID to measure what cheap scoring costs).
     ``torch_threads``: intra-op threads while fitting (see TORCH_THREADS; None keeps torch's setting).
+    ``device``: where each layer's rows are fitted (default CPU; "cuda" fits a layer's rows there in one batch,
+    see CUDA_CHUNK_ROWS); the plan's levels and distortions always come back to the CPU.
     """
     with _torch_threads(torch_threads):
-        return _plan_model(model, config, input_stats, progress, source, timings, scoring_grid)
+        return _plan_model(model, config, input_stats, progress, source, timings, scoring_grid, device)
 
 
 def _plan_model(
@@ -730,6 +750,7 @@ def _plan_model(
     source: str,
     timings: dict[str, float] | None,
     scoring_grid: Mapping[int, int | None] | None,
+    device: torch.device | str | None = None,
 ) -> QuantizePlan:
     clock = _Clock(timings)
     names = linear_module_names(model, config.targets)
@@ -751,7 +772,7 @@ def _plan_model(
         config=config, names=names, shapes=[(int(weights[n].shape[0]), int(weights[n].shape[1])) for n in names],
         weights=weights, stats=stats, levels={}, distortion=np.zeros((0, len(ROW_WIDTHS))), dense={}, aliases={},
         source=source or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
-        scoring_grid=grid,
+        scoring_grid=grid, device=None if device is None else torch.device(device),
     )
     # Every row scored at every width: histograms fitted in chunks of rows across layers.
     scoring = {w: _Batcher(w, grid[w]) for w in ROW_WIDTHS}
@@ -776,6 +797,7 @@ def quantize_model(
     created: str | None = None,
     timings: dict[str, float] | None = None,
     torch_threads: int | None = TORCH_THREADS,
+    device: torch.device | str | None = None,
 ) -> QuantizedBase:
     """Quantize every targeted linear layer of ``model`` under ``config.bits`` effective bits per parameter.
 
@@ -783,9 +805,10 @@ def quantize_model(
     measured bits and errors). The model is not modified. ``input_stats`` maps module path -> mean squared input
     per feature [in] and is used when ``config.weighted``. ``timings``, when given, receives the seconds spent
     per phase (scoring, assignment, refitting, packing, file). ``torch_threads``: see TORCH_THREADS.
+    ``device``: where the codebooks are fitted (see :func:`plan_model`; default CPU).
     """
     plan = plan_model(model, config, input_stats, progress=progress, source=source, timings=timings,
-                      torch_threads=torch_threads)
+                      torch_threads=torch_threads, device=device)
     return plan.quantize(config.bits, progress=progress, created=created, timings=timings, torch_threads=torch_threads)
 
 
