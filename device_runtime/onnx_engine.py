@@ -223,7 +223,7 @@ def _rebuild_quantized(data: np.ndarray, spec: Mapping[str, Any]) -> Any:
     widths = np.zeros(out_f, dtype=np.uint8)
     rows_of = {}
     for g in spec["groups"]:
-        rows = tensor(g["rows"], "<i8")
+        rows = tensor(g["rows"], "<i4").astype(np.int64)
         widths[rows] = g["width"]
         rows_of[g["width"]] = rows
     if np.any(widths == 0):
@@ -446,7 +446,15 @@ class OnnxEngine:
     def generate_ids(self, prompt_ids: np.ndarray, config: GenerationConfig = GenerationConfig()) -> list[int]:
         return generate(self.prefill, self.decode, prompt_ids, config, self.tokenizer.eos_ids, self.max_positions)
 
-    def generate(self, prompt: str, config: GenerationConfig = GenerationConfig()) -> str:
-        """Text after ``prompt`` (used as given: wrap it with ``tokenizer.chat_prompt`` for a chat turn)."""
-        return self.tokenizer.decode(self.generate_ids(self.tokenizer.encode(prompt), config))
+    def generate(self, prompt: str, config: GenerationConfig = GenerationConfig(), chat: bool = False) -> str:
+        """Text after ``prompt`` (``chat=True`` wraps it in the ChatML turn SmolLM2-Instruct expects)."""
+        tok = self.tokenizer
+        return tok.decode(self.generate_ids(tok.encode(tok.chat_prompt(prompt) if chat else prompt), config))
+
+    def close(self) -> None:
+        """Release the sessions, the adapter and the temp folder of converted adapters."""
+        self._drop_user()
+        self._base_session = self._session_now = None
+        self._runtime = None
+        self._tmp.cleanup()
 

@@ -146,6 +146,7 @@ class _Graph:
         self.inits: dict[str, onnx.TensorProto] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.side: dict[str, np.ndarray] = {}  # arrays for weights.bin that no node reads (listed in the manifest)
         self._n = 0
 
     def name(self, hint: str) -> str:
@@ -211,7 +212,9 @@ def _decode_function(one_bit: bool, grouped: bool) -> onnx.FunctionProto:
             helper.make_node("Unsqueeze", ["codes", "ax"], ["c3"]),
             helper.make_node("BitShift", ["c3", "shifts"], ["sh"], direction="RIGHT"),
             helper.make_node("BitwiseAnd", ["sh", "one"], ["bits"]),
-            helper.make_node("Shape", ["x"], ["in_dim"], start=-1),
+            # in_features comes from an attribute, not Shape(x): every input of the decode is then a constant and
+            # ONNX Runtime can fold it at session creation
+            _ref_constant("in_dim", "value_ints", "in_features"),
             helper.make_node("Constant", [], ["rows_keep"], value=onnx.numpy_helper.from_array(np.array([0], dtype=np.int64))),
             helper.make_node("Constant", [], ["flat"], value=onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64))),
             helper.make_node("Concat", ["rows_keep", "flat"], ["shape2"], axis=0),
@@ -237,7 +240,16 @@ def _decode_function(one_bit: bool, grouped: bool) -> onnx.FunctionProto:
         nodes.append(helper.make_node("Identity", ["w_levels"], ["w"]))
     nodes.append(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1))
     name = "LowBitLinear" + ("1" if one_bit else "") + ("Grouped" if grouped else "")
-    return helper.make_function(LOWRA_DOMAIN, name, inputs, ["y"], nodes, [helper.make_opsetid("", OPSET)])
+    return helper.make_function(LOWRA_DOMAIN, name, inputs, ["y"], nodes, [helper.make_opsetid("", OPSET)],
+                                attributes=["in_features"] if one_bit else [])
+
+
+def _ref_constant(output: str, attr: str, ref: str) -> onnx.NodeProto:
+    """A Constant node whose value is the calling node's attribute ``ref`` (a function attribute reference)."""
+    node = helper.make_node("Constant", [], [output])
+    node.attribute.append(helper.make_attribute_ref(attr, onnx.AttributeProto.INTS))
+    node.attribute[-1].ref_attr_name = ref
+    return node
 
 
 def _affine(levels: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -328,11 +340,12 @@ def _lowbit_linear(st: _ExportState, x: str, module: str, qw: QuantizedWeight) -
             sc = g.init(f"{prefix}.scales", qw.scales[rows].astype(np.float16))
             args += [sc, _group_index(st, qw.in_features, qw.group_size)]
             rec["scales"] = sc
-        g.init(f"{prefix}.rows", rows.astype(np.int64))  # the engine rebuilds the layer from these (merge mode)
+        g.side[f"{prefix}.rows"] = rows.astype(np.int32)  # not in the graph: the engine rebuilds the layer (merge)
         fname = "LowBitLinear" + ("1" if width == 1 else "") + ("Grouped" if grouped else "")
         if fname not in st.functions:
             st.functions[fname] = _decode_function(width == 1, grouped)
-        outs.append(g.node(fname, args, f"{prefix}.y", domain=LOWRA_DOMAIN))
+        attrs = {"in_features": [qw.in_features]} if width == 1 else {}
+        outs.append(g.node(fname, args, f"{prefix}.y", domain=LOWRA_DOMAIN, **attrs))
         order.append(rows)
         record["groups"].append(rec)
         st.function_groups += 1
@@ -343,7 +356,7 @@ def _lowbit_linear(st: _ExportState, x: str, module: str, qw: QuantizedWeight) -
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(perm.size)
     cat = g.node("Concat", outs, f"{module}.cat", axis=-1)
-    return g.node("Gather", [cat, g.init(f"{module}.row_order", inverse.astype(np.int64))], f"{module}.y", axis=1)
+    return g.node("Gather", [cat, g.init(f"{module}.row_order", inverse.astype(np.int32))], f"{module}.y", axis=1)
 
 
 def _linear(st: _ExportState, x: str, module: str, quantized: Mapping[str, QuantizedWeight],
@@ -488,7 +501,7 @@ class _ExternalData:
         for t in model.graph.initializer:
             if t.data_location == TensorProto.EXTERNAL:
                 continue  # a merge placeholder
-            if len(t.raw_data) <= INLINE_LIMIT and not t.name.endswith((".rows", ".codes", ".codebooks", ".scales")):
+            if len(t.raw_data) <= INLINE_LIMIT and not t.name.endswith((".codes", ".codebooks", ".scales")):
                 continue
             if t.name not in self.entries:
                 pad = (-self.fh.tell()) % ALIGN
@@ -502,6 +515,15 @@ class _ExternalData:
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
 
+    def add_side(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Arrays no graph reads (the manifest points at them), appended after the initializers."""
+        for name, arr in arrays.items():
+            pad = (-self.fh.tell()) % ALIGN
+            self.fh.write(b"\0" * pad)
+            raw = np.ascontiguousarray(arr).tobytes()
+            self.entries[name] = (self.fh.tell(), len(raw))
+            self.fh.write(raw)
+
     def close(self) -> None:
         self.fh.flush()
         os.fsync(self.fh.fileno())
@@ -511,7 +533,7 @@ class _ExternalData:
 def _tensor_entry(model: onnx.ModelProto, name: str) -> dict[str, Any]:
     t = next(t for t in model.graph.initializer if t.name == name)
     info = {e.key: e.value for e in t.external_data}
-    dtype = {TensorProto.UINT8: "uint8", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64",
+    dtype = {TensorProto.UINT8: "uint8", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
              TensorProto.UINT2: "uint2", TensorProto.UINT4: "uint4", TensorProto.FLOAT: "float32"}[t.data_type]
     return {"offset": int(info["offset"]), "length": int(info["length"]), "dtype": dtype, "shape": list(t.dims)}
 
@@ -577,6 +599,7 @@ def export_onnx(
         data.externalize(lowbit)
         if merged is not None:
             data.externalize(merged)
+        data.add_side(st.graph.side)
         data.close()
         onnx.save_model(lowbit, tmp / "model.onnx")
         if merged is not None:
@@ -589,8 +612,14 @@ def export_onnx(
                     digests[m] = fmt.tensor_digest(dense[f"{m}.weight"])
         modules = {}
         for m, rec in st.module_tensors.items():
-            groups = [{"width": gr["width"], **{k: _tensor_entry(lowbit, gr[k]) for k in ("rows", "codes", "codebooks", "scales") if k in gr}}
-                      for gr in rec["groups"]]
+            groups = []
+            for gr in rec["groups"]:
+                rows = st.graph.side[gr["rows"]]
+                offset, length = data.entries[gr["rows"]]
+                entry = {"width": gr["width"], "rows": {"offset": offset, "length": length, "dtype": "int32",
+                                                        "shape": list(rows.shape)}}
+                entry.update({k: _tensor_entry(lowbit, gr[k]) for k in ("codes", "codebooks", "scales") if k in gr})
+                groups.append(entry)
             modules[m] = {"out": rec["out"], "in": rec["in"], "group_size": rec["group_size"], "groups": groups}
         shapes = {m: [int(quantized[m].out_features), int(quantized[m].in_features)] if m in quantized
                   else list(dense[f"{m}.weight"].shape) for m in digests}

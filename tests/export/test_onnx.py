@@ -129,10 +129,10 @@ def test_codes_are_native_sub_byte_initializers_decoded_by_a_local_function(tiny
     assert types[f"{q}.w2.codes"] == onnx.TensorProto.UINT2
     assert types[f"{q}.w4.codes"] == onnx.TensorProto.UINT4
     assert types[f"{q}.w1.codes"] == onnx.TensorProto.UINT8  # 1-bit rows: 8 codes per byte
-    # no initializer holds unpacked codes (the constant-folding trap): nothing int32, only the row maps as int64
-    assert onnx.TensorProto.INT32 not in types.values()
-    assert {n for n, t in types.items() if t == onnx.TensorProto.INT64 and not n.endswith((".rows", ".row_order"))} \
-        <= {n for n in types if not n.startswith("model.")}
+    # no initializer holds unpacked codes (the constant-folding trap): the only int32 tensors are the row orders
+    assert {n for n, t in types.items() if t == onnx.TensorProto.INT32} == {
+        n for n in types if n.endswith(".row_order")}
+    assert not any(n.startswith("model.") for n, t in types.items() if t == onnx.TensorProto.INT64)
     onnx.checker.check_model(str(tiny["dir"] / "model.onnx"), full_check=True)
 
 
@@ -146,7 +146,7 @@ def test_sizes_stay_close_to_the_packed_payload(tiny):
     assert codes_bytes <= packed
     weights = (tiny["dir"] / "weights.bin").stat().st_size
     dense = sum(2 * p.numel() for n, p in tiny["ref"].named_parameters())  # float16 dense tensors
-    rows = sum(8 * q.out_features for q in quantized.values())  # int64 row maps (row order + merge rebuild)
+    rows = sum(4 * q.out_features for q in quantized.values())  # int32 row maps (row order + merge rebuild)
     assert weights <= dense + packed + 2 * rows + 64 * 4 * len(model.graph.initializer)
 
 

@@ -1,0 +1,243 @@
+"""ONNX export of SmolLM2-135M with its LowRA 1.5-bit base, run by ONNX Runtime on 2 threads.
+
+Measures, side by side in one run:
+  correctness   max |logits ONNX - logits eager sdk LowBitLinear model| for the base and two users (adapter and
+                merge modes), and whether 32 greedy tokens equal eager's (teacher-forced check)
+  sizes         model.onnx + weights.bin against the packed payload (the lowra quantized base file)
+  decode        tokens/s of single-token decode steps (KV cache) on `--threads` threads: the low-bit graph with
+                its decode folded at session creation ("load") or run every step ("per_run"), the fp32 ONNX of
+                the same (dequantized) model, and -- on a uniform 2/4-bit base with absmax-64 groups, where the
+                codebooks are affine -- LowBitLinear local functions against com.microsoft::MatMulNBits
+  users         switch time (load_user) and decode tokens/s for mode "adapter" (.onnx_adapter) and "merge"
+  memory        peak RSS of a process that creates the session (and loads a user), per variant
+
+Every engine measurement runs in a fresh subprocess (clean RSS). Users are random blobs (rank 8 on q/k/v/o of
+every layer, levels ~N(0, 0.02)) bound to the quantized base: enough to check the arithmetic, not a trained user.
+Usage: python bench/bench_onnx.py [--threads 2] [--out out/bench/onnx] [--skip nbits,fp32,per_run]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+NEW_TOKENS = 32
+PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def worker(spec: dict) -> dict:
+    """Runs in its own process: engine creation, optional user, timed decode steps."""
+    from lowra.device_runtime.generation import GenerationConfig
+    from lowra.device_runtime.onnx_engine import OnnxEngine
+
+    t0 = time.perf_counter()
+    engine = OnnxEngine(spec["dir"], threads=spec["threads"], lowbit_decode=spec.get("decode", "load"))
+    out = {"session_s": time.perf_counter() - t0, "rss_after_session_mib": rss_mib()}
+    if spec.get("user"):
+        switches = []
+        for path in spec["user"]:  # alternate users: every load is a real switch
+            switches.append(engine.load_user(path, mode=spec["mode"]).switch_ms)
+        out["switch_ms"] = switches
+    ids = engine.tokenizer.encode(engine.tokenizer.chat_prompt(PROMPT))
+    steps: list[float] = []
+    decode = engine.decode
+
+    def timed(token: int, position: int) -> np.ndarray:
+        t = time.perf_counter()
+        result = decode(token, position)
+        steps.append(time.perf_counter() - t)
+        return result
+
+    t = time.perf_counter()
+    engine.prefill(ids)
+    out["prefill_s"] = time.perf_counter() - t
+    engine.decode = timed  # type: ignore[method-assign]
+    tokens = engine.generate_ids(ids, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    out["tokens"] = tokens
+    out["decode_steps"] = len(steps)
+    out["decode_tok_s"] = len(steps) / sum(steps) if steps else 0.0
+    out["decode_ms_median"] = 1e3 * float(np.median(steps)) if steps else 0.0
+    out["peak_rss_mib"] = rss_mib()
+    return out
+
+
+def run_worker(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ main
+def random_blob(model, modules: list[str], seed: int, rank: int = 8) -> bytes:
+    from lowra.device_runtime import format as fmt
+    from lowra.sdk.workflow import model_fingerprint
+
+    rng = np.random.default_rng(seed)
+    entries = [fmt.ModuleEntry(m, model.get_submodule(m).out_features, model.get_submodule(m).in_features, rank)
+               for m in modules]
+    widths, codes, levels = [], [], []
+    for e in entries:
+        for length in (e.in_features, e.out_features):
+            for k in range(rank):
+                w = (4, 2, 2, 1)[k % 4]
+                widths.append(w)
+                codes.append(rng.integers(0, 1 << w, length).astype(np.uint8))
+                levels.append(np.sort(rng.standard_normal(1 << w) * 0.1).astype(np.float16))
+    meta = {"adapter_id": f"bench-user-{seed}", "base_fingerprint": model_fingerprint(model, modules),
+            "lora": {"rank": rank, "alpha": rank, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "scaling": 1.0},
+            "scheme": {"method": "random (bench)"}, "created": "2026-01-01T00:00:00+00:00", "card": {}}
+    return fmt.build_blob_bytes(entries, np.array(widths, np.uint8), codes, levels, meta)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="out/bench/onnx")
+    parser.add_argument("--skip", default="", help="comma list of: nbits, fp32, per_run, users")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    skip = set(filter(None, args.skip.split(",")))
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lowra.device_runtime import format as fmt
+    from lowra.device_runtime.generation import GenerationConfig
+    from lowra.device_runtime.onnx_engine import OnnxEngine
+    from lowra.device_runtime.quantized_base import read_quantized_base
+    from lowra.export.onnx import OnnxExportConfig, export_onnx, size_report
+    from lowra.sdk.base_model import linear_module_names, load_base
+    from lowra.sdk.lowbit import LowBitLinear, replace_linears
+    from lowra.sdk.quantize_base import QuantizeConfig, quantize_model, uniform_quantize
+    from lowra.sdk.workflow import apply_blob
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"threads": args.threads, "load_average_at_start": os.getloadavg()}
+    base = load_base()
+    qpath = out / "base-1.5bit.lowra-base"
+    if not qpath.is_file():
+        t = time.perf_counter()
+        quantize_model(base.model, QuantizeConfig(bits=1.5), progress=False).write(qpath)
+        results["quantize_s"] = time.perf_counter() - t
+    qbase = read_quantized_base(qpath)
+    layers = dict(qbase.layers)
+
+    t = time.perf_counter()
+    lowbit_dir = out / "smollm2-lowbit"
+    export_onnx(base.model, layers, base.tokenizer, lowbit_dir, overwrite=True)
+    results["export_s"] = time.perf_counter() - t
+    results["sizes"] = size_report(lowbit_dir, qbase.file_bytes)
+    results["quantized_base_bits"] = {k: qbase.bits_report()[k] for k in ("effective_bits", "file_bytes")}
+
+    # eager reference: the sdk LowBitLinear model with dense tensors rounded to float16 as exported
+    ref = copy.deepcopy(base.model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if not name.endswith("_proj.weight"):
+                p.copy_(p.half().float())
+    replace_linears(ref, layers)
+    ids = base.tokenizer(base.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                                            add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    ids = np.array(ids, dtype=np.int64)
+
+    def eager(model, seq):
+        with torch.no_grad():
+            return model(torch.from_numpy(np.asarray(seq, dtype=np.int64))[None]).logits[0].numpy()
+
+    attn = [m for m in linear_module_names(ref) if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    users = []
+    for seed in (1, 2):
+        path = out / f"bench-user-{seed}.lowra"
+        path.write_bytes(random_blob(ref, attn, seed))
+        adapted = copy.deepcopy(ref)
+        apply_blob(adapted, fmt.read_blob(path), "user")
+        users.append((path, adapted))
+
+    engine = OnnxEngine(lowbit_dir, threads=args.threads)
+    base_logits = eager(ref, ids)
+    correctness = {"base": float(np.abs(engine.logits(ids) - base_logits).max())}
+    got = engine.generate_ids(ids, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    teacher = np.argmax(eager(ref, np.concatenate([ids, np.array(got, dtype=np.int64)]))[ids.size - 1:], -1)
+    correctness["greedy_tokens"] = len(got)
+    correctness["greedy_equal_eager"] = teacher[: len(got)].tolist() == got
+    correctness["greedy_text"] = base.tokenizer.decode(got)
+    for i, (path, adapted) in enumerate(users, 1):
+        expected = eager(adapted, ids)
+        correctness[f"user{i}_vs_base"] = float(np.abs(expected - base_logits).max())
+        for mode in ("adapter", "merge"):
+            engine.load_user(path, mode=mode)
+            correctness[f"user{i}_{mode}"] = float(np.abs(engine.logits(ids) - expected).max())
+            if i == 2:
+                got = engine.generate_ids(ids, GenerationConfig(max_new_tokens=NEW_TOKENS))
+                teacher = np.argmax(eager(adapted, np.concatenate([ids, np.array(got, dtype=np.int64)]))[ids.size - 1:], -1)
+                correctness[f"user2_{mode}_greedy_equal_eager"] = teacher[: len(got)].tolist() == got
+        engine.unload_user()
+    engine.close()
+    del engine
+    results["correctness"] = correctness
+    print(json.dumps(correctness, indent=1), flush=True)
+    del ref, users
+
+    runs: dict = {}
+    spec = {"dir": str(lowbit_dir), "threads": args.threads}
+    runs["lowbit_function_fold_at_load"] = run_worker({**spec, "decode": "load"})
+    print("lowbit load", runs["lowbit_function_fold_at_load"]["decode_tok_s"], flush=True)
+    if "per_run" not in skip:
+        runs["lowbit_function_decode_per_run"] = run_worker({**spec, "decode": "per_run"})
+    if "users" not in skip:
+        paths = [str(out / "bench-user-1.lowra"), str(out / "bench-user-2.lowra")] * 2
+        for mode in ("adapter", "merge"):
+            runs[f"user_{mode}"] = run_worker({**spec, "decode": "load", "user": paths, "mode": mode})
+    if "fp32" not in skip:
+        dense = copy.deepcopy(base.model)
+        with torch.no_grad():
+            for name, qw in layers.items():
+                dense.get_submodule(name).weight.copy_(torch.from_numpy(qw.dequantize()))
+        fp32_dir = out / "smollm2-fp32"
+        export_onnx(dense, {}, base.tokenizer, fp32_dir, OnnxExportConfig(dense_dtype="float32"), overwrite=True)
+        results["sizes_fp32"] = size_report(fp32_dir)
+        del dense
+        runs["fp32_onnx"] = run_worker({"dir": str(fp32_dir), "threads": args.threads})
+    if "nbits" not in skip:
+        for bits in (4, 2):
+            uniform = {n: uniform_quantize(base.model.get_submodule(n).weight, bits, 64) for n in layers}
+            for kind in ("function", "matmulnbits"):
+                d = out / f"smollm2-uniform{bits}-{kind}"
+                config = OnnxExportConfig(matmulnbits="affine" if kind == "matmulnbits" else "never")
+                manifest = export_onnx(base.model, uniform, base.tokenizer, d, config, overwrite=True)
+                results[f"sizes_uniform{bits}_{kind}"] = {**size_report(d), **manifest["counts"]}
+                for decode in (("load", "per_run") if kind == "function" else ("load",)):
+                    runs[f"uniform{bits}_{kind}_{decode}"] = run_worker({"dir": str(d), "threads": args.threads, "decode": decode})
+                    print(bits, kind, decode, runs[f"uniform{bits}_{kind}_{decode}"]["decode_tok_s"], flush=True)
+            # the two must agree: exact decode vs (code - zero) * scale
+            a = OnnxEngine(out / f"smollm2-uniform{bits}-function", threads=args.threads).logits(ids)
+            b = OnnxEngine(out / f"smollm2-uniform{bits}-matmulnbits", threads=args.threads).logits(ids)
+            results[f"uniform{bits}_matmulnbits_vs_function_max_abs_logit_diff"] = float(np.abs(a - b).max())
+    for r in runs.values():
+        r.pop("tokens", None)
+    results["runs"] = runs
+    results["load_average_at_end"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
