@@ -97,10 +97,14 @@ __global__ void __launch_bounds__(kDequantThreads)
 
 // ------------------------------------------------------------------------------------------------ GEMV (batch 1)
 // Lane l of every warp owns the input slice [l * S, (l + 1) * S) (S a multiple of 32): the packed bytes of a row
-// for that slice are contiguous, so a warp streams one row with coalesced loads and never re-reads x from global
-// memory. x lives in shared memory as float with a one-float pad per lane slice (stride S + 1) so that the 32 lanes
-// reading "their" element t hit 32 different banks. Each warp walks several rows; a block stages x once.
+// for that slice are contiguous, so a warp streams a row with coalesced loads. x is staged once per block in shared
+// memory as float, with a one-float pad per lane slice (stride S + 1) so the 32 lanes reading "their" element t hit
+// 32 different banks. Each warp owns up to kMaxRowsPerWarp rows and walks the slice in 32-element chunks: a chunk of
+// x is read into registers once and used for all of the warp's rows, so shared memory serves the codebook lookups
+// (2- and 4-bit rows) and little else. 1-bit rows need no lookup at all:
+//   sum_j level[c_j] x_j = level0 * sum_j x_j + (level1 - level0) * sum_{j: c_j = 1} x_j.
 constexpr int kGemvWarps = 8;
+constexpr int kMaxRowsPerWarp = 4;
 
 template <int W>
 __device__ __forceinline__ void load_code_chunk(const uint8_t* row, int64_t byte_off, int64_t nbytes,
@@ -130,83 +134,141 @@ __device__ __forceinline__ void load_code_chunk(const uint8_t* row, int64_t byte
   }
 }
 
-// Partial dot product of one row with the lane's slice. scale_mode: 0 no scales, 1 one scale per 32-element chunk
-// (group_size % 32 == 0), 2 one scale per element.
 template <int W>
-__device__ float gemv_row_lane(const LowBitWeight& w, int64_t r, const float* book, const float* xl, int64_t lane_j0,
-                               int slice, int scale_mode) {
-  const int64_t K = w.in_features;
-  const uint8_t* row = w.codes + w.row_code_offsets[r];
-  const int64_t nbytes = row_bytes_of(K, W);
+__device__ __forceinline__ float dot_lookup(const uint32_t words[W], const float* book, const float xr[32]) {
   constexpr uint32_t mask = (1u << W) - 1u;
-  const __half* scales = scales_of(w) + r * w.n_groups;
-  float acc = 0.f;
-  for (int t = 0; t < slice && lane_j0 + t < K; t += 32) {
-    uint32_t words[W];
-    load_code_chunk<W>(row, (lane_j0 + t) / 8 * W, nbytes, words);
-    float part = 0.f;
-    if (scale_mode == 2) {
+  float part = 0.f;
 #pragma unroll
-      for (int e = 0; e < 32; ++e) {
-        const int bit = e * W;
-        const int64_t j = lane_j0 + t + e;
-        const float s = j < K ? __half2float(scales[j / w.group_size]) : 0.f;
-        part += book[(words[bit >> 5] >> (bit & 31)) & mask] * s * xl[t + e];
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < 32; ++e) {
-        const int bit = e * W;
-        part += book[(words[bit >> 5] >> (bit & 31)) & mask] * xl[t + e];
-      }
-      if (scale_mode == 1) part *= __half2float(scales[(lane_j0 + t) / w.group_size]);
-    }
-    acc += part;
+  for (int e = 0; e < 32; ++e) {
+    const int bit = e * W;
+    part += book[(words[bit >> 5] >> (bit & 31)) & mask] * xr[e];
   }
-  return acc;
+  return part;
 }
 
-template <typename T>
+__device__ __forceinline__ float dot_1bit(uint32_t word, float level0, float level1, const float xr[32], float xsum) {
+  float ones = 0.f;
+#pragma unroll
+  for (int e = 0; e < 32; ++e) ones += ((word >> e) & 1u) ? xr[e] : 0.f;
+  return level0 * xsum + (level1 - level0) * ones;
+}
+
+__device__ __forceinline__ float load_as_float(const void* p, int64_t i, Dtype dtype) {
+  switch (dtype) {
+    case Dtype::kFloat16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case Dtype::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* p, int64_t i, float v, Dtype dtype) {
+  switch (dtype) {
+    case Dtype::kFloat16:
+      static_cast<__half*>(p)[i] = __float2half_rn(v);
+      break;
+    case Dtype::kBFloat16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+      break;
+    default:
+      static_cast<float*>(p)[i] = v;
+  }
+}
+
+// One kernel for every activation dtype (converted while staging x and when writing y): the unrolled body is large
+// and three instantiations tripled the build. Rows need group_size == 0 or a multiple of 32 (one scale per
+// 32-element chunk); the launcher refuses other group sizes and the caller uses a GEMM path.
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    gemv_kernel(LowBitWeight w, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, int slice,
-                int rows_per_block, int scale_mode) {
+    gemv_kernel(LowBitWeight w, const void* __restrict__ x, const void* __restrict__ bias, void* __restrict__ y,
+                Dtype dtype, int slice, int rows_per_warp) {
   extern __shared__ float xs[];  // [32][slice + 1]
-  __shared__ float books[kGemvWarps][16];
-  const int64_t K = w.in_features;
+  __shared__ float books[kGemvWarps][kMaxRowsPerWarp][16];
+  const int64_t K = w.in_features, N = w.out_features;
   const int stride = slice + 1;
   for (int i = threadIdx.x; i < 32 * slice; i += blockDim.x) {
     const int lane_of = i / slice;
     const int t = i - lane_of * slice;
-    xs[lane_of * stride + t] = i < K ? to_float(x[i]) : 0.f;
+    xs[lane_of * stride + t] = i < K ? load_as_float(x, i, dtype) : 0.f;
   }
-  __syncthreads();
+  __syncthreads();  // the only block-wide barrier: warps may leave early below
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
+  const int64_t first = (int64_t(blockIdx.x) * kGemvWarps + warp) * rows_per_warp;
+  const int64_t remaining = N - first;
+  const int nrows = remaining <= 0 ? 0 : static_cast<int>(remaining < rows_per_warp ? remaining : int64_t(rows_per_warp));
+  if (nrows == 0) return;
+
+  int width[kMaxRowsPerWarp];
+  const uint8_t* row[kMaxRowsPerWarp];
+  float level0[kMaxRowsPerWarp], level1[kMaxRowsPerWarp], acc[kMaxRowsPerWarp];
+#pragma unroll
+  for (int k = 0; k < kMaxRowsPerWarp; ++k) {
+    width[k] = 0;
+    row[k] = nullptr;
+    level0[k] = level1[k] = acc[k] = 0.f;
+    if (k < nrows) {
+      const int64_t r = first + k;
+      width[k] = w.widths[r];
+      row[k] = w.codes + w.row_code_offsets[r];
+      const __half* book = books_of(w) + w.row_level_offsets[r];
+      if (lane < (1 << width[k])) books[warp][k][lane] = __half2float(book[lane]);
+      level0[k] = __half2float(book[0]);
+      level1[k] = __half2float(book[1]);
+    }
+  }
+  __syncwarp();
+
   const float* xl = xs + lane * stride;
   const int64_t lane_j0 = int64_t(lane) * slice;
-  const int64_t first = int64_t(blockIdx.x) * rows_per_block;
-  const int64_t last = min(first + rows_per_block, w.out_features);
-  for (int64_t r = first + warp; r < last; r += kGemvWarps) {
-    const int width = w.widths[r];
-    if (lane < (1 << width)) books[warp][lane] = __half2float(books_of(w)[w.row_level_offsets[r] + lane]);
-    __syncwarp();
-    float acc = 0.f;
-    if (lane_j0 < K) {
-      if (width == 1) {
-        acc = gemv_row_lane<1>(w, r, books[warp], xl, lane_j0, slice, scale_mode);
-      } else if (width == 2) {
-        acc = gemv_row_lane<2>(w, r, books[warp], xl, lane_j0, slice, scale_mode);
-      } else {
-        acc = gemv_row_lane<4>(w, r, books[warp], xl, lane_j0, slice, scale_mode);
+  for (int t = 0; t < slice && lane_j0 + t < K; t += 32) {  // lane-dependent bound: no warp collectives inside
+    float xr[32];
+    float xsum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+      xr[e] = xl[t + e];
+      xsum += xr[e];
+    }
+    const int64_t j0 = lane_j0 + t;
+#pragma unroll
+    for (int k = 0; k < kMaxRowsPerWarp; ++k) {
+      if (k < nrows) {
+        const int64_t r = first + k;
+        const float* book = books[warp][k];
+        const int64_t nbytes = row_bytes_of(K, width[k]);
+        const int64_t byte_off = j0 / 8 * width[k];
+        float part;
+        if (width[k] == 1) {
+          uint32_t words[1];
+          load_code_chunk<1>(row[k], byte_off, nbytes, words);
+          part = dot_1bit(words[0], level0[k], level1[k], xr, xsum);
+        } else if (width[k] == 2) {
+          uint32_t words[2];
+          load_code_chunk<2>(row[k], byte_off, nbytes, words);
+          part = dot_lookup<2>(words, book, xr);
+        } else {
+          uint32_t words[4];
+          load_code_chunk<4>(row[k], byte_off, nbytes, words);
+          part = dot_lookup<4>(words, book, xr);
+        }
+        if (w.group_size > 0) part *= __half2float(scales_of(w)[r * w.n_groups + j0 / w.group_size]);
+        acc[k] += part;
       }
     }
+  }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) {
-      if (bias != nullptr) acc += to_float(bias[r]);
-      y[r] = from_float<T>(acc);
+  for (int k = 0; k < kMaxRowsPerWarp; ++k) {
+    if (k < nrows) {  // warp-uniform
+      float v = acc[k];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (lane == 0) {
+        const int64_t r = first + k;
+        if (bias != nullptr) v += load_as_float(bias, r, dtype);
+        store_from_float(y, r, v, dtype);
+      }
     }
-    __syncwarp();  // the next row overwrites this warp's codebook
   }
 }
 
@@ -445,30 +507,26 @@ cudaError_t dequantize_as(const LowBitWeight& w, int64_t row_begin, int64_t row_
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t gemv_as(const LowBitWeight& w, const void* x, const void* bias, void* y, cudaStream_t s) {
+cudaError_t gemv(const LowBitWeight& w, const void* x, const void* bias, void* y, Dtype dtype, cudaStream_t s) {
+  if (w.group_size % 32 != 0) return cudaErrorInvalidValue;  // one scale per 32-element chunk (see gemv_kernel)
   const int64_t slice = ceil_div(ceil_div(w.in_features, 32), 32) * 32;
   const size_t smem = size_t(32) * size_t(slice + 1) * sizeof(float);
   if (smem > 48 * 1024) {
     int device = 0, limit = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (smem + sizeof(float) * kGemvWarps * 16 > size_t(limit)) return cudaErrorInvalidValue;
+    if (smem + sizeof(float) * kGemvWarps * kMaxRowsPerWarp * 16 > size_t(limit)) return cudaErrorInvalidValue;
     const cudaError_t err =
-        cudaFuncSetAttribute(gemv_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        cudaFuncSetAttribute(gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const int scale_mode = w.group_size == 0 ? 0 : (w.group_size % 32 == 0 ? 1 : 2);
-  // Enough blocks for ~4 waves of the device, at least one row per warp: x is staged once per block, so fewer,
-  // fuller blocks read it less often, but too few leave SMs idle on small layers.
-  const int64_t target_blocks = int64_t(device_sm_count()) * 4;
-  int64_t rows_per_block = ceil_div(w.out_features, target_blocks);
-  rows_per_block = ceil_div(rows_per_block, kGemvWarps) * kGemvWarps;
-  if (rows_per_block < kGemvWarps) rows_per_block = kGemvWarps;
-  const int64_t blocks = ceil_div(w.out_features, rows_per_block);
-  gemv_kernel<T><<<static_cast<unsigned>(blocks), kGemvWarps * 32, smem, s>>>(
-      w, static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(y), static_cast<int>(slice),
-      static_cast<int>(rows_per_block), scale_mode);
+  // About two waves of blocks: more rows per warp reuse each register chunk of x for more rows, but a layer with
+  // few rows (4096) needs them spread to fill every SM.
+  const int64_t per_warp = ceil_div(w.out_features, int64_t(kGemvWarps) * 2 * device_sm_count());
+  const int rows_per_warp = static_cast<int>(per_warp < 1 ? 1 : (per_warp > kMaxRowsPerWarp ? kMaxRowsPerWarp : per_warp));
+  const int64_t blocks = ceil_div(w.out_features, int64_t(kGemvWarps) * rows_per_warp);
+  gemv_kernel<<<static_cast<unsigned>(blocks), kGemvWarps * 32, smem, s>>>(w, x, bias, y, dtype,
+                                                                          static_cast<int>(slice), rows_per_warp);
   return cudaGetLastError();
 }
 
@@ -489,15 +547,7 @@ cudaError_t launch_dequantize(const LowBitWeight& w, int64_t row_begin, int64_t 
 
 cudaError_t launch_lowbit_gemv(const LowBitWeight& w, const void* x, const void* bias, void* y, Dtype dtype,
                                cudaStream_t stream) {
-  switch (dtype) {
-    case Dtype::kFloat32:
-      return gemv_as<float>(w, x, bias, y, stream);
-    case Dtype::kFloat16:
-      return gemv_as<__half>(w, x, bias, y, stream);
-    case Dtype::kBFloat16:
-      return gemv_as<__nv_bfloat16>(w, x, bias, y, stream);
-  }
-  return cudaErrorInvalidValue;
+  return gemv(w, x, bias, y, dtype, stream);
 }
 
 cudaError_t launch_lowbit_gemm(const LowBitWeight& w, const void* x, int64_t m, const void* bias, void* y, Dtype dtype,

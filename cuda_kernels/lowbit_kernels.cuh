@@ -33,7 +33,8 @@ cudaError_t launch_dequantize(const LowBitWeight& w, int64_t row_begin, int64_t 
                               cudaStream_t stream);
 
 // y[N] = W x[K] (+ bias), one input vector (batch-1 generation). Activations, bias and y share `dtype`.
-// Returns cudaErrorInvalidValue when in_features needs more shared memory than the device allows (caller falls back).
+// Returns cudaErrorInvalidValue (nothing launched; the caller falls back to a GEMM path) when in_features needs more
+// shared memory than the device allows or group_size is not 0 or a multiple of 32.
 cudaError_t launch_lowbit_gemv(const LowBitWeight& w, const void* x, const void* bias, void* y, Dtype dtype,
                                cudaStream_t stream);
 

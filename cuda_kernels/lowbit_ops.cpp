@@ -8,7 +8,10 @@
 //             mm): the whole weight never exists at once, but a chunk does in global memory.
 #include <torch/library.h>
 
-#include <ATen/ATen.h>
+// Per-op ATen headers instead of <ATen/ATen.h>: the same API, a third of the parse time (the CI syntax check).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -48,7 +48,10 @@ def test_cu_compiles_for_sm80_and_sm90(source: Path, tmp_path: Path) -> None:
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME unset and no nvcc on PATH)")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmd = [nvcc, "-c", str(source), "-o", str(tmp_path / "k.o"), "-std=c++17", "-O3", *gencode,
+    # The macros are the ones torch.utils.cpp_extension passes to nvcc: the kernels must build under them.
+    torch_macros = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    cmd = [nvcc, "-c", str(source), "-o", str(tmp_path / "k.o"), "-std=c++17", "-O3", *gencode, *torch_macros,
            "-Xcompiler", "-fPIC", "-Werror", "all-warnings", f"-I{source.parent}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"nvcc failed on {source.name}:\n{done.stderr[-4000:]}"
