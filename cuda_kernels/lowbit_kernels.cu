@@ -64,8 +64,8 @@ __device__ __forceinline__ void decode8(const LowBitWeight& w, int64_t r, int wi
 }
 
 // ------------------------------------------------------------------------------------------------ dequantize
-// One block per row, 8 outputs per thread (one 16- or 32-byte store). The row's codebook is staged in shared memory:
-// every thread of the row looks codes up in it.
+// One block per row (a slice of 1024 columns per blockIdx.y), 8 outputs per thread (one 16- or 32-byte store).
+// Codebook and scale reads hit L1 (a row's codebook is at most 32 bytes); the kernel is bound by its output writes.
 constexpr int kDequantThreads = 128;
 
 template <typename OutT>
