@@ -27,12 +27,45 @@ pass a local Hugging Face causal-LM folder to use another model.
 """
 
 
-def _add_base(p: argparse.ArgumentParser) -> None:
+def _add_base(p: argparse.ArgumentParser, quantized: bool = True) -> None:
     p.add_argument(
         "--base",
         default=None,
         help="base model: a local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)",
     )
+    if quantized:
+        p.add_argument(
+            "--quantized-base",
+            default=None,
+            metavar="FILE",
+            help="a low-bit base written by `lowra quantize-base` from this --base: its linears (packed) and dense "
+            "tensors replace the base's, and adapters bind to it (use the same file in train, compress, merge, "
+            "generate)",
+        )
+
+
+def _load_base(args: argparse.Namespace):
+    """The torch base of --base, turned into the --quantized-base file's low-bit base when one is given."""
+    from .base_model import load_base
+
+    base = load_base(args.base)
+    if getattr(args, "quantized_base", None):
+        from .lowbit import load_quantized_base
+
+        load_quantized_base(base.model, args.quantized_base)
+    return base
+
+
+def _runtime_base(args: argparse.Namespace) -> Path:
+    """What the device runtime loads: the --quantized-base file, else the --base folder."""
+    from .base_model import resolve_base
+
+    if getattr(args, "quantized_base", None):
+        path = Path(args.quantized_base)
+        if not path.is_file():
+            raise FileNotFoundError(f"--quantized-base {path} does not exist; write it with `lowra quantize-base`")
+        return path
+    return resolve_base(args.base)
 
 
 def _add_lora_train(p: argparse.ArgumentParser) -> None:
@@ -146,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None,
                    help="inputs per absmax scale group; 0 = none, one codebook per row (default: the measured best)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
-    _add_base(p)
+    _add_base(p, quantized=False)
 
     from .demo import DemoConfig
 
@@ -166,7 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(str(b) for b in dc.sweep),
         help="extra budgets (effective bits) evaluated for the plot (default %(default)s; '' to skip)",
     )
-    _add_base(p)
+    p.add_argument(
+        "--base-bits",
+        type=float,
+        default=dc.base_bits,
+        help=f"quantize the base to this many effective bits per parameter before training (LowRA; cached in "
+        f"~/.cache/lowra/quantized after the first run, ~1 min); 0 = train on the full-precision base "
+        f"(default {dc.base_bits})",
+    )
+    _add_base(p, quantized=False)
     _add_compress(p, bits_default=dc.bits)
     return parser
 
@@ -185,7 +226,6 @@ def _compress_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .base_model import load_base
     from .data import load_user_dataset
     from .train import TrainConfig, evaluate_loss, save_adapter, train_adapter
 
@@ -197,13 +237,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, max_len=args.max_len, seed=args.seed
     )
-    base = load_base(args.base)
+    base = _load_base(args)
     base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, config.max_len)
     result = train_adapter(base.model, base.tokenizer, dataset, lora, config)
     loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, config.max_len)
     save_adapter(
         base.model, result.adapter_name, out, lora, input_stats=result.input_stats,
-        base_name_or_path=str(base.path), overwrite=args.force,
+        base_name_or_path=str(args.quantized_base or base.path), overwrite=args.force,
     )
     print(f"trained {dataset.user_id}: {config.steps} steps in {result.seconds:.0f} s")
     print(f"held-out loss: base {base_loss:.4f} -> adapter {loss:.4f}")
@@ -212,7 +252,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .base_model import resolve_base
     from .train import load_adapter
     from .workflow import base_dir_fingerprint, compress_factors
 
@@ -221,7 +260,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     adapter = load_adapter(args.adapter)
     config = _compress_config(args)
-    base_dir = resolve_base(args.base)
+    base_dir = _runtime_base(args)
     adapter_id = args.id or Path(args.adapter).resolve().name
     card: dict[str, object] = {"task": "", "adapter_folder": str(args.adapter)}
     compressed = compress_factors(
@@ -230,14 +269,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         input_stats=adapter.input_stats, card=card, progress=True,
     )
     if args.user:
-        from .base_model import load_base
         from .data import load_user_dataset
         from .lora import set_active_adapters, set_adapter_factors
         from .train import evaluate_loss
         from .workflow import apply_blob
 
         dataset = load_user_dataset(args.user)
-        base = load_base(args.base)
+        base = _load_base(args)
         losses = {"base": evaluate_loss(base.model, base.tokenizer, dataset.heldout)}
         set_adapter_factors(base.model, "fp", adapter.factors, adapter.lora.scaling)
         set_active_adapters(base.model, "fp")
@@ -317,7 +355,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     base_dir = resolve_base(args.base)
-    runtime = DeviceRuntime(base_dir)
+    runtime = DeviceRuntime(_runtime_base(args))
     info = runtime.load_user(args.blob)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -342,11 +380,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .workflow import generate_reply, load_weights_into
 
     base = load_base(args.base)
-    if args.blob:
-        runtime = DeviceRuntime(base.path)
-        info = runtime.load_user(args.blob)
-        load_weights_into(base.model, {f"{m}.weight": runtime.weight(f"{m}.weight") for m in info.modules})
-        print(f"[merged {info.adapter_id} on the device runtime in {info.load_ms:.0f} ms]", file=sys.stderr)
+    if args.blob or args.quantized_base:
+        # The reply comes from the weights the device runtime decodes (and merges), copied into a plain fp model.
+        runtime = DeviceRuntime(_runtime_base(args))
+        names = set(runtime.base.tensors) if args.quantized_base else set()
+        if args.blob:
+            info = runtime.load_user(args.blob)
+            names |= {f"{m}.weight" for m in info.modules}
+            print(f"[merged {info.adapter_id} on the device runtime in {info.load_ms:.0f} ms]", file=sys.stderr)
+        params = dict(base.model.named_parameters())
+        load_weights_into(base.model, {n: runtime.weight(n) for n in sorted(names) if n in params})
     print(generate_reply(base.model, base.tokenizer, args.prompt, args.max_new_tokens))
     return 0
 
@@ -380,8 +423,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     sweep = tuple(float(b) for b in args.sweep.split(",") if b.strip()) if args.sweep else ()
     users = tuple(u.strip() for u in args.users.split(",")) if args.users else DemoConfig().users
+    if args.base_bits < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--base-bits must be >= 0 (0 = full-precision base), got {args.base_bits}")
     run_demo(DemoConfig(out=args.out, users=users, steps=args.steps, bits=args.bits, sweep=sweep, base=args.base,
-                        weighted=not args.unweighted))
+                        base_bits=args.base_bits or None, weighted=not args.unweighted))
     return 0
 
 

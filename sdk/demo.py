@@ -17,14 +17,17 @@ import torch
 
 from ..device_runtime import DeviceRuntime
 from ..device_runtime.safetensors_io import atomic_write_bytes
-from .base_model import load_base
+from .base_model import linear_module_names, load_base
 from .compress import CompressConfig
 from .data import load_user_dataset
 from .lora import LoraConfig, delete_adapter, get_adapter_factors, lora_layers, set_active_adapters
+from .lowbit import load_quantized_base, lowbit_layers
+from .quantize_base import QuantizeConfig, cached_quantized_base
 from .train import TrainConfig, evaluate_loss, save_adapter, train_adapter
 from .workflow import (
     apply_blob,
     compress_factors,
+    frozen_weight,
     generate_reply,
     load_weights_into,
     model_fingerprint,
@@ -42,6 +45,9 @@ class DemoConfig:
     bits: float = 1.0
     sweep: tuple[float, ...] = (0.5, 2.0)
     base: str | None = None
+    # The base users train on: quantized to this many effective bits (LowRA, cached after the first run);
+    # None trains on the full-precision base.
+    base_bits: float | None = 1.5
     weighted: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_new_tokens: int = 48
@@ -59,7 +65,11 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
     print(f"lowra demo: loading base {config.base or 'SmolLM2-135M-Instruct (embedded)'}")
     base = load_base(config.base)
     gen = load_base(config.base)  # a second, plain copy that receives the device-merged weights
-    runtime = DeviceRuntime(base.path)
+    base_info = _prepare_base(base, config.base_bits)
+    runtime = DeviceRuntime(base_info["runtime_base"])
+    # gen computes with exactly what the device runtime decodes: the low-bit base's weights, then each user's merge
+    params = dict(gen.model.named_parameters())
+    load_weights_into(gen.model, {n: runtime.weight(n) for n in runtime.base.tensors if n in params})
     train_config = TrainConfig(steps=config.steps)
     rows: list[dict[str, object]] = []
     touched_ever: set[str] = set()
@@ -76,9 +86,9 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
         if fingerprint is None:
             fingerprint = model_fingerprint(base.model, list(factors))
         save_adapter(base.model, uid, udir / "adapter", config.lora, input_stats=result.input_stats,
-                     base_name_or_path=str(base.path), overwrite=True)
+                     base_name_or_path=str(base_info["runtime_base"]), overwrite=True)
         save_adapter(base.model, uid, udir / "peft_fp16", config.lora, dtype=torch.float16,
-                     base_name_or_path=str(base.path), overwrite=True)
+                     base_name_or_path=str(base_info["runtime_base"]), overwrite=True)
         peft_bytes = (udir / "peft_fp16" / "adapter_model.safetensors").stat().st_size
 
         card = {
@@ -113,7 +123,7 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
         info = runtime.load_user(blob_path)
         layers = lora_layers(base.model)
         max_diff = max(
-            float(np.abs(runtime.weight(f"{m}.weight") - sdk_merged_weight(layers[m].base.weight, compressed.blob, m).numpy()).max())
+            float(np.abs(runtime.weight(f"{m}.weight") - sdk_merged_weight(frozen_weight(layers[m].base), compressed.blob, m).numpy()).max())
             for m in info.modules
         )
         touched_ever |= {f"{m}.weight" for m in info.modules}
@@ -154,14 +164,42 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
               f"merged in {info.load_ms:.0f} ms")
         print(f"   prompt: {prompt}\n   base:   {base_reply}\n   user:   {reply}")
 
-    report = {"config": _jsonable(asdict(config)), "users": rows, "seconds": time.perf_counter() - t_start}
+    base_info["runtime_base"] = str(base_info["runtime_base"])
+    report = {"config": _jsonable(asdict(config)), "base": base_info, "users": rows,
+              "seconds": time.perf_counter() - t_start}
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode(), overwrite=True)
     table = format_table(rows)
     print("\n" + table)
     _plot(rows, out / "retained_gain.png")
-    atomic_write_bytes(out / "report.md", _markdown(rows, table, report["seconds"]).encode(), overwrite=True)
+    atomic_write_bytes(out / "report.md", _markdown(rows, table, report["seconds"], base_info).encode(), overwrite=True)
     print(f"\nreport: {out / 'report.md'}  plot: {out / 'retained_gain.png'}  ({report['seconds']:.0f} s)")
     return report
+
+
+def _prepare_base(base, bits: float | None) -> dict[str, object]:
+    """Quantize the base in place to ``bits`` effective bits (cached file) and say what it costs."""
+    linears = linear_module_names(base.model)
+    fp32_bytes = sum(base.model.get_submodule(p).weight.nbytes for p in linears)
+    info: dict[str, object] = {"bits": bits, "runtime_base": base.path, "source": str(base.path),
+                               "linear_fp32_bytes": fp32_bytes,
+                               "n_linears": len(linears)}
+    if bits is None:
+        print(f"   base: full precision, linears {fp32_bytes / 2**20:.1f} MiB (float32)")
+        return info
+    t0 = time.perf_counter()
+    path = cached_quantized_base(base.model, base.path, QuantizeConfig(bits=bits))
+    qb = load_quantized_base(base.model, path)
+    report = qb.bits_report()
+    packed = sum(m.nbytes() for m in lowbit_layers(base.model).values())
+    info.update(runtime_base=path, file_bytes=report["file_bytes"], effective_bits=report["effective_bits"],
+                code_bits=report["code_bits"], width_histogram=report["width_histogram"],
+                dense_bytes=report["bytes"]["dense"], linear_packed_bytes=packed,
+                mse_over_var=qb.report.get("total", {}).get("mse_over_var"), seconds=time.perf_counter() - t0)
+    print(f"   base: quantized to {report['effective_bits']:.3f} effective bits/param ({path}, "
+          f"{report['file_bytes']:,} bytes incl. {report['bytes']['dense']:,} of float16 embeddings/norms); "
+          f"linears {packed / 2**20:.1f} MiB packed vs {fp32_bytes / 2**20:.1f} MiB float32 "
+          f"({fp32_bytes / packed:.1f}x smaller), {info['seconds']:.0f} s")
+    return info
 
 
 def _jsonable(value):
@@ -208,8 +246,16 @@ def _plot(rows: list[dict[str, object]], path: Path) -> None:
     plt.close(fig)
 
 
-def _markdown(rows: list[dict[str, object]], table: str, seconds: float) -> str:
-    parts = ["# lowra demo report", "", table, "",
+def _markdown(rows: list[dict[str, object]], table: str, seconds: float, base: dict[str, object]) -> str:
+    if base.get("bits") is None:
+        base_line = "base: full precision (float32)"
+    else:
+        base_line = (f"base: quantized with lowra to {base['effective_bits']:.3f} effective bits/param, "
+                     f"{base['file_bytes']:,} bytes on disk ({base['dense_bytes']:,} of them float16 embeddings and "
+                     f"norms); linears {base['linear_packed_bytes']:,} bytes packed in RAM vs "
+                     f"{base['linear_fp32_bytes']:,} float32; widths {base['width_histogram']}; "
+                     f"MSE/var {base['mse_over_var']}")
+    parts = ["# lowra demo report", "", base_line, "", table, "",
              "gain kept = (base loss - compressed loss) / (base loss - fp32 adapter loss), held-out split.",
              "effective bits count every byte of the blob file; code bits count only the indices.",
              "merge ms = read + verify (checksum, base fingerprint) + decode + merge on the device runtime.", "",

@@ -8,18 +8,20 @@ and nothing trainable, which is all ``LoraLinear`` needs from a base.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..device_runtime.quantized_base import QuantizedBase, read_quantized_base
 from ..device_runtime.quantized_weight import ROW_WIDTHS, QuantizedWeight
 from . import ops as _ops  # noqa: F401  (registers torch.ops.lowra.*)
 from .errors import ConfigError
 from .lora import LoraLinear
 
-__all__ = ["LowBitLinear", "lowbit_layers", "replace_linears"]
+__all__ = ["LowBitLinear", "load_quantized_base", "lowbit_layers", "replace_linears"]
 
 # Floating buffers whose float16 values *are* the format: a model-wide ``.to(dtype)`` must not round them.
 _FORMAT_FLOAT_BUFFERS = ("codebooks", "scales")
@@ -246,3 +248,49 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) 
     for parent, attr, layer in plan:
         setattr(parent, attr, layer)
     return model
+
+
+@torch.no_grad()
+def load_quantized_base(model: nn.Module, quantized: str | Path | QuantizedBase) -> QuantizedBase:
+    """Turn ``model`` (the same architecture, e.g. ``load_base(...).model``) into the base stored in a quantized
+    base file (``lowra quantize-base``), in place, and return the file's contents.
+
+    Every quantized layer becomes a :class:`LowBitLinear` and every dense tensor (embeddings, norms, head) takes
+    the file's float16 value, so the torch model computes with exactly the weights the device runtime decodes from
+    the same file and adapters trained on it carry the file's fingerprint. Everything is checked against the
+    model before anything changes: a file for another architecture leaves the model untouched.
+    """
+    qb = quantized if isinstance(quantized, QuantizedBase) else read_quantized_base(Path(quantized))
+    where = "the quantized base" if isinstance(quantized, QuantizedBase) else str(quantized)
+    state = model.state_dict()
+    modules = dict(model.named_modules())
+    for name, qw in qb.layers.items():
+        layer = modules.get(name)
+        base = layer.base if isinstance(layer, LoraLinear) else layer
+        if not isinstance(base, (nn.Linear, LowBitLinear)) or (base.out_features, base.in_features) != (
+            qw.out_features, qw.in_features
+        ):
+            found = "nothing" if base is None else f"{type(base).__name__}"
+            if isinstance(base, (nn.Linear, LowBitLinear)):
+                found += f" [{base.out_features}, {base.in_features}]"
+            raise ConfigError(
+                f"{where} holds layer {name!r} [{qw.out_features}, {qw.in_features}] but the model has {found} there; "
+                "load the quantized base into the model it was quantized from (same --base)"
+            )
+    dense = dict(qb.dense)
+    dense.update({alias: qb.dense[target] for alias, target in qb.aliases.items()})
+    for name, arr in dense.items():
+        key = name if name in state else name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        if key not in state:
+            raise ConfigError(f"{where} holds dense tensor {name!r}, which this model does not have")
+        if tuple(state[key].shape) != tuple(np.shape(arr)):
+            raise ConfigError(
+                f"{where}: dense tensor {name!r} is {list(np.shape(arr))}, the model's is {list(state[key].shape)}"
+            )
+    replace_linears(model, qb.layers)
+    state = model.state_dict(keep_vars=True)
+    for name, arr in dense.items():
+        key = name if name in state else name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        target = state[key]
+        target.data.copy_(torch.from_numpy(np.array(arr)).to(target.dtype))
+    return qb

@@ -28,9 +28,11 @@ Method (LowRA, arXiv 2502.08141, sections 4.1-4.2; numbers measured in bench/ben
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -44,6 +46,7 @@ from ..device_runtime.quantized_base import (
     QuantizedBase,
     header_bytes_bound,
     quantized_fingerprint,
+    read_quantized_base,
     serialized_size,
 )
 from ..device_runtime.quantized_weight import ROW_WIDTHS, QuantizedWeight
@@ -788,6 +791,35 @@ def _plan_model(
     return plan
 
 
+def cached_quantized_base(
+    model: nn.Module, base_path: str | Path, config: QuantizeConfig, progress: bool = True
+) -> Path:
+    """The quantized base of ``model`` (loaded from ``base_path``) under ``config``, written once to the lowra cache.
+
+    The cache key covers the base folder, its weight files' sizes and times, the config and the method, so a changed
+    base or quantizer writes a new file. A cached file is verified (checksum) before use; a damaged one is redone.
+    """
+    from ..device_runtime.errors import LowraError
+    from .base_model import cache_dir
+
+    base_path = Path(base_path).resolve()
+    stamp = [str(base_path), repr(config), METHOD]
+    for f in sorted(base_path.glob("*.safetensors")) if base_path.is_dir() else []:
+        st = f.stat()
+        stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    key = hashlib.sha256("|".join(stamp).encode()).hexdigest()[:12]
+    path = cache_dir() / "quantized" / f"{base_path.name}-{config.bits:g}bit-{key}.safetensors"
+    if path.is_file():
+        try:
+            read_quantized_base(path)
+            return path
+        except LowraError:
+            pass  # damaged (e.g. a disk error): quantize again and replace it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_model(model, config, progress=progress, source=str(base_path)).write(path, overwrite=True)
+    return path
+
+
 def quantize_model(
     model: nn.Module,
     config: QuantizeConfig,
@@ -817,6 +849,7 @@ __all__ = [
     "QuantizePlan",
     "nf_quantize",
     "normal_float_levels",
+    "cached_quantized_base",
     "plan_model",
     "quantize_model",
     "quantize_weight",

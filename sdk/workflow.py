@@ -3,6 +3,7 @@ adapter into a blob, put a blob (or device-merged weights) back into a torch mod
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +18,16 @@ from .errors import ConfigError
 from .lora import LoraConfig, lora_layers, set_active_adapters, set_adapter_factors
 
 
+def frozen_weight(layer: nn.Module, name: str = "") -> torch.Tensor:
+    """The float32 weight a frozen base layer computes with: ``weight`` of an ``nn.Linear``, the decode of a
+    low-bit layer (it stores no fp weight; its identity is what it decodes to, the same float32 the device runtime
+    decodes bit for bit)."""
+    weight = layer.dequantize() if hasattr(layer, "dequantize") else getattr(layer, "weight", None)
+    if weight is None:
+        raise ConfigError(f"module {name or type(layer).__name__!r} has neither a weight nor a dequantize()")
+    return weight.detach().to(torch.float32)
+
+
 def model_fingerprint(model: nn.Module, module_names: list[str]) -> str:
     """Base fingerprint (see docs/FORMAT.md) of the frozen weights under ``module_names`` of a torch model."""
     layers = lora_layers(model)
@@ -26,12 +37,7 @@ def model_fingerprint(model: nn.Module, module_names: list[str]) -> str:
         layer = layers[name].base if name in layers else modules.get(name)
         if layer is None:
             raise ConfigError(f"module {name!r} not found in the model")
-        # A low-bit layer has no stored fp weight: its identity is what it decodes to (the same float32 the
-        # device runtime decodes, bit for bit).
-        weight = layer.dequantize() if hasattr(layer, "dequantize") else getattr(layer, "weight", None)
-        if weight is None:
-            raise ConfigError(f"module {name!r} has neither a weight nor a dequantize()")
-        weight = weight.detach().to("cpu", torch.float32).contiguous().numpy()
+        weight = frozen_weight(layer, name).to("cpu").contiguous().numpy()
         digests[name] = fmt.tensor_digest(weight)
         shapes[name] = tuple(weight.shape)
     return fmt.base_fingerprint(digests, shapes)
@@ -95,7 +101,10 @@ def load_weights_into(model: nn.Module, weights: Mapping[str, np.ndarray]) -> No
             raise ConfigError(f"weight {name!r} does not exist in the model")
         if tuple(params[name].shape) != tuple(array.shape):
             raise ConfigError(f"weight {name!r}: model has {tuple(params[name].shape)}, got {tuple(array.shape)}")
-        params[name].copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+        with warnings.catch_warnings():
+            # the runtime's arrays are read-only on purpose; copy_ only reads them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
 
 
 @torch.no_grad()

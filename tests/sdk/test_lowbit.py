@@ -242,3 +242,47 @@ def test_smollm2_linears_packed_below_a_tenth_of_fp32() -> None:
     packed = sum(layer.nbytes() for layer in lowbit_layers(model).values())
     assert len(paths) == 210 and fp32 == 106_168_320 * 4
     assert packed < fp32 / 10, (packed, fp32)
+
+
+def _tiny_base_file(model: nn.Module, folder) -> "Path":
+    """The tiny model quantized to a file, at a budget between its all-1-bit and all-4-bit extremes (its header
+    dominates: a few thousand weights)."""
+    from lowra.sdk.quantize_base import QuantizeConfig, plan_model
+
+    plan = plan_model(model, QuantizeConfig(bits=2.0, group_size=16), progress=False)
+    low, high = plan.budget_range()
+    return plan.quantize(low + 0.4 * (high - low), progress=False).write(folder / "q.safetensors")
+
+
+def test_load_quantized_base_matches_the_device_decode(tmp_path, tiny_model_factory) -> None:
+    """A torch model loaded from a quantized base file computes with exactly what the device runtime decodes."""
+    from lowra.device_runtime.runtime import BaseWeights
+    from lowra.sdk.lowbit import load_quantized_base
+    from lowra.sdk.workflow import model_fingerprint
+
+    source = tiny_model_factory()
+    path = _tiny_base_file(source, tmp_path)
+    model = tiny_model_factory(seed=1)  # other weights: everything must come from the file
+    qb = load_quantized_base(model, path)
+    names = linear_module_names(source)
+    assert set(lowbit_layers(model)) == set(names)
+    decoded = BaseWeights(path).tensors
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if k in decoded}
+    for name, layer in lowbit_layers(model).items():
+        np.testing.assert_array_equal(layer.dequantize().numpy(), decoded[f"{name}.weight"])
+    np.testing.assert_array_equal(state["model.embed_tokens.weight"], decoded["model.embed_tokens.weight"])
+    assert model_fingerprint(model, names) == BaseWeights(path).fingerprint(names)
+    assert qb.fingerprint and qb.layers.keys() == set(names)
+
+
+def test_load_quantized_base_refuses_another_architecture(tmp_path, tiny_model_factory) -> None:
+    from lowra.sdk.lowbit import load_quantized_base
+
+    path = _tiny_base_file(tiny_model_factory(), tmp_path)
+    other = tiny_model_factory()
+    other.model.layers[1].mlp.up_proj = nn.Linear(32, 48, bias=False)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ConfigError, match=r"up_proj.*\[64, 32\].*\[48, 32\]"):
+        load_quantized_base(other, path)
+    assert not lowbit_layers(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

@@ -172,3 +172,36 @@ def test_adapter_on_a_quantized_base_binds_to_its_decoded_weights(tmp_path):
         np.testing.assert_allclose(runtime.weight(f"{n}.weight"), sdk, rtol=0, atol=1e-6)
     with pytest.raises(BaseMismatchError):
         DeviceRuntime(fp_dir).load_user(c.blob_bytes)
+
+
+def test_cli_train_compress_generate_on_a_quantized_base(tmp_path, capsys, tiny_tokenizer, tiny_user_dir):
+    """`--quantized-base` end to end: the adapter trains on the low-bit base, binds to the file, and the fp base
+    refuses it."""
+    from lowra.device_runtime import read_blob
+    from lowra.device_runtime.runtime import BaseWeights
+
+    base_dir = tmp_path / "tiny-base"
+    build_tiny_model().save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    qfile = tmp_path / "base-q.safetensors"
+    assert main(["quantize-base", "--base", str(base_dir), "--bits", "8", "--group-size", "16", "--out", str(qfile)]) == 0
+    common = ["--base", str(base_dir), "--quantized-base", str(qfile)]
+    assert main(["train", "--user", str(tiny_user_dir), "--out", str(tmp_path / "adapter"), "--steps", "2",
+                 "--rank", "4", *common]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(qfile)
+    blob = tmp_path / "u.lowra"
+    assert main(["compress", "--adapter", str(tmp_path / "adapter"), "--bits", "8", "--out", str(blob), *common]) == 0
+    parsed = read_blob(blob)
+    modules = [m.name for m in parsed.modules]
+    assert parsed.base_fingerprint == BaseWeights(qfile).fingerprint(modules)
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "Tell me about cheese.", "--blob", str(blob), "--max-new-tokens", "4",
+                 *common]) == 0
+    assert "merged adapter" in capsys.readouterr().err
+    # the full-precision base is another base for this adapter
+    assert main(["generate", "--prompt", "hi", "--blob", str(blob), "--base", str(base_dir)]) == 2
+    assert "trained against base" in capsys.readouterr().err
+    assert main(["train", "--user", str(tiny_user_dir), "--out", str(tmp_path / "a2"), *common[:2],
+                 "--quantized-base", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
