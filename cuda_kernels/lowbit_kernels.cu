@@ -273,21 +273,26 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 }
 
 // ------------------------------------------------------------------------------------------------ fused GEMMs
-// 64x64 output tile per block of 4 warps (each 32x32 = 2x2 WMMA 16x16x16 fragments, float32 accumulate). The weight
-// tile is decoded from the packed codes straight into shared memory in the activation dtype: deq(W) never exists in
-// global memory. Single-buffered; a cp.async pipeline is the next step if the device check says the decode hides.
-constexpr int kTile = 64;
+// Block tile 128 (activation rows) x 64 (weight rows or input features), 8 warps in a 4 x 2 grid, each warp 32x32 =
+// 2x2 WMMA 16x16x16 fragments with float32 accumulators. The weight tile is decoded from the packed codes straight
+// into shared memory in the activation dtype: deq(W) never exists in global memory. Every block decodes its weight
+// tile once per M tile, so the tall M tile halves the decode work per multiply-add compared with 64x64 (by count,
+// decoding is as costly as the tensor-core work at 64 rows). Single-buffered; a cp.async pipeline is the next step
+// once the device check shows where the time goes.
+constexpr int kBlockM = 128;
+constexpr int kBlockN = 64;
 constexpr int kStep = 32;
 constexpr int kPad = 8;  // keeps WMMA row strides a multiple of 16 bytes and spreads banks
-constexpr int kGemmThreads = 128;
+constexpr int kGemmThreads = 256;
+constexpr int kEpiloguePad = 4;
 
-// Rows [row0, row0 + 64) x cols [col0, col0 + 32) of a row-major [rows, cols] activation matrix into dst[64][40];
+// Rows [row0, row0 + 128) x cols [col0, col0 + 32) of a row-major [rows, cols] activation matrix into dst[128][40];
 // zero outside the matrix.
 template <typename T>
 __device__ __forceinline__ void load_activation_tile(const T* __restrict__ src, int64_t rows, int64_t cols,
                                                      int64_t row0, int64_t col0, T (*dst)[kStep + kPad],
                                                      bool vector_ok) {
-  for (int v = threadIdx.x; v < kTile * (kStep / 8); v += kGemmThreads) {
+  for (int v = threadIdx.x; v < kBlockM * (kStep / 8); v += kGemmThreads) {
     const int rr = v / (kStep / 8);
     const int cc = (v % (kStep / 8)) * 8;
     const int64_t gr = row0 + rr;
@@ -311,17 +316,45 @@ __device__ __forceinline__ void store8(T* dst, const float v[8]) {
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
 }
 
+// Writes a warp's 32x32 accumulator block at (row0, col0) of out[rows, cols] (+ bias[col] when given) through a
+// per-warp 16x16 float staging tile: no block-wide shared buffer (it would not fit next to the operand tiles).
+template <typename T>
+__device__ __forceinline__ void store_warp_tile(
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[2][2],
+    float (*stage)[16 + kEpiloguePad], T* __restrict__ out, int64_t rows, int64_t cols, int64_t row0, int64_t col0,
+    const T* __restrict__ bias) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      nvcuda::wmma::store_matrix_sync(&stage[0][0], acc[i][j], 16 + kEpiloguePad, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int rr = e >> 4, cc = e & 15;
+        const int64_t r = row0 + 16 * i + rr, c = col0 + 16 * j + cc;
+        if (r < rows && c < cols) {
+          float value = stage[rr][cc];
+          if (bias != nullptr) value += to_float(bias[c]);
+          out[r * cols + c] = from_float<T>(value);
+        }
+      }
+      __syncwarp();  // the next fragment overwrites the staging tile
+    }
+  }
+}
+
 // y[M, N] = x[M, K] W^T: block (n tile, m tile); B tile = W[n0 .. n0+64, k .. k+32] stored [n][k] (col-major B).
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads)
     gemm_forward_kernel(LowBitWeight w, const T* __restrict__ x, int64_t M, const T* __restrict__ bias,
                         T* __restrict__ y, bool vector_ok) {
   using namespace nvcuda;
-  __shared__ __align__(128) T a_tile[kTile][kStep + kPad];
-  __shared__ __align__(128) T b_tile[kTile][kStep + kPad];
-  __shared__ __align__(128) float c_tile[kTile][kTile + 4];
+  __shared__ __align__(128) T a_tile[kBlockM][kStep + kPad];
+  __shared__ __align__(128) T b_tile[kBlockN][kStep + kPad];
+  __shared__ __align__(128) float stage[kGemmThreads / 32][16][16 + kEpiloguePad];
   const int64_t N = w.out_features, K = w.in_features;
-  const int64_t n0 = int64_t(blockIdx.x) * kTile, m0 = int64_t(blockIdx.y) * kTile;
+  const int64_t n0 = int64_t(blockIdx.x) * kBlockN, m0 = int64_t(blockIdx.y) * kBlockM;
   const int warp = threadIdx.x >> 5;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
@@ -332,7 +365,7 @@ __global__ void __launch_bounds__(kGemmThreads)
 
   for (int64_t k0 = 0; k0 < K; k0 += kStep) {
     load_activation_tile<T>(x, M, K, m0, k0, a_tile, vector_ok);
-    for (int s = threadIdx.x; s < kTile * (kStep / 8); s += kGemmThreads) {
+    for (int s = threadIdx.x; s < kBlockN * (kStep / 8); s += kGemmThreads) {
       const int rr = s / (kStep / 8);
       const int cc = (s % (kStep / 8)) * 8;
       const int64_t r = n0 + rr;
@@ -356,21 +389,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&c_tile[wm + 16 * i][wn + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
-  __syncthreads();
-  for (int e = threadIdx.x; e < kTile * kTile; e += kGemmThreads) {
-    const int rr = e / kTile, cc = e % kTile;
-    const int64_t m = m0 + rr, n = n0 + cc;
-    if (m < M && n < N) {
-      float value = c_tile[rr][cc];
-      if (bias != nullptr) value += to_float(bias[n]);
-      y[m * N + n] = from_float<T>(value);
-    }
-  }
+  store_warp_tile<T>(acc, stage[warp], y, M, N, m0 + wm, n0 + wn, bias);
 }
 
 // grad_in[M, K] = grad_out[M, N] W: block (k tile, m tile), reduction over n in steps of 32;
@@ -380,11 +399,11 @@ __global__ void __launch_bounds__(kGemmThreads)
     gemm_grad_input_kernel(LowBitWeight w, const T* __restrict__ grad_out, int64_t M, T* __restrict__ grad_in,
                            bool vector_ok) {
   using namespace nvcuda;
-  __shared__ __align__(128) T a_tile[kTile][kStep + kPad];
-  __shared__ __align__(128) T b_tile[kStep][kTile + kPad];
-  __shared__ __align__(128) float c_tile[kTile][kTile + 4];
+  __shared__ __align__(128) T a_tile[kBlockM][kStep + kPad];
+  __shared__ __align__(128) T b_tile[kStep][kBlockN + kPad];
+  __shared__ __align__(128) float stage[kGemmThreads / 32][16][16 + kEpiloguePad];
   const int64_t N = w.out_features, K = w.in_features;
-  const int64_t k0 = int64_t(blockIdx.x) * kTile, m0 = int64_t(blockIdx.y) * kTile;
+  const int64_t k0 = int64_t(blockIdx.x) * kBlockN, m0 = int64_t(blockIdx.y) * kBlockM;
   const int warp = threadIdx.x >> 5;
   const int wm = (warp >> 1) * 32, wk = (warp & 1) * 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
@@ -395,9 +414,9 @@ __global__ void __launch_bounds__(kGemmThreads)
 
   for (int64_t n0 = 0; n0 < N; n0 += kStep) {
     load_activation_tile<T>(grad_out, M, N, m0, n0, a_tile, vector_ok);
-    for (int s = threadIdx.x; s < kStep * (kTile / 8); s += kGemmThreads) {
-      const int rr = s / (kTile / 8);
-      const int cc = (s % (kTile / 8)) * 8;
+    for (int s = threadIdx.x; s < kStep * (kBlockN / 8); s += kGemmThreads) {
+      const int rr = s / (kBlockN / 8);
+      const int cc = (s % (kBlockN / 8)) * 8;
       const int64_t r = n0 + rr;
       float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       if (r < N) decode8(w, r, w.widths[r], k0 + cc, v);
@@ -411,7 +430,7 @@ __global__ void __launch_bounds__(kGemmThreads)
 #pragma unroll
       for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &a_tile[wm + 16 * i][kk], kStep + kPad);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &b_tile[kk][wk + 16 * j], kTile + kPad);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &b_tile[kk][wk + 16 * j], kBlockN + kPad);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -419,17 +438,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&c_tile[wm + 16 * i][wk + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
-  __syncthreads();
-  for (int e = threadIdx.x; e < kTile * kTile; e += kGemmThreads) {
-    const int rr = e / kTile, cc = e % kTile;
-    const int64_t m = m0 + rr, k = k0 + cc;
-    if (m < M && k < K) grad_in[m * K + k] = from_float<T>(c_tile[rr][cc]);
-  }
+  store_warp_tile<T>(acc, stage[warp], grad_in, M, K, m0 + wm, k0 + wk, static_cast<const T*>(nullptr));
 }
 
 // ------------------------------------------------------------------------------------------------ quantize
@@ -553,7 +562,7 @@ cudaError_t launch_lowbit_gemv(const LowBitWeight& w, const void* x, const void*
 cudaError_t launch_lowbit_gemm(const LowBitWeight& w, const void* x, int64_t m, const void* bias, void* y, Dtype dtype,
                                cudaStream_t stream) {
   if (m <= 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(ceil_div(w.out_features, kTile)), static_cast<unsigned>(ceil_div(m, kTile)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(w.out_features, kBlockN)), static_cast<unsigned>(ceil_div(m, kBlockM)));
   const bool vector_ok = w.in_features % 8 == 0 && aligned16(x);
   if (dtype == Dtype::kFloat16) {
     gemm_forward_kernel<__half><<<grid, kGemmThreads, 0, stream>>>(
@@ -571,7 +580,7 @@ cudaError_t launch_lowbit_gemm(const LowBitWeight& w, const void* x, int64_t m, 
 cudaError_t launch_lowbit_gemm_grad_input(const LowBitWeight& w, const void* grad_out, int64_t m, void* grad_in,
                                           Dtype dtype, cudaStream_t stream) {
   if (m <= 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(ceil_div(w.in_features, kTile)), static_cast<unsigned>(ceil_div(m, kTile)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(w.in_features, kBlockN)), static_cast<unsigned>(ceil_div(m, kBlockM)));
   const bool vector_ok = w.out_features % 8 == 0 && aligned16(grad_out);
   if (dtype == Dtype::kFloat16) {
     gemm_grad_input_kernel<__half><<<grid, kGemmThreads, 0, stream>>>(
