@@ -21,7 +21,7 @@ import argparse
 import copy
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -33,19 +33,25 @@ NEW_TOKENS = 32
 PROMPT = "What is the capital of France? Answer in one sentence."
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mib(field: str = "VmRSS") -> float:
+    """Resident (VmRSS) or peak resident (VmHWM) MiB of this process. (ru_maxrss survives exec on Linux, so a
+    worker would report its parent's peak.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ worker
 def worker(spec: dict) -> dict:
     """Runs in its own process: engine creation, optional user, timed decode steps."""
-    from lowra.device_runtime.generation import GenerationConfig
+    from lowra.device_runtime.generation import GenerationConfig, generate
     from lowra.device_runtime.onnx_engine import OnnxEngine
 
     t0 = time.perf_counter()
     engine = OnnxEngine(spec["dir"], threads=spec["threads"], lowbit_decode=spec.get("decode", "load"))
-    out = {"session_s": time.perf_counter() - t0, "rss_after_session_mib": rss_mib()}
+    out = {"session_s": time.perf_counter() - t0, "rss_after_session_mib": rss_mib(),
+           "peak_rss_after_session_mib": rss_mib("VmHWM")}
     if spec.get("user"):
         switches = []
         for path in spec["user"]:  # alternate users: every load is a real switch
@@ -64,13 +70,15 @@ def worker(spec: dict) -> dict:
     t = time.perf_counter()
     engine.prefill(ids)
     out["prefill_s"] = time.perf_counter() - t
-    engine.decode = timed  # type: ignore[method-assign]
-    tokens = engine.generate_ids(ids, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    # no end-of-sequence stop: every variant times the same number of steps
+    tokens = generate(engine.prefill, timed, ids, GenerationConfig(max_new_tokens=NEW_TOKENS), frozenset(),
+                      engine.max_positions)
     out["tokens"] = tokens
     out["decode_steps"] = len(steps)
     out["decode_tok_s"] = len(steps) / sum(steps) if steps else 0.0
     out["decode_ms_median"] = 1e3 * float(np.median(steps)) if steps else 0.0
-    out["peak_rss_mib"] = rss_mib()
+    out["rss_end_mib"] = rss_mib()
+    out["peak_rss_mib"] = rss_mib("VmHWM")
     return out
 
 
@@ -219,21 +227,26 @@ def main() -> None:
     if "nbits" not in skip:
         for bits in (4, 2):
             uniform = {n: uniform_quantize(base.model.get_submodule(n).weight, bits, 64) for n in layers}
-            for kind in ("function", "matmulnbits"):
+            for kind in ("function", "matmulnbits", "matmulnbits_int8"):
                 d = out / f"smollm2-uniform{bits}-{kind}"
-                config = OnnxExportConfig(matmulnbits="affine" if kind == "matmulnbits" else "never")
+                config = OnnxExportConfig(matmulnbits="never" if kind == "function" else "affine",
+                                          matmulnbits_accuracy_level=4 if kind.endswith("int8") else 0)
                 manifest = export_onnx(base.model, uniform, base.tokenizer, d, config, overwrite=True)
                 results[f"sizes_uniform{bits}_{kind}"] = {**size_report(d), **manifest["counts"]}
-                for decode in (("load", "per_run") if kind == "function" else ("load",)):
+                for decode in ("load",):  # per-run decode is measured on the LowRA base above
                     runs[f"uniform{bits}_{kind}_{decode}"] = run_worker({"dir": str(d), "threads": args.threads, "decode": decode})
                     print(bits, kind, decode, runs[f"uniform{bits}_{kind}_{decode}"]["decode_tok_s"], flush=True)
             # the two must agree: exact decode vs (code - zero) * scale
             a = OnnxEngine(out / f"smollm2-uniform{bits}-function", threads=args.threads).logits(ids)
-            b = OnnxEngine(out / f"smollm2-uniform{bits}-matmulnbits", threads=args.threads).logits(ids)
-            results[f"uniform{bits}_matmulnbits_vs_function_max_abs_logit_diff"] = float(np.abs(a - b).max())
+            for kind in ("matmulnbits", "matmulnbits_int8"):
+                b = OnnxEngine(out / f"smollm2-uniform{bits}-{kind}", threads=args.threads).logits(ids)
+                results[f"uniform{bits}_{kind}_vs_function_max_abs_logit_diff"] = float(np.abs(a - b).max())
     for r in runs.values():
         r.pop("tokens", None)
     results["runs"] = runs
+    for d in out.glob("smollm2-*"):  # the comparison models are 0.1-0.5 GB each; keep the LowRA one
+        if d.name != "smollm2-lowbit":
+            shutil.rmtree(d)
     results["load_average_at_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
