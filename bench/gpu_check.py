@@ -14,7 +14,9 @@ Sections (each runs in its own try/except: an error is printed and recorded, the
               chunked matmul + input gradient within TOL of a float64 product.
 3. dequantize 11008x4096 at 1.5 average code bits -> float32; bytes moved per second as a fraction of a measured
               device-to-device copy (target >= 0.70).
-4. gemv       batch 1, 11008x4096 at 1.5 bits vs torch bf16 F.linear (target >= 5x), eager and CUDA-graph replay.
+4. gemv       batch 1, 11008x4096 at 1.5 bits vs torch bf16 F.linear (target >= 5x), eager and CUDA-graph replay,
+              cycling through weight copies larger than L2.
+4b. gemm      the same layer at 512 tokens: forward and input gradient, fused vs chunked vs bf16 (per-layer view).
 5. train      one LoRA step (rank 16, batch 1x512, AdamW) on a 7B-shaped stack (32 blocks of q/k/v/o 4096x4096,
               gate/up 11008x4096, down 4096x11008 + causal SDPA) low-bit (fused and chunked strategies) vs bf16
               (target overhead <= 5%); peak memory of each.
@@ -328,6 +330,38 @@ def section_gemv(device: torch.device, args: argparse.Namespace) -> dict[str, An
     return result
 
 
+def section_gemm(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """One 11008x4096 layer at 512 tokens: forward and input gradient, fused vs chunked vs bf16 cuBLAS (kernel level,
+    the per-layer view of the training-step overhead)."""
+    out, inp, m = (MLP, HIDDEN, 512) if device.type == "cuda" else (256, 512, 16)
+    layer = random_lowbit(out, inp, device, seed=5)
+    dense = torch.randn(out, inp, device=device, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, inp, device=device, dtype=torch.bfloat16)
+    grad = torch.randn(m, out, device=device, dtype=torch.bfloat16)
+    buffers_ = (layer.codes, layer.codebooks, layer.scales, layer.widths, layer.row_code_offsets,
+                layer.row_level_offsets, layer.in_features, layer.group_size)
+    iters = 50 if device.type == "cuda" else 2
+    result: dict[str, Any] = {"shape": [m, out, inp]}
+    with torch.no_grad():
+        result["bf16_forward_s"] = timed(lambda: F.linear(x, dense), device, iters)
+        result["bf16_grad_input_s"] = timed(lambda: grad @ dense, device, iters)
+        for strategy in ("fused", "chunked"):
+            set_matmul_strategy(strategy)
+            result[f"{strategy}_forward_s"] = timed(lambda: torch.ops.lowra.lowbit_linear(x, *buffers_, None), device, iters)
+            result[f"{strategy}_grad_input_s"] = timed(
+                lambda: torch.ops.lowra.lowbit_linear_grad_input(grad, *buffers_), device, iters)
+    set_matmul_strategy("fused")
+    flops = 2 * m * out * inp
+    for key in [k for k in result if k.endswith("_s")]:
+        result[key.replace("_s", "_tflops")] = flops / result[key] / 1e12
+    for direction in ("forward", "grad_input"):
+        ref = result[f"bf16_{direction}_s"]
+        print(f"  {direction:10s} bf16 {ref * 1e6:8.1f} us ({flops / ref / 1e12:6.1f} TFLOP/s) | " + " | ".join(
+            f"{st} {result[f'{st}_{direction}_s'] * 1e6:8.1f} us ({result[f'{st}_{direction}_s'] / ref:5.2f}x bf16)"
+            for st in ("fused", "chunked")))
+    return result
+
+
 class LoraOver(nn.Module):
     """``base(x) + scale * (x A^T) B^T`` with the base frozen (bf16 nn.Linear or LowBitLinear)."""
 
@@ -549,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         ("correctness", lambda: section_correctness(device, args)),
         ("dequantize", lambda: section_dequantize(device, args)),
         ("gemv", lambda: section_gemv(device, args)),
+        ("gemm", lambda: section_gemm(device, args)),
         ("train", lambda: section_train(device, args, clock)),
         ("mapping", lambda: section_mapping(device, args, clock)),
     ]
