@@ -15,9 +15,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <string>
+#include <optional>
+#include <tuple>
+#include <vector>
 
 #include "lowbit_kernels.cuh"
 
