@@ -1,0 +1,237 @@
+// Native ExecuTorch kernels for lowra's low-bit ops: lowra::dequantize.out and lowra::lowbit_linear.out.
+//
+// Schemas (sdk/ops.py is the source of truth):
+//   dequantize.out(Tensor codes, Tensor codebooks, Tensor scales, Tensor widths, Tensor row_code_offsets,
+//                  Tensor row_level_offsets, int in_features, int group_size, *, Tensor(a!) out) -> Tensor(a!)
+//   lowbit_linear.out(Tensor x, <same buffers>, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
+//
+// Layout (device_runtime/quantized_weight.py): row r has widths[r] in {1, 2, 4} bits per element, its codes
+// start at byte row_code_offsets[r] packed LSB-first, its 2**w float16 levels start at row_level_offsets[r];
+// W[r, j] = float(level[code]) * float(scale[r, j / group_size]) (no scale when group_size == 0). The decode is
+// the numpy reference's float32 arithmetic exactly (one float32 multiply per element), so dequantize.out is
+// bit-exact against QuantizedWeight.dequantize().
+//
+// lowbit_linear decodes one weight row at a time into a small buffer and takes its dot product with every
+// input row, so no [out, in] float32 weight ever exists (the point of a low-bit base on a device).
+// Rows are split across threads (LOWRA_ET_THREADS, default: hardware threads, at most 8).
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <thread>
+#include <vector>
+
+namespace lowra_et {
+
+using executorch::aten::Half;
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+struct LowBitWeight {
+  const uint8_t* codes;
+  const Half* codebooks;
+  const Half* scales;
+  const uint8_t* widths;
+  const int64_t* code_offsets;
+  const int64_t* level_offsets;
+  int64_t out_features;
+  int64_t in_features;
+  int64_t group_size;
+  int64_t n_groups;
+};
+
+// Decode row r into dst[in_features] (float32), matching the numpy reference bit for bit.
+static void decode_row(const LowBitWeight& w, int64_t r, float* dst) {
+  const int width = w.widths[r];
+  const uint8_t* packed = w.codes + w.code_offsets[r];
+  const Half* book_h = w.codebooks + w.level_offsets[r];
+  float book[16];
+  const int n_levels = 1 << width;
+  for (int k = 0; k < n_levels; ++k) {
+    book[k] = static_cast<float>(book_h[k]);
+  }
+  const int per_byte = 8 / width;
+  const int mask = n_levels - 1;
+  const int64_t n = w.in_features;
+  int64_t j = 0;
+  for (int64_t b = 0; j < n; ++b) {
+    const unsigned byte = packed[b];
+    for (int k = 0; k < per_byte && j < n; ++k, ++j) {
+      dst[j] = book[(byte >> (k * width)) & mask];
+    }
+  }
+  if (w.group_size > 0) {
+    const Half* row_scales = w.scales + r * w.n_groups;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      const float s = static_cast<float>(row_scales[g]);
+      const int64_t end = std::min(n, (g + 1) * w.group_size);
+      for (int64_t i = g * w.group_size; i < end; ++i) {
+        dst[i] *= s;
+      }
+    }
+  }
+}
+
+static float dot(const float* a, const float* b, int64_t n) {
+  // Eight independent partial sums: lets the compiler vectorize without -ffast-math.
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      acc[k] += a[i + k] * b[i + k];
+    }
+  }
+  float tail = 0;
+  for (; i < n; ++i) {
+    tail += a[i] * b[i];
+  }
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+static int thread_count(int64_t work) {
+  static const int configured = [] {
+    const char* env = std::getenv("LOWRA_ET_THREADS");
+    int n = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, std::min(n, 8));
+  }();
+  // Below ~64k multiply-adds a thread launch costs more than it saves.
+  return work < (1 << 16) ? 1 : configured;
+}
+
+template <typename F>
+static void parallel_rows(int64_t rows, int64_t work, F fn) {
+  const int n = static_cast<int>(std::min<int64_t>(thread_count(work), rows));
+  if (n <= 1) {
+    fn(0, rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t chunk = (rows + n - 1) / n;
+  for (int t = 1; t < n; ++t) {
+    const int64_t begin = t * chunk, end = std::min(rows, begin + chunk);
+    if (begin < end) pool.emplace_back(fn, begin, end);
+  }
+  fn(0, std::min(rows, chunk));
+  for (auto& th : pool) th.join();
+}
+
+static bool read_weight(
+    KernelRuntimeContext& ctx, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
+    int64_t group_size, LowBitWeight* w) {
+  const bool dtypes_ok = codes.scalar_type() == ScalarType::Byte && codebooks.scalar_type() == ScalarType::Half &&
+      scales.scalar_type() == ScalarType::Half && widths.scalar_type() == ScalarType::Byte &&
+      row_code_offsets.scalar_type() == ScalarType::Long && row_level_offsets.scalar_type() == ScalarType::Long;
+  if (!dtypes_ok) {
+    ET_LOG(Error, "lowra low-bit op: buffer dtypes must be uint8 codes/widths, float16 codebooks/scales, int64 offsets");
+    return false;
+  }
+  w->codes = codes.const_data_ptr<uint8_t>();
+  w->codebooks = codebooks.const_data_ptr<Half>();
+  w->scales = scales.const_data_ptr<Half>();
+  w->widths = widths.const_data_ptr<uint8_t>();
+  w->code_offsets = row_code_offsets.const_data_ptr<int64_t>();
+  w->level_offsets = row_level_offsets.const_data_ptr<int64_t>();
+  w->out_features = widths.numel();
+  w->in_features = in_features;
+  w->group_size = group_size;
+  w->n_groups = group_size > 0 ? (in_features + group_size - 1) / group_size : 0;
+  if (row_code_offsets.numel() != w->out_features + 1 || row_level_offsets.numel() != w->out_features + 1 ||
+      in_features < 1 || group_size < 0 || (group_size > 0 && scales.numel() != w->out_features * w->n_groups)) {
+    ET_LOG(Error, "lowra low-bit op: offsets, scales or in_features do not match %lld rows",
+           static_cast<long long>(w->out_features));
+    return false;
+  }
+  for (int64_t r = 0; r < w->out_features; ++r) {
+    const int width = w->widths[r];
+    if (width != 1 && width != 2 && width != 4) {
+      ET_LOG(Error, "lowra low-bit op: row %lld has width %d, expected 1, 2 or 4", static_cast<long long>(r), width);
+      return false;
+    }
+  }
+  if (w->code_offsets[w->out_features] != codes.numel() || w->level_offsets[w->out_features] != codebooks.numel()) {
+    ET_LOG(Error, "lowra low-bit op: codes/codebooks sizes do not match the row offsets");
+    return false;
+  }
+  (void)ctx;
+  return true;
+}
+
+Tensor& dequantize_out(
+    KernelRuntimeContext& ctx, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
+    int64_t group_size, Tensor& out) {
+  LowBitWeight w;
+  ET_KERNEL_CHECK(
+      ctx,
+      read_weight(ctx, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
+                  group_size, &w),
+      InvalidArgument, out);
+  const SizesType sizes[2] = {static_cast<SizesType>(w.out_features), static_cast<SizesType>(in_features)};
+  ET_KERNEL_CHECK(
+      ctx, executorch::runtime::resize_tensor(out, {sizes, 2}) == Error::Ok && out.scalar_type() == ScalarType::Float,
+      InvalidArgument, out);
+  float* dst = out.mutable_data_ptr<float>();
+  parallel_rows(w.out_features, w.out_features * in_features, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) decode_row(w, r, dst + r * in_features);
+  });
+  return out;
+}
+
+Tensor& lowbit_linear_out(
+    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
+    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out) {
+  LowBitWeight w;
+  ET_KERNEL_CHECK(
+      ctx,
+      read_weight(ctx, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
+                  group_size, &w),
+      InvalidArgument, out);
+  ET_KERNEL_CHECK_MSG(
+      ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features,
+      InvalidArgument, out, "lowra::lowbit_linear: x must be float32 [..., %lld]", static_cast<long long>(in_features));
+  const float* bias_data = nullptr;
+  if (bias.has_value()) {
+    ET_KERNEL_CHECK_MSG(
+        ctx, bias->scalar_type() == ScalarType::Float && bias->numel() == w.out_features, InvalidArgument, out,
+        "lowra::lowbit_linear: bias must be float32 [out_features]");
+    bias_data = bias->const_data_ptr<float>();
+  }
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  for (ssize_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<SizesType>(w.out_features);
+  ET_KERNEL_CHECK(
+      ctx,
+      executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok &&
+          out.scalar_type() == ScalarType::Float,
+      InvalidArgument, out);
+  const int64_t m = x.numel() / in_features;
+  const float* xs = x.const_data_ptr<float>();
+  float* ys = out.mutable_data_ptr<float>();
+  const int64_t n_out = w.out_features;
+  parallel_rows(n_out, n_out * in_features * std::max<int64_t>(m, 1), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(in_features);
+    for (int64_t r = begin; r < end; ++r) {
+      decode_row(w, r, row.data());
+      const float b = bias_data ? bias_data[r] : 0.0f;
+      for (int64_t i = 0; i < m; ++i) {
+        ys[i * n_out + r] = dot(xs + i * in_features, row.data(), in_features) + b;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace lowra_et
+
+EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_out);
