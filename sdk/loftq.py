@@ -29,6 +29,11 @@ from .lowbit import LowBitLinear, replace_linears
 
 __all__ = ["LoftQResult", "loftq_init", "loftq_weight", "lowrank_factors"]
 
+# Randomized SVD for layers much larger than the rank: extra columns sampled and power iterations. On SmolLM2's
+# NF2 residuals (flat spectra, the hard case) niter=4 leaves a rank-16 residual 0.2-0.3% above the exact SVD's.
+RANDOMIZED_OVERSAMPLE = 10
+RANDOMIZED_ITERS = 4
+
 
 @dataclass
 class LoftQResult:
@@ -52,7 +57,16 @@ def lowrank_factors(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     the first optimizer steps. A rank above ``min(out, in)`` is padded with zero components.
     """
     out_features, in_features = residual.shape
-    u, sigma, vh = torch.linalg.svd(residual.float(), full_matrices=False)
+    small = min(out_features, in_features)
+    if small > 4 * (rank + RANDOMIZED_OVERSAMPLE):
+        # Randomized range finder (Halko et al. 2011) with power iterations: a full SVD of a 1536x576 layer takes
+        # ~6x longer here, and LoftQ needs one per layer per step. Seeded, so the factors are reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, sigma, v = torch.svd_lowrank(residual.float(), q=rank + RANDOMIZED_OVERSAMPLE, niter=RANDOMIZED_ITERS)
+        vh = v.T
+    else:
+        u, sigma, vh = torch.linalg.svd(residual.float(), full_matrices=False)
     keep = min(rank, sigma.shape[0])
     root = sigma[:keep].sqrt()
     a = residual.new_zeros((rank, in_features), dtype=torch.float32)
