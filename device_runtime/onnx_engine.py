@@ -251,6 +251,25 @@ def _rebuild_quantized(data: np.ndarray, spec: Mapping[str, Any]) -> Any:
     return qw
 
 
+def _release_freed_heap() -> None:
+    """Give the heap ONNX Runtime freed while folding the decode back to the OS (glibc only; a no-op elsewhere).
+
+    Folding the low-bit decode creates int64 code and float16 level intermediates for every weight; they are
+    freed, but glibc keeps the pages: the SmolLM2 session measured 1.93 GB resident before and 0.72 GB after
+    ``malloc_trim`` (an fp32 ONNX of the same model: 0.71 GB).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 # ------------------------------------------------------------------------------------------------ engine
 @dataclass(frozen=True)
 class OnnxUserInfo:
@@ -304,8 +323,10 @@ class OnnxEngine:
         ort = _ort()
         disabled = ["ConstantFolding"] if self.lowbit_decode == "per_run" else None
         try:
-            return ort.InferenceSession(str(path), options or self._options(), providers=["CPUExecutionProvider"],
-                                        disabled_optimizers=disabled)
+            session = ort.InferenceSession(str(path), options or self._options(), providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=disabled)
+            _release_freed_heap()
+            return session
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, all Exception
             text = str(exc)
             if "opset" in text.lower() or "domain_version" in text:
