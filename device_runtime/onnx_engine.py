@@ -305,6 +305,7 @@ class OnnxEngine:
         self._run_options: Any = None
         self._adapter: Any = None
         self._runtime: Any = None  # DeviceRuntime over the decoded base, built on the first merge
+        self._merged_values: list[Any] | None = None  # the OrtValues a merged session reads
         self._tmp = tempfile.TemporaryDirectory(prefix="lowra-onnx-")
         self.user: OnnxUserInfo | None = None
         self._cache: list[np.ndarray] = []

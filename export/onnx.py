@@ -30,10 +30,9 @@ CLI: ``python -m lowra.export.onnx --help``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -661,13 +660,9 @@ def export_onnx(
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shipped and read
         if out_dir.exists():
-            import shutil
-
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest

@@ -10,7 +10,6 @@ import functools
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import onnx
