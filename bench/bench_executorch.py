@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--skip-aten", action="store_true")
     parser.add_argument("--only-export", action="store_true")
+    parser.add_argument("--xnnpack", action="store_true", help="delegate to XNNPACK (lowering takes ~2.5x longer)")
     args = parser.parse_args()
     _threads(args.threads)
 
@@ -97,13 +98,15 @@ def main() -> int:
     print(f"users: {[p.stat().st_size for p in blobs]} bytes", flush=True)
 
     # ---- exports
-    folders = {"custom": work / "custom", "aten": work / "aten"}
+    suffix = "-xnnpack" if args.xnnpack else ""
+    folders = {"custom": work / f"custom{suffix}", "aten": work / f"aten{suffix}"}
     variants = [("custom", ("side", "merge"))] + ([] if args.skip_aten else [("aten", ("side",))])
     for ops, modes in variants:
         folder = folders[ops]
         if not (folder / "manifest.json").is_file():
             t = time.perf_counter()
-            export_executorch(model, folder, ExecutorchExportConfig(ops=ops, modes=modes, max_seq_len=args.max_seq_len),
+            config = ExecutorchExportConfig(ops=ops, modes=modes, max_seq_len=args.max_seq_len, xnnpack=args.xnnpack)
+            export_executorch(model, folder, config,
                               tokenizer=loaded.path / "tokenizer.json", source="smollm2-135m-instruct")
             report[f"export_s_{ops}"] = round(time.perf_counter() - t, 1)
             print(f"export {ops}: {report[f'export_s_{ops}']}s", flush=True)
