@@ -10,11 +10,12 @@ name under our control (the adapter inputs and the merge overrides are addressed
 Files written to the model directory (docs/FORMAT.md, "ONNX model directory"):
 
 - ``weights.bin``: every initializer's bytes (external data shared by both graphs, 64-byte aligned);
-- ``model.onnx``: the low-bit graph. Each quantized linear is split by row width into up to three groups; a group
-  calls ``ai.lowra::LowBitLinear`` (2/4-bit codes as UINT2/UINT4) or ``ai.lowra::LowBitLinear1`` (1-bit codes in
-  uint8) -- or ``com.microsoft::MatMulNBits`` when asked and the group's codebooks are affine -- and the group
-  outputs are concatenated and put back in row order by one ``Gather`` with a fixed permutation (exact: it
-  only moves values). Every quantized linear also has LoRA inputs ``lora.<module>.down_t`` [in, r] and
+- ``model.onnx``: the low-bit graph. Each quantized linear's rows are grouped by width (1, 2, 4 bits: uint8-packed,
+  UINT2, UINT4 codes) and the layer is one call of the local function ``ai.lowra::LowBitLinear_<widths>``, which
+  decodes every group (Cast + GatherElements on per-row codebooks), puts the rows back in order with one
+  ``Gather`` over a fixed permutation (exact: it only moves values) and multiplies once. With ``--matmulnbits
+  affine`` a 2/4-bit group whose codebooks are affine is a ``com.microsoft::MatMulNBits`` node instead.
+  Every quantized linear also has LoRA inputs ``lora.<module>.down_t`` [in, r] and
   ``lora.<module>.up_t`` [r, out] with zero-rank default initializers, so a ``.onnx_adapter`` switches users;
 - ``model_merge.onnx``: the same model whose quantized linears read float32 ``<module>.weight`` initializers
   declared as external data at a placeholder location: the runtime always supplies them
@@ -196,53 +197,83 @@ def _row_levels(qw: QuantizedWeight, rows: np.ndarray) -> np.ndarray:
     return qw.codebooks[off[rows][:, None] + np.arange(1 << w)[None, :]]
 
 
-def _decode_function(one_bit: bool, grouped: bool) -> onnx.FunctionProto:
-    """``ai.lowra::LowBitLinear[1][Grouped](x, codes, codebooks[, scales, group_index]) -> x @ W^T``.
+def _const_node(output: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [output], value=onnx.numpy_helper.from_array(value))
 
-    W[r, j] = codebooks[r, codes[r, j]] (* scales[r, group_index[j]]): Cast + GatherElements is an exact table
-    lookup, so stock ONNX Runtime reproduces the numpy reference decode bit for bit.
-    """
-    inputs = ["x", "codes", "codebooks"] + (["scales", "group_index"] if grouped else [])
-    nodes = []
-    if one_bit:
-        # uint8 [rows, nbytes] -> bits [rows, nbytes, 8] LSB first -> [rows, in]
+
+def _group_decode_nodes(width: int, grouped: bool, tag: str) -> tuple[list[str], list[onnx.NodeProto], str]:
+    """Inputs and nodes that decode one width group to float32 ``w_<tag>`` [rows, in]:
+    W[r, j] = codebooks[r, codes[r, j]] (* scales[r, group_index[j]]). Cast + GatherElements is an exact table
+    lookup, so stock ONNX Runtime reproduces the numpy reference decode bit for bit."""
+    codes, levels = f"codes_{tag}", f"codebooks_{tag}"
+    inputs = [codes, levels] + ([f"scales_{tag}"] if grouped else [])
+    nodes: list[onnx.NodeProto] = []
+    idx = f"idx_{tag}"
+    if width == 1:
+        # uint8 [rows, nbytes] -> bits [rows, nbytes, 8] LSB first -> [rows, in]. in_features comes from an
+        # attribute, not Shape(x), so every input of the decode is a constant that ONNX Runtime can fold.
         nodes += [
-            helper.make_node("Constant", [], ["shifts"], value=onnx.numpy_helper.from_array(np.arange(8, dtype=np.uint8))),
-            helper.make_node("Constant", [], ["one"], value=onnx.numpy_helper.from_array(np.array(1, dtype=np.uint8))),
-            helper.make_node("Constant", [], ["ax"], value=onnx.numpy_helper.from_array(np.array([2], dtype=np.int64))),
-            helper.make_node("Unsqueeze", ["codes", "ax"], ["c3"]),
-            helper.make_node("BitShift", ["c3", "shifts"], ["sh"], direction="RIGHT"),
-            helper.make_node("BitwiseAnd", ["sh", "one"], ["bits"]),
-            # in_features comes from an attribute, not Shape(x): every input of the decode is then a constant and
-            # ONNX Runtime can fold it at session creation
-            _ref_constant("in_dim", "value_ints", "in_features"),
-            helper.make_node("Constant", [], ["rows_keep"], value=onnx.numpy_helper.from_array(np.array([0], dtype=np.int64))),
-            helper.make_node("Constant", [], ["flat"], value=onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64))),
-            helper.make_node("Concat", ["rows_keep", "flat"], ["shape2"], axis=0),
-            helper.make_node("Reshape", ["bits", "shape2"], ["bits2"]),
-            helper.make_node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(np.array([0], dtype=np.int64))),
-            helper.make_node("Constant", [], ["axis1"], value=onnx.numpy_helper.from_array(np.array([1], dtype=np.int64))),
-            helper.make_node("Slice", ["bits2", "zero", "in_dim", "axis1"], ["codes_u8"]),
-            helper.make_node("Cast", ["codes_u8"], ["idx"], to=TensorProto.INT64),
+            _const_node(f"shifts_{tag}", np.arange(8, dtype=np.uint8)),
+            _const_node(f"one_{tag}", np.array(1, dtype=np.uint8)),
+            _const_node(f"ax2_{tag}", np.array([2], dtype=np.int64)),
+            helper.make_node("Unsqueeze", [codes, f"ax2_{tag}"], [f"c3_{tag}"]),
+            helper.make_node("BitShift", [f"c3_{tag}", f"shifts_{tag}"], [f"sh_{tag}"], direction="RIGHT"),
+            helper.make_node("BitwiseAnd", [f"sh_{tag}", f"one_{tag}"], [f"bits_{tag}"]),
+            _const_node(f"flat_{tag}", np.array([0, -1], dtype=np.int64)),
+            helper.make_node("Reshape", [f"bits_{tag}", f"flat_{tag}"], [f"bits2_{tag}"]),
+            _const_node(f"zero_{tag}", np.array([0], dtype=np.int64)),
+            _const_node(f"axis1_{tag}", np.array([1], dtype=np.int64)),
+            _ref_constant(f"in_dim_{tag}", "value_ints", "in_features"),
+            helper.make_node("Slice", [f"bits2_{tag}", f"zero_{tag}", f"in_dim_{tag}", f"axis1_{tag}"], [f"u8_{tag}"]),
+            helper.make_node("Cast", [f"u8_{tag}"], [idx], to=TensorProto.INT64),
         ]
     else:
-        nodes.append(helper.make_node("Cast", ["codes"], ["idx"], to=TensorProto.INT64))
+        nodes.append(helper.make_node("Cast", [codes], [idx], to=TensorProto.INT64))
     nodes += [
-        helper.make_node("GatherElements", ["codebooks", "idx"], ["w16"], axis=1),
-        helper.make_node("Cast", ["w16"], ["w_levels"], to=TensorProto.FLOAT),
+        helper.make_node("GatherElements", [levels, idx], [f"w16_{tag}"], axis=1),
+        helper.make_node("Cast", [f"w16_{tag}"], [f"wl_{tag}"], to=TensorProto.FLOAT),
     ]
     if grouped:
         nodes += [
-            helper.make_node("Gather", ["scales", "group_index"], ["s16"], axis=1),
-            helper.make_node("Cast", ["s16"], ["s"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["w_levels", "s"], ["w"]),
+            helper.make_node("Gather", [f"scales_{tag}", "group_index"], [f"s16_{tag}"], axis=1),
+            helper.make_node("Cast", [f"s16_{tag}"], [f"s_{tag}"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"wl_{tag}", f"s_{tag}"], [f"w_{tag}"]),
         ]
     else:
-        nodes.append(helper.make_node("Identity", ["w_levels"], ["w"]))
+        nodes.append(helper.make_node("Identity", [f"wl_{tag}"], [f"w_{tag}"]))
+    return inputs, nodes, f"w_{tag}"
+
+
+def _linear_function(widths: tuple[int, ...], grouped: bool) -> onnx.FunctionProto:
+    """``ai.lowra::LowBitLinear_<widths>[Grouped](x, (codes_w, codebooks_w[, scales_w]) per width
+    [, group_index][, row_order]) -> x @ W^T``.
+
+    Each width group decodes to its rows of W; the groups are concatenated and ``Gather(row_order, axis=0)``
+    puts the rows back in the layer's order (exact: it only moves values), then one Gemm. Every input but x is
+    an initializer, so with constant folding on ONNX Runtime turns the decode into one float32 weight at
+    session creation; with it off the decode runs inside every call.
+    """
+    inputs, nodes, parts = ["x"], [], []
+    for width in widths:
+        ins, body, out = _group_decode_nodes(width, grouped, str(width))
+        inputs += ins
+        nodes += body
+        parts.append(out)
+    if grouped:
+        inputs.append("group_index")
+    if len(parts) > 1:
+        inputs.append("row_order")
+        nodes += [helper.make_node("Concat", parts, ["w_cat"], axis=0),
+                  helper.make_node("Gather", ["w_cat", "row_order"], ["w"], axis=0)]
+    else:
+        nodes.append(helper.make_node("Identity", parts, ["w"]))
     nodes.append(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1))
-    name = "LowBitLinear" + ("1" if one_bit else "") + ("Grouped" if grouped else "")
-    return helper.make_function(LOWRA_DOMAIN, name, inputs, ["y"], nodes, [helper.make_opsetid("", OPSET)],
-                                attributes=["in_features"] if one_bit else [])
+    return helper.make_function(LOWRA_DOMAIN, _function_name(widths, grouped), inputs, ["y"], nodes,
+                                [helper.make_opsetid("", OPSET)], attributes=["in_features"] if 1 in widths else [])
+
+
+def _function_name(widths: tuple[int, ...], grouped: bool) -> str:
+    return "LowBitLinear_" + "_".join(map(str, widths)) + ("_grouped" if grouped else "")
 
 
 def _ref_constant(output: str, attr: str, ref: str) -> onnx.NodeProto:
@@ -329,9 +360,12 @@ def _matmulnbits(st: _ExportState, x: str, module: str, qw: QuantizedWeight, row
 def _lowbit_linear(st: _ExportState, x: str, module: str, qw: QuantizedWeight) -> str:
     g = st.graph
     grouped = qw.group_size > 0
-    outs: list[str] = []
-    order: list[np.ndarray] = []
     record: dict[str, Any] = {"out": qw.out_features, "in": qw.in_features, "group_size": qw.group_size, "groups": []}
+    outs: list[str] = []  # MatMulNBits outputs, then the function's
+    order: list[np.ndarray] = []
+    fn_widths: list[int] = []
+    fn_rows: list[np.ndarray] = []
+    fn_args: list[str] = []
     for width in ROW_WIDTHS:
         rows = np.nonzero(qw.widths == width)[0]
         if rows.size == 0:
@@ -345,34 +379,44 @@ def _lowbit_linear(st: _ExportState, x: str, module: str, qw: QuantizedWeight) -
         codes = _row_codes(qw, rows)
         prefix = f"{module}.w{width}"
         if width == 1:
-            packed = fmt.pack_codes(codes, 1)
-            c = g.init(f"{prefix}.codes", packed)
+            c = g.init(f"{prefix}.codes", fmt.pack_codes(codes, 1))
         else:
             c = g.init_raw(f"{prefix}.codes", SUB_BYTE[width], [rows.size, qw.in_features], _onnx_packed(codes, width))
         cb = g.init(f"{prefix}.codebooks", levels.astype(np.float16))
-        args = [x, c, cb]
+        fn_args += [c, cb]
         rec = {"width": width, "rows": f"{prefix}.rows", "codes": c, "codebooks": cb}
         if grouped:
             sc = g.init(f"{prefix}.scales", qw.scales[rows].astype(np.float16))
-            args += [sc, _group_index(st, qw.in_features, qw.group_size)]
+            fn_args.append(sc)
             rec["scales"] = sc
         g.side[f"{prefix}.rows"] = rows.astype(np.int32)  # not in the graph: the engine rebuilds the layer (merge)
-        fname = "LowBitLinear" + ("1" if width == 1 else "") + ("Grouped" if grouped else "")
-        if fname not in st.functions:
-            st.functions[fname] = _decode_function(width == 1, grouped)
-        attrs = {"in_features": [qw.in_features]} if width == 1 else {}
-        outs.append(g.node(fname, args, f"{prefix}.y", domain=LOWRA_DOMAIN, **attrs))
-        order.append(rows)
         record["groups"].append(rec)
+        fn_widths.append(width)
+        fn_rows.append(rows)
         st.function_groups += 1
     st.module_tensors[module] = record
+    if fn_widths:
+        name = _function_name(tuple(fn_widths), grouped)
+        if name not in st.functions:
+            st.functions[name] = _linear_function(tuple(fn_widths), grouped)
+        if grouped:
+            fn_args.append(_group_index(st, qw.in_features, qw.group_size))
+        rows = np.concatenate(fn_rows)
+        if len(fn_rows) > 1:
+            # the function returns its rows in ascending layer order: row k of W is group row position[k]
+            position = np.argsort(rows, kind="stable")
+            fn_args.append(g.init(f"{module}.row_order", position.astype(np.int32)))
+            rows = np.sort(rows)
+        attrs = {"in_features": [qw.in_features]} if 1 in fn_widths else {}
+        outs.append(g.node(name, [x, *fn_args], f"{module}.lowbit_y", domain=LOWRA_DOMAIN, **attrs))
+        order.append(rows)
     if len(outs) == 1:
         return outs[0]
-    perm = np.concatenate(order)
+    perm = np.concatenate(order)  # only when MatMulNBits groups and others share a layer
     inverse = np.empty_like(perm)
     inverse[perm] = np.arange(perm.size)
     cat = g.node("Concat", outs, f"{module}.cat", axis=-1)
-    return g.node("Gather", [cat, g.init(f"{module}.row_order", inverse.astype(np.int32))], f"{module}.y", axis=1)
+    return g.node("Gather", [cat, g.init(f"{module}.output_order", inverse.astype(np.int32))], f"{module}.y", axis=1)
 
 
 def _linear(st: _ExportState, x: str, module: str, quantized: Mapping[str, QuantizedWeight],

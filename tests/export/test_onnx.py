@@ -120,7 +120,10 @@ def engine(tiny):
 def test_codes_are_native_sub_byte_initializers_decoded_by_a_local_function(tiny):
     model = onnx.load(tiny["dir"] / "model.onnx", load_external_data=False)
     assert {o.domain: o.version for o in model.opset_import} == {"": 25, "ai.lowra": 1}
-    assert {f.name for f in model.functions} == {"LowBitLinear", "LowBitLinear1"}
+    # one op per layer; the name lists the row widths it decodes (MIXED gives every layer all three)
+    assert {f.name for f in model.functions} == {"LowBitLinear_1_2_4"}
+    calls = [n for n in model.graph.node if n.domain == "ai.lowra"]
+    assert len(calls) == 14 and all(n.op_type == "LowBitLinear_1_2_4" for n in calls)
     for f in model.functions:  # bodies are standard ops only: stock ONNX Runtime runs them
         assert {n.domain for n in f.node} <= {""}, f.name
     types = {t.name: t.data_type for t in model.graph.initializer}
@@ -220,6 +223,19 @@ def test_grouped_scales_and_matmulnbits_paths(tmp_path):
     engine = OnnxEngine(tmp_path / "nbits", threads=1)
     # (code - zero) * scale vs level * scale with float16 levels: rounding only
     assert np.abs(engine.logits(ids) - eager_logits(reference(uniform), ids)).max() < 1e-3
+
+    # one layer, both kinds: 4-bit rows given affine codebooks go to MatMulNBits, 1/2-bit rows to the function
+    mixed = quantize()
+    for qw in mixed.values():
+        qw.codebooks = qw.codebooks.copy()
+        for r in np.nonzero(qw.widths == 4)[0]:
+            start = qw.row_level_offsets[r]
+            qw.codebooks[start : start + 16] = (np.linspace(-1, 1, 16) * 0.1 * (1 + r % 3)).astype(np.float16)
+    manifest = export_onnx(build_tiny_model(), mixed, _build_tokenizer(), tmp_path / "both",
+                           OnnxExportConfig(matmulnbits="affine", matmulnbits_block_size=16))
+    assert manifest["counts"] == {"function_groups": 28, "matmulnbits_groups": 14}
+    engine = OnnxEngine(tmp_path / "both", threads=1)
+    assert np.abs(engine.logits(ids) - eager_logits(reference(mixed), ids)).max() < 1e-3
 
 
 def test_fp32_export_of_the_same_model(tmp_path):
