@@ -25,7 +25,7 @@ than NF2 + LoRA (which stores 2.25 bits).
 Rows are cached as JSON under --out (a rerun skips finished rows; --fresh recomputes), so the run can be resumed.
 Plots (PNG): perplexity vs effective bits for every method, and the bit-width map per layer of lowra at 1.5 / 2.0.
 
-    python bench/bench_base_ppl.py                       # all rows (~40 min on 2 idle cores), table + plots
+    python bench/bench_base_ppl.py                       # all rows (~1 h on 2 busy cores), table + plots
     python bench/bench_base_ppl.py --rows fp,nf2,lowra@2.0 --steps 10   # a quick partial run
 """
 from __future__ import annotations
@@ -307,18 +307,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (default: all)")
-    ap.add_argument("--steps", type=int, default=40, help="LoRA steps per row (batch 4, same for every row)")
+    ap.add_argument("--steps", type=int, default=20, help="LoRA steps per row (batch 4, same for every row)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads; 0 = per row, 2 on a quiet machine and 1 when the load average says "
                          "other jobs share the cores (2 spinning threads then run several times slower)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "base_ppl", help="row cache + table")
     ap.add_argument("--plots", type=Path, default=ROOT / "docs" / "img", help="where the PNGs go")
     ap.add_argument("--fresh", action="store_true", help="recompute rows even if cached")
-    ap.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N examples of each set (smoke runs)")
+    ap.add_argument("--eval-limit", type=int, default=60,
+                    help="evaluate on N evenly spaced examples of each held-out set (0 = all: 120 users, 40 pydoc); "
+                         "default 60, i.e. 20 per user and all 40 pydoc chunks")
     ap.add_argument("--report-only", action="store_true", help="print the table and plots from the cache")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
-    cache = args.out / f"steps{args.steps}"
+    cache = args.out / f"steps{args.steps}_eval{args.eval_limit}"
     cache.mkdir(parents=True, exist_ok=True)
 
     if not args.report_only:
@@ -326,7 +328,8 @@ def main() -> None:
         base.model.eval()
         dataset, evals = load_data()
         if args.eval_limit:
-            evals = {k: v[: args.eval_limit] for k, v in evals.items()}
+            pick = lambda xs: [xs[i] for i in np.linspace(0, len(xs) - 1, min(args.eval_limit, len(xs))).round().astype(int)]  # noqa: E731
+            evals = {k: pick(v) for k, v in evals.items()}
         print(f"train {len(dataset.train)} examples; held-out users {len(evals['users'])}, pydoc {len(evals['pydoc'])}")
         q = Quantizers(base.model, base.tokenizer, dataset)
         lora = LoraConfig(rank=16, alpha=32.0)
@@ -350,7 +353,7 @@ def main() -> None:
     results = [r for r in results if r["row"] in rows] or results
     text = table(results) + "\n\n" + "\n".join(targets(results))
     print(text)
-    (args.out / f"table_steps{args.steps}.txt").write_text(text + "\n")
+    (cache / "table.txt").write_text(text + "\n")
     args.plots.mkdir(parents=True, exist_ok=True)
     for p in plot(results, args.plots):
         print(f"wrote {p}")
