@@ -82,6 +82,31 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def interleaved(dirs: dict[str, dict], threads: int, rounds: int, steps: int) -> dict:
+    """Decode ms/step of several engines measured round-robin in one process, so a machine whose load changes
+    during the run (other jobs on the 2 cores) slows every variant alike: the ratios are the result."""
+    from lowra.device_runtime.onnx_engine import OnnxEngine
+
+    engines = {}
+    for name, spec in dirs.items():
+        engine = OnnxEngine(spec["dir"], threads=threads)
+        if spec.get("user"):
+            engine.load_user(spec["user"], mode=spec["mode"])
+        engines[name] = engine
+    ids = next(iter(engines.values())).tokenizer.encode(next(iter(engines.values())).tokenizer.chat_prompt(PROMPT))
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            engine.prefill(ids)
+            token = 42
+            for i in range(steps):
+                t = time.perf_counter()
+                engine.decode(token, ids.size + i)
+                times[name].append(time.perf_counter() - t)
+    return {name: {"decode_ms_median": 1e3 * float(np.median(t)), "decode_tok_s": 1.0 / float(np.median(t))}
+            for name, t in times.items()}
+
+
 def run_worker(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -111,17 +136,38 @@ def random_blob(model, modules: list[str], seed: int, rank: int = 8) -> bytes:
     return fmt.build_blob_bytes(entries, np.array(widths, np.uint8), codes, levels, meta)
 
 
+def interleave_phase(out: Path, threads: int) -> dict:
+    dirs = {"lowbit_fold_at_load": {"dir": str(out / "smollm2-lowbit")},
+            "lowbit_adapter_user": {"dir": str(out / "smollm2-lowbit"), "user": str(out / "bench-user-1.lowra"),
+                                    "mode": "adapter"},
+            "lowbit_merge_user": {"dir": str(out / "smollm2-lowbit"), "user": str(out / "bench-user-1.lowra"),
+                                  "mode": "merge"}}
+    for name in ("smollm2-fp32", "smollm2-uniform4-function", "smollm2-uniform4-matmulnbits",
+                 "smollm2-uniform4-matmulnbits_int8"):
+        if (out / name).is_dir():
+            dirs[name.removeprefix("smollm2-")] = {"dir": str(out / name)}
+    result = interleaved(dirs, threads, rounds=4, steps=8)
+    result["load_average"] = list(os.getloadavg())
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="out/bench/onnx")
     parser.add_argument("--skip", default="", help="comma list of: nbits, fp32, per_run, users")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--interleave-only", action="store_true",
+                        help="only the round-robin decode comparison, on the model dirs a full run left in --out")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    if args.interleave_only:
+        print(json.dumps(interleave_phase(out, args.threads), indent=1))
+        return
 
     import torch
 
@@ -136,7 +182,6 @@ def main() -> None:
     from lowra.sdk.quantize_base import QuantizeConfig, quantize_model, uniform_quantize
     from lowra.sdk.workflow import apply_blob
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"threads": args.threads, "load_average_at_start": os.getloadavg()}
     base = load_base()
@@ -244,10 +289,12 @@ def main() -> None:
     for r in runs.values():
         r.pop("tokens", None)
     results["runs"] = runs
-    for d in out.glob("smollm2-*"):  # the comparison models are 0.1-0.5 GB each; keep the LowRA one
-        if d.name != "smollm2-lowbit":
-            shutil.rmtree(d)
+    results["interleaved"] = interleave_phase(out, args.threads)
     results["load_average_at_end"] = os.getloadavg()
+    if "keep" not in skip:
+        for d in out.glob("smollm2-*"):  # the comparison models are 0.1-0.5 GB each; keep the LowRA one
+            if d.name != "smollm2-lowbit":
+                shutil.rmtree(d)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
