@@ -255,8 +255,8 @@ def _release_freed_heap() -> None:
     """Give the heap ONNX Runtime freed while folding the decode back to the OS (glibc only; a no-op elsewhere).
 
     Folding the low-bit decode creates int64 code and float16 level intermediates for every weight; they are
-    freed, but glibc keeps the pages: the SmolLM2 session measured 1.93 GB resident before and 0.72 GB after
-    ``malloc_trim`` (an fp32 ONNX of the same model: 0.71 GB).
+    freed, but glibc keeps the pages: the 1.5-bit SmolLM2 session measured 2.75 GB resident before and 0.70 GB
+    after ``malloc_trim`` (an fp32 ONNX of the same model: 0.71 GB).
     """
     import ctypes
     import ctypes.util
