@@ -359,7 +359,15 @@ class OnnxEngine:
                 target = Path(self._tmp.name) / f"user-{time.monotonic_ns()}.onnx_adapter"
                 params = blob_adapter_parameters(blob, self.manifest)
                 _export_adapter(params, int(self.manifest["model_version"]), target)
-                modules = self._activate_adapter_file(target)[1]
+                try:
+                    modules = self._activate_adapter_file(target)[1]
+                finally:
+                    # LoraAdapter memory-maps the file; on POSIX the mapping outlives the name, so no copy piles up.
+                    # Where a mapped file cannot be removed (Windows) it stays in the temp folder until close().
+                    try:
+                        target.unlink(missing_ok=True)
+                    except OSError:
+                        pass
             else:
                 modules = self._merge(path)
         self.user = OnnxUserInfo(adapter_id, mode, modules, (time.perf_counter() - t0) * 1e3)
