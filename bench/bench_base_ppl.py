@@ -15,6 +15,7 @@ Rows (bits = effective bits per quantized parameter, every stored byte counted):
   uniform2      round-to-nearest on 4 evenly spaced levels over [-absmax, absmax] of 64-groups (2.25 bits) + LoRA
   nf2+loftq     NF2 with LoftQ initialization (5 alternating steps, stops when the residual stops shrinking) + LoRA
   lowra@b       lowra's mixed 1/2/4-bit learned per-row codebooks under b effective bits + LoRA
+  lowra-w+loftq@b  lowra-w's widths, then LoftQ's alternation refitting lowra's codebooks to W - s*B@A (2 steps)
   lowra-w@b     the same, codebooks and widths weighted by calibration input statistics (mean squared input per
                 feature of each linear on 128 training examples, never held-out ones), so rows and layers are
                 ranked by their output error instead of their weight error
@@ -47,7 +48,14 @@ from lowra.sdk.data import Example, UserDataset, load_user_dataset
 from lowra.sdk.loftq import loftq_init
 from lowra.sdk.lora import LoraConfig, inject_lora
 from lowra.sdk.lowbit import lowbit_layers, replace_linears
-from lowra.sdk.quantize_base import QuantizeConfig, nf_quantize, plan_model, record_input_stats, uniform_quantize
+from lowra.sdk.quantize_base import (
+    QuantizeConfig,
+    nf_quantize,
+    plan_model,
+    quantize_weight,
+    record_input_stats,
+    uniform_quantize,
+)
 from lowra.sdk.train import TrainConfig, evaluate_loss, train_adapter
 
 from bench_base_quantization import Weights  # noqa: E402  (same folder: the MSE/var normalizer and bound)
@@ -59,6 +67,7 @@ BASELINES = ("fp", "nf4", "nf2", "uniform2", "nf2+loftq")
 # perplexity of the 2.0-bit base before LoRA ~60x although its weight-space MSE is higher; the uncalibrated
 # quantizer (weight MSE only) runs at 2.0 and 1.5 bits beside it.
 DEFAULT_ROWS = BASELINES + tuple(f"lowra-w@{b}" for b in LOWRA_BITS) + ("lowra@2.0", "lowra@1.5")
+LOFTQ_STEPS_LOWRA = 2  # each step refits 210 layers' codebooks (~1-2 min on 2 busy cores); LoftQ gains most in step 1
 MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -127,13 +136,16 @@ class Quantizers:
         self.fp_weights = {p: fp_model.get_submodule(p).weight.detach().clone() for p in self.paths}
         self.reference = Weights(fp_model)
         self.plans: dict[bool, object] = {}
+        self.stats: dict[str, torch.Tensor] | None = None
 
     def fixed(self, fn, bits: int) -> dict:
         return {p: fn(self.fp_weights[p], bits, 64, name=p) for p in self.paths}
 
     def lowra(self, bits: float, weighted: bool):
         if weighted not in self.plans:
-            stats = calibration_stats(self.fp_model, self.tokenizer, self.dataset) if weighted else None
+            if weighted and self.stats is None:
+                self.stats = calibration_stats(self.fp_model, self.tokenizer, self.dataset)
+            stats = self.stats if weighted else None
             config = QuantizeConfig(bits=bits, weighted=weighted)
             self.plans[weighted] = plan_model(self.fp_model, config, stats, progress=False, source="SmolLM2-135M")
         return self.plans[weighted].quantize(bits, progress=False)
@@ -160,6 +172,25 @@ def build_row(name: str, q: Quantizers, lora: LoraConfig) -> tuple[torch.nn.Modu
         info["loftq_residual_vs_plain"] = float(
             sum(r.residual_norms[-1] ** 2 for r in results.values()) / sum(r.zero_init_norm**2 for r in results.values())
         )
+    elif name.startswith("lowra-w+loftq@"):
+        # lowra's widths for the budget, then LoftQ's alternation with lowra's (calibrated) codebook fit: the
+        # codebooks are refitted to W - s*B@A at fixed widths, so the file size is the plain lowra-w row's.
+        bits = float(name.split("@")[1])
+        qb = q.lowra(bits, weighted=True)
+        widths = {p: torch.from_numpy(qb.layers[p].widths.astype(np.int64)) for p in q.paths}
+        group = qb.layers[q.paths[0]].group_size
+        inject_lora(model, lora)
+        results = loftq_init(
+            model, None, lora,
+            lambda path, w: quantize_weight(w, widths[path], group, input_ms=q.stats[path], name=path),
+            steps=LOFTQ_STEPS_LOWRA,
+        )
+        report = qb.bits_report()
+        info["bits"] = float(report["effective_bits"])
+        info["loftq_steps_mean"] = float(np.mean([r.steps_run for r in results.values()]))
+        info["loftq_residual_vs_plain"] = float(
+            sum(r.residual_norms[-1] ** 2 for r in results.values()) / sum(r.zero_init_norm**2 for r in results.values())
+        )
     elif name.startswith(("lowra@", "lowra-w@")):
         bits = float(name.split("@")[1])
         qb = q.lowra(bits, weighted=name.startswith("lowra-w"))
@@ -172,7 +203,8 @@ def build_row(name: str, q: Quantizers, lora: LoraConfig) -> tuple[torch.nn.Modu
             p: float(np.mean(qb.layers[p].widths.astype(np.float64))) for p in q.paths
         }
     else:
-        raise SystemExit(f"unknown row {name!r}; known: {', '.join(BASELINES)}, lowra@<bits>, lowra-w@<bits>")
+        raise SystemExit(f"unknown row {name!r}; known: {', '.join(BASELINES)}, lowra@<bits>, lowra-w@<bits>, "
+                         "lowra-w+loftq@<bits>")
     info["quantize_s"] = round(time.perf_counter() - t0, 1)
     if name != "fp":
         info["mse_over_var"] = weight_error(q.reference, model)
@@ -229,7 +261,7 @@ def targets(rows: list[dict]) -> list[str]:
         return ["targets need the fp and nf2 rows"]
     fp, nf2 = by["fp"]["ppl_after"], by["nf2"]["ppl_after"]
     for key in ("users", "pydoc"):
-        for name in ("lowra-w@2.0", "lowra@2.0"):
+        for name in ("lowra-w@2.0", "lowra-w+loftq@2.0", "lowra@2.0"):
             if name in by:
                 gap, ref = by[name]["ppl_after"][key] - fp[key], nf2[key] - fp[key]
                 ratio = gap / ref if ref > 0 else float("nan")
@@ -239,7 +271,7 @@ def targets(rows: list[dict]) -> list[str]:
                 out.append(f"[{key}] {name} perplexity gap {_num(gap, 0)} vs NF2's {_num(ref, 0)}: {100 * ratio:.3g}% "
                            f"of it (target <= 40%) -> {'met' if ratio <= 0.40 else 'MISSED'}; in loss "
                            f"{lgap:.3f} vs {lref:.3f} nats: {100 * lgap / lref:.3g}%")
-        for name in ("lowra-w@1.5", "lowra@1.5"):
+        for name in ("lowra-w@1.5", "lowra-w+loftq@1.5", "lowra@1.5"):
             if name in by:
                 ppl = by[name]["ppl_after"][key]
                 out.append(f"[{key}] {name} {_num(ppl, 0)} vs NF2 (2.25 bits) {_num(nf2[key], 0)} "
@@ -258,6 +290,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key in zip(axes, ("users", "pydoc")):
         for prefix, style, label in (("lowra-w@", "o-", "lowra, calibrated (learned 1/2/4-bit)"),
+                                     ("lowra-w+loftq@", "*-", "lowra, calibrated, LoftQ init"),
                                      ("lowra@", "s--", "lowra, weight MSE only")):
             pts = sorted((r["bits"], r["ppl_after"][key]) for r in rows if r["row"].startswith(prefix))
             if pts:
