@@ -24,9 +24,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Every benchmark, one after the other (about two hours on 2 cores; each prints its own side-by-side table).
 bench: $(STAMP)
 	$(PY) bench/bench_adapter_compression.py
 	$(PY) bench/bench_merge.py
+	$(PY) bench/bench_base_quantization.py
+	$(PY) bench/bench_allocation.py
+	$(PY) bench/bench_lowbit_training.py
+	$(PY) bench/bench_base_ppl.py
+	$(PY) bench/bench_onnx.py
+	$(PY) bench/bench_executorch.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
