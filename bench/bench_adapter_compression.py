@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from lowra.sdk.base_model import load_base
-from lowra.sdk.codebook import lloyd_max
-from lowra.sdk.compress import CompressConfig
-from lowra.sdk.data import load_user_dataset
-from lowra.sdk.demo import SAMPLE_USERS, DemoConfig
-from lowra.sdk.lora import delete_adapter, get_adapter_factors, set_active_adapters, set_adapter_factors
-from lowra.sdk.train import TrainConfig, evaluate_loss, load_adapter, save_adapter, train_adapter
+from lowra.sdk.quant.codebook import lloyd_max
+from lowra.sdk.quant.adapter_compression import CompressConfig
+from lowra.sdk.training.data import load_user_dataset
+from lowra.sdk.cli.demo import SAMPLE_USERS, DemoConfig
+from lowra.sdk.adapters.lora import delete_adapter, get_adapter_factors, set_active_adapters, set_adapter_factors
+from lowra.sdk.training.train import TrainConfig, evaluate_loss, load_adapter, save_adapter, train_adapter
 from lowra.sdk.workflow import apply_blob, compress_factors, model_fingerprint
 
 USERS = ("terse_notes", "python_help", "json_reply")

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from lowra.sdk.allocation import _assign_precision_reference, assign_precision
+from lowra.sdk.quant.allocation import _assign_precision_reference, assign_precision
 
 
 def llama7b_rows(rng: np.random.Generator, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:

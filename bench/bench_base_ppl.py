@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 from lowra.sdk.base_model import linear_module_names, load_base
-from lowra.sdk.data import Example, UserDataset, load_user_dataset
-from lowra.sdk.loftq import loftq_init
-from lowra.sdk.lora import LoraConfig, inject_lora
-from lowra.sdk.lowbit import lowbit_layers, replace_linears
-from lowra.sdk.quantize_base import (
+from lowra.sdk.training.data import Example, UserDataset, load_user_dataset
+from lowra.sdk.adapters.loftq import loftq_init
+from lowra.sdk.adapters.lora import LoraConfig, inject_lora
+from lowra.sdk.quant.lowbit_linear import lowbit_layers, replace_linears
+from lowra.sdk.quant.base import (
     QuantizeConfig,
     nf_quantize,
     plan_model,
@@ -56,7 +56,7 @@ from lowra.sdk.quantize_base import (
     record_input_stats,
     uniform_quantize,
 )
-from lowra.sdk.train import TrainConfig, evaluate_loss, train_adapter
+from lowra.sdk.training.train import TrainConfig, evaluate_loss, train_adapter
 
 from bench_base_quantization import Weights  # noqa: E402  (same folder: the MSE/var normalizer and bound)
 
@@ -116,8 +116,8 @@ def weight_error(reference: Weights, model: torch.nn.Module) -> float:
 
 def calibration_stats(model, tokenizer, dataset: UserDataset, batches: int = 16) -> dict[str, torch.Tensor]:
     """Mean squared input per feature of every linear on training examples (never the held-out ones)."""
-    from lowra.sdk.data import collate, encode_example
-    from lowra.sdk.train import _pad_id
+    from lowra.sdk.training.data import collate, encode_example
+    from lowra.sdk.training.train import _pad_id
 
     encoded = [encode_example(tokenizer, ex, 160) for ex in dataset.train[: 8 * batches]]
     feed = []

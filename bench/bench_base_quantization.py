@@ -27,10 +27,10 @@ import time
 import numpy as np
 import torch
 
-from lowra.sdk.allocation import assign_precision, milp_assign
+from lowra.sdk.quant.allocation import assign_precision, milp_assign
 from lowra.sdk.base_model import linear_module_names, load_base
 from lowra.sdk.errors import BudgetError
-from lowra.sdk.quantize_base import (
+from lowra.sdk.quant.base import (
     FINAL_GRID,
     TORCH_THREADS,
     QuantizeConfig,

@@ -47,16 +47,16 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lowra.device_runtime import format as fmt
-    from lowra.device_runtime.executorch_engine import ExecutorchEngine
-    from lowra.device_runtime.generation import GenerationConfig
-    from lowra.device_runtime.quantized_base import read_quantized_base
+    from lowra.device_runtime import formats as fmt
+    from lowra.device_runtime.engines.executorch import ExecutorchEngine
+    from lowra.device_runtime.engines.generation import GenerationConfig
+    from lowra.device_runtime.formats.quantized_base import read_quantized_base
     from lowra.export.executorch import ExecutorchExportConfig, export_executorch
     from lowra.sdk.base_model import cache_dir, linear_module_names, load_base
-    from lowra.sdk.compress import CompressConfig
-    from lowra.sdk.lora import LoraConfig, set_active_adapters
-    from lowra.sdk.lowbit import replace_linears
-    from lowra.sdk.quantize_base import QuantizeConfig, quantize_model
+    from lowra.sdk.quant.adapter_compression import CompressConfig
+    from lowra.sdk.adapters.lora import LoraConfig, set_active_adapters
+    from lowra.sdk.quant.lowbit_linear import replace_linears
+    from lowra.sdk.quant.base import QuantizeConfig, quantize_model
     from lowra.sdk.workflow import apply_blob, compress_factors, model_fingerprint
 
     work = Path(args.work) if args.work else cache_dir() / "bench_executorch"

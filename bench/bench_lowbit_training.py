@@ -38,7 +38,7 @@ def quantize(cache: Path, bits: float) -> dict:
     import torch
 
     from lowra.sdk.base_model import load_base
-    from lowra.sdk.quantize_base import QuantizeConfig, quantize_model
+    from lowra.sdk.quant.base import QuantizeConfig, quantize_model
 
     torch.set_num_threads(2)
     if cache.is_file():
@@ -58,10 +58,10 @@ def train(variant: str, cache: Path, steps: int, rank: int, batch: int, seq: int
     import psutil
     import torch
 
-    from lowra.device_runtime.quantized_base import read_quantized_base
+    from lowra.device_runtime.formats.quantized_base import read_quantized_base
     from lowra.sdk.base_model import linear_module_names, load_base
-    from lowra.sdk.lora import LoraConfig, adapter_parameters, inject_lora
-    from lowra.sdk.lowbit import lowbit_layers, replace_linears
+    from lowra.sdk.adapters.lora import LoraConfig, adapter_parameters, inject_lora
+    from lowra.sdk.quant.lowbit_linear import lowbit_layers, replace_linears
 
     torch.set_num_threads(threads)
     proc = psutil.Process()

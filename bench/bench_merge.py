@@ -22,8 +22,8 @@ def make_blob(base_dir: Path, path: Path) -> None:
     import torch
 
     from lowra.device_runtime.runtime import BaseWeights
-    from lowra.sdk.compress import CompressConfig
-    from lowra.sdk.lora import LoraConfig
+    from lowra.sdk.quant.adapter_compression import CompressConfig
+    from lowra.sdk.adapters.lora import LoraConfig
     from lowra.sdk.workflow import compress_factors
 
     weights = BaseWeights(base_dir)

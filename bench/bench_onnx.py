@@ -45,8 +45,8 @@ def rss_mib(field: str = "VmRSS") -> float:
 # ------------------------------------------------------------------------------------------------ worker
 def worker(spec: dict) -> dict:
     """Runs in its own process: engine creation, optional user, timed decode steps."""
-    from lowra.device_runtime.generation import GenerationConfig, generate
-    from lowra.device_runtime.onnx_engine import OnnxEngine
+    from lowra.device_runtime.engines.generation import GenerationConfig, generate
+    from lowra.device_runtime.engines.onnx import OnnxEngine
 
     t0 = time.perf_counter()
     engine = OnnxEngine(spec["dir"], threads=spec["threads"], lowbit_decode=spec.get("decode", "load"))
@@ -85,7 +85,7 @@ def worker(spec: dict) -> dict:
 def interleaved(dirs: dict[str, dict], threads: int, rounds: int, steps: int) -> dict:
     """Decode ms/step of several engines measured round-robin in one process, so a machine whose load changes
     during the run (other jobs on the 2 cores) slows every variant alike: the ratios are the result."""
-    from lowra.device_runtime.onnx_engine import OnnxEngine
+    from lowra.device_runtime.engines.onnx import OnnxEngine
 
     engines = {}
     for name, spec in dirs.items():
@@ -116,7 +116,7 @@ def run_worker(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ main
 def random_blob(model, modules: list[str], seed: int, rank: int = 8) -> bytes:
-    from lowra.device_runtime import format as fmt
+    from lowra.device_runtime import formats as fmt
     from lowra.sdk.workflow import model_fingerprint
 
     rng = np.random.default_rng(seed)
@@ -172,14 +172,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lowra.device_runtime import format as fmt
-    from lowra.device_runtime.generation import GenerationConfig
-    from lowra.device_runtime.onnx_engine import OnnxEngine
-    from lowra.device_runtime.quantized_base import read_quantized_base
+    from lowra.device_runtime import formats as fmt
+    from lowra.device_runtime.engines.generation import GenerationConfig
+    from lowra.device_runtime.engines.onnx import OnnxEngine
+    from lowra.device_runtime.formats.quantized_base import read_quantized_base
     from lowra.export.onnx import OnnxExportConfig, export_onnx, size_report
     from lowra.sdk.base_model import linear_module_names, load_base
-    from lowra.sdk.lowbit import LowBitLinear, replace_linears
-    from lowra.sdk.quantize_base import QuantizeConfig, quantize_model, uniform_quantize
+    from lowra.sdk.quant.lowbit_linear import LowBitLinear, replace_linears
+    from lowra.sdk.quant.base import QuantizeConfig, quantize_model, uniform_quantize
     from lowra.sdk.workflow import apply_blob
 
     out.mkdir(parents=True, exist_ok=True)

@@ -50,10 +50,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from lowra.cuda_kernels import load  # noqa: E402
-from lowra.device_runtime.format import pack_codes  # noqa: E402
-from lowra.device_runtime.quantized_weight import QuantizedWeight  # noqa: E402
-from lowra.sdk import ops  # noqa: E402,F401  (registers torch.ops.lowra.*)
-from lowra.sdk.lowbit import LowBitLinear  # noqa: E402
+from lowra.device_runtime.formats import pack_codes  # noqa: E402
+from lowra.device_runtime.formats.quantized_weight import QuantizedWeight  # noqa: E402
+from lowra.sdk.quant import ops  # noqa: E402,F401  (registers torch.ops.lowra.*)
+from lowra.sdk.quant.lowbit_linear import LowBitLinear  # noqa: E402
 
 # LLaMA-2-7B: hidden 4096, MLP 11008, 32 blocks, 7 linears per block.
 HIDDEN, MLP, BLOCKS = 4096, 11008, 32
@@ -490,8 +490,8 @@ def section_train(device: torch.device, args: argparse.Namespace, clock: Clock) 
 
 
 def section_mapping(device: torch.device, args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
-    from lowra.sdk.allocation import assign_precision
-    from lowra.sdk.quantize_base import QuantizeConfig, _refine, _row_costs, plan_model
+    from lowra.sdk.quant.allocation import assign_precision
+    from lowra.sdk.quant.base import QuantizeConfig, _refine, _row_costs, plan_model
 
     blocks = 2 if args.quick else 4
     dim_scale = 1 if device.type == "cuda" else 16  # CPU smoke: 16x smaller layers

@@ -110,7 +110,7 @@ def _try_load() -> KernelStatus:
         return KernelStatus(
             False, "nvcc not found (set CUDA_HOME or put nvcc on PATH); the pure-torch reference ops run on CUDA"
         )
-    from ..sdk import ops as _ops  # noqa: F401  (the schemas must exist before the CUDA kernels register)
+    from lowra.sdk.quant import ops as _ops  # noqa: F401  (the schemas must exist before the CUDA kernels register)
 
     major, minor = torch.cuda.get_device_capability()
     if major < 8:

@@ -4,7 +4,7 @@ Owns the adapter wire format (:mod:`.format`) and its numpy reference codec; loa
 blob against it, merges the adapter at load time and swaps users without drift (:class:`DeviceRuntime`).
 Also reads the sub-2-bit quantized base file (:mod:`.quantized_base`, one layer: :class:`QuantizedWeight`).
 """
-from .errors import (
+from lowra.device_runtime.errors import (
     BaseMismatchError,
     BaseNotFoundError,
     BlobContentError,
@@ -14,10 +14,10 @@ from .errors import (
     LowraError,
     UnsupportedFormatError,
 )
-from .format import FORMAT_NAME, FORMAT_VERSION, Blob, parse_blob, read_blob
-from .quantized_base import QuantizedBase, read_quantized_base, write_quantized_base
-from .quantized_weight import QuantizedWeight
-from .runtime import BaseWeights, DeviceRuntime, UserInfo
+from lowra.device_runtime.formats import FORMAT_NAME, FORMAT_VERSION, Blob, parse_blob, read_blob
+from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quantized_base, write_quantized_base
+from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime, UserInfo
 
 __all__ = [
     "BaseMismatchError",

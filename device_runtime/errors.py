@@ -44,3 +44,7 @@ class ProgramError(LowraError, ValueError):
 
 class KernelLibraryError(LowraError, OSError):
     """The native kernel library a program needs is missing, cannot be loaded, or does not provide its ops."""
+
+
+class OutputExistsError(LowraError, FileExistsError):
+    """An output path already holds something and the caller did not ask to replace it."""

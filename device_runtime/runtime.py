@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import format as fmt
-from .errors import BaseMismatchError, BaseNotFoundError, BlobContentError
-from .safetensors_io import bf16_to_float32, memmap_tensors, read_header
+from lowra.device_runtime import formats as fmt
+from lowra.device_runtime.errors import BaseMismatchError, BaseNotFoundError, BlobContentError
+from lowra.device_runtime.formats.container import bf16_to_float32, memmap_tensors
 
 @dataclass(frozen=True)
 class UserInfo:
@@ -55,7 +55,7 @@ class BaseWeights:
         self.tensors: dict[str, np.ndarray] = {}
         self._digests: dict[str, str] = {}
         if self.path.is_file():
-            from .quantized_base import read_quantized_base
+            from lowra.device_runtime.formats.quantized_base import read_quantized_base
 
             for name, arr in read_quantized_base(self.path).dequantized_state_dict().items():
                 arr.flags.writeable = False

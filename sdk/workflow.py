@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..device_runtime import format as fmt
-from ..device_runtime.runtime import BaseWeights
-from .compress import CompressConfig, CompressedAdapter, compress_adapter
-from .errors import ConfigError
-from .lora import LoraConfig, lora_layers, set_active_adapters, set_adapter_factors
+from lowra.device_runtime import formats as fmt
+from lowra.device_runtime.runtime import BaseWeights
+from lowra.sdk.quant.adapter_compression import CompressConfig, CompressedAdapter, compress_adapter
+from lowra.sdk.errors import ConfigError
+from lowra.sdk.adapters.lora import LoraConfig, lora_layers, set_active_adapters, set_adapter_factors
 
 
 def frozen_weight(layer: nn.Module, name: str = "") -> torch.Tensor:

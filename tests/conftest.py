@@ -7,6 +7,9 @@ downloaded weights; the real SmolLM2 base is exercised only by ``slow`` tests.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -130,3 +133,27 @@ def make_user_dir() -> Callable[..., Path]:
 @pytest.fixture
 def tiny_user_dir(tmp_path: Path) -> Path:
     return write_user_dir(tmp_path / "tiny-user")
+
+
+_BLOCKER = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in {blocked!r}):
+            raise ImportError(f"{{name}} is blocked in this test")
+sys.meta_path.insert(0, _Block())
+"""
+_CHECK = """
+import sys as _sys
+_leaked = [m for m in _sys.modules if any(m == b or m.startswith(b + ".") for b in {blocked!r})]
+assert not _leaked, f"blocked modules got imported: {{_leaked[:5]}}"
+"""
+
+
+def run_with_blocked_imports(code: str, blocked: tuple[str, ...] = ("torch",), timeout: float = 120,
+                             args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where importing any of ``blocked`` (and their submodules) raises
+    ImportError; the run fails if one of them is in ``sys.modules`` at the end anyway. The one no-torch check
+    every device-side test uses."""
+    script = _BLOCKER.format(blocked=blocked) + textwrap.dedent(code) + _CHECK.format(blocked=blocked)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)

@@ -20,7 +20,7 @@ import torch
 from torch.utils import cpp_extension
 
 from lowra.cuda_kernels import OPS, cuda_home, nvcc_path, sources
-from lowra.sdk import ops  # noqa: F401  (defines the lowra:: schemas)
+from lowra.sdk.quant import ops  # noqa: F401  (defines the lowra:: schemas)
 
 ARCHS = ("80", "90")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowra.device_runtime import format as fmt
+from lowra.device_runtime import formats as fmt
 from lowra.device_runtime.runtime import BaseWeights
-from lowra.device_runtime.safetensors_io import serialize
+from lowra.device_runtime.formats.container import serialize
 
 # module path -> (out_features, in_features)
 TINY_MODULES = {

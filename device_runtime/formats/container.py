@@ -1,0 +1,247 @@
+"""The container every lowra file uses: safetensors (numpy only) plus lowra's metadata envelope.
+
+We parse the container ourselves (8-byte little-endian header length, JSON header, raw data) so that a
+truncated or corrupted file gets a precise error, and so base weights can be memory-mapped read-only:
+the file on disk *is* the pristine copy of the base, which is what makes user swaps drift-free.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from lowra.device_runtime.errors import (
+    BlobContentError,
+    BlobError,
+    BlobTruncatedError,
+    ChecksumMismatchError,
+    UnsupportedFormatError,
+)
+
+# safetensors dtype names -> numpy dtypes (BF16 is widened on read; numpy has no bfloat16).
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+    "BF16": np.dtype("<u2"),
+}
+_NUMPY_TO_NAME = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}
+
+# A header larger than this is not a file we wrote or a sane model file; refuse before allocating.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_offset: int
+    header_bytes: int  # 8 + JSON length: the container's own overhead
+
+
+def parse_header(raw: bytes | memoryview, file_size: int, what: str) -> Header:
+    """Parse and validate a safetensors header from the first bytes of a file of ``file_size`` bytes."""
+    if file_size < 8 or len(raw) < 8:
+        raise BlobTruncatedError(f"{what}: {file_size} bytes is too short for a safetensors file (needs >= 8)")
+    (n,) = struct.unpack("<Q", bytes(raw[:8]))
+    if n > MAX_HEADER_BYTES:
+        raise BlobError(f"{what}: header length {n} is implausible (max {MAX_HEADER_BYTES}); not a safetensors file")
+    if 8 + n > file_size or 8 + n > len(raw):
+        raise BlobTruncatedError(
+            f"{what}: header announces {n} bytes of JSON but the file has only {file_size - 8} after the length field; "
+            "the file is truncated"
+        )
+    try:
+        header = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BlobError(f"{what}: safetensors header is not valid JSON ({exc}); the file is corrupted") from exc
+    if not isinstance(header, dict):
+        raise BlobError(f"{what}: safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BlobError(f"{what}: __metadata__ must map strings to strings")
+    data_offset = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BlobError(f"{what}: tensor {name!r} has a malformed header entry {info!r}") from exc
+        if dtype not in DTYPES:
+            raise BlobContentError(f"{what}: tensor {name!r} has dtype {dtype}, expected one of {sorted(DTYPES)}")
+        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        if end - begin != expected or begin < 0:
+            raise BlobError(
+                f"{what}: tensor {name!r} spans {end - begin} bytes but dtype {dtype} shape {list(shape)} needs {expected}"
+            )
+        if data_offset + end > file_size:
+            raise BlobTruncatedError(
+                f"{what}: tensor {name!r} ends at byte {data_offset + end} but the file has {file_size} bytes; "
+                "the file is truncated"
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, data_offset + begin, data_offset + end)
+    return Header(tensors=tensors, metadata=dict(metadata), data_offset=data_offset, header_bytes=data_offset)
+
+
+def read_header(path: Path) -> Header:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if n <= MAX_HEADER_BYTES:
+                head += fh.read(n)
+    return parse_header(head, size, str(path))
+
+
+def tensor_from_buffer(buffer: bytes | memoryview | np.ndarray, info: TensorInfo) -> np.ndarray:
+    """A read-only view of one tensor inside ``buffer`` (the whole file's bytes or a memmap)."""
+    flat = np.frombuffer(buffer, dtype=np.uint8, count=info.end - info.start, offset=info.start)
+    return flat.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def memmap_tensors(path: Path) -> tuple[Header, dict[str, np.ndarray]]:
+    """Map every tensor of a safetensors file read-only; nothing is copied into RAM until touched."""
+    header = read_header(path)
+    if header.data_offset == path.stat().st_size:  # no tensor data at all: np.memmap refuses empty maps
+        return header, {}
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    return header, {name: tensor_from_buffer(mm, info) for name, info in header.tensors.items()}
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The safetensors name of a numpy dtype (what :func:`serialize` writes for it)."""
+    dtype = np.dtype(dtype)
+    name = _NUMPY_TO_NAME.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if name is None:
+        raise BlobContentError(f"numpy dtype {dtype} has no safetensors equivalent")
+    return name
+
+
+def _header(entries: Mapping[str, tuple[str, tuple[int, ...], int]], metadata: Mapping[str, str]) -> bytes:
+    """The length-prefixed, 8-byte padded JSON header for tensors given as name -> (dtype, shape, nbytes)."""
+    table: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in sorted(entries):
+        dtype, shape, nbytes = entries[name]
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the safetensors convention: data starts 8-byte aligned
+    return struct.pack("<Q", len(header)) + header
+
+
+def header_size(entries: Mapping[str, tuple[str, tuple[int, ...], int]], metadata: Mapping[str, str]) -> int:
+    """Bytes :func:`serialize` spends before the tensor data (for exact budget accounting ahead of time)."""
+    return len(_header(entries, metadata))
+
+
+def serialize(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes with tensors in sorted-name order (deterministic output for identical input)."""
+    entries: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    blobs: list[bytes] = []
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        little = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+        dtype = _NUMPY_TO_NAME.get(little)
+        if dtype is None:
+            raise BlobContentError(f"tensor {name!r}: numpy dtype {arr.dtype} has no safetensors equivalent")
+        data = arr.astype(little, copy=False).tobytes()
+        entries[name] = (dtype, arr.shape, len(data))
+        blobs.append(data)
+    return _header(entries, metadata) + b"".join(blobs)
+
+
+# ----------------------------------------------------------------------------------------------- envelope
+# Every lowra safetensors file carries ``format``, ``format_version``, a ``payload_sha256`` over its tensors
+# and other metadata, and some JSON-valued metadata keys. Writers and readers of each format share these helpers.
+
+def payload_digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes; sorted by name) and every metadata entry but itself."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+        h.update(arr.tobytes())
+    rest = {k: v for k, v in metadata.items() if k != "payload_sha256"}
+    h.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    return h.hexdigest()
+
+
+def encode_metadata(metadata: Mapping[str, object], json_keys: Sequence[str]) -> dict[str, str]:
+    """The string map ``__metadata__`` stores: keys in ``json_keys`` as compact sorted JSON, the rest as ``str``."""
+    return {
+        k: (json.dumps(v, separators=(",", ":"), sort_keys=True) if k in json_keys else str(v))
+        for k, v in metadata.items()
+    }
+
+
+def check_envelope(
+    meta: Mapping[str, str], *, what: str, format_name: str, reads: Sequence[int], required: Sequence[str],
+    not_this: str, remedy: str,
+) -> int:
+    """Refuse a file that is not ``format_name`` in a version this reader knows, or lacks required keys.
+
+    ``not_this`` finishes the wrong-format message (what the file is not); ``remedy`` says what to do about an
+    unsupported version. Returns the version.
+    """
+    if meta.get("format") != format_name:
+        raise UnsupportedFormatError(f"{what}: format is {meta.get('format')!r}, expected {format_name!r}; {not_this}")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        version = -1
+    if version not in reads:
+        raise UnsupportedFormatError(
+            f"{what}: format version {meta.get('format_version')!r} is not supported; this runtime reads versions "
+            f"{list(reads)}. Upgrade lowra on the device or {remedy}"
+        )
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise BlobContentError(f"{what}: metadata lacks required keys {missing}")
+    return version
+
+
+def verify_payload(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], what: str, remedy: str) -> None:
+    """Compare the payload digest with the stored ``payload_sha256``; ``remedy`` says what to do on a mismatch."""
+    digest = payload_digest(tensors, meta)
+    if digest != meta["payload_sha256"]:
+        raise ChecksumMismatchError(
+            f"{what}: payload sha256 is {digest[:16]}..., the file says {meta['payload_sha256'][:16]}...; "
+            f"the file is corrupted or was modified after writing. {remedy}"
+        )
+
+
+def decode_json_metadata(meta: Mapping[str, str], json_keys: Sequence[str], what: str) -> dict[str, object]:
+    """``meta`` with the values of ``json_keys`` decoded from JSON (a malformed one is a BlobContentError)."""
+    decoded: dict[str, object] = dict(meta)
+    for key in json_keys:
+        try:
+            decoded[key] = json.loads(meta[key])
+        except json.JSONDecodeError as exc:
+            raise BlobContentError(f"{what}: metadata {key!r} is not valid JSON ({exc})") from exc
+    return decoded

@@ -1,0 +1,349 @@
+"""The quantized-base artifact ("lowra-base" v1): a LowRA sub-2-bit base model in one safetensors file.
+
+Spec in docs/FORMAT.md ("Quantized base"). numpy only: the device reads this file without torch.
+
+Per quantized linear layer ``M`` (a :class:`~.quantized_weight.QuantizedWeight`), four tensors:
+  ``M.codes``      uint8   1-D, rows concatenated, each row ``ceil(in * w_r / 8)`` bytes packed LSB-first
+  ``M.codebooks``  float16 1-D, ``2**w_r`` ascending levels per row, rows concatenated
+  ``M.widths``     uint8   1-D, one 2-bit width code per row packed LSB-first (code 1/2/3 = width 1/2/4; the
+                           adapter bit map's packing, :func:`.format.encode_widths`, where code 0 means width 0 and
+                           is refused here: every base row is stored)
+  ``M.scales``     float16 2-D ``[out, ceil(in / group_size)]`` absmax per group (``[out, 0]`` without groups)
+Every other tensor of the model (embeddings, norms, biases, the output head) is stored under its own
+state-dict name; floating tensors as float16 to keep the file small (the quantizer writes them so; the
+reader accepts any dtype and widens floats to float32). Tied tensors are stored once and named in ``aliases``.
+
+``__metadata__`` keys: see :data:`REQUIRED_METADATA`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from lowra.device_runtime._files import atomic_write_bytes, utc_now
+from lowra.device_runtime.errors import BlobContentError, ChecksumMismatchError
+from lowra.device_runtime.formats.bitpack import decode_widths, encode_widths, packed_bytes
+from lowra.device_runtime.formats.constants import (
+    BASE_FORMAT as FORMAT_NAME,
+    BASE_READS as SUPPORTED_VERSIONS,
+    BASE_VERSION as FORMAT_VERSION,
+    CODED_WIDTHS,
+)
+from lowra.device_runtime.formats.container import (
+    check_envelope,
+    decode_json_metadata,
+    dtype_name,
+    encode_metadata,
+    header_size,
+    memmap_tensors,
+    payload_digest,
+    serialize,
+    verify_payload,
+)
+from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+LAYER_TENSORS = ("codebooks", "codes", "scales", "widths")
+DENSE_DTYPE = np.dtype("<f2")
+
+REQUIRED_METADATA = (
+    "format",  # "lowra-base"
+    "format_version",  # "1"
+    "modules",  # JSON [[module_path, out_features, in_features, group_size], ...] in model order
+    "group_size",  # the quantizer's group size (informative; each module carries its own in `modules`)
+    "aliases",  # JSON {tensor_name: stored_tensor_name} for tied weights (e.g. lm_head -> embed_tokens)
+    "source",  # the model the base was quantized from (path or name)
+    "scheme",  # JSON: method, budget in effective bits, widths, weighted, dtypes; informative
+    "report",  # JSON: measured error and bits, totals and per module (see sdk.quantize_base); informative
+    "fingerprint",  # "sha256:<hex>" of the quantized layers, see quantized_fingerprint()
+    "payload_sha256",  # hex sha256 over all tensors and other metadata (format.payload_digest)
+    "created",  # ISO-8601 UTC time of writing
+)
+JSON_METADATA = ("modules", "aliases", "scheme", "report")
+# Written by write/build from the arguments; callers pass the others.
+DERIVED_METADATA = ("format", "format_version", "modules", "fingerprint", "payload_sha256")
+
+
+def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, np.ndarray]:
+    """The four stored tensors of one quantized module (widths packed to 2 bits per row)."""
+    return {
+        f"{name}.codebooks": np.ascontiguousarray(weight.codebooks, dtype="<f2"),
+        f"{name}.codes": np.ascontiguousarray(weight.codes, dtype=np.uint8),
+        f"{name}.scales": np.ascontiguousarray(weight.scales, dtype="<f2"),
+        f"{name}.widths": encode_widths(weight.widths),
+    }
+
+
+def quantized_fingerprint(layers: Mapping[str, QuantizedWeight]) -> str:
+    """Identity of the quantized weights, independent of metadata (report, time) and of the dense tensors.
+
+    sha256 over the modules sorted by name; per module the UTF-8 line ``"{name}|[out, in]|{group_size}\\n"``,
+    then for each of its tensors in the order codebooks, codes, scales, widths (as stored: widths 2-bit packed)
+    ``"{tensor_name}|{numpy dtype str}|{shape list}|"`` followed by the raw little-endian bytes.
+    An adapter trained against this base names this fingerprint; a bit flip in any code or level changes it.
+    """
+    h = hashlib.sha256()
+    for name in sorted(layers):
+        w = layers[name]
+        h.update(f"{name}|{[w.out_features, w.in_features]}|{w.group_size}\n".encode())
+        for tname, arr in sorted(layer_tensors(name, w).items()):
+            h.update(f"{tname}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+            h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class QuantizedBase:
+    """A quantized base in memory: low-bit layers, dense tensors, decoded metadata and the fingerprint."""
+
+    layers: dict[str, QuantizedWeight]
+    dense: dict[str, np.ndarray]
+    metadata: dict[str, object]
+    fingerprint: str
+    file_bytes: int = 0  # size of the file this was read from or will serialize to (0 = unknown)
+    header_bytes: int = 0
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def report(self) -> dict[str, object]:
+        return dict(self.metadata.get("report") or {})
+
+    @property
+    def n_quantized_params(self) -> int:
+        return int(sum(w.out_features * w.in_features for w in self.layers.values()))
+
+    def dense_data_bytes(self) -> int:
+        return int(sum(np.asarray(a).nbytes for a in self.dense.values()))
+
+    def bits_report(self) -> dict[str, object]:
+        """Effective bits over the quantized layers: every byte of the file except the dense tensors' data.
+
+        The header (all metadata and every tensor's entry, dense ones included) counts against the layers;
+        the dense tensors (embeddings, norms, head) are reported separately, in bytes and as whole-file bits
+        per model parameter, so the low-bit part is comparable across models and papers.
+        """
+        n = max(self.n_quantized_params, 1)
+        layer_bytes = {k: 0 for k in LAYER_TENSORS}
+        hist = {"1": 0, "2": 0, "4": 0}
+        code_bits = 0
+        for name, w in self.layers.items():
+            for tname, arr in layer_tensors(name, w).items():
+                layer_bytes[tname.rsplit(".", 1)[1]] += arr.nbytes
+            for width in CODED_WIDTHS:
+                hist[str(width)] += int(np.sum(w.widths == width))
+            code_bits += w.code_bits()
+        dense_bytes = self.dense_data_bytes()
+        n_dense = int(sum(np.asarray(a).size for a in self.dense.values()))
+        quantized_bytes = self.file_bytes - dense_bytes
+        return {
+            "n_quantized_params": self.n_quantized_params,
+            "n_dense_params": n_dense,
+            "file_bytes": int(self.file_bytes),
+            "effective_bits": 8.0 * quantized_bytes / n,
+            "code_bits": code_bits / n,
+            "bytes": {**layer_bytes, "header_and_metadata": int(self.header_bytes), "dense": dense_bytes},
+            "file_bits_per_model_param": 8.0 * self.file_bytes / max(n + n_dense, 1),
+            "width_histogram": hist,
+        }
+
+    def dequantized_state_dict(self) -> dict[str, np.ndarray]:
+        """Every weight of the model as float32 numpy (what a runtime merges adapters into).
+
+        Quantized modules appear as ``"{module}.weight"``; tied tensors under every name (same array).
+        Non-floating dense tensors keep their dtype.
+        """
+        out: dict[str, np.ndarray] = {}
+        for name, w in self.layers.items():
+            out[f"{name}.weight"] = w.dequantize()
+        for name, arr in self.dense.items():
+            arr = np.asarray(arr)
+            out[name] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else np.array(arr)
+        for alias, target in self.aliases.items():
+            out[alias] = out[target]
+        return out
+
+    def to_bytes(self) -> bytes:
+        return build_quantized_base_bytes(self.layers, self.dense, self._caller_metadata())
+
+    def write(self, path: str | Path, overwrite: bool = False) -> Path:
+        return atomic_write_bytes(path, self.to_bytes(), overwrite=overwrite)
+
+    def _caller_metadata(self) -> dict[str, object]:
+        return {k: v for k, v in self.metadata.items() if k not in DERIVED_METADATA}
+
+
+def _caller_fields(metadata: Mapping[str, object]) -> dict[str, str]:
+    """The encoded metadata a caller supplies (derived keys dropped; ``created`` and ``aliases`` defaulted)."""
+    meta = encode_metadata({k: v for k, v in metadata.items() if k not in DERIVED_METADATA}, JSON_METADATA)
+    meta.setdefault("created", utc_now())
+    meta.setdefault("aliases", "{}")
+    return meta
+
+
+def _modules_json(modules: Sequence[tuple[str, int, int, int]]) -> str:
+    return encode_metadata({"modules": [list(m) for m in modules]}, ["modules"])["modules"]
+
+
+def _encode_metadata(
+    layers: Mapping[str, QuantizedWeight], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+) -> dict[str, str]:
+    meta = _caller_fields(metadata)
+    meta["format"] = FORMAT_NAME
+    meta["format_version"] = str(FORMAT_VERSION)
+    meta["modules"] = _modules_json([(n, w.out_features, w.in_features, w.group_size) for n, w in layers.items()])
+    meta["fingerprint"] = quantized_fingerprint(layers)
+    missing = [k for k in REQUIRED_METADATA if k not in meta and k != "payload_sha256"]
+    if missing:
+        raise ValueError(f"quantized-base metadata lacks {missing}; every v1 file needs {list(REQUIRED_METADATA)}")
+    meta["payload_sha256"] = payload_digest(tensors, meta)
+    return meta
+
+
+def _all_tensors(layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], aliases: Mapping[str, str]):
+    tensors: dict[str, np.ndarray] = {}
+    for name, w in layers.items():
+        w.validate(f"module {name!r}")
+        tensors.update(layer_tensors(name, w))
+    for name, arr in dense.items():
+        if name in tensors:
+            raise BlobContentError(
+                f"dense tensor {name!r} collides with a quantized module's tensor of the same name; rename it"
+            )
+        arr = np.ascontiguousarray(arr)
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise BlobContentError(f"dense tensor {name!r} contains NaN or Inf (after the cast to {arr.dtype})")
+        tensors[name] = arr
+    for alias, target in aliases.items():
+        if target not in dense or alias in tensors:
+            raise BlobContentError(
+                f"alias {alias!r} -> {target!r}: the target must be a stored dense tensor and the alias a name "
+                "not stored itself"
+            )
+    return tensors
+
+
+def build_quantized_base_bytes(
+    layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+) -> bytes:
+    """Serialize a quantized base. ``metadata`` needs source, group_size, scheme, report (created and aliases
+    default to now and {}); format, version, modules, fingerprint and checksum are derived here."""
+    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}))
+    return serialize(tensors, _encode_metadata(layers, tensors, metadata))
+
+
+def serialized_size(
+    layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+) -> tuple[int, int]:
+    """(file bytes, header bytes) that :func:`build_quantized_base_bytes` produces, without building the buffer."""
+    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}))
+    meta = _encode_metadata(layers, tensors, metadata)
+    entries = {k: (dtype_name(v.dtype), tuple(v.shape), v.nbytes) for k, v in tensors.items()}
+    head = header_size(entries, meta)
+    return head + sum(v.nbytes for v in tensors.values()), head
+
+
+def header_bytes_bound(
+    modules: Sequence[tuple[str, int, int, int]], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+) -> int:
+    """Header bytes of a file with these modules [(name, out, in, group_size)], dense tensors and metadata,
+    whatever the row widths: an upper bound, exact when every row is 4 bits.
+
+    Header length only grows with tensor sizes (shapes and data offsets are the only numbers in it that depend
+    on the widths), so sizing every layer at 4 bits bounds it; fingerprint and checksum have fixed lengths.
+    A quantizer spends ``budget - this`` on the layers and can never end up over budget because of the header.
+    """
+    entries: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    for name, out_f, in_f, group in modules:
+        n_groups = -(-in_f // group) if group else 0
+        code_bytes = out_f * packed_bytes(in_f, 4)
+        entries[f"{name}.codebooks"] = ("F16", (out_f * 16,), 2 * out_f * 16)
+        entries[f"{name}.codes"] = ("U8", (code_bytes,), code_bytes)
+        entries[f"{name}.scales"] = ("F16", (out_f, n_groups), 2 * out_f * n_groups)
+        entries[f"{name}.widths"] = ("U8", ((out_f + 3) // 4,), (out_f + 3) // 4)
+    for name, arr in dense.items():
+        entries[name] = (dtype_name(arr.dtype), tuple(arr.shape), int(arr.nbytes))
+    meta = _caller_fields(metadata)
+    meta.update(
+        format=FORMAT_NAME,
+        format_version=str(FORMAT_VERSION),
+        modules=_modules_json(modules),
+        fingerprint="sha256:" + "0" * 64,
+        payload_sha256="0" * 64,
+    )
+    return header_size(entries, meta)
+
+
+def write_quantized_base(
+    path: str | Path,
+    layers: Mapping[str, QuantizedWeight],
+    dense: Mapping[str, np.ndarray],
+    metadata: Mapping[str, object],
+    overwrite: bool = False,
+) -> Path:
+    """Write atomically (temp file + rename): a crash never leaves a half-written base under ``path``."""
+    return atomic_write_bytes(path, build_quantized_base_bytes(layers, dense, metadata), overwrite=overwrite)
+
+
+def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> QuantizedBase:
+    """Map a quantized base read-only and verify it: container, format/version, checksum, fingerprint, layers.
+
+    Tensors stay memory-mapped (nothing is copied until decoded), so a device can keep the file as the
+    pristine base and decode layers on demand.
+    """
+    path = Path(path)
+    what = f"quantized base {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} does not exist (expected a .safetensors file written by `lowra quantize-base`)")
+    header, tensors = memmap_tensors(path)
+    meta = header.metadata
+    check_envelope(
+        meta, what=what, format_name=FORMAT_NAME, reads=SUPPORTED_VERSIONS, required=REQUIRED_METADATA,
+        not_this="this is not a lowra quantized base (an adapter blob says 'lowra-adapter'; a plain model folder "
+        "is loaded with DeviceRuntime)",
+        remedy="re-quantize the base",
+    )
+    if verify_checksum:
+        verify_payload(tensors, meta, what, "Copy it again or re-quantize the base")
+    decoded = decode_json_metadata(meta, JSON_METADATA, what)
+    try:
+        modules = [(str(n), int(o), int(i), int(g)) for n, o, i, g in decoded["modules"]]
+    except (TypeError, ValueError) as exc:
+        raise BlobContentError(f"{what}: metadata 'modules' must be [[name, out, in, group_size], ...] ({exc})") from exc
+    layers: dict[str, QuantizedWeight] = {}
+    for name, out_f, in_f, group in modules:
+        names = {t: f"{name}.{t}" for t in LAYER_TENSORS}
+        absent = [n for n in names.values() if n not in tensors]
+        if absent:
+            raise BlobContentError(f"{what}: module {name!r} lacks tensors {absent}")
+        packed = tensors[names["widths"]]
+        if packed.dtype != np.uint8 or packed.shape != ((out_f + 3) // 4,):
+            raise BlobContentError(
+                f"{what}: {names['widths']} is {packed.dtype} {list(packed.shape)}, expected uint8 [{(out_f + 3) // 4}] "
+                f"(2-bit width codes for {out_f} rows)"
+            )
+        widths = decode_widths(packed, out_f)
+        if np.any(widths == 0):
+            raise BlobContentError(f"{what}: module {name!r} has rows of width 0; every base row needs 1, 2 or 4 bits")
+        weight = QuantizedWeight(
+            out_features=out_f, in_features=in_f, group_size=group, widths=widths,
+            codes=tensors[names["codes"]], codebooks=tensors[names["codebooks"]], scales=tensors[names["scales"]],
+        )
+        weight.validate(f"{what}: module {name!r}")
+        layers[name] = weight
+    layer_names = {f"{n}.{t}" for n, *_ in modules for t in LAYER_TENSORS}
+    dense = {k: v for k, v in tensors.items() if k not in layer_names}
+    fingerprint = quantized_fingerprint(layers)
+    if fingerprint != meta["fingerprint"]:
+        raise ChecksumMismatchError(
+            f"{what}: the quantized layers hash to {fingerprint[:23]}..., the file says {meta['fingerprint'][:23]}...; "
+            "the file is corrupted or was modified. Re-quantize the base"
+        )
+    aliases = decoded["aliases"]
+    if not isinstance(aliases, dict) or any(t not in dense for t in aliases.values()):
+        raise BlobContentError(f"{what}: aliases {aliases!r} must map names to stored dense tensors")
+    return QuantizedBase(
+        layers=layers, dense=dense, metadata=decoded, fingerprint=fingerprint,
+        file_bytes=path.stat().st_size, header_bytes=header.header_bytes, aliases=dict(aliases),
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from lowra.export.executorch.exporter import main
+
+sys.exit(main())

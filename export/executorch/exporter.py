@@ -1,0 +1,446 @@
+"""ExecuTorch export of a low-bit lowra base: one shared ``.pte`` per user mode plus per-user ``.ptd`` data.
+
+What one call of :func:`export_executorch` writes into a model folder (read by
+:class:`lowra.device_runtime.engines.executorch.ExecutorchEngine`; the layout is in docs/FORMAT.md):
+
+- ``side.pte`` + ``side.ptd``: every linear stays packed (custom op ``lowra::lowbit_linear`` or the core-ATen
+  decode), and each adaptable linear gets a LoRA side branch ``x @ down^T @ up^T`` whose two factors are named
+  data in the ``.ptd``. Switching users rewrites those factors only (kilobytes to megabytes).
+- ``merge.pte`` + ``merge.ptd``: the adaptable linears are dense float32 weights held in the ``.ptd`` (the
+  template holds the decoded base); merge-at-load writes ``base + up @ down`` there. Linears nobody adapts
+  stay packed in the ``.pte``.
+- ``manifest.json``: sizes, sha256 of every file, per-module base digests (so a blob's base fingerprint is
+  checked without decoding the base), and where each named tensor lives in each ``.ptd`` template.
+- ``liblowra_executorch_kernels.so`` (custom ops only): the native kernels, copied from the build cache.
+- ``tokenizer.json`` when a tokenizer is given.
+
+The program is transformers' static-cache decoder (``TorchExportableModuleWithStaticCache``): inputs
+``input_ids [1, n]`` and ``cache_position [n]`` (n dynamic, 1..max_seq_len), output logits ``[1, n, vocab]``;
+position 0 resets the cache, so prefill is one call and each decode step is another.
+
+Python's ``Runtime.load_program`` takes one ``.ptd``, so the device composes a user's single file from the
+template: the ``.ptd`` is a flatbuffer header plus raw tensor segments, and the manifest records each tensor's
+byte range, so the numpy-only device copies the template and overwrites those ranges (no flatc on the device).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowra.device_runtime.engines import executorch as spec
+from lowra.device_runtime import formats as fmt
+from lowra.device_runtime._files import atomic_write_bytes
+from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.sdk.base_model import linear_module_names
+from lowra.sdk.errors import ConfigError
+from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers
+from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
+
+__all__ = [
+    "AtenLowBitLinear",
+    "ExecutorchExportConfig",
+    "MergedLinear",
+    "SideBranchLinear",
+    "export_executorch",
+    "fix_empty_strides",
+    "load_kernel_library",
+]
+
+OPS = ("custom", "aten")
+MODES = spec.USER_MODES
+
+
+@dataclass
+class ExecutorchExportConfig:
+    ops: str = "custom"  # "custom": lowra::lowbit_linear + native kernels; "aten": core-ATen decode (stock runtime)
+    modes: Sequence[str] = ("side", "merge")  # user-data programs to write (see the module docstring)
+    max_seq_len: int = 128  # static KV-cache length = prompt + generated tokens
+    rank: int = 8  # side-branch rank: blobs with up to this many kept components per module load
+    targets: str | list[str] = "all-linear"  # linears a user may adapt (LoRA targets)
+    # Delegate what XNNPACK takes (dense linears, attention); the low-bit op stays native. Off by default: it
+    # needs a second export to keep user data external and measured ~2.5x the lowering time (tiny model, 2 cores),
+    # and the portable + optimized kernels already compute the same logits (docs/RESULTS.md, ExecuTorch).
+    xnnpack: bool = False
+    kernel_library: str | None = None  # a prebuilt .so; None builds (or reuses) the cached one
+
+    def __post_init__(self) -> None:
+        if self.ops not in OPS:
+            raise ConfigError(f"ops={self.ops!r}; expected one of {OPS} (custom kernels or the core-ATen fallback)")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"modes={list(self.modes)}; expected a non-empty subset of {MODES}")
+        if self.max_seq_len < 2 or self.rank < 1:
+            raise ConfigError(f"max_seq_len={self.max_seq_len}, rank={self.rank}; expected max_seq_len >= 2, rank >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ modules
+class AtenLowBitLinear(nn.Module):
+    """A LowBitLinear decoded with core-ATen ops only, for a stock ExecuTorch runtime (no custom op).
+
+    ``>>`` is not core ATen (measured: it fails at lowering), so each code is
+    ``floor(byte / 2**(w*k)) % 2**w`` followed by a gather into the row's codebook. Rows are grouped by width
+    (one block of codes per width) and put back in order with one index_select. The constants stay the packed
+    uint8 codes and float16 levels; the float32 weight exists only while the op runs.
+    """
+
+    def __init__(self, layer: LowBitLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        widths = layer.widths.long()
+        self.widths_present: list[int] = []
+        order = []
+        for width in CODED_WIDTHS:
+            rows = torch.nonzero(widths == width).flatten()
+            if rows.numel() == 0:
+                continue
+            nbytes = (self.in_features * width + 7) // 8
+            byte_index = layer.row_code_offsets[rows].unsqueeze(1) + torch.arange(nbytes)
+            level_index = layer.row_level_offsets[rows].unsqueeze(1) + torch.arange(1 << width)
+            self.register_buffer(f"codes_{width}", layer.codes[byte_index].clone())
+            self.register_buffer(f"books_{width}", layer.codebooks[level_index].clone())
+            self.register_buffer(f"divisors_{width}", (1 << (width * torch.arange(8 // width))).to(torch.int32))
+            self.widths_present.append(width)
+            order.append(rows)
+        rows_in_order = torch.cat(order)
+        self.permuted = not torch.equal(rows_in_order, torch.arange(self.out_features))
+        if self.permuted:
+            self.register_buffer("inverse_order", torch.argsort(rows_in_order))
+        self.register_buffer("scales", layer.scales.clone())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.float().clone())
+
+    def decode(self) -> Tensor:
+        blocks = []
+        for width in self.widths_present:
+            codes = getattr(self, f"codes_{width}").to(torch.int32)
+            digits = torch.div(codes.unsqueeze(-1), getattr(self, f"divisors_{width}"), rounding_mode="floor")
+            index = (digits % (1 << width)).reshape(codes.shape[0], -1)[:, : self.in_features].to(torch.int64)
+            blocks.append(torch.gather(getattr(self, f"books_{width}").float(), 1, index))
+        weight = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
+        if self.permuted:
+            weight = weight.index_select(0, self.inverse_order)
+        if self.group_size:
+            n_groups = self.scales.shape[1]
+            scale = self.scales.float().unsqueeze(-1).expand(self.out_features, n_groups, self.group_size)
+            weight = weight * scale.reshape(self.out_features, n_groups * self.group_size)[:, : self.in_features]
+        return weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.decode(), self.bias)
+
+
+class SideBranchLinear(nn.Module):
+    """``base(x) + (x @ down^T) @ up^T``: a user's LoRA factors as program data (side-branch mode)."""
+
+    def __init__(self, base: nn.Module, rank: int, down: Tensor, up: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_down", down.float().contiguous())  # [rank, in]
+        self.register_buffer("lora_up", up.float().contiguous())  # [out, rank]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_down), self.lora_up)
+
+
+class MergedLinear(nn.Module):
+    """A dense float32 linear whose weight is program data (merge-at-load mode)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def load_kernel_library(path: str | Path | None = None) -> Path:
+    """Build (or reuse) the native kernels and register them with the in-process ExecuTorch runtime."""
+    library = Path(path) if path is not None else build_kernel_library()
+    spec.register_kernel_library(library)
+    return library
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _side_template(rank: int, out_f: int, in_f: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Factors whose product is exactly zero yet whose bytes are unique per module.
+
+    ExecuTorch deduplicates identical named data into one segment; the device overwrites segments in place,
+    so every tensor needs its own. Even components get a random down row and a zero up column, odd ones the
+    reverse: every term of up @ down is 0 * finite, so the template program computes the base exactly.
+    """
+    down = torch.randn(rank, in_f, generator=generator) * 0.01
+    up = torch.randn(out_f, rank, generator=generator) * 0.01
+    down[1::2] = 0.0
+    up[:, 0::2] = 0.0
+    return down, up
+
+
+def fix_empty_strides(module: nn.Module) -> None:
+    """Give empty buffers (e.g. ``scales [out, 0]`` without groups) ordinary strides.
+
+    A tensor made from an empty numpy array has stride 0, which ExecuTorch refuses ("0 in strides is not
+    supported"); a fresh empty tensor of the same shape has the default strides.
+    """
+    for sub in module.modules():
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            if buffer is not None and buffer.numel() == 0 and 0 in buffer.stride():
+                setattr(sub, name, torch.empty(buffer.shape, dtype=buffer.dtype, device=buffer.device))
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+
+
+def _read_ptd_segments(path: Path) -> dict[str, tuple[int, int]]:
+    """Named data key -> (absolute byte offset, size) in a .ptd, via executorch's own deserializer."""
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorHeader, _deserialize_to_flat_tensor
+
+    data = path.read_bytes()
+    header = FlatTensorHeader.from_bytes(data[8:])
+    flat = _deserialize_to_flat_tensor(data[: header.flatbuffer_offset + header.flatbuffer_size])
+    out = {}
+    for named in flat.named_data:
+        segment = flat.segments[named.segment_index]
+        out[named.key] = (header.segment_base_offset + segment.offset, segment.size)
+    seen: dict[tuple[int, int], str] = {}
+    for key, where in out.items():
+        if where in seen:
+            raise ConfigError(
+                f"named data {key!r} and {seen[where]!r} share one segment of {path.name}; per-user data must "
+                "have a segment per tensor (the template values should have been unique)"
+            )
+        seen[where] = key
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ export
+@dataclass
+class _Program:
+    mode: str
+    wrapper: nn.Module
+    user_tensors: dict[str, Tensor]  # fully qualified buffer name (in the wrapper) -> template value
+    user_modules: dict[str, tuple[str, str]] = field(default_factory=dict)  # fqn -> (module path, tensor role)
+
+
+def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, targets: list[str]) -> _Program:
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    model = copy.deepcopy(model)
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
+    user_modules: dict[str, tuple[str, str]] = {}
+    generator = torch.Generator().manual_seed(0)
+    for path, layer in lowbit_layers(model).items():
+        if mode == "merge" and path in targets:
+            _replace(model, path, MergedLinear(layer.dequantize(), layer.bias))
+            user_modules[f"model.{path}.weight"] = (path, "weight")
+            continue
+        packed: nn.Module = AtenLowBitLinear(layer) if config.ops == "aten" else layer
+        if mode == "side" and path in targets:
+            down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
+            packed = SideBranchLinear(packed, config.rank, down, up)
+            user_modules[f"model.{path}.lora_down"] = (path, "down")
+            user_modules[f"model.{path}.lora_up"] = (path, "up")
+        _replace(model, path, packed)
+    fix_empty_strides(model)
+    wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=config.max_seq_len)
+    wrapper.eval()
+    buffers = dict(wrapper.named_buffers())
+    return _Program(mode, wrapper, {fqn: buffers[fqn] for fqn in user_modules}, user_modules)
+
+
+def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> tuple[Path, Path]:
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    tag = program.mode  # -> {mode}.ptd
+    example = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "cache_position": torch.arange(2)}
+    seq = torch.export.Dim("seq", min=1, max=config.max_seq_len - 1)
+    shapes = {"input_ids": {1: seq}, "cache_position": {0: seq}}
+    with torch.no_grad():
+        # strict=True: the non-strict trace of transformers' static cache fails later in run_decompositions
+        # ("expected compiled_fn to be GraphModule", torch 2.13 + transformers 5.24).
+        exported = torch.export.export(program.wrapper, (), example, dynamic_shapes=shapes, strict=True)
+    user_fqns = set(program.user_tensors)
+    partitioners = []
+    if config.xnnpack:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        # XNNPACK serializes the constants it consumes into its own blob unless they are tagged on the
+        # unlifted graph (get_attr targets are the explicit buffer paths), then the graph is exported again.
+        unlifted = exported.module()
+        delegate_external_constants_pass_unlifted(
+            unlifted, lambda node: tag if str(node.target) in user_fqns else None
+        )
+        with torch.no_grad():
+            exported = torch.export.export(unlifted, (), example, dynamic_shapes=shapes, strict=False)
+        partitioners = [XnnpackPartitioner()]
+    edge = to_edge_transform_and_lower(exported, partitioner=partitioners)
+    placeholder_to_fqn = dict(edge.exported_program().graph_signature.inputs_to_buffers)
+
+    def external(node: torch.fx.Node) -> str | None:
+        return tag if placeholder_to_fqn.get(node.name) in user_fqns else None
+
+    executorch_program = edge.to_executorch(ExecutorchBackendConfig(external_constants=external))
+    pte = out_dir / f"{program.mode}.pte"
+    atomic_write_bytes(pte, executorch_program.buffer, overwrite=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        executorch_program.write_tensor_data_to_file(tmp)
+        written = sorted(Path(tmp).glob("*.ptd"))
+        if [p.name for p in written] != [f"{tag}.ptd"]:
+            raise ConfigError(
+                f"the {program.mode} program wrote data files {[p.name for p in written]}; expected exactly "
+                f"{tag}.ptd (every user tensor tagged, nothing else external)"
+            )
+        ptd = out_dir / f"{tag}.ptd"
+        shutil.move(str(written[0]), ptd)
+    return pte, ptd
+
+
+def _locate(program: _Program, ptd: Path) -> dict[str, dict[str, Any]]:
+    """Where each user tensor's bytes are in the .ptd, found by content (keys are backend-specific names)."""
+    segments = _read_ptd_segments(ptd)
+    data = ptd.read_bytes()
+    by_content = {hashlib.sha256(data[o : o + n]).hexdigest(): (k, o, n) for k, (o, n) in segments.items()}
+    located: dict[str, dict[str, Any]] = {}
+    for fqn, value in program.user_tensors.items():
+        array = value.detach().cpu().contiguous().numpy()
+        hit = by_content.get(hashlib.sha256(array.tobytes()).hexdigest())
+        if hit is None:
+            raise ConfigError(
+                f"the bytes of {fqn} are not a segment of {ptd.name}: a backend changed its layout or dtype. Export "
+                "with xnnpack=False, or keep this tensor out of the delegate"
+            )
+        key, offset, nbytes = hit
+        module, role = program.user_modules[fqn]
+        located[f"{module}:{role}"] = {
+            "key": key, "offset": offset, "nbytes": nbytes, "dtype": "float32", "shape": list(array.shape),
+        }  # fmt: skip
+    if len(segments) != len(located):
+        raise ConfigError(f"{ptd.name} holds {len(segments)} tensors but {len(located)} were expected (user data only)")
+    return located
+
+
+def export_executorch(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: ExecutorchExportConfig = ExecutorchExportConfig(),
+    tokenizer: Any = None,
+    source: str = "",
+) -> dict[str, Any]:
+    """Export a model whose linears are LowBitLinear (``replace_linears``) into ``out_dir``; return the manifest.
+
+    ``tokenizer``: a ``tokenizer.json`` path or a Hugging Face fast tokenizer (saved as tokenizer.json).
+    """
+    layers = lowbit_layers(model)
+    if not layers:
+        raise ConfigError(
+            "the model has no LowBitLinear layers; quantize it first (sdk.quant.base.quantize_model, then "
+            "sdk.quant.lowbit_linear.replace_linears) so the program carries the packed base"
+        )
+    targets = linear_module_names(model, config.targets)
+    missing = [t for t in targets if t not in layers]
+    if missing:
+        raise ConfigError(f"adaptable modules {missing[:3]} are not LowBitLinear; quantize every targeted linear")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    library = None
+    if config.ops == "custom":
+        library = load_kernel_library(config.kernel_library)
+        shutil.copyfile(library, out / LIBRARY_NAME)
+    digests, shapes = {}, {}
+    for name in targets:
+        weight = layers[name].dequantize().detach().cpu().contiguous().numpy()
+        digests[name], shapes[name] = fmt.tensor_digest(weight), list(weight.shape)
+    packed_bytes = {k: 0 for k in ("codes", "codebooks", "scales", "widths")}
+    for layer in layers.values():
+        for name in packed_bytes:
+            packed_bytes[name] += getattr(layer, name).numel() * getattr(layer, name).element_size()
+    programs: dict[str, Any] = {}
+    for mode in config.modes:
+        program = _build_program(model, config, mode, targets)
+        pte, ptd = _lower(program, config, out)
+        programs[mode] = {
+            "program": pte.name, "data": ptd.name, "program_sha256": _sha256(pte), "data_sha256": _sha256(ptd),
+            "program_bytes": pte.stat().st_size, "data_bytes": ptd.stat().st_size, "tensors": _locate(program, ptd),
+        }  # fmt: skip
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, Path)):
+            shutil.copyfile(tokenizer, out / spec.TOKENIZER_FILE)
+        else:
+            tokenizer.backend_tokenizer.save(str(out / spec.TOKENIZER_FILE))
+    cfg = model.config
+    manifest = {
+        "format": spec.FORMAT_NAME,
+        "format_version": spec.FORMAT_VERSION,
+        "ops": config.ops,
+        "xnnpack": config.xnnpack,
+        "kernel_library": LIBRARY_NAME if library is not None else None,
+        "kernel_library_sha256": _sha256(out / LIBRARY_NAME) if library is not None else None,
+        "max_seq_len": config.max_seq_len,
+        "rank": config.rank,
+        "vocab_size": int(cfg.vocab_size),
+        "source": source or str(getattr(cfg, "_name_or_path", "")),
+        "modules": {name: {"shape": shapes[name], "digest": digests[name]} for name in targets},
+        "packed_base_bytes": packed_bytes,
+        "programs": programs,
+    }
+    atomic_write_bytes(out / spec.MANIFEST_FILE, json.dumps(manifest, indent=1).encode(), overwrite=True)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lowra.export.executorch",
+        description="Export a quantized lowra base to an ExecuTorch model folder (docs/FORMAT.md).",
+    )
+    parser.add_argument("--base", default=None, help="HF model folder the base was quantized from (default: embedded SmolLM2)")
+    parser.add_argument("--quantized", required=True, help="quantized base file written by `lowra quantize-base`")
+    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--ops", choices=OPS, default="custom", help="custom: native low-bit kernels; aten: stock runtime")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=8, help="side-branch rank (largest kept rank a blob may have)")
+    parser.add_argument("--xnnpack", action="store_true")
+    args = parser.parse_args(argv)
+
+    from lowra.device_runtime.formats.quantized_base import read_quantized_base
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.quant.lowbit_linear import replace_linears
+
+    base = load_base(args.base)
+    replace_linears(base.model, read_quantized_base(args.quantized).layers)
+    config = ExecutorchExportConfig(ops=args.ops, modes=tuple(args.modes), max_seq_len=args.max_seq_len,
+                                    rank=args.rank, xnnpack=args.xnnpack)
+    manifest = export_executorch(base.model, args.out, config, tokenizer=base.path / "tokenizer.json",
+                                 source=str(args.quantized))
+    for mode, program in manifest["programs"].items():
+        print(f"{mode}: {program['program']} {program['program_bytes']:,} B + {program['data']} {program['data_bytes']:,} B")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Build the native ExecuTorch kernel library of lowra's low-bit ops (``export/kernels/lowbit_kernels.cpp``).
+
+One g++ line against the headers and ``libexecutorch.so`` the executorch wheel ships (no CMake: the wheel's
+CMake config wants cmake >= 3.28). The result is cached under ``$LOWRA_CACHE/executorch_kernels/<hash>/`` where
+the hash covers the source, the compile command and the executorch version, so an edit or an upgrade rebuilds
+and an unchanged tree reuses the library (~1 s to build, instant to reuse).
+
+Documented one-liner (the tests run the same function)::
+
+    python -m lowra.export.executorch.kernels        # prints the path of the built library
+
+Nothing here imports torch: a device build script can call :func:`build_kernel_library` too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from lowra.device_runtime.errors import KernelLibraryError
+
+__all__ = ["KERNEL_SOURCE", "LIBRARY_NAME", "build_kernel_library", "compile_command", "executorch_dir"]
+
+KERNEL_SOURCE = Path(__file__).parent / "lowbit_kernels.cpp"  # package data: ships with the wheel
+LIBRARY_NAME = "liblowra_executorch_kernels.so"
+
+
+def executorch_dir() -> Path:
+    """The installed executorch package folder (holds ``include/`` and ``lib/libexecutorch.so``)."""
+    spec = importlib.util.find_spec("executorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise KernelLibraryError(
+            "the executorch package is not installed; the kernel library is built against its headers and "
+            "libexecutorch.so. Install the export extra (`pip install -e .[export]`)"
+        )
+    root = Path(list(spec.submodule_search_locations)[0])
+    if not (root / "lib" / "libexecutorch.so").is_file() or not (root / "include" / "executorch").is_dir():
+        raise KernelLibraryError(
+            f"{root} lacks lib/libexecutorch.so or include/executorch; expected the executorch pip wheel (>= 1.5)"
+        )
+    return root
+
+
+def compile_command(source: Path, output: Path, et_dir: Path | None = None) -> list[str]:
+    et = et_dir or executorch_dir()
+    return [
+        os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-pthread",
+        # The wheel's headers are built with these two macros; without them Half/BFloat16 and the event-tracer
+        # hooks compile to a different ABI than libexecutorch.so.
+        "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED",
+        f"-I{et / 'include'}", f"-I{et / 'include' / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}",
+        str(source), "-o", str(output), f"-L{et / 'lib'}", "-lexecutorch", f"-Wl,-rpath,{et / 'lib'}",
+    ]  # fmt: skip
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("LOWRA_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "lowra") / "executorch_kernels"
+
+
+def build_kernel_library(cache_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Compile the kernel library if its source hash is not cached yet; return the ``.so`` path."""
+    et = executorch_dir()
+    try:
+        version = metadata.version("executorch")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    source = KERNEL_SOURCE.read_bytes()
+    probe = compile_command(KERNEL_SOURCE, Path("OUT"), et)
+    key = hashlib.sha256(source + "\0".join(probe).encode() + version.encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else _cache_root() / key
+    library = folder / LIBRARY_NAME
+    if library.is_file() and not force:
+        return library
+    if shutil.which(probe[0]) is None:
+        raise KernelLibraryError(
+            f"no C++ compiler {probe[0]!r} on PATH; the lowra ExecuTorch kernels need g++ (set CXX to another one)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    # Compile to a temp name then rename: a concurrent or interrupted build never leaves a half-written .so.
+    fd, tmp = tempfile.mkstemp(prefix=f".{LIBRARY_NAME}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run(compile_command(KERNEL_SOURCE, Path(tmp), et), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelLibraryError(
+                f"building {KERNEL_SOURCE.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+            )
+        os.replace(tmp, library)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return library
+
+
+if __name__ == "__main__":
+    print(build_kernel_library(force="--force" in sys.argv[1:]))

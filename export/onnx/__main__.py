@@ -1,0 +1,5 @@
+import sys
+
+from lowra.export.onnx.exporter import main
+
+sys.exit(main())

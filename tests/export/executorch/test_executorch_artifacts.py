@@ -1,0 +1,144 @@
+"""Shared, cached ExecuTorch artifacts for the export and engine tests (tiny Llama, two users).
+
+Exports cost ~15-40 s each on 2 shared cores (torch.export + edge lowering of a dynamic-length KV-cache program),
+so every folder is built once per test process (``functools.cache``) and reused by tests/export and
+tests/device_runtime. Nothing here is a test; the checks on the artifacts themselves are at the bottom.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+executorch_missing = importlib.util.find_spec("executorch") is None or shutil.which("g++") is None
+requires_executorch = pytest.mark.skipif(executorch_missing, reason="needs the executorch wheel and g++")
+
+MAX_SEQ_LEN = 32
+RANK = 4
+GROUP_SIZE = 24  # in_features 32/64: one full group and a partial one per row
+_ROOT = Path(tempfile.mkdtemp(prefix="lowra-et-tests-"))
+atexit.register(shutil.rmtree, _ROOT, True)
+
+
+def mixed_widths(out_features: int, seed: int) -> np.ndarray:
+    """Rows of width 1, 2 and 4 in a scrambled order (exercises per-row offsets and the row permutation)."""
+    widths = np.array([1, 2, 4], dtype=np.uint8)[np.arange(out_features) % 3]
+    return np.random.default_rng(seed).permutation(widths)
+
+
+def tiny_llama(seed: int = 0):
+    """The conftest tiny Llama cut to one decoder layer.
+
+    The export cost grows with the graph (~15 s per layer and program on 2 shared cores), and one layer already
+    has every kind of linear, the KV cache and the head.
+    """
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(seed)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    return model
+
+
+@functools.cache
+def lowbit_tiny():
+    """(low-bit tiny Llama, {module: QuantizedWeight}) with mixed widths and group scales in every linear."""
+    import torch
+
+    from lowra.sdk.base_model import linear_module_names
+    from lowra.sdk.quant.lowbit_linear import replace_linears
+    from lowra.sdk.quant.base import quantize_weight
+    model = tiny_llama()
+    layers = {}
+    for i, name in enumerate(linear_module_names(model)):
+        weight = model.get_submodule(name).weight.detach()
+        layers[name] = quantize_weight(weight, mixed_widths(weight.shape[0], i), group_size=GROUP_SIZE, name=name)
+    replace_linears(model, layers)
+    torch.manual_seed(0)
+    return model, layers
+
+
+@functools.cache
+def user_blobs() -> tuple[Path, Path]:
+    """Two users' blobs for the tiny low-bit base: random rank-4 LoRA on every linear, 1.5-bit compressed."""
+    import torch
+
+    from lowra.sdk.base_model import linear_module_names
+    from lowra.sdk.quant.adapter_compression import CompressConfig
+    from lowra.sdk.adapters.lora import LoraConfig
+    from lowra.sdk.workflow import compress_factors, model_fingerprint
+
+    model, _ = lowbit_tiny()
+    names = linear_module_names(model)
+    fingerprint = model_fingerprint(model, names)
+    lora = LoraConfig(rank=RANK, alpha=8.0)
+    paths = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        factors = {}
+        for name in names:
+            layer = model.get_submodule(name)
+            a = torch.randn(RANK, layer.in_features, generator=g) * 0.3
+            b = torch.randn(layer.out_features, RANK, generator=g) * 0.3
+            factors[name] = (a, b)
+        adapter = compress_factors(factors, lora, CompressConfig(bits=8.0, weighted=False),
+                                   adapter_id=f"user{seed}", base_fingerprint=fingerprint)
+        path = _ROOT / f"user{seed}.lowra"
+        adapter.write(path, overwrite=True)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@functools.cache
+def exported(ops: str = "custom", modes: tuple[str, ...] = ("side", "merge"), xnnpack: bool = False) -> Path:
+    """An exported model folder of the tiny low-bit model (cached per argument set).
+
+    XNNPACK is off here to keep the suite fast (delegation adds a re-export and ~2x the lowering time); the
+    bench exports SmolLM2 with XNNPACK and checks the same equalities there.
+    """
+    from lowra.export.executorch import ExecutorchExportConfig, export_executorch
+    from tests.conftest import _build_tokenizer
+
+    model, _ = lowbit_tiny()
+    folder = _ROOT / f"{ops}-{'-'.join(modes)}-{'xnn' if xnnpack else 'portable'}"
+    config = ExecutorchExportConfig(ops=ops, modes=modes, max_seq_len=MAX_SEQ_LEN, rank=RANK, xnnpack=xnnpack)
+    export_executorch(model, folder, config, tokenizer=_build_tokenizer())
+    return folder
+
+
+def copy_folder(folder: Path, name: str) -> Path:
+    """A private copy to damage in a test (the cached folder stays intact)."""
+    target = _ROOT / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(folder, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------ checks
+@requires_executorch
+def test_program_holds_packed_codes_not_fp32_weights_and_user_data_is_separate():
+    """The side program keeps each linear as its packed codes (no fp32 refolding); the .ptd holds only the user
+    factors; the merge program's data holds the dense adapted weights."""
+    import json
+
+    folder = exported()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    model, layers = lowbit_tiny()
+    pte = (folder / "side.pte").read_bytes()
+    for name, qw in layers.items():
+        assert qw.codes.tobytes() in pte, name  # the packed codes as they are
+        assert qw.dequantize()[0].tobytes() not in pte, name  # no decoded float32 row anywhere
+    side, merge = manifest["programs"]["side"], manifest["programs"]["merge"]
+    n_factor_floats = sum(RANK * (w.in_features + w.out_features) for w in layers.values())
+    assert n_factor_floats * 4 <= side["data_bytes"] < n_factor_floats * 4 + 128 * 2 * len(layers) + 8192
+    assert set(side["tensors"]) == {f"{m}:{r}" for m in layers for r in ("down", "up")}
+    fp32_linears = sum(w.out_features * w.in_features * 4 for w in layers.values())
+    assert merge["data_bytes"] >= fp32_linears  # merge at load keeps the adapted weights dense
+    assert manifest["packed_base_bytes"]["codes"] == sum(w.codes.size for w in layers.values())
