@@ -10,6 +10,10 @@ class LowraError(Exception):
     """Base class of every error lowra raises on purpose."""
 
 
+class ConfigError(LowraError, ValueError):
+    """A configuration value, mode, target name or tensor shape is invalid (sdk, exporters and engines alike)."""
+
+
 class BlobError(LowraError, ValueError):
     """A user blob (or base file) cannot be used as it is."""
 

@@ -8,7 +8,7 @@ way), so one ``except LowraError`` catches refusals from both sides.
 
 from __future__ import annotations
 
-from lowra.device_runtime.errors import LowraError
+from lowra.device_runtime.errors import ConfigError, LowraError
 
 __all__ = [
     "AdapterFileError",
@@ -26,10 +26,6 @@ class BaseModelNotFoundError(LowraError, FileNotFoundError):
 
 class DatasetError(LowraError, ValueError):
     """A user dataset is missing, malformed or too small."""
-
-
-class ConfigError(LowraError, ValueError):
-    """A configuration value, target name or tensor shape is invalid."""
 
 
 class AdapterFileError(LowraError, ValueError):

@@ -15,6 +15,7 @@ from lowra.device_runtime import formats as fmt
 from lowra.device_runtime.runtime import BaseWeights
 from lowra.sdk.quant.adapter_compression import CompressConfig, CompressedAdapter, compress_adapter
 from lowra.sdk.errors import ConfigError
+from lowra.sdk.training.prompts import render_prompt
 from lowra.sdk.adapters.lora import LoraConfig, lora_layers, set_active_adapters, set_adapter_factors
 
 
@@ -110,13 +111,7 @@ def load_weights_into(model: nn.Module, weights: Mapping[str, np.ndarray]) -> No
 @torch.no_grad()
 def generate_reply(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy reply to ``prompt`` as the user turn of the chat template (deterministic, for demos and tests)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = f"User: {prompt}\nAssistant: "
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    ids = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     out = model.generate(
         **ids,
         max_new_tokens=max_new_tokens,

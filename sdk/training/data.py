@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from lowra.sdk.errors import DatasetError
+from lowra.sdk.training.prompts import prompt_ids as render_prompt_ids
 
 MIN_TRAIN_EXAMPLES = 8
 MIN_HELDOUT_EXAMPLES = 2
 IGNORE_INDEX = -100
-FALLBACK_TEMPLATE = "User: {prompt}\nAssistant: "
 
 
 @dataclass
@@ -103,16 +103,6 @@ def load_user_dataset(path: str | os.PathLike[str]) -> UserDataset:
     return UserDataset(user_id=str(user_id), train=train, heldout=heldout, card=card, path=root)
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        # The template already renders its special tokens as text.
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(FALLBACK_TEMPLATE.format(prompt=prompt), add_special_tokens=True)["input_ids"])
-
-
 def encode_example(tokenizer: Any, example: Example, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels for one example; only response tokens are labelled.
 
@@ -121,7 +111,7 @@ def encode_example(tokenizer: Any, example: Example, max_len: int) -> tuple[list
     """
     if max_len < 2:
         raise DatasetError(f"max_len must be >= 2, got {max_len}")
-    prompt_ids = _prompt_ids(tokenizer, example.prompt)
+    prompt_ids = render_prompt_ids(tokenizer, example.prompt)
     response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None:
