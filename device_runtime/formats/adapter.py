@@ -259,10 +259,11 @@ def bits_report(layout: Layout, file_bytes: int, header_bytes: int) -> dict[str,
 def _encode_metadata(modules: Iterable[ModuleEntry], metadata: Mapping[str, object]) -> dict[str, str]:
     """Caller metadata encoded, plus the derived format, version and module table (no checksum yet)."""
     meta = encode_metadata(metadata, JSON_METADATA)
-    table = [[m.name, m.out_features, m.in_features, m.rank] for m in modules]
-    meta.update(encode_metadata({"modules": table}, ["modules"]))
     meta["format"] = FORMAT_NAME
     meta["format_version"] = str(FORMAT_VERSION)
+    # Key order is part of the bytes (the header keeps insertion order): caller keys, format, version, modules.
+    table = [[m.name, m.out_features, m.in_features, m.rank] for m in modules]
+    meta["modules"] = encode_metadata({"modules": table}, ["modules"])["modules"]
     return meta
 
 
