@@ -27,11 +27,13 @@ import torch
 
 from lowra.sdk.base_model import load_base
 from lowra.sdk.quant.codebook import lloyd_max
-from lowra.sdk.quant.adapter_compression import CompressConfig
+from lowra.sdk.quant.config import CompressConfig
 from lowra.sdk.training.data import load_user_dataset
-from lowra.sdk.cli.demo import SAMPLE_USERS, DemoConfig
-from lowra.sdk.adapters.lora import delete_adapter, get_adapter_factors, set_active_adapters, set_adapter_factors
-from lowra.sdk.training.train import TrainConfig, evaluate_loss, load_adapter, save_adapter, train_adapter
+from lowra.sdk.cli.demo_config import SAMPLE_USERS, DemoConfig
+from lowra.sdk.adapters.model import delete_adapter, get_adapter_factors, set_active_adapters, set_adapter_factors
+from lowra.sdk.training.config import TrainConfig
+from lowra.sdk.training.train import evaluate_loss, train_adapter
+from lowra.sdk.adapters.peft_io import load_adapter, save_adapter
 from lowra.sdk.workflow import apply_blob, compress_factors, model_fingerprint
 
 USERS = ("terse_notes", "python_help", "json_reply")

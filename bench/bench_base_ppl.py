@@ -43,20 +43,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowra.sdk.base_model import linear_module_names, load_base
+from lowra.sdk.modules import linear_module_names
+from lowra.sdk.base_model import load_base
 from lowra.sdk.training.data import Example, UserDataset, load_user_dataset
 from lowra.sdk.adapters.loftq import loftq_init
-from lowra.sdk.adapters.lora import LoraConfig, inject_lora
+from lowra.sdk.adapters.config import LoraConfig
+from lowra.sdk.adapters.model import inject_lora
 from lowra.sdk.quant.lowbit_linear import lowbit_layers, replace_linears
-from lowra.sdk.quant.base import (
-    QuantizeConfig,
-    nf_quantize,
-    plan_model,
-    quantize_weight,
-    record_input_stats,
-    uniform_quantize,
-)
-from lowra.sdk.training.train import TrainConfig, evaluate_loss, train_adapter
+from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.baselines import nf_quantize, uniform_quantize
+from lowra.sdk.quant.base.plan import plan_model
+from lowra.sdk.quant.base.fit import quantize_weight
+from lowra.sdk.quant.base.apply import record_input_stats
+from lowra.sdk.training.config import TrainConfig
+from lowra.sdk.training.train import evaluate_loss, train_adapter
 
 from bench_base_quantization import Weights  # noqa: E402  (same folder: the MSE/var normalizer and bound)
 

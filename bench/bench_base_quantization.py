@@ -27,20 +27,16 @@ import time
 import numpy as np
 import torch
 
-from lowra.sdk.quant.allocation import assign_precision, milp_assign
-from lowra.sdk.base_model import linear_module_names, load_base
+from lowra.sdk.quant.allocation import assign_precision
+from lowra.sdk.quant.baselines import milp_assign
+from lowra.sdk.modules import linear_module_names
+from lowra.sdk.base_model import load_base
 from lowra.sdk.errors import BudgetError
-from lowra.sdk.quant.base import (
-    FINAL_GRID,
-    TORCH_THREADS,
-    QuantizeConfig,
-    nf_quantize,
-    plan_model,
-    quantize_model,
-    quantize_weight,
-    uniform_quantize,
-    water_filling_bound,
-)
+from lowra.sdk.quant.base.fit import FINAL_GRID, TORCH_THREADS, quantize_weight
+from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.baselines import nf_quantize, uniform_quantize, water_filling_bound
+from lowra.sdk.quant.base.plan import plan_model
+from lowra.sdk.quant.base.apply import quantize_model
 
 BUDGETS = (4.0, 2.5, 2.1, 2.0, 1.75, 1.5, 1.25, 1.15)  # 2.1: where the 0.125 target is met
 GROUP_SIZES = (0, 32, 64, 128, 256)
@@ -253,7 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: table,timing,groups,milp")
     ap.add_argument("--scoring-check", action="store_true", help="also score every row with the final starts (slow)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # baselines too: see TORCH_THREADS in sdk/quantize_base.py
+    torch.set_num_threads(1)  # baselines too: see TORCH_THREADS in sdk/quant/base/fit.py
     torch.set_grad_enabled(False)
     skip = set(filter(None, args.skip.split(",")))
     model = load_base().model

@@ -38,7 +38,8 @@ def quantize(cache: Path, bits: float) -> dict:
     import torch
 
     from lowra.sdk.base_model import load_base
-    from lowra.sdk.quant.base import QuantizeConfig, quantize_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
+    from lowra.sdk.quant.base.apply import quantize_model
 
     torch.set_num_threads(2)
     if cache.is_file():
@@ -59,8 +60,10 @@ def train(variant: str, cache: Path, steps: int, rank: int, batch: int, seq: int
     import torch
 
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
-    from lowra.sdk.base_model import linear_module_names, load_base
-    from lowra.sdk.adapters.lora import LoraConfig, adapter_parameters, inject_lora
+    from lowra.sdk.modules import linear_module_names
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.adapters.config import LoraConfig
+    from lowra.sdk.adapters.model import adapter_parameters, inject_lora
     from lowra.sdk.quant.lowbit_linear import lowbit_layers, replace_linears
 
     torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ Smoke test of the script itself on a CPU-only machine (no kernels; tiny shapes):
     python bench/gpu_check.py --device cpu --quick --out /tmp/gpu_check
 
 Sections (each runs in its own try/except: an error is printed and recorded, the next section still runs):
-1. build      lowra.cuda_kernels.load(): nvcc build for this GPU (cached under ~/.cache/lowra/cuda_kernels).
+1. build      lowra.cuda_kernels.load(): nvcc build for this GPU (cached under $LOWRA_CACHE/cuda_kernels, default ~/.cache/lowra).
 2. correctness quantize_codes codes/scales and float32 dequantize bit-exact vs the CPU reference; GEMV, fused and
               chunked matmul + input gradient within TOL of a float64 product.
 3. dequantize 11008x4096 at 1.5 average code bits -> float32; bytes moved per second as a fraction of a measured
@@ -491,7 +491,8 @@ def section_train(device: torch.device, args: argparse.Namespace, clock: Clock) 
 
 def section_mapping(device: torch.device, args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
     from lowra.sdk.quant.allocation import assign_precision
-    from lowra.sdk.quant.base import QuantizeConfig, _refine, _row_costs, plan_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
+    from lowra.sdk.quant.base.plan import plan_model, refine, row_costs
 
     blocks = 2 if args.quick else 4
     dim_scale = 1 if device.type == "cuda" else 16  # CPU smoke: 16x smaller layers
@@ -519,7 +520,7 @@ def section_mapping(device: torch.device, args: argparse.Namespace, clock: Clock
     widths = plan.assign(1.5, created)
     assign_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _refine(plan, widths, progress=False)
+    refine(plan, widths, progress=False)
     sync(device)
     refit = time.perf_counter() - t0
     rows_measured = sum(o for o, _ in plan.shapes)
@@ -529,7 +530,7 @@ def section_mapping(device: torch.device, args: argparse.Namespace, clock: Clock
     # with synthetic distortions of the measured shape instead of extrapolating.
     full_assign_s = None
     if dim_scale == 1 and clock.left() > 90:
-        costs = np.concatenate([np.broadcast_to(_row_costs(inp), (out * BLOCKS, 3)) for _, out, inp in BLOCK_SHAPES])
+        costs = np.concatenate([np.broadcast_to(row_costs(inp), (out * BLOCKS, 3)) for _, out, inp in BLOCK_SHAPES])
         rng = np.random.default_rng(0)
         base = rng.lognormal(0, 0.5, len(costs))
         dist = np.stack([base, base * rng.uniform(0.25, 0.4, len(costs)), base * rng.uniform(0.015, 0.03, len(costs))], 1)

@@ -1,8 +1,12 @@
 """lowra.cuda_kernels: CUDA implementations of the ``lowra::`` ops, built on demand.
 
 The ops themselves (schemas, fake kernels, the pure-torch reference that runs everywhere) are defined once in
-``lowra.sdk.ops``; this package only *adds* CUDA kernels for the same schemas when it can build them. Nothing
+``lowra.sdk.quant.ops``; this package only *adds* CUDA kernels for the same schemas when it can build them. Nothing
 here is required: when ``load()`` fails, every op keeps running through the reference implementation.
+
+Order: the sdk defines the ``lowra::`` schemas first and only then calls :func:`load` (on the first op that sees a
+CUDA tensor). This package never imports the sdk (the dependency points one way); ``load()`` called before the
+schemas exist refuses with a falsy status that says so.
 
 ``load()`` never raises for an environment that cannot build (no GPU, CPU-only torch, no sources, no nvcc);
 it returns a falsy :class:`KernelStatus` whose ``reason`` says why, so callers can log it once.
@@ -16,8 +20,11 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CACHE_ENV", "DISABLE_ENV", "OPS", "KernelStatus", "cache_dir", "cuda_home", "load", "nvcc_path", "sources"]
+from lowra.device_runtime._files import cache_dir
+
+__all__ = ["DISABLE_ENV", "NAMESPACE", "OPS", "KernelStatus", "build_dir", "cuda_home", "load", "nvcc_path", "sources"]
 
 # Set to "0" to keep the reference implementation even where the kernels could be built (A/B checks, debugging).
 DISABLE_ENV = "LOWRA_CUDA_KERNELS"
@@ -38,11 +45,10 @@ class KernelStatus:
 _status: KernelStatus | None = None
 
 
-# Where builds are cached: one folder per (sources, torch, CUDA, GPU architecture), so a changed kernel or a new
-# torch never loads a stale library.
-CACHE_ENV = "LOWRA_CUDA_CACHE"
 _EXTENSION = "lowra_cuda_kernels"
-# The ops the binding registers for CUDA (lowbit_ops.cpp, TORCH_LIBRARY_IMPL); load() checks each one landed.
+# The op namespace and the ops the binding registers for CUDA (lowbit_ops.cpp, TORCH_LIBRARY_IMPL); the schemas
+# come from lowra.sdk.quant.ops, and load() checks each one exists before building and landed after.
+NAMESPACE = "lowra"
 OPS = ("dequantize", "lowbit_linear", "lowbit_linear_grad_input", "quantize_codes")
 
 
@@ -79,9 +85,21 @@ def cuda_home() -> Path | None:
     return None
 
 
-def cache_dir(tag: str) -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lowra" / "cuda_kernels")
-    return root / tag
+def build_dir(tag: str) -> Path:
+    """Where one build is cached: one folder per (sources, torch, CUDA, GPU architecture) hash, so a changed kernel
+    or a new torch never loads a stale library (under lowra's cache root, ``$LOWRA_CACHE``)."""
+    return cache_dir("cuda_kernels", tag)
+
+
+def _missing_schemas(torch: Any) -> list[str]:
+    """The ``lowra::`` ops in :data:`OPS` that have no schema yet (the sdk defines them)."""
+    missing = []
+    for op in OPS:
+        try:
+            torch._C._dispatch_find_schema_or_throw(f"{NAMESPACE}::{op}", "")
+        except RuntimeError:
+            missing.append(op)
+    return missing
 
 
 def load() -> KernelStatus:
@@ -110,8 +128,12 @@ def _try_load() -> KernelStatus:
         return KernelStatus(
             False, "nvcc not found (set CUDA_HOME or put nvcc on PATH); the pure-torch reference ops run on CUDA"
         )
-    from lowra.sdk.quant import ops as _ops  # noqa: F401  (the schemas must exist before the CUDA kernels register)
-
+    missing = _missing_schemas(torch)
+    if missing:
+        return KernelStatus(
+            False, f"the {NAMESPACE}:: schemas of {missing} are not defined; import lowra.sdk.quant.ops (which defines "
+            "them and calls load() on the first CUDA op) instead of calling load() first"
+        )
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return KernelStatus(False, f"GPU compute capability {major}.{minor} < 8.0 (the WMMA bf16 kernels need sm_80+)")
@@ -120,19 +142,19 @@ def _try_load() -> KernelStatus:
     for path in sources() + headers():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(f"{torch.__version__}|{torch.version.cuda}|sm_{arch}".encode())
-    build_dir = cache_dir(digest.hexdigest()[:16])
-    build_dir.mkdir(parents=True, exist_ok=True)
+    folder = build_dir(digest.hexdigest()[:16])
+    folder.mkdir(parents=True, exist_ok=True)
     errors = []
     for build in (_build_with_torch, _build_with_nvcc):
         try:
-            build(torch, build_dir, nvcc, arch)
+            build(torch, folder, nvcc, arch)
         except Exception as exc:  # noqa: BLE001  (any build failure means: try the next way, then report all)
             errors.append(f"{build.__name__}: {type(exc).__name__}: {str(exc)[-2000:]}")
             continue
-        missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lowra::{op}", "CUDA")]
+        missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "CUDA")]
         if missing:
-            return KernelStatus(False, f"built {build_dir} but no CUDA kernel registered for {missing}")
-        return KernelStatus(True, f"CUDA kernels for sm_{arch} loaded from {build_dir} ({build.__name__})")
+            return KernelStatus(False, f"built {folder} but no CUDA kernel registered for {missing}")
+        return KernelStatus(True, f"CUDA kernels for sm_{arch} loaded from {folder} ({build.__name__})")
     return KernelStatus(False, "building the CUDA kernels failed; the pure-torch reference ops are used. " + " | ".join(errors))
 
 

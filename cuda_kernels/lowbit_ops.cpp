@@ -1,5 +1,5 @@
 // Torch binding: CUDA implementations of the lowra:: ops whose schemas, fake kernels and CPU references live in
-// lowra/sdk/ops.py (defined once there; this file only registers TORCH_LIBRARY_IMPL(lowra, CUDA)).
+// lowra/sdk/quant/ops.py (defined once there; this file only registers TORCH_LIBRARY_IMPL(lowra, CUDA)).
 //
 // Matmul strategy (env LOWRA_CUDA_MATMUL, read per call so a benchmark can A/B in one process):
 //   "fused"   (default) batch 1 -> GEMV kernel; float16/bfloat16 -> fused WMMA kernels (weight decoded per tile in

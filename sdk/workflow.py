@@ -13,10 +13,12 @@ from torch import nn
 
 from lowra.device_runtime import formats as fmt
 from lowra.device_runtime.runtime import BaseWeights
-from lowra.sdk.quant.adapter_compression import CompressConfig, CompressedAdapter, compress_adapter
+from lowra.sdk.adapters.config import LoraConfig
+from lowra.sdk.adapters.model import lora_layers, set_active_adapters, set_adapter_factors
 from lowra.sdk.errors import ConfigError
+from lowra.sdk.quant.adapter_compression import CompressedAdapter, compress_adapter
+from lowra.sdk.quant.config import CompressConfig
 from lowra.sdk.training.prompts import render_prompt
-from lowra.sdk.adapters.lora import LoraConfig, lora_layers, set_active_adapters, set_adapter_factors
 
 
 def frozen_weight(layer: nn.Module, name: str = "") -> torch.Tensor:

@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.sdk.errors import ConfigError
-from lowra.sdk.adapters.lora import LoraConfig, LoraLinear, lora_layers
+from lowra.sdk.adapters.config import LoraConfig
+from lowra.sdk.adapters.layer import LoraLinear
+from lowra.sdk.adapters.model import lora_layers
+from lowra.sdk.modules import is_linear
 from lowra.sdk.quant.lowbit_linear import LowBitLinear, replace_linears
 
 __all__ = ["LoftQResult", "loftq_init", "loftq_weight", "lowrank_factors"]
@@ -171,7 +174,7 @@ def loftq_init(
                 f"module {path!r} is not a LoRA layer of this model; call inject_lora(model, lora) first "
                 f"(LoRA layers: {list(layers)[:4]}...)"
             )
-        if not isinstance(layer.base, (nn.Linear, LowBitLinear)):
+        if not is_linear(layer.base):
             raise ConfigError(
                 f"the base of {path!r} is a {type(layer.base).__name__}; expected nn.Linear or LowBitLinear"
             )

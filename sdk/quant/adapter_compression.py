@@ -30,6 +30,7 @@ from lowra.device_runtime.formats.constants import CODED_WIDTHS
 from lowra.sdk.quant.allocation import assign_precision
 from lowra.sdk.quant.codebook import Codebook, lloyd_max
 from lowra.sdk.errors import BudgetError, ConfigError
+from lowra.sdk.quant.config import CompressConfig
 
 
 # Per component: dropped, or any (down width, up width) pair.
@@ -38,19 +39,6 @@ OPTIONS = [(0, 0)] + [(wd, wu) for wd in CODED_WIDTHS for wu in CODED_WIDTHS]
 CARD_RESERVE_BYTES = 256
 # Relative floor on input second moments: keeps the whitening invertible for features never seen active.
 STATS_FLOOR = 1e-6
-
-
-@dataclass
-class CompressConfig:
-    bits: float = 1.0  # effective bits per fp adapter parameter, every stored byte counted
-    weighted: bool = True  # use input second moments (activation-aware SVD + weighted Lloyd-Max)
-    iters: int = 40  # Lloyd-Max iterations (it stops earlier once converged)
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.bits, (int, float)) and np.isfinite(self.bits) and 0 < self.bits <= 16):
-            raise BudgetError(f"bits must be a number in (0, 16] effective bits per parameter, got {self.bits!r}")
-        if self.iters < 1:
-            raise ConfigError(f"iters must be >= 1, got {self.iters}")
 
 
 @dataclass

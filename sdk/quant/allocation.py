@@ -13,6 +13,15 @@ import numpy as np
 from lowra.sdk.errors import BudgetError
 
 
+def option_tables(costs: np.ndarray, distortions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both tables as float64 [items, options] arrays of the same shape (ValueError otherwise)."""
+    costs = np.asarray(costs, dtype=np.float64)
+    distortions = np.asarray(distortions, dtype=np.float64)
+    if costs.shape != distortions.shape or costs.ndim != 2:
+        raise ValueError(f"costs {costs.shape} and distortions {distortions.shape} must both be [items, options]")
+    return costs, distortions
+
+
 def lower_hull(costs: np.ndarray, distortions: np.ndarray) -> list[int]:
     """Indices of the options on the lower convex hull of (cost, distortion), by increasing cost."""
     order = sorted(range(len(costs)), key=lambda j: (costs[j], distortions[j]))
@@ -45,10 +54,7 @@ def assign_precision(costs: np.ndarray, distortions: np.ndarray, budget: float) 
     that decides something (hull tests, efficiencies, the running total of bits spent) is computed by the same
     operations in the same order, so the two agree on every tie and at every budget boundary.
     """
-    costs = np.asarray(costs, dtype=np.float64)
-    distortions = np.asarray(distortions, dtype=np.float64)
-    if costs.shape != distortions.shape or costs.ndim != 2:
-        raise ValueError(f"costs {costs.shape} and distortions {distortions.shape} must both be [items, options]")
+    costs, distortions = option_tables(costs, distortions)
     items, options = costs.shape
     finite = np.isfinite(costs)
     if not np.isfinite(distortions[finite]).all():
@@ -224,10 +230,7 @@ def _take_in_order(
 def _assign_precision_reference(costs: np.ndarray, distortions: np.ndarray, budget: float) -> np.ndarray:
     """The plain-Python form of :func:`assign_precision`: its specification, and its fallback for inputs the
     vectorized form cannot reproduce bit for bit (non-finite distortions, NaN efficiencies). About 40 us per item."""
-    costs = np.asarray(costs, dtype=np.float64)
-    distortions = np.asarray(distortions, dtype=np.float64)
-    if costs.shape != distortions.shape or costs.ndim != 2:
-        raise ValueError(f"costs {costs.shape} and distortions {distortions.shape} must both be [items, options]")
+    costs, distortions = option_tables(costs, distortions)
     hulls = [lower_hull(c[np.isfinite(c)], d[np.isfinite(c)]) for c, d in zip(costs, distortions)]
     finite_idx = [np.nonzero(np.isfinite(c))[0] for c in costs]
     hulls = [[int(fi[j]) for j in h] for h, fi in zip(hulls, finite_idx)]
@@ -254,52 +257,3 @@ def _assign_precision_reference(costs: np.ndarray, distortions: np.ndarray, budg
             choice[i] = b
             spent += dc
     return choice
-
-
-def milp_assign(
-    costs: np.ndarray,
-    distortions: np.ndarray,
-    budget: float,
-    time_limit: float | None = None,
-    rel_gap: float = 1e-7,
-) -> np.ndarray:
-    """The exact optimum of the same problem as :func:`assign_precision`, by mixed-integer programming (HiGHS).
-
-    One binary per (item, option), one "pick exactly one" row per item and the budget row. Meant for checking
-    :func:`assign_precision` on small instances (thousands of items solve in seconds; the paper's ILP over a 7B
-    model's channels took 319 s, which is why it clustered them). ``cost = inf`` marks an option unavailable.
-    ``rel_gap`` is the solver's proven optimality gap (HiGHS defaults to 1e-4, about the size of the greedy's own
-    gap, so we ask for less).
-    """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix, vstack
-
-    costs = np.asarray(costs, dtype=np.float64)
-    distortions = np.asarray(distortions, dtype=np.float64)
-    if costs.shape != distortions.shape or costs.ndim != 2:
-        raise ValueError(f"costs {costs.shape} and distortions {distortions.shape} must both be [items, options]")
-    items, options = costs.shape
-    finite = np.isfinite(costs)
-    c_cost = np.where(finite, costs, 0.0).ravel()
-    c_dist = np.where(finite, distortions, 0.0).ravel()
-    cheapest = np.where(finite, costs, np.inf).min(1).sum()
-    if not np.isfinite(cheapest):
-        raise ValueError("every item needs at least one option with finite cost")
-    if cheapest > budget:
-        raise BudgetError(
-            f"the budget of {budget:.0f} bits is below the cheapest storable choice ({cheapest:.0f} bits); raise the budget"
-        )
-    rows = np.repeat(np.arange(items), options)
-    one_each = coo_matrix((np.ones(items * options), (rows, np.arange(items * options))), shape=(items, items * options))
-    a = vstack([one_each, coo_matrix(c_cost[None, :])]).tocsr()
-    constraints = LinearConstraint(a, np.r_[np.ones(items), -np.inf], np.r_[np.ones(items), budget])
-    options_dict: dict[str, float] = {"mip_rel_gap": rel_gap}
-    if time_limit:
-        options_dict["time_limit"] = time_limit
-    result = milp(
-        c_dist, constraints=constraints, integrality=np.ones(items * options),
-        bounds=Bounds(0, finite.ravel().astype(np.float64)), options=options_dict,
-    )
-    if result.x is None:
-        raise RuntimeError(f"the MILP solver found no solution: {result.message}")
-    return np.argmax(result.x.reshape(items, options), axis=1)

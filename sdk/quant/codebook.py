@@ -192,7 +192,7 @@ def lloyd_max(
     ``grid`` trades that start for speed: the number of quantile edges of the grid DP (default GRID_CELLS at
     2 bits, GRID_CELLS_FINE at 3+; it costs O(levels * grid^2) per row, most of the time at 2 and 4 bits), or
     0 to skip it and start from binary splitting alone (measured on absmax-normalized SmolLM2 rows: +0.5% SSE
-    at 2 bits, +5% at 4 bits, 10-20x faster; see sdk/quantize_base.py for where that is worth it).
+    at 2 bits, +5% at 4 bits, 10-20x faster; see sdk/quant/base/fit.py for where that is worth it).
     """
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D [channels, length], got {tuple(x.shape)}")

@@ -3,7 +3,8 @@
 ``LowBitLinear`` holds exactly the buffers of a :class:`QuantizedWeight` (uint8 codes, float16 codebooks and
 scales, uint8 widths, int64 row offsets) and decodes the weight inside ``lowra::lowbit_linear`` on every call,
 so no fp32 weight outlives a forward or backward. It exposes ``in_features`` / ``out_features`` / ``forward``
-and nothing trainable, which is all ``LoraLinear`` needs from a base.
+and nothing trainable, which is all ``LoraLinear`` needs from a base; it registers as a linear in
+:mod:`lowra.sdk.modules`, so target selection, LoRA and re-quantization treat it like ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from torch import Tensor, nn
 from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quantized_base
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
-from lowra.sdk.quant import ops as _ops  # noqa: F401  (registers torch.ops.lowra.*)
 from lowra.sdk.errors import ConfigError
-from lowra.sdk.adapters.lora import LoraLinear
+from lowra.sdk.modules import is_linear, is_linear_wrapper, register_linear
+from lowra.sdk.quant import ops as _ops  # also registers torch.ops.lowra.*
 
 __all__ = ["LowBitLinear", "load_quantized_base", "lowbit_layers", "replace_linears"]
 
@@ -36,6 +37,7 @@ def _row_offsets(widths: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
     return code_offsets, level_offsets
 
 
+@register_linear
 class LowBitLinear(nn.Module):
     """``y = x @ W^T + bias`` with ``W`` kept as per-row 1/2/4-bit codes, codebooks and group scales.
 
@@ -129,10 +131,7 @@ class LowBitLinear(nn.Module):
 
     def _check(self) -> None:
         """Shapes and dtypes (ConfigError), then the values the offsets depend on."""
-        out_features = _ops.check_buffers(
-            self.codes, self.codebooks, self.scales, self.widths,
-            self.row_code_offsets, self.row_level_offsets, self.in_features, self.group_size,
-        )  # fmt: skip
+        out_features = _ops.check_buffers(self.packed())
         bad = sorted(set(torch.unique(self.widths).tolist()) - set(CODED_WIDTHS))
         if bad:
             raise ConfigError(f"LowBitLinear row widths {bad} are not allowed; expected values in {CODED_WIDTHS}")
@@ -147,18 +146,19 @@ class LowBitLinear(nn.Module):
             raise ConfigError(f"LowBitLinear bias has shape {list(self.bias.shape)}; expected [{out_features}]")
 
     # ------------------------------------------------------------------------------------------- compute
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.lowra.lowbit_linear(
-            x, self.codes, self.codebooks, self.scales, self.widths,
-            self.row_code_offsets, self.row_level_offsets, self.in_features, self.group_size, self.bias,
-        )  # fmt: skip
-
-    def dequantize(self) -> Tensor:
-        """The decoded float32 weight ``[out, in]`` (a fresh tensor; the layer keeps only the packed buffers)."""
-        return torch.ops.lowra.dequantize(
+    def packed(self) -> _ops.LowBitArgs:
+        """The buffers as the ``lowra::`` ops take them (``torch.ops.lowra.dequantize(*layer.packed())``)."""
+        return _ops.LowBitArgs(
             self.codes, self.codebooks, self.scales, self.widths,
             self.row_code_offsets, self.row_level_offsets, self.in_features, self.group_size,
         )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.lowra.lowbit_linear(x, *self.packed(), self.bias)
+
+    def dequantize(self) -> Tensor:
+        """The decoded float32 weight ``[out, in]`` (a fresh tensor; the layer keeps only the packed buffers)."""
+        return torch.ops.lowra.dequantize(*self.packed())
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory: every buffer, including row offsets and the bias."""
@@ -211,7 +211,7 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) 
     reference), which is the point: the base then costs its packed bytes.
     """
     tied = _tied_parameter_ids(model)
-    plan: list[tuple[nn.Module, str, LowBitLinear]] = []
+    plan: list[tuple[str, LowBitLinear]] = []
     for path, qw in quantized.items():
         try:
             module = model.get_submodule(path)
@@ -219,13 +219,8 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) 
             raise ConfigError(
                 f"module {path!r} does not exist in this model; pass paths from linear_module_names(model)"
             ) from None
-        if isinstance(module, LoraLinear):
-            parent, attr, target = module, "base", module.base
-        else:
-            parent_path, _, attr = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            target = module
-        if not isinstance(target, (nn.Linear, LowBitLinear)):
+        target_path, target = (f"{path}.base", module.base) if is_linear_wrapper(module) else (path, module)
+        if not is_linear(target):
             raise ConfigError(
                 f"module {path!r} is a {type(target).__name__}; expected nn.Linear, LowBitLinear or a LoraLinear "
                 "wrapping one"
@@ -245,9 +240,9 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) 
         else:
             device = target.codes.device
         bias = None if target.bias is None else target.bias.detach().float()
-        plan.append((parent, attr, LowBitLinear.from_quantized(qw, bias=bias, device=device)))
-    for parent, attr, layer in plan:
-        setattr(parent, attr, layer)
+        plan.append((target_path, LowBitLinear.from_quantized(qw, bias=bias, device=device)))
+    for target_path, layer in plan:
+        model.set_submodule(target_path, layer)
     return model
 
 
@@ -267,12 +262,12 @@ def load_quantized_base(model: nn.Module, quantized: str | Path | QuantizedBase)
     modules = dict(model.named_modules())
     for name, qw in qb.layers.items():
         layer = modules.get(name)
-        base = layer.base if isinstance(layer, LoraLinear) else layer
-        if not isinstance(base, (nn.Linear, LowBitLinear)) or (base.out_features, base.in_features) != (
+        base = layer.base if is_linear_wrapper(layer) else layer
+        if not is_linear(base) or (base.out_features, base.in_features) != (
             qw.out_features, qw.in_features
         ):
             found = "nothing" if base is None else f"{type(base).__name__}"
-            if isinstance(base, (nn.Linear, LowBitLinear)):
+            if is_linear(base):
                 found += f" [{base.out_features}, {base.in_features}]"
             raise ConfigError(
                 f"{where} holds layer {name!r} [{qw.out_features}, {qw.in_features}] but the model has {found} there; "

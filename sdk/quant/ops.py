@@ -1,6 +1,6 @@
 """The low-bit ops, defined once with ``torch.library`` (schema + fake kernel + pure-torch reference).
 
-Two ops decode the layout of :class:`lowra.device_runtime.quantized_weight.QuantizedWeight` (per output row a
+Two ops decode the layout of :class:`lowra.device_runtime.formats.quantized_weight.QuantizedWeight` (per output row a
 width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax scales per input group):
 
 - ``lowra::dequantize(codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
@@ -22,7 +22,7 @@ low-bit base exists to save (ARCHITECTURE.md, "the memory of the frozen base dur
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, get_type_hints
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ from lowra.sdk.errors import ConfigError
 
 __all__ = [
     "NAMESPACE",
+    "EncodeArgs",
+    "LowBitArgs",
     "check_buffers",
     "dequantize_reference",
     "lowbit_linear_grad_input_reference",
@@ -41,19 +43,54 @@ __all__ = [
 ]
 
 NAMESPACE = "lowra"
-_BUFFERS = (
-    "Tensor codes, Tensor codebooks, Tensor scales, Tensor widths, "
-    "Tensor row_code_offsets, Tensor row_level_offsets, int in_features, int group_size"
-)
+
+
+class LowBitArgs(NamedTuple):
+    """A packed weight as every decoding ``lowra::`` op takes it, in schema order: the one list of these arguments.
+
+    The schemas, :func:`check_buffers`, the reference and fake kernels and ``LowBitLinear`` all derive from it
+    (``torch.ops.lowra.dequantize(*args)``); the layout is :class:`QuantizedWeight`'s.
+    """
+
+    codes: Tensor  # uint8, rows of codes packed LSB-first
+    codebooks: Tensor  # float16, per-row levels
+    scales: Tensor  # float16 [out, n_groups]
+    widths: Tensor  # uint8 [out], one width in CODED_WIDTHS per row
+    row_code_offsets: Tensor  # int64 [out + 1]
+    row_level_offsets: Tensor  # int64 [out + 1]
+    in_features: int
+    group_size: int
+
+
+_SCHEMA_TYPES = {Tensor: "Tensor", int: "int"}
+
+
+def _schema_arguments(args: type[NamedTuple]) -> str:
+    """The torch.library argument list of a NamedTuple of Tensor / int fields."""
+    return ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in get_type_hints(args).items())
+
+
+_BUFFERS = _schema_arguments(LowBitArgs)
 DEQUANTIZE_SCHEMA = f"({_BUFFERS}) -> Tensor"
 LOWBIT_LINEAR_SCHEMA = f"(Tensor x, {_BUFFERS}, Tensor? bias) -> Tensor"
 GRAD_INPUT_SCHEMA = f"(Tensor grad_out, {_BUFFERS}) -> Tensor"
-# n_code_bytes (= row_code_offsets[-1]) is passed explicitly so the output size is known without reading values
-# (fake tensors, export); the implementations check it against the offsets.
-QUANTIZE_CODES_SCHEMA = (
-    "(Tensor weight, Tensor codebooks, Tensor widths, Tensor row_code_offsets, Tensor row_level_offsets, "
-    "int group_size, int n_code_bytes) -> (Tensor, Tensor)"
-)
+
+
+class EncodeArgs(NamedTuple):
+    """What ``lowra::quantize_codes`` takes, in schema order (the schema and both kernels derive from it)."""
+
+    weight: Tensor  # floating [out, in]
+    codebooks: Tensor
+    widths: Tensor
+    row_code_offsets: Tensor
+    row_level_offsets: Tensor
+    group_size: int
+    # = row_code_offsets[-1], passed explicitly so the output size is known without reading values (fake tensors,
+    # export); the implementations check it against the offsets.
+    n_code_bytes: int
+
+
+QUANTIZE_CODES_SCHEMA = f"({_schema_arguments(EncodeArgs)}) -> (Tensor, Tensor)"
 
 # A Library object owns its registrations: it must live as long as the process, hence module level.
 _LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -66,6 +103,7 @@ _LIB.define("quantize_codes" + QUANTIZE_CODES_SCHEMA)
 _LIB.define(f"dequantize.out({_BUFFERS}, *, Tensor(a!) out) -> Tensor(a!)")
 _LIB.define(f"lowbit_linear.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
 
+# The tensor fields of LowBitArgs, in its order (autograd saves and restores them in this order).
 _DTYPES = {
     "codes": torch.uint8,
     "codebooks": torch.float16,
@@ -76,38 +114,22 @@ _DTYPES = {
 }
 
 
-def check_buffers(
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    in_features: int,
-    group_size: int,
-) -> int:
+def check_buffers(args: LowBitArgs) -> int:
     """Check dtypes and shapes (never values, so it is free on any device and under fake tensors).
 
     Returns ``out_features``. Value checks (allowed widths, offsets that add up) belong where the buffers are
     built, once: ``QuantizedWeight.validate`` and ``LowBitLinear``.
     """
-    given = {
-        "codes": codes,
-        "codebooks": codebooks,
-        "scales": scales,
-        "widths": widths,
-        "row_code_offsets": row_code_offsets,
-        "row_level_offsets": row_level_offsets,
-    }
-    for name, tensor in given.items():
-        want = _DTYPES[name]
+    for name, want in _DTYPES.items():
+        tensor = getattr(args, name)
         if tensor.dtype != want or tensor.dim() != (2 if name == "scales" else 1):
             raise ConfigError(
                 f"low-bit buffer {name} is {tensor.dtype} with shape {list(tensor.shape)}; expected {want} "
                 f"{'[out, n_groups]' if name == 'scales' else '1-D'}; build the buffers with "
                 "LowBitLinear.from_quantized(QuantizedWeight) instead of by hand"
             )
-    out_features = widths.shape[0]
+    scales, in_features, group_size = args.scales, args.in_features, args.group_size
+    out_features = args.widths.shape[0]
     if in_features < 1 or group_size < 0 or out_features < 1:
         raise ConfigError(
             f"low-bit weight has out_features={out_features}, in_features={in_features}, group_size={group_size}; "
@@ -119,7 +141,8 @@ def check_buffers(
             f"low-bit scales have shape {list(scales.shape)}; expected [{out_features}, {n_groups}] for "
             f"{out_features} rows of {in_features} inputs in groups of {group_size}"
         )
-    for name, tensor in (("row_code_offsets", row_code_offsets), ("row_level_offsets", row_level_offsets)):
+    for name in ("row_code_offsets", "row_level_offsets"):
+        tensor = getattr(args, name)
         if tensor.shape[0] != out_features + 1:
             raise ConfigError(
                 f"low-bit {name} has {tensor.shape[0]} entries; expected out_features + 1 = {out_features + 1} "
@@ -155,31 +178,21 @@ def _byte_codes(width: int, device: torch.device) -> Tensor:
     return (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << width) - 1)
 
 
-def dequantize_reference(
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    """Pure-torch decode, vectorized per width group; the same float32 values as the numpy reference.
+def dequantize_reference(*packed: Any) -> Tensor:
+    """Pure-torch decode (``packed``: the :class:`LowBitArgs`), vectorized per width group; the same float32 values
+    as the numpy reference.
 
     Built from index_select/gather on contiguous tensors: on CPU that measured ~1.3x faster than shift-and-mask
     unpacking and ~2x faster than advanced indexing (one 1536x576 row block, one thread).
     """
-    if _load_native_once(codes.device):
+    args = LowBitArgs(*packed)
+    if _load_native_once(args.codes.device):
         # The CUDA kernel registered just now takes this call and every later one.
-        return torch.ops.lowra.dequantize(
-            codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-        )
-    out_features = check_buffers(
-        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-    )
+        return torch.ops.lowra.dequantize(*args)
+    out_features = check_buffers(args)
+    codes, widths, in_features, group_size = args.codes, args.widths, args.in_features, args.group_size
     device = codes.device
-    levels = codebooks.float()
+    levels = args.codebooks.float()
     out: Tensor | None = None
     decoded_rows = 0
     for width in CODED_WIDTHS:
@@ -198,10 +211,10 @@ def dequantize_reference(
                 )
             packed = codes.view(n, nbytes)
         else:
-            byte_index = row_code_offsets[rows].unsqueeze(1) + torch.arange(nbytes, device=device)
+            byte_index = args.row_code_offsets[rows].unsqueeze(1) + torch.arange(nbytes, device=device)
             packed = codes.index_select(0, byte_index.flatten())
         index = _byte_codes(width, device).index_select(0, packed.flatten().long()).view(n, -1)[:, :in_features]
-        level_index = row_level_offsets[rows].unsqueeze(1) + torch.arange(1 << width, device=device)
+        level_index = args.row_level_offsets[rows].unsqueeze(1) + torch.arange(1 << width, device=device)
         row_books = levels.index_select(0, level_index.flatten()).view(n, 1 << width)
         values = torch.gather(row_books, 1, index)
         if n == out_features:
@@ -218,7 +231,7 @@ def dequantize_reference(
         )
     if group_size:
         # float16 -> float32 then one float32 multiply per element: bit for bit what numpy does.
-        row_scales = scales.float()
+        row_scales = args.scales.float()
         full = in_features // group_size
         if full:
             out[:, : full * group_size].view(out_features, full, group_size).mul_(row_scales[:, :full].unsqueeze(-1))
@@ -227,27 +240,15 @@ def dequantize_reference(
     return out
 
 
-def lowbit_linear_reference(
-    x: Tensor,
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    in_features: int,
-    group_size: int,
-    bias: Tensor | None,
-) -> Tensor:
-    """``x @ W^T + bias`` with ``W`` decoded for this call only (dropped on return)."""
+def lowbit_linear_reference(x: Tensor, *packed_and_bias: Any) -> Tensor:
+    """``x @ W^T + bias`` (after ``x``: the :class:`LowBitArgs`, then ``bias``) with ``W`` decoded for this call only
+    (dropped on return)."""
+    *packed, bias = packed_and_bias
+    args = LowBitArgs(*packed)
     if _load_native_once(x.device):
-        return torch.ops.lowra.lowbit_linear(
-            x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size, bias
-        )
-    _check_input(x, in_features)
-    weight = torch.ops.lowra.dequantize(
-        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-    )
+        return torch.ops.lowra.lowbit_linear(x, *args, bias)
+    _check_input(x, args.in_features)
+    weight = torch.ops.lowra.dequantize(*args)
     return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
@@ -261,25 +262,13 @@ def _check_input(x: Tensor, in_features: int) -> None:
         raise ConfigError(f"lowbit_linear input is {x.dtype}; expected a floating-point tensor")
 
 
-def lowbit_linear_grad_input_reference(
-    grad_out: Tensor,
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    """``grad_out @ W`` in ``grad_out``'s dtype, ``W`` decoded for this call only (the input gradient)."""
+def lowbit_linear_grad_input_reference(grad_out: Tensor, *packed: Any) -> Tensor:
+    """``grad_out @ W`` in ``grad_out``'s dtype (after ``grad_out``: the :class:`LowBitArgs`), ``W`` decoded for
+    this call only (the input gradient)."""
+    args = LowBitArgs(*packed)
     if _load_native_once(grad_out.device):
-        return torch.ops.lowra.lowbit_linear_grad_input(
-            grad_out, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-        )
-    weight = torch.ops.lowra.dequantize(
-        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-    )
+        return torch.ops.lowra.lowbit_linear_grad_input(grad_out, *args)
+    weight = torch.ops.lowra.dequantize(*args)
     _check_grad_out(grad_out, weight.shape[0])
     return grad_out @ weight.to(grad_out.dtype)
 
@@ -292,11 +281,9 @@ def _check_grad_out(grad_out: Tensor, out_features: int) -> None:
         )
 
 
-def _check_quantize_inputs(
-    weight: Tensor, codebooks: Tensor, widths: Tensor, row_code_offsets: Tensor, row_level_offsets: Tensor,
-    group_size: int, n_code_bytes: int,
-) -> tuple[int, int, int]:
+def _check_quantize_inputs(args: EncodeArgs) -> tuple[int, int, int]:
     """Shapes and dtypes only (fake-tensor safe); returns (out_features, in_features, n_groups)."""
+    weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes = args
     if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] != widths.shape[0]:
         raise ConfigError(
             f"quantize_codes weight is {weight.dtype} {list(weight.shape)}; expected a floating-point "
@@ -304,42 +291,32 @@ def _check_quantize_inputs(
         )
     out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
     n_groups = 0 if group_size == 0 else -(-in_features // group_size)
-    check_buffers(
+    check_buffers(LowBitArgs(
         codes=weight.new_empty(0, dtype=torch.uint8), codebooks=codebooks,
         scales=weight.new_empty((out_features, n_groups), dtype=torch.float16), widths=widths,
         row_code_offsets=row_code_offsets, row_level_offsets=row_level_offsets, in_features=in_features,
         group_size=group_size,
-    )  # fmt: skip
+    ))  # fmt: skip
     if n_code_bytes < 0:
         raise ConfigError(f"quantize_codes n_code_bytes={n_code_bytes}; expected row_code_offsets[-1] (>= 0)")
     return out_features, in_features, n_groups
 
 
-def quantize_codes_reference(
-    weight: Tensor,
-    codebooks: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    group_size: int,
-    n_code_bytes: int,
-) -> tuple[Tensor, Tensor]:
-    """Encode ``weight`` [out, in] against the rows' codebooks: (uint8 packed codes, float16 scales [out, n_groups]).
+def quantize_codes_reference(*encode: Any) -> tuple[Tensor, Tensor]:
+    """Encode (``encode``: the :class:`EncodeArgs`) ``weight`` [out, in] against the rows' codebooks: (uint8 packed codes, float16 scales [out, n_groups]).
 
     float32 throughout so every device can match it bit for bit: scale = float16(absmax of the group) (0 for an
     all-zero group, whose values then encode as 0), value = w / float32(scale), and the code is the number of
     midpoints ``(level[k] + level[k + 1]) * 0.5`` strictly below the value (a tie goes to the lower level).
     Codebooks must be ascending per row (the format's rule). This is the encode of the serving path (re-encoding
-    a weight against known codebooks); the mapping in quantize_base fits codebooks in float64 and stays the spec
-    of what it produces.
+    a weight against known codebooks); the mapping in lowra.sdk.quant.base.fit fits codebooks in float64 and
+    stays the spec of what it produces.
     """
-    if _load_native_once(weight.device):
-        return torch.ops.lowra.quantize_codes(
-            weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes
-        )
-    out_features, in_features, n_groups = _check_quantize_inputs(
-        weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes
-    )
+    args = EncodeArgs(*encode)
+    if _load_native_once(args.weight.device):
+        return torch.ops.lowra.quantize_codes(*args)
+    out_features, in_features, n_groups = _check_quantize_inputs(args)
+    weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes = args
     if int(row_code_offsets[-1]) != n_code_bytes:
         raise ConfigError(
             f"quantize_codes n_code_bytes={n_code_bytes} but row_code_offsets[-1]={int(row_code_offsets[-1])}; "
@@ -400,104 +377,59 @@ _LIB.impl("lowbit_linear.out", _lowbit_linear_out, "CompositeExplicitAutograd")
 
 # ------------------------------------------------------------------------------------------------ fake kernels
 @torch.library.register_fake(f"{NAMESPACE}::dequantize", lib=_LIB)
-def _dequantize_fake(
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    out_features = check_buffers(
-        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-    )
-    return codes.new_empty((out_features, in_features), dtype=torch.float32)
+def _dequantize_fake(*packed: Any) -> Tensor:
+    args = LowBitArgs(*packed)
+    return args.codes.new_empty((check_buffers(args), args.in_features), dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::lowbit_linear", lib=_LIB)
-def _lowbit_linear_fake(
-    x: Tensor,
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    in_features: int,
-    group_size: int,
-    bias: Tensor | None,
-) -> Tensor:
-    out_features = check_buffers(
-        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-    )
-    _check_input(x, in_features)
+def _lowbit_linear_fake(x: Tensor, *packed_and_bias: Any) -> Tensor:
+    args = LowBitArgs(*packed_and_bias[:-1])
+    out_features = check_buffers(args)
+    _check_input(x, args.in_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_grad_input", lib=_LIB)
-def _lowbit_linear_grad_input_fake(
-    grad_out: Tensor,
-    codes: Tensor,
-    codebooks: Tensor,
-    scales: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    in_features: int,
-    group_size: int,
-) -> Tensor:
-    out_features = check_buffers(
-        codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features, group_size
-    )
-    _check_grad_out(grad_out, out_features)
-    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+def _lowbit_linear_grad_input_fake(grad_out: Tensor, *packed: Any) -> Tensor:
+    args = LowBitArgs(*packed)
+    _check_grad_out(grad_out, check_buffers(args))
+    return grad_out.new_empty((*grad_out.shape[:-1], args.in_features))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize_codes", lib=_LIB)
-def _quantize_codes_fake(
-    weight: Tensor,
-    codebooks: Tensor,
-    widths: Tensor,
-    row_code_offsets: Tensor,
-    row_level_offsets: Tensor,
-    group_size: int,
-    n_code_bytes: int,
-) -> tuple[Tensor, Tensor]:
-    out_features, _, n_groups = _check_quantize_inputs(
-        weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes
-    )
+def _quantize_codes_fake(*encode: Any) -> tuple[Tensor, Tensor]:
+    args = EncodeArgs(*encode)
+    out_features, _, n_groups = _check_quantize_inputs(args)
     return (
-        weight.new_empty((n_code_bytes,), dtype=torch.uint8),
-        weight.new_empty((out_features, n_groups), dtype=torch.float16),
+        args.weight.new_empty((args.n_code_bytes,), dtype=torch.uint8),
+        args.weight.new_empty((out_features, n_groups), dtype=torch.float16),
     )
 
 
 # ------------------------------------------------------------------------------------------------ autograd
 def _lowbit_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, codes, codebooks, scales, widths, code_off, level_off, in_features, group_size, bias = inputs
+    x, *packed, bias = inputs
+    args = LowBitArgs(*packed)
     # Only the packed buffers are saved (they are held by the module anyway): the weight is decoded again in
     # backward rather than kept alive across the whole forward pass.
-    ctx.save_for_backward(codes, codebooks, scales, widths, code_off, level_off)
-    ctx.in_features = in_features
-    ctx.group_size = group_size
+    ctx.save_for_backward(*(getattr(args, name) for name in _DTYPES))
+    ctx.in_features = args.in_features
+    ctx.group_size = args.group_size
     ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _lowbit_linear_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-    codes, codebooks, scales, widths, code_off, level_off = ctx.saved_tensors
+    args = LowBitArgs(*ctx.saved_tensors, ctx.in_features, ctx.group_size)
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.lowra.lowbit_linear_grad_input(
-            grad_out, codes, codebooks, scales, widths, code_off, level_off, ctx.in_features, ctx.group_size
-        ).to(ctx.x_dtype)
-    if ctx.has_bias and ctx.needs_input_grad[9]:
+        grad_x = torch.ops.lowra.lowbit_linear_grad_input(grad_out, *args).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[-1]:
         # A bias is frozen like the rest of the base in lowra, but a caller that asks for its gradient gets it.
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, None, None, None, grad_bias
+    return grad_x, *(None for _ in args), grad_bias
 
 
 torch.library.register_autograd(

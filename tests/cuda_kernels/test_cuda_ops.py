@@ -131,7 +131,7 @@ def test_opcheck_on_cuda(out: int, inp: int, group_size: int) -> None:
 
 def test_mapping_on_cuda_matches_cpu_quality() -> None:
     """The batched Lloyd-Max fit on the GPU lands where the CPU one does (chunking may move a row's last iterations)."""
-    from lowra.sdk.quant.base import quantize_weight
+    from lowra.sdk.quant.base.fit import quantize_weight
 
     torch.manual_seed(0)
     weight = torch.randn(300, 512) * torch.exp(0.3 * torch.randn(300, 512)) * 0.02

@@ -3,7 +3,7 @@
 - every ``.cu`` (pure CUDA, no torch headers) compiles to an object for sm_80 and sm_90 with nvcc;
 - the torch binding ``.cpp`` passes ``g++ -fsyntax-only`` against this torch's headers plus the CUDA toolkit's;
   the CPU wheel lacks one generated CUDA header (c10/cuda/impl/cuda_cmake_macros.h), stubbed here empty;
-- every op the binding registers is an op sdk/ops.py defines (the schemas live there once).
+- every op the binding registers is an op sdk/quant/ops.py defines (the schemas live there once).
 
 A compile error fails; only a missing tool (nvcc, g++, CUDA headers) skips, naming it.
 """
@@ -79,5 +79,5 @@ def test_binding_registers_exactly_the_sdk_ops() -> None:
     assert registered == set(OPS)
     for name in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowra::{name}", "CompositeExplicitAutograd"), (
-            f"lowra::{name} is registered for CUDA in the binding but has no reference in sdk/ops.py"
+            f"lowra::{name} is registered for CUDA in the binding but has no reference in sdk/quant/ops.py"
         )

@@ -8,23 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowra.device_runtime._files import cache_dir
 from lowra.sdk import base_model
-from lowra.sdk.base_model import (
-    CACHE_MARKER,
-    EMBEDDED_CACHE_NAME,
-    cache_dir,
-    linear_module_names,
-    load_base,
-    resolve_base,
-)
-from lowra.sdk.errors import BaseModelNotFoundError, ConfigError
-
-
-def test_cache_dir_env(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("LOWRA_CACHE", str(tmp_path / "c"))
-    assert cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("LOWRA_CACHE")
-    assert cache_dir() == Path.home() / ".cache" / "lowra"
+from lowra.sdk.base_model import CACHE_MARKER, EMBEDDED_CACHE_NAME, load_base, resolve_base
+from lowra.sdk.errors import BaseModelNotFoundError
 
 
 def test_resolve_base_missing_dir(tmp_path: Path) -> None:
@@ -65,25 +52,6 @@ def test_load_local_base(tiny_model, tiny_tokenizer, tmp_path: Path) -> None:
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
-
-
-def test_linear_module_names_order_and_targets(tiny_model) -> None:
-    names = linear_module_names(tiny_model)
-    assert names[:3] == [
-        "model.layers.0.self_attn.q_proj",
-        "model.layers.0.self_attn.k_proj",
-        "model.layers.0.self_attn.v_proj",
-    ]
-    assert len(names) == 14 and "lm_head" not in names
-    assert linear_module_names(tiny_model, ["down_proj"]) == [
-        "model.layers.0.mlp.down_proj",
-        "model.layers.1.mlp.down_proj",
-    ]
-    with pytest.raises(ConfigError) as err:
-        linear_module_names(tiny_model, ["lm_head", "q_proj"])
-    assert "lm_head" in str(err.value) and "up_proj" in str(err.value)
-    with pytest.raises(ConfigError):
-        linear_module_names(tiny_model, "some-linear")
 
 
 @pytest.mark.slow

@@ -1,2 +1,33 @@
-"""LowRA quantization of a base model's linear layers (see :mod:`.quantize`)."""
-from lowra.sdk.quant.base.quantize import *  # noqa: F401,F403
+"""LowRA base quantization: learned per-row codebooks, mixed 1/2/4-bit rows under a whole-file bit budget.
+
+Method (LowRA, arXiv 2502.08141, sections 4.1-4.2; numbers measured in bench/bench_base_quantization.py):
+1. **Normalize** (optional, ``group_size > 0``). Each row is cut into groups of ``group_size`` inputs (the last
+   may be partial) divided by their absmax, rounded to float16 first so that decode multiplies by exactly what
+   we divided by; a group of zeros gets scale 0 and decodes to 0. The paper (after QLoRA) uses 64-groups; on
+   SmolLM2 no groups is better at every budget measured once the scales' bits are counted (see
+   DEFAULT_GROUP_SIZE), so by default each row's codebook carries its scale itself.
+2. **Map.** Every row learns its own codebook at each width 1, 2 and 4 with weighted Lloyd-Max
+   (:func:`lowra.sdk.quant.codebook.lloyd_max`) on its normalized values. Element weights are ``scale**2`` (times the input
+   second moment ``E[x^2]`` of the feature when input statistics are used), so the codebook minimizes the error
+   in *weight space* (or the expected output error), not in the normalized space (measured -1..-4% SSE).
+   Lloyd-Max runs on a 128-bin weighted histogram of each row (uniform bins over the row's range; exact moments
+   per bin, cell boundaries on bin edges) instead of its raw values: measured on SmolLM2 rows +0.01% SSE at
+   1 bit, +0.04% (64-groups) / +0.4% (no groups) at 2 bits and 1-4% *better* at 4 bits (the histogram smooths
+   the discrete sample Lloyd-Max gets stuck on), and the cost no longer grows with the row length.
+   Levels are stored in float16 and codes are nearest w.r.t. the float16 levels, so the decode is what we scored.
+3. **Assign precision.** Every row picks a width; the cost of a choice is its packed codes (byte-padded rows) plus
+   its codebook (16 * 2**w bits); the distortion is its weighted SSE in weight space. A multiple-choice knapsack
+   (:func:`lowra.sdk.quant.allocation.assign_precision`, exact at its hull breakpoints; the paper's two ILPs over 128 channel
+   clusters approximate the same problem) minimizes total distortion under the budget. Rows are scored with
+   cheap Lloyd-Max starts, then refitted once at their chosen width with the better start (DECISION_GRID /
+   FINAL_GRID), so the expensive fit runs once per row instead of three times.
+   The budget is **effective bits per quantized parameter with every byte of the file counted** except the
+   dense tensors' data (embeddings, norms; stored float16 and reported separately): codes, codebooks, scales,
+   the 2-bit width map and the whole safetensors header with all metadata.
+
+Modules, one concern each: :mod:`.config` (QuantizeConfig, torch-free), :mod:`.fit` (one layer: normalize, histogram,
+Lloyd-Max, pack; ``quantize_weight``), :mod:`.plan` (every row scored, the assignment under the budget, the packed
+base), :mod:`.report` (the report in the file's header), :mod:`.apply` (``quantize_model``, ``record_input_stats``),
+:mod:`.cache` (``cached_quantized_base``). Baselines (NF, uniform, water-filling, MILP) live in
+:mod:`lowra.sdk.quant.baselines`. This package imports none of them, so importing the config never imports torch.
+"""

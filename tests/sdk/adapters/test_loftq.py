@@ -11,10 +11,12 @@ from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.sdk.training.data import load_user_dataset
 from lowra.sdk.errors import ConfigError
 from lowra.sdk.adapters.loftq import loftq_init, loftq_weight, lowrank_factors
-from lowra.sdk.adapters.lora import LoraConfig, inject_lora, lora_layers
+from lowra.sdk.adapters.config import LoraConfig
+from lowra.sdk.adapters.model import inject_lora, lora_layers
 from lowra.sdk.quant.lowbit_linear import LowBitLinear, replace_linears
-from lowra.sdk.quant.base import nf_quantize
-from lowra.sdk.training.train import TrainConfig, evaluate_loss, train_adapter
+from lowra.sdk.quant.baselines import nf_quantize
+from lowra.sdk.training.config import TrainConfig
+from lowra.sdk.training.train import evaluate_loss, train_adapter
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

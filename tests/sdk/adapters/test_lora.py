@@ -5,19 +5,10 @@ import torch
 from torch import nn
 
 from lowra.sdk.errors import ConfigError
-from lowra.sdk.adapters.lora import (
-    LoraConfig,
-    LoraLinear,
-    delete_adapter,
-    get_adapter_factors,
-    inject_lora,
-    input_stats,
-    lora_layers,
-    recording_input_stats,
-    set_active_adapters,
-    set_adapter_factors,
-    set_stats_token_mask,
-)
+from lowra.sdk.adapters.config import LoraConfig
+from lowra.sdk.adapters.layer import LoraLinear
+from lowra.sdk.adapters.model import delete_adapter, get_adapter_factors, inject_lora, lora_layers, set_active_adapters, set_adapter_factors
+from lowra.sdk.adapters.input_stats import input_stats, recording_input_stats, set_stats_token_mask
 
 
 def _ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:

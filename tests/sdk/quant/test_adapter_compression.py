@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lowra.device_runtime import formats as fmt
-from lowra.sdk.quant.adapter_compression import CARD_RESERVE_BYTES, CompressConfig, compress_adapter, components
+from lowra.sdk.quant.adapter_compression import CARD_RESERVE_BYTES, components, compress_adapter
+from lowra.sdk.quant.config import CompressConfig
 from lowra.sdk.errors import BudgetError, ConfigError
 
 SHAPES = {f"layers.{i}.{n}": s for i in range(3) for n, s in (("q_proj", (384, 256)), ("down_proj", (256, 640)))}

@@ -14,20 +14,17 @@ from torch.nn import functional as F
 
 from lowra.device_runtime.errors import BlobContentError
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
-from lowra.sdk.base_model import linear_module_names
+from lowra.sdk.modules import linear_module_names
 from lowra.sdk.training.data import load_user_dataset
 from lowra.sdk.errors import ConfigError
-from lowra.sdk.adapters.lora import (
-    LoraConfig,
-    LoraLinear,
-    inject_lora,
-    lora_layers,
-    set_active_adapters,
-    set_adapter_factors,
-)
+from lowra.sdk.adapters.config import LoraConfig
+from lowra.sdk.adapters.layer import LoraLinear
+from lowra.sdk.adapters.model import inject_lora, lora_layers, set_active_adapters, set_adapter_factors
 from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers, replace_linears
-from lowra.sdk.quant.base import nf_quantize, quantize_weight
-from lowra.sdk.training.train import TrainConfig, train_adapter
+from lowra.sdk.quant.baselines import nf_quantize
+from lowra.sdk.quant.base.fit import quantize_weight
+from lowra.sdk.training.config import TrainConfig
+from lowra.sdk.training.train import train_adapter
 
 from tests.conftest import build_tiny_model
 from .test_ops import random_weight
@@ -248,7 +245,8 @@ def test_smollm2_linears_packed_below_a_tenth_of_fp32() -> None:
 def _tiny_base_file(model: nn.Module, folder) -> Path:
     """The tiny model quantized to a file, at a budget between its all-1-bit and all-4-bit extremes (its header
     dominates: a few thousand weights)."""
-    from lowra.sdk.quant.base import QuantizeConfig, plan_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
+    from lowra.sdk.quant.base.plan import plan_model
 
     plan = plan_model(model, QuantizeConfig(bits=2.0, group_size=16), progress=False)
     low, high = plan.budget_range()

@@ -1,0 +1,342 @@
+"""Every targeted row scored at every width, the precision assignment under a budget, and the packed base.
+
+A :class:`QuantizePlan` holds the scores (the expensive part); :meth:`QuantizePlan.quantize` assigns widths under
+a budget (step 3 in :mod:`lowra.sdk.quant.base`), refits each row at its width and packs the file.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowra.device_runtime._files import utc_now
+from lowra.device_runtime.formats.bitpack import packed_bytes
+from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.device_runtime.formats.quantized_base import (
+    QuantizedBase,
+    header_bytes_bound,
+    quantized_fingerprint,
+    serialized_size,
+)
+from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+from lowra.sdk.errors import BudgetError, ConfigError
+from lowra.sdk.modules import linear_module_names
+from lowra.sdk.quant.allocation import assign_precision
+from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.base.fit import (
+    DECISION_GRID,
+    FINAL_GRID,
+    HIST_BINS,
+    TORCH_THREADS,
+    PreparedLayer,
+    RowBatcher,
+    assemble,
+    prepare_layer,
+    row_histogram,
+    intra_op_threads,
+)
+from lowra.sdk.quant.base.report import placeholder_report, report_json, report_round
+
+METHOD = "lowra: absmax groups + per-row weighted Lloyd-Max (128-bin) + knapsack over 1/2/4-bit rows"
+
+
+def row_costs(n_in: int) -> np.ndarray:
+    """Bits that vary with a row's width: packed codes (byte-padded) + float16 codebook, for widths 1, 2, 4."""
+    return np.array([8 * packed_bytes(n_in, w) + 16 * (1 << w) for w in CODED_WIDTHS], dtype=np.float64)
+
+
+def dense_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every state-dict tensor not quantized, floats as float16; tied tensors stored once (name -> alias)."""
+    dense: dict[str, np.ndarray] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        if name in skip:
+            continue
+        t = tensor.detach().to("cpu")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        if t.is_floating_point():
+            arr = t.to(torch.float32).numpy().astype(np.float16)
+            if not np.all(np.isfinite(arr)):
+                raise ConfigError(
+                    f"tensor {name}: values are NaN/Inf or beyond the float16 range (65504) the quantized base "
+                    "stores dense tensors in; fix the checkpoint"
+                )
+        else:
+            arr = t.numpy().copy()
+        dense[name] = arr
+    return dense, aliases
+
+
+class _Clock:
+    """Adds the seconds since the last lap to ``sink[phase]`` (the ``timings`` argument; None: no-op)."""
+
+    def __init__(self, sink: dict[str, float] | None):
+        self.sink, self.last = sink, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.sink is not None:
+            self.sink[phase] = self.sink.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+def refine(
+    plan: "QuantizePlan", row_widths: np.ndarray, progress: bool
+) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+    """Refit each row at its chosen width with FINAL_GRID's start; returns (levels, distortion) with the better
+    fit per row (the plan's own arrays stay as scored, so it can serve other budgets)."""
+    levels = {w: lv.clone() for w, lv in plan.levels.items()}
+    distortion = plan.distortion.copy()
+    widths = [w for w in CODED_WIDTHS if FINAL_GRID[w] != plan.scoring_grid[w] and np.any(row_widths == w)]
+    if not widths:
+        return levels, distortion
+    batchers = {w: RowBatcher(w, FINAL_GRID[w]) for w in widths}
+    start = 0
+    for name, (o, _) in tqdm(list(zip(plan.names, plan.shapes)), desc="refitting", unit="layer", disable=not progress):
+        layer_widths = row_widths[start : start + o]
+        if any(np.any(layer_widths == w) for w in widths):
+            hist = row_histogram(plan.prepare(name))
+            for w in widths:
+                rows = np.nonzero(layer_widths == w)[0]
+                if rows.size:
+                    batchers[w].add(hist.rows(torch.from_numpy(rows)))
+        start += o
+    for w in widths:
+        lv, sse = batchers[w].result()
+        rows = np.nonzero(row_widths == w)[0]
+        col = CODED_WIDTHS.index(w)
+        better = sse.numpy() < distortion[rows, col]
+        levels[w][torch.from_numpy(rows[better])] = lv[torch.from_numpy(better)]
+        distortion[rows[better], col] = sse.numpy()[better]
+    return levels, distortion
+
+
+@dataclass
+class QuantizePlan:
+    """Every targeted row of a model scored at every width: all :meth:`quantize` needs besides the budget.
+
+    Scoring is most of the work; a plan quantizes at many budgets for the cost of one (benchmarks, sweeps).
+    """
+
+    config: QuantizeConfig
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    weights: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+    levels: dict[int, torch.Tensor]  # width -> float16-exact levels [all rows, 2**w]
+    distortion: np.ndarray  # float64 [all rows, 3]: weighted SSE in weight space at widths 1, 2, 4
+    dense: dict[str, np.ndarray]
+    aliases: dict[str, str]
+    source: str
+    scoring_grid: dict[int, int | None]
+    device: torch.device | None = None  # where rows are fitted (None: CPU)
+
+    def prepare(self, name: str) -> PreparedLayer:
+        return prepare_layer(name, self.weights[name], self.config.group_size, self.stats.get(name), self.device)
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(o * i for o, i in self.shapes))
+
+    def row_costs(self) -> np.ndarray:
+        """Bits that vary with the width, per row [rows, 3] (codes with byte padding + float16 codebook)."""
+        return np.concatenate([np.broadcast_to(row_costs(i), (o, len(CODED_WIDTHS))) for o, i in self.shapes])
+
+    def _metadata(self, bits: float, created: str, report: dict[str, object]) -> dict[str, object]:
+        g = self.config.group_size
+        return {
+            "source": self.source,
+            "group_size": g,
+            "aliases": self.aliases,
+            "scheme": {
+                "method": METHOD, "budget_bits": float(bits), "group_size": g, "widths": list(CODED_WIDTHS),
+                "weighted": bool(self.config.weighted), "hist_bins": HIST_BINS,
+                "scale_dtype": "float16", "codebook_dtype": "float16", "dense_dtype": "float16",
+            },
+            "report": report,
+            "created": created,
+        }
+
+    def fixed_bytes(self, bits: float, created: str) -> int:
+        """Bytes that do not depend on the widths: the header (bounded above), scales and the width maps."""
+        g = self.config.group_size
+        meta = self._metadata(bits, created, placeholder_report(self.shapes, bool(self.config.weighted)))
+        table = [(n, o, i, g) for n, (o, i) in zip(self.names, self.shapes)]
+        return header_bytes_bound(table, self.dense, meta) + sum(
+            o * 2 * (-(-i // g) if g else 0) + (o + 3) // 4 for o, i in self.shapes
+        )
+
+    def budget_range(self, created: str = "2000-01-01T00:00:00+00:00") -> tuple[float, float]:
+        """(lowest, highest) storable budget in effective bits: every row at 1 bit / every row at 4 bits."""
+        costs, fixed = self.row_costs(), 8 * self.fixed_bytes(0.0, created)
+        return (fixed + costs[:, 0].sum()) / self.n_params, (fixed + costs[:, -1].sum()) / self.n_params
+
+    def assign(self, bits: float, created: str) -> np.ndarray:
+        """The width of every row under ``bits`` effective bits per parameter (BudgetError if out of range)."""
+        n_params = self.n_params
+        fixed = 8 * self.fixed_bytes(bits, created)
+        costs = self.row_costs()
+        lowest, highest = (fixed + costs[:, 0].sum()) / n_params, (fixed + costs[:, -1].sum()) / n_params
+        if bits < lowest - 1e-12:
+            raise BudgetError(
+                f"a budget of {bits} effective bits/param is below the smallest storable base: {lowest:.4f} (every "
+                f"row at 1 bit, plus codebooks, scales, width map and header). Raise --bits to at least {lowest:.4f}"
+                f"{' or use a larger --group-size (or 0: no groups)' if self.config.group_size else ''}"
+            )
+        if bits > highest + 1e-12:
+            raise BudgetError(
+                f"a budget of {bits} effective bits/param is above what the widths can use: {highest:.4f} (every "
+                f"row at 4 bits, with all overhead). Lower --bits to at most {highest:.4f}"
+            )
+        choice = assign_precision(costs, self.distortion, bits * n_params - fixed)
+        return np.asarray(CODED_WIDTHS, dtype=np.uint8)[choice]
+
+    def quantize(
+        self,
+        bits: float,
+        progress: bool = True,
+        created: str | None = None,
+        timings: dict[str, float] | None = None,
+        torch_threads: int | None = TORCH_THREADS,
+    ) -> QuantizedBase:
+        """The quantized base under ``bits`` effective bits per quantized parameter (see :mod:`lowra.sdk.quant.base`)."""
+        QuantizeConfig(bits=bits, group_size=self.config.group_size)  # validates the number
+        with intra_op_threads(torch_threads):
+            return self._quantize(bits, progress, created, timings)
+
+    def _quantize(
+        self, bits: float, progress: bool, created: str | None, timings: dict[str, float] | None
+    ) -> QuantizedBase:
+        clock = _Clock(timings)
+        created = created or utc_now()
+        row_widths = self.assign(bits, created)
+        clock.lap("assignment")
+        levels, _ = refine(self, row_widths, progress)
+        clock.lap("refitting")
+
+        weighted = bool(self.config.weighted)
+        layers: dict[str, QuantizedWeight] = {}
+        module_rows, sse_total, energy_total, out_err, out_energy = [], 0.0, 0.0, 0.0, 0.0
+        start = 0
+        for name, (o, i) in tqdm(list(zip(self.names, self.shapes)), desc="packing", unit="layer", disable=not progress):
+            prep = self.prepare(name)
+            w = row_widths[start : start + o]
+            picked = {}
+            for width in CODED_WIDTHS:
+                rows = np.nonzero(w == width)[0]
+                if rows.size:
+                    picked[width] = levels[width][start + torch.from_numpy(rows)]
+            qw = assemble(prep, w, picked)
+            layers[name] = qw
+            W = prep.weight.cpu().numpy()
+            err = W - qw.dequantize().astype(np.float64)
+            sse, energy = float(np.sum(err * err)), float(W.size * np.var(W))
+            # storage_bits counts 2 bits per row for the width; the file pads each layer's width map to bytes.
+            stored_bits = qw.storage_bits() - 2 * o + 8 * ((o + 3) // 4)
+            row = [report_round(sse / max(energy, 1e-300)), report_round(stored_bits / W.size), report_round(qw.code_bits() / W.size)]
+            if weighted:
+                ms = prep.input_ms.cpu().numpy()
+                e_out, e_ref = float(np.sum(err * err * ms[None, :])), float(np.sum(W * W * ms[None, :]))
+                row.append(report_round(e_out / max(e_ref, 1e-300)))
+                out_err, out_energy = out_err + e_out, out_energy + e_ref
+            module_rows.append(row + [int(np.sum(w == 1)), int(np.sum(w == 2)), int(np.sum(w == 4))])
+            sse_total, energy_total = sse_total + sse, energy_total + energy
+            start += o
+        clock.lap("packing")
+        total: dict[str, object] = {
+            "mse_over_var": report_round(sse_total / max(energy_total, 1e-300)),
+            "code_bits": report_round(float(sum(q.code_bits() for q in layers.values())) / self.n_params),
+            "widths": {str(width): int(np.sum(row_widths == width)) for width in CODED_WIDTHS},
+        }
+        if weighted:
+            total["output_error"] = report_round(out_err / max(out_energy, 1e-300))
+        metadata = self._metadata(bits, created, report_json(module_rows, total, weighted))
+        file_bytes, header = serialized_size(layers, self.dense, metadata)
+        effective = 8.0 * (file_bytes - sum(a.nbytes for a in self.dense.values())) / self.n_params
+        if effective > bits + 1e-12:  # the header bound makes this unreachable; never hand out an over-budget base
+            raise BudgetError(
+                f"internal: the base takes {effective:.6f} effective bits/param, over the budget {bits}; please report"
+            )
+        clock.lap("file")
+        return QuantizedBase(
+            layers=layers, dense=self.dense, metadata=metadata, fingerprint=quantized_fingerprint(layers),
+            file_bytes=file_bytes, header_bytes=header, aliases=dict(self.aliases),
+        )
+
+
+def plan_model(
+    model: nn.Module,
+    config: QuantizeConfig,
+    input_stats: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    source: str = "",
+    timings: dict[str, float] | None = None,
+    scoring_grid: Mapping[int, int | None] | None = None,
+    torch_threads: int | None = TORCH_THREADS,
+    device: torch.device | str | None = None,
+) -> QuantizePlan:
+    """Score every row of every targeted linear layer of ``model`` at widths 1, 2 and 4 (see :class:`QuantizePlan`).
+
+    ``scoring_grid`` overrides :data:`DECISION_GRID` (the bench uses FINAL_GRID to measure what cheap scoring costs).
+    ``torch_threads``: intra-op threads while fitting (see TORCH_THREADS; None keeps torch's setting).
+    ``device``: where each layer's rows are fitted (default CPU; "cuda" fits a layer's rows there in one batch,
+    see CUDA_CHUNK_ROWS); the plan's levels and distortions always come back to the CPU.
+    """
+    with intra_op_threads(torch_threads):
+        return _plan_model(model, config, input_stats, progress, source, timings, scoring_grid, device)
+
+
+def _plan_model(
+    model: nn.Module,
+    config: QuantizeConfig,
+    input_stats: Mapping[str, torch.Tensor] | None,
+    progress: bool,
+    source: str,
+    timings: dict[str, float] | None,
+    scoring_grid: Mapping[int, int | None] | None,
+    device: torch.device | str | None = None,
+) -> QuantizePlan:
+    clock = _Clock(timings)
+    names = linear_module_names(model, config.targets)
+    if not names:
+        raise ConfigError("the model has no linear layers to quantize (targets matched nothing)")
+    if config.weighted:
+        missing = [n for n in names if not input_stats or n not in input_stats]
+        if missing:
+            raise ConfigError(
+                f"weighted=True needs input statistics for every targeted module; missing {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {len(names)}). Record them on "
+                "calibration text or pass weighted=False"
+            )
+    modules = dict(model.named_modules())
+    weights = {n: modules[n].weight for n in names}
+    stats = {n: input_stats[n] for n in names} if config.weighted and input_stats else {}
+    grid = dict(scoring_grid or DECISION_GRID)
+    plan = QuantizePlan(
+        config=config, names=names, shapes=[(int(weights[n].shape[0]), int(weights[n].shape[1])) for n in names],
+        weights=weights, stats=stats, levels={}, distortion=np.zeros((0, len(CODED_WIDTHS))), dense={}, aliases={},
+        source=source or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
+        scoring_grid=grid, device=None if device is None else torch.device(device),
+    )
+    # Every row scored at every width: histograms fitted in chunks of rows across layers.
+    scoring = {w: RowBatcher(w, grid[w]) for w in CODED_WIDTHS}
+    for name in tqdm(names, desc="scoring widths", unit="layer", disable=not progress):
+        hist = row_histogram(plan.prepare(name))
+        for batcher in scoring.values():
+            batcher.add(hist)
+    scored = {w: b.result() for w, b in scoring.items()}
+    plan.levels = {w: lv for w, (lv, _) in scored.items()}
+    plan.distortion = torch.stack([scored[w][1] for w in CODED_WIDTHS], 1).numpy()
+    plan.dense, plan.aliases = dense_tensors(model, {f"{n}.weight" for n in names})
+    clock.lap("scoring")
+    return plan

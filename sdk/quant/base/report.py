@@ -1,0 +1,29 @@
+"""The report a quantized base file carries: per-module errors and bits, rounded so the header size is bounded."""
+from __future__ import annotations
+
+from typing import Sequence
+
+# Floats in the file's report are rounded to this many significant digits (bounded header size).
+REPORT_DIGITS = 6
+# Longest JSON text a rounded float can take ("-1.23457e-100"): the header bound uses it.
+WIDEST_FLOAT = -1.23457e-100
+
+
+def report_round(x: float) -> float:
+    return float(f"{x:.{REPORT_DIGITS}g}")
+
+
+def placeholder_report(shapes: Sequence[tuple[int, int]], weighted: bool) -> dict[str, object]:
+    """A report with every number at its longest JSON text: the header bound uses it."""
+    rows = sum(o for o, _ in shapes)
+    return report_json(
+        [[WIDEST_FLOAT] * (4 if weighted else 3) + [o, o, o] for o, _ in shapes],
+        {"mse_over_var": WIDEST_FLOAT, "code_bits": WIDEST_FLOAT, "widths": {"1": rows, "2": rows, "4": rows},
+         **({"output_error": WIDEST_FLOAT} if weighted else {})},
+        weighted,
+    )
+
+
+def report_json(module_rows: list[list[float]], total: dict[str, object], weighted: bool) -> dict[str, object]:
+    columns = ["mse_over_var", "effective_bits", "code_bits"] + (["output_error"] if weighted else [])
+    return {"columns": columns + ["rows_1bit", "rows_2bit", "rows_4bit"], "modules": module_rows, "total": total}
