@@ -14,7 +14,8 @@ pytestmark = [
 
 
 def test_demo_on_one_user(tmp_path):
-    from lowra.sdk.cli.demo import SAMPLE_USERS, DemoConfig, run_demo
+    from lowra.sdk.cli.demo import run_demo
+    from lowra.sdk.cli.demo_config import SAMPLE_USERS, DemoConfig
 
     out = tmp_path / "demo"
     report = run_demo(DemoConfig(out=str(out), users=(str(SAMPLE_USERS / "json_reply"),), steps=2, sweep=(),

@@ -3,28 +3,39 @@
 Per user: train a short LoRA adapter on the frozen base, compress it to the bit budget (every byte counted),
 write the blob, load it through the torch-free device runtime (verify, decode, merge at load), check the merged
 weights against the sdk's own merge, and generate a reply to a held-out prompt with the device-merged weights.
-Then one table on stdout and report.md / report.json / retained_gain.png under the output folder.
+Then one table on stdout and report.md / report.json / retained_gain.png under the output folder
+(:mod:`lowra.sdk.cli.report`).
 """
 from __future__ import annotations
 
-import importlib.resources
-import json
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from types import TracebackType
 
 import numpy as np
 import torch
 
 from lowra.device_runtime import DeviceRuntime
-from lowra.device_runtime._files import atomic_write_bytes
-from lowra.sdk.base_model import linear_module_names, load_base
-from lowra.sdk.quant.adapter_compression import CompressConfig
-from lowra.sdk.training.data import load_user_dataset
-from lowra.sdk.adapters.lora import LoraConfig, delete_adapter, get_adapter_factors, lora_layers, set_active_adapters
+from lowra.sdk.adapters.model import (
+    delete_adapter,
+    get_adapter_factors,
+    lora_layers,
+    set_active_adapters,
+)
+from lowra.sdk.adapters.peft_io import save_adapter
+from lowra.sdk.base_model import load_base
+from lowra.sdk.cli.demo_config import DemoConfig
+from lowra.sdk.cli.report import jsonable, retained_gain, write_report
+from lowra.sdk.errors import ConfigError
+from lowra.sdk.modules import linear_module_names
+from lowra.sdk.quant.base.cache import cached_quantized_base
+from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.config import CompressConfig
 from lowra.sdk.quant.lowbit_linear import load_quantized_base, lowbit_layers
-from lowra.sdk.quant.base import QuantizeConfig, cached_quantized_base
-from lowra.sdk.training.train import TrainConfig, evaluate_loss, save_adapter, train_adapter
+from lowra.sdk.training.config import TrainConfig
+from lowra.sdk.training.data import UserDataset, load_user_dataset
+from lowra.sdk.training.train import evaluate_loss, train_adapter
 from lowra.sdk.workflow import (
     apply_blob,
     compress_factors,
@@ -35,41 +46,88 @@ from lowra.sdk.workflow import (
     sdk_merged_weight,
 )
 
-# The sample users ship as package data (lowra.samples), so an installed wheel runs the demo too.
-SAMPLE_USERS = Path(str(importlib.resources.files("lowra.samples"))) / "users"
+
+class _Phase:
+    """One line per long phase: what it does as it starts, its result and seconds as it ends.
+
+    Without it the per-user budget sweep ran for minutes with nothing on the screen. A phase that draws its own
+    tqdm bars (training, base quantization; bars go to stderr) prints its start on a line of its own, so a bar
+    never overwrites it; the others finish on the line they started. Set ``result`` inside the ``with`` block;
+    ``seconds`` is set when it ends.
+    """
+
+    def __init__(self, label: str, bars: bool = False) -> None:
+        self.label, self.bars = label, bars
+        self.result = ""
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> _Phase:
+        print(f"   {self.label} ...", end="\n" if self.bars else "", flush=True)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.seconds = time.perf_counter() - self._start
+        if exc_type is not None:
+            if not self.bars:
+                print(flush=True)  # end the started line so the error starts on its own
+            return
+        lead = f"   {self.label}: " if self.bars else " "
+        print(f"{lead}{self.result + ' ' if self.result else ''}({self.seconds:.1f} s)", flush=True)
 
 
-@dataclass
-class DemoConfig:
-    out: str = "out/demo"
-    users: tuple[str, ...] = tuple(str(SAMPLE_USERS / u) for u in ("terse_notes", "python_help", "json_reply"))
-    steps: int = 40
-    bits: float = 1.0
-    sweep: tuple[float, ...] = (0.5, 2.0)
-    base: str | None = None
-    # The base users train on: quantized to this many effective bits (LowRA, cached after the first run);
-    # None trains on the full-precision base. 4 bits by default because that is what SmolLM2-135M survives:
-    # measured 2026-11-29 at 1.5 bits (uncalibrated, no LoftQ), terse_notes' held-out loss was 14.2 on the base
-    # and 6.08 with its adapter (0.23 on the fp base) and the replies were "- - -" (docs/RESULTS.md). Sub-2-bit
-    # bases are for larger models; `--base-bits 1.5` runs that path.
-    base_bits: float | None = 4.0
-    weighted: bool = True
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    max_new_tokens: int = 48
+def check_user_id(user_id: str, source: Path) -> None:
+    """Refuse a user id that cannot safely name the user's output folder (``<out>/<id>/``).
+
+    The id comes from a user.json the demo does not control; one like ``../x`` or ``/tmp/x`` would write outside
+    ``--out``. Only plain, printable folder names pass.
+    """
+    if not user_id:
+        why = "it is empty"
+    elif not user_id.isprintable():
+        why = "it contains non-printable characters"
+    elif PurePosixPath(user_id).is_absolute() or PureWindowsPath(user_id).anchor:
+        why = "it is an absolute path"
+    elif "/" in user_id or "\\" in user_id:
+        why = "it contains a path separator"
+    elif user_id == "." or ".." in user_id:
+        why = "it names the current or a parent folder"
+    else:
+        return
+    raise ConfigError(
+        f"user id {user_id!r} of {source} cannot name an output folder: {why}; set \"id\" in its user.json to a "
+        "plain name such as 'terse_notes'"
+    )
 
 
-def _retained(base: float, fp: float, compressed: float) -> float:
-    gain = base - fp
-    return (base - compressed) / gain if gain > 0 else float("nan")
+def _load_users(paths: tuple[str, ...]) -> list[UserDataset]:
+    """Every user's dataset, with ids checked as folder names and unique, before the demo writes anything."""
+    datasets: list[UserDataset] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        dataset = load_user_dataset(path)
+        check_user_id(dataset.user_id, dataset.path)
+        if dataset.user_id in seen:
+            raise ConfigError(
+                f"users {seen[dataset.user_id]} and {dataset.path} share the id {dataset.user_id!r}; each user's "
+                "outputs go to <out>/<id>, so ids must be unique"
+            )
+        seen[dataset.user_id] = dataset.path
+        datasets.append(dataset)
+    return datasets
 
 
 def run_demo(config: DemoConfig) -> dict[str, object]:
+    datasets = _load_users(config.users)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    print(f"lowra demo: loading base {config.base or 'SmolLM2-135M-Instruct (embedded)'}")
-    base = load_base(config.base)
-    gen = load_base(config.base)  # a second, plain copy that receives the device-merged weights
+    print(f"lowra demo: {len(datasets)} user{'s' if len(datasets) != 1 else ''}, base {config.base or 'SmolLM2-135M-Instruct (embedded)'}")
+    with _Phase("loading the base (a training copy and a copy for the device-merged weights)"):
+        base = load_base(config.base)
+        gen = load_base(config.base)  # a second, plain copy that receives the device-merged weights
     base_info = _prepare_base(base, config.base_bits)
     runtime = DeviceRuntime(base_info["runtime_base"])
     # gen computes with exactly what the device runtime decodes: the low-bit base's weights, then each user's merge
@@ -79,14 +137,19 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
     rows: list[dict[str, object]] = []
     touched_ever: set[str] = set()
     fingerprint = None
-    for user_dir in config.users:
-        dataset = load_user_dataset(user_dir)
+    for dataset in datasets:
         uid = dataset.user_id
         udir = out / uid
         print(f"\n== {uid}: {dataset.card.get('task', '')}")
-        base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
-        result = train_adapter(base.model, base.tokenizer, dataset, config.lora, train_config, adapter_name=uid)
-        fp_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
+        with _Phase("held-out loss of the base") as phase:
+            base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
+            phase.result = f"{base_loss:.3f}"
+        with _Phase(f"training {train_config.steps} steps", bars=True) as phase:
+            result = train_adapter(base.model, base.tokenizer, dataset, config.lora, train_config, adapter_name=uid)
+            phase.result = f"last training loss {result.losses[-1]:.3f}" if result.losses else "done"
+        with _Phase("held-out loss of the adapter") as phase:
+            fp_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
+            phase.result = f"{fp_loss:.3f}"
         factors = {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in get_adapter_factors(base.model, uid).items()}
         if fingerprint is None:
             fingerprint = model_fingerprint(base.model, list(factors))
@@ -106,17 +169,22 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
         sweep_rows = []
         main = None
         for bits in budgets:
-            t0 = time.perf_counter()
-            compressed = compress_factors(
-                factors, config.lora, CompressConfig(bits=bits, weighted=config.weighted),
-                adapter_id=uid, base_fingerprint=fingerprint, input_stats=result.input_stats, card=card,
-            )
-            seconds = time.perf_counter() - t0
-            apply_blob(base.model, compressed.blob, "compressed")
-            loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
-            delete_adapter(base.model, "compressed")
+            with _Phase(f"compressing to {bits:g} bits") as phase:
+                compressed = compress_factors(
+                    factors, config.lora, CompressConfig(bits=bits, weighted=config.weighted),
+                    adapter_id=uid, base_fingerprint=fingerprint, input_stats=result.input_stats, card=card,
+                )
+                phase.result = (f"{compressed.report['effective_bits']:.3f} effective bits, "
+                                f"{compressed.report['file_bytes']:,} bytes")
+            seconds = phase.seconds
+            with _Phase(f"held-out loss at {bits:g} bits") as phase:
+                apply_blob(base.model, compressed.blob, "compressed")
+                loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
+                delete_adapter(base.model, "compressed")
+                retained = retained_gain(base_loss, fp_loss, loss)
+                phase.result = f"{loss:.3f}, {100 * retained:.1f}% of the gain kept"
             sweep_rows.append({"bits": compressed.report["effective_bits"], "budget": bits, "loss": loss,
-                               "retained": _retained(base_loss, fp_loss, loss), "compress_s": seconds})
+                               "retained": retained, "compress_s": seconds})
             if bits == config.bits:
                 main = (compressed, loss, seconds)
         compressed, c_loss, c_seconds = main
@@ -125,18 +193,21 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
         blob_path = compressed.write(udir / f"{uid}.lowra", overwrite=True)
 
         # The device side: verify + decode + merge at load, then check against the sdk's own merge.
-        info = runtime.load_user(blob_path)
-        layers = lora_layers(base.model)
-        max_diff = max(
-            float(np.abs(runtime.weight(f"{m}.weight") - sdk_merged_weight(frozen_weight(layers[m].base), compressed.blob, m).numpy()).max())
-            for m in info.modules
-        )
-        touched_ever |= {f"{m}.weight" for m in info.modules}
-        load_weights_into(gen.model, {name: runtime.weight(name) for name in touched_ever})
-        prompt = dataset.heldout[0].prompt
-        reply = generate_reply(gen.model, gen.tokenizer, prompt, config.max_new_tokens)
-        set_active_adapters(base.model, None)
-        base_reply = generate_reply(base.model, base.tokenizer, prompt, config.max_new_tokens)
+        with _Phase("device runtime: verify, decode and merge the blob, compare with the sdk's merge") as phase:
+            info = runtime.load_user(blob_path)
+            layers = lora_layers(base.model)
+            max_diff = max(
+                float(np.abs(runtime.weight(f"{m}.weight") - sdk_merged_weight(frozen_weight(layers[m].base), compressed.blob, m).numpy()).max())
+                for m in info.modules
+            )
+            phase.result = f"merged in {info.load_ms:.0f} ms, max |device - sdk| {max_diff:.1e}"
+        with _Phase("generating replies (device-merged, then the base)"):
+            touched_ever |= {f"{m}.weight" for m in info.modules}
+            load_weights_into(gen.model, {name: runtime.weight(name) for name in touched_ever})
+            prompt = dataset.heldout[0].prompt
+            reply = generate_reply(gen.model, gen.tokenizer, prompt, config.max_new_tokens)
+            set_active_adapters(base.model, None)
+            base_reply = generate_reply(base.model, base.tokenizer, prompt, config.max_new_tokens)
         delete_adapter(base.model, uid)
 
         row = {
@@ -144,7 +215,7 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
             "loss_base": base_loss,
             "loss_fp": fp_loss,
             "loss_compressed": c_loss,
-            "retained_gain": _retained(base_loss, fp_loss, c_loss),
+            "retained_gain": retained_gain(base_loss, fp_loss, c_loss),
             "peft_fp16_bytes": peft_bytes,
             "blob_bytes": compressed.report["file_bytes"],
             "size_ratio": peft_bytes / compressed.report["file_bytes"],
@@ -154,7 +225,7 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
             "train_s": result.seconds,
             "compress_s": c_seconds,
             "load_ms": info.load_ms,
-            "merge_ms": info.merge_ms,
+            "merge_ms": info.apply_ms,
             "max_abs_diff_device_vs_sdk": max_diff,
             "prompt": prompt,
             "expected": dataset.heldout[0].response,
@@ -170,13 +241,10 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
         print(f"   prompt: {prompt}\n   base:   {base_reply}\n   user:   {reply}")
 
     base_info["runtime_base"] = str(base_info["runtime_base"])
-    report = {"config": _jsonable(asdict(config)), "base": base_info, "users": rows,
+    report = {"config": jsonable(asdict(config)), "base": base_info, "users": rows,
               "seconds": time.perf_counter() - t_start}
-    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode(), overwrite=True)
-    table = format_table(rows)
+    table = write_report(out, report)
     print("\n" + table)
-    _plot(rows, out / "retained_gain.png")
-    atomic_write_bytes(out / "report.md", _markdown(rows, table, report["seconds"], base_info).encode(), overwrite=True)
     print(f"\nreport: {out / 'report.md'}  plot: {out / 'retained_gain.png'}  ({report['seconds']:.0f} s)")
     return report
 
@@ -191,85 +259,18 @@ def _prepare_base(base, bits: float | None) -> dict[str, object]:
     if bits is None:
         print(f"   base: full precision, linears {fp32_bytes / 2**20:.1f} MiB (float32)")
         return info
-    t0 = time.perf_counter()
-    path = cached_quantized_base(base.model, base.path, QuantizeConfig(bits=bits))
-    qb = load_quantized_base(base.model, path)
+    with _Phase(f"base at {bits:g} effective bits: quantizing, or reading the cached file", bars=True) as phase:
+        path = cached_quantized_base(base.model, base.path, QuantizeConfig(bits=bits))
+        qb = load_quantized_base(base.model, path)
+        phase.result = "done"
     report = qb.bits_report()
     packed = sum(m.nbytes() for m in lowbit_layers(base.model).values())
     info.update(runtime_base=path, file_bytes=report["file_bytes"], effective_bits=report["effective_bits"],
                 code_bits=report["code_bits"], width_histogram=report["width_histogram"],
                 dense_bytes=report["bytes"]["dense"], linear_packed_bytes=packed,
-                mse_over_var=qb.report.get("total", {}).get("mse_over_var"), seconds=time.perf_counter() - t0)
+                mse_over_var=qb.report.get("total", {}).get("mse_over_var"), seconds=phase.seconds)
     print(f"   base: quantized to {report['effective_bits']:.3f} effective bits/param ({path}, "
           f"{report['file_bytes']:,} bytes incl. {report['bytes']['dense']:,} of float16 embeddings/norms); "
           f"linears {packed / 2**20:.1f} MiB packed vs {fp32_bytes / 2**20:.1f} MiB float32 "
           f"({fp32_bytes / packed:.1f}x smaller), {info['seconds']:.0f} s")
     return info
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-
-
-def format_table(rows: list[dict[str, object]]) -> str:
-    head = ("user", "loss base", "loss fp", "loss lowra", "gain kept", "PEFT fp16 B", "blob B", "smaller",
-            "eff. bits", "code bits", "merge ms")
-    lines = [head]
-    for r in rows:
-        lines.append((
-            r["user"], f"{r['loss_base']:.3f}", f"{r['loss_fp']:.3f}", f"{r['loss_compressed']:.3f}",
-            f"{100 * r['retained_gain']:.1f}%", f"{r['peft_fp16_bytes']:,}", f"{r['blob_bytes']:,}",
-            f"{r['size_ratio']:.1f}x", f"{r['effective_bits']:.3f}", f"{r['code_bits']:.3f}", f"{r['load_ms']:.0f}",
-        ))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    fmt_line = lambda line: "| " + " | ".join(str(c).rjust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt_line(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt_line(l) for l in lines[1:]])
-
-
-def _plot(rows: list[dict[str, object]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        pts = sorted((s["bits"], 100 * s["retained"]) for s in r["sweep"])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["user"])
-    ax.axhline(100, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("effective bits per adapter parameter (every byte counted)")
-    ax.set_ylabel("held-out gain kept vs fp32 adapter (%)")
-    ax.set_title("lowra: compressed adapter quality vs size")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _markdown(rows: list[dict[str, object]], table: str, seconds: float, base: dict[str, object]) -> str:
-    if base.get("bits") is None:
-        base_line = "base: full precision (float32)"
-    else:
-        base_line = (f"base: quantized with lowra to {base['effective_bits']:.3f} effective bits/param, "
-                     f"{base['file_bytes']:,} bytes on disk ({base['dense_bytes']:,} of them float16 embeddings and "
-                     f"norms); linears {base['linear_packed_bytes']:,} bytes packed in RAM vs "
-                     f"{base['linear_fp32_bytes']:,} float32; widths {base['width_histogram']}; "
-                     f"MSE/var {base['mse_over_var']}")
-    parts = ["# lowra demo report", "", base_line, "", table, "",
-             "gain kept = (base loss - compressed loss) / (base loss - fp32 adapter loss), held-out split.",
-             "effective bits count every byte of the blob file; code bits count only the indices.",
-             "merge ms = read + verify (checksum, base fingerprint) + decode + merge on the device runtime.", "",
-             "![retained gain vs effective bits](retained_gain.png)", ""]
-    for r in rows:
-        parts += [f"## {r['user']}", "", f"- prompt: {r['prompt']}", f"- expected: {r['expected']}",
-                  f"- base model: {r['reply_base']}", f"- personalized (device-merged): {r['reply_personalized']}",
-                  f"- device merge vs sdk merge, max abs diff: {r['max_abs_diff_device_vs_sdk']:.2e}",
-                  f"- bit widths of channels: {r['width_histogram']}",
-                  "- sweep: " + ", ".join(f"{s['bits']:.2f} bits -> {100 * s['retained']:.1f}%" for s in r["sweep"]), ""]
-    parts.append(f"total time {seconds:.0f} s")
-    return "\n".join(parts)

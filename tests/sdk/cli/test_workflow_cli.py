@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,45 +9,21 @@ import torch
 
 from lowra.device_runtime import DeviceRuntime
 from lowra.device_runtime.errors import BaseMismatchError
-from lowra.sdk.cli.main import build_parser, main
-from lowra.sdk.quant.adapter_compression import CompressConfig
-from lowra.sdk.adapters.lora import LoraConfig, inject_lora, lora_layers, set_active_adapters, set_adapter_factors
-from lowra.sdk.training.train import save_adapter
+from lowra.sdk.adapters.model import lora_layers
+from lowra.sdk.adapters.peft_io import save_adapter
+from lowra.sdk.cli.commands import COMMANDS
+from lowra.sdk.cli.main import main
+from lowra.sdk.cli.parser import build_parser
 from lowra.sdk.workflow import (
     apply_blob,
     base_dir_fingerprint,
-    compress_factors,
     load_weights_into,
     model_fingerprint,
     sdk_merged_weight,
 )
 
 from tests.conftest import build_tiny_model
-
-LORA = LoraConfig(rank=4, alpha=8.0)
-
-
-def random_adapter(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    names = inject_lora(model, LORA, "u")
-    factors = {}
-    for n in names:
-        layer = lora_layers(model)[n]
-        factors[n] = (torch.randn(4, layer.in_features, generator=g) * 0.3, torch.randn(layer.out_features, 4, generator=g) * 0.3)
-    set_adapter_factors(model, "u", factors, LORA.scaling)
-    return factors
-
-
-@pytest.fixture
-def tiny_base_dir(tmp_path: Path) -> Path:
-    model = build_tiny_model()
-    path = tmp_path / "tiny-base"
-    model.save_pretrained(path)
-    return path
-
-
-def make_blob(model, factors, fingerprint, bits=8.0):  # tiny: the header alone is ~3.6 bits/param
-    return compress_factors(factors, LORA, CompressConfig(bits=bits), adapter_id="u", base_fingerprint=fingerprint)
+from tests.sdk.cli.conftest import LORA, make_blob, random_adapter
 
 
 def test_fingerprints_agree_between_torch_and_files(tiny_base_dir):
@@ -94,6 +69,7 @@ def test_every_subcommand_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) >= {"train", "compress", "inspect", "merge", "generate", "demo"}
+    assert set(sub.choices) == set(COMMANDS)  # every parsed command has a function, and no function is unreachable
     for name, p in sub.choices.items():
         assert p.description, name
         assert "--help" in p.format_help()
@@ -153,8 +129,9 @@ def test_cli_missing_dataset(tmp_path, capsys):
 def test_adapter_on_a_quantized_base_binds_to_its_decoded_weights(tmp_path):
     """Train-side LowBitLinear model and device runtime on the lowra-base file agree on the fingerprint and the
     merged weights, and the fp base is refused for that adapter."""
+    from lowra.sdk.quant.base.apply import quantize_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
     from lowra.sdk.quant.lowbit_linear import replace_linears
-    from lowra.sdk.quant.base import QuantizeConfig, quantize_model
 
     model = build_tiny_model()
     fp_dir = tmp_path / "fp"

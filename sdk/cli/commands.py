@@ -1,0 +1,273 @@
+"""What each ``lowra`` subcommand does once its arguments are parsed (``COMMANDS`` maps names to functions).
+
+Each command imports what it needs inside its function: ``lowra inspect`` reads a blob with the numpy-only
+device runtime, and importing this module (as ``lowra --help`` does through :mod:`lowra.sdk.cli.main`) must not
+pull in torch. Commands return the process exit status; refusals are raised as ``LowraError`` and reported by
+:func:`lowra.sdk.cli.main.main`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _load_base(args: argparse.Namespace):
+    """The torch base of --base, turned into the --quantized-base file's low-bit base when one is given."""
+    from lowra.sdk.base_model import load_base
+
+    base = load_base(args.base)
+    if getattr(args, "quantized_base", None):
+        from lowra.sdk.quant.lowbit_linear import load_quantized_base
+
+        load_quantized_base(base.model, args.quantized_base)
+    return base
+
+
+def _runtime_base(args: argparse.Namespace) -> Path:
+    """What the device runtime loads: the --quantized-base file, else the --base folder."""
+    from lowra.sdk.base_model import resolve_base
+
+    if getattr(args, "quantized_base", None):
+        path = Path(args.quantized_base)
+        if not path.is_file():
+            raise FileNotFoundError(f"--quantized-base {path} does not exist; write it with `lowra quantize-base`")
+        return path
+    return resolve_base(args.base)
+
+
+def _lora_config(args: argparse.Namespace):
+    from lowra.sdk.adapters.config import LoraConfig
+    from lowra.sdk.targets import ALL_LINEAR
+
+    targets = ALL_LINEAR if args.targets == ALL_LINEAR else [t.strip() for t in args.targets.split(",") if t.strip()]
+    return LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets)
+
+
+def _compress_config(args: argparse.Namespace):
+    from lowra.sdk.quant.config import CompressConfig
+
+    return CompressConfig(bits=args.bits, weighted=not args.unweighted)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lowra.sdk.adapters.peft_io import save_adapter
+    from lowra.sdk.training.config import TrainConfig
+    from lowra.sdk.training.data import load_user_dataset
+    from lowra.sdk.training.train import evaluate_loss, train_adapter
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --force to replace it")
+    dataset = load_user_dataset(args.user)
+    lora = _lora_config(args)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, max_len=args.max_len, seed=args.seed
+    )
+    base = _load_base(args)
+    base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, config.max_len)
+    result = train_adapter(base.model, base.tokenizer, dataset, lora, config)
+    loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, config.max_len)
+    save_adapter(
+        base.model, result.adapter_name, out, lora, input_stats=result.input_stats,
+        base_name_or_path=str(args.quantized_base or base.path), overwrite=args.force,
+    )
+    print(f"trained {dataset.user_id}: {config.steps} steps in {result.seconds:.0f} s")
+    print(f"held-out loss: base {base_loss:.4f} -> adapter {loss:.4f}")
+    print(f"adapter written to {out}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from lowra.sdk.adapters.peft_io import load_adapter
+    from lowra.sdk.workflow import base_dir_fingerprint, compress_factors
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    adapter = load_adapter(args.adapter)
+    config = _compress_config(args)
+    base_dir = _runtime_base(args)
+    adapter_id = args.id or Path(args.adapter).resolve().name
+    card: dict[str, object] = {"task": "", "adapter_folder": str(args.adapter)}
+    compressed = compress_factors(
+        adapter.factors, adapter.lora, config, adapter_id=adapter_id,
+        base_fingerprint=base_dir_fingerprint(base_dir, list(adapter.factors)),
+        input_stats=adapter.input_stats, card=card, progress=True,
+    )
+    if args.user:
+        from lowra.sdk.adapters.model import set_active_adapters, set_adapter_factors
+        from lowra.sdk.cli.report import retained_gain
+        from lowra.sdk.training.data import load_user_dataset
+        from lowra.sdk.training.train import evaluate_loss
+        from lowra.sdk.workflow import apply_blob
+
+        dataset = load_user_dataset(args.user)
+        base = _load_base(args)
+        losses = {"base": evaluate_loss(base.model, base.tokenizer, dataset.heldout)}
+        set_adapter_factors(base.model, "fp", adapter.factors, adapter.lora.scaling)
+        set_active_adapters(base.model, "fp")
+        losses["fp_adapter"] = evaluate_loss(base.model, base.tokenizer, dataset.heldout)
+        apply_blob(base.model, compressed.blob, "compressed")
+        losses["compressed"] = evaluate_loss(base.model, base.tokenizer, dataset.heldout)
+        retained = retained_gain(losses["base"], losses["fp_adapter"], losses["compressed"])
+        card.update(task=dataset.card.get("task", ""), heldout_loss=losses, retained_gain=retained,
+                    data={"user": dataset.user_id, "n_train": len(dataset.train), "n_heldout": len(dataset.heldout)})
+        compressed = compressed.with_card(card)
+        print(
+            f"held-out loss: base {losses['base']:.4f} | fp adapter {losses['fp_adapter']:.4f} | "
+            f"compressed {losses['compressed']:.4f} | retained gain {100 * retained:.1f}%"
+        )
+    compressed.write(out, overwrite=args.force)
+    r = compressed.report
+    print(
+        f"wrote {out}: {r['file_bytes']} bytes, {r['effective_bits']:.3f} effective bits/param "
+        f"({r['code_bits']:.3f} code bits), widths {r['width_histogram']}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowra.device_runtime.formats import read_blob
+
+    blob = read_blob(args.blob)
+    report = blob.bits_report()
+    meta = {k: v for k, v in blob.metadata.items() if k != "modules"}
+    if args.json:
+        out = {"metadata": meta, "bits": report, "n_modules": len(blob.modules)}
+        if args.modules:
+            out["modules"] = _module_rows(blob)
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.blob}: lowra adapter blob v{meta['format_version']} (checksum ok)")
+    for key in ("adapter_id", "base_fingerprint", "created"):
+        print(f"  {key:17s} {meta[key]}")
+    print(f"  {'lora':17s} {json.dumps(meta['lora'])}")
+    print(f"  {'scheme':17s} {json.dumps(meta['scheme'])}")
+    print(f"  {'card':17s} {json.dumps(meta['card'])}")
+    print(f"  modules           {len(blob.modules)}, adapter parameters {report['n_params']}")
+    print(
+        f"  size              {report['file_bytes']} bytes = {report['effective_bits']:.4f} effective bits/param "
+        f"(code bits {report['code_bits']:.4f})"
+    )
+    print("  bytes             " + ", ".join(f"{k} {v}" for k, v in report["bytes"].items()))
+    total = sum(report["width_histogram"].values())
+    print("  channel widths    " + ", ".join(
+        f"{w}-bit {n} ({100 * n / total:.0f}%)" for w, n in report["width_histogram"].items()))
+    if args.modules:
+        for row in _module_rows(blob):
+            print(f"    {row['module']:45s} [{row['out']}x{row['in']}] r={row['rank']} down {row['down']} up {row['up']}")
+    return 0
+
+
+def _module_rows(blob) -> list[dict[str, object]]:
+    rows = []
+    for i, m in enumerate(blob.modules):
+        first = int(blob.layout.module_offsets[i])
+        w = blob.layout.widths[first : first + 2 * m.rank].tolist()
+        rows.append({"module": m.name, "out": m.out_features, "in": m.in_features, "rank": m.rank,
+                     "down": w[: m.rank], "up": w[m.rank :]})
+    return rows
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+
+    from lowra.device_runtime import DeviceRuntime
+    from lowra.device_runtime._files import atomic_dir
+    from lowra.device_runtime.formats.container import serialize
+    from lowra.sdk.base_model import resolve_base
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    base_dir = resolve_base(args.base)
+    runtime = DeviceRuntime(_runtime_base(args))
+    info = runtime.load_user(args.blob)
+    with atomic_dir(out, overwrite=args.force) as tmp:
+        for item in base_dir.iterdir():
+            if item.is_file() and not item.name.startswith("model.safetensors"):
+                shutil.copy2(item, tmp / item.name)
+        (tmp / "model.safetensors").write_bytes(serialize(runtime.weights(), {"format": "pt"}))
+    print(f"merged {info.adapter_id} ({len(info.modules)} modules) in {info.load_ms:.0f} ms; wrote {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lowra.device_runtime import DeviceRuntime
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.workflow import generate_reply, load_weights_into
+
+    base = load_base(args.base)
+    if args.blob or args.quantized_base:
+        # The reply comes from the weights the device runtime decodes (and merges), copied into a plain fp model.
+        runtime = DeviceRuntime(_runtime_base(args))
+        names = set(runtime.base.tensors) if args.quantized_base else set()
+        if args.blob:
+            info = runtime.load_user(args.blob)
+            names |= {f"{m}.weight" for m in info.modules}
+            print(f"[merged {info.adapter_id} on the device runtime in {info.load_ms:.0f} ms]", file=sys.stderr)
+        params = dict(base.model.named_parameters())
+        load_weights_into(base.model, {n: runtime.weight(n) for n in sorted(names) if n in params})
+    print(generate_reply(base.model, base.tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_quantize_base(args: argparse.Namespace) -> int:
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.quant.base.apply import quantize_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    config = QuantizeConfig(bits=args.bits, group_size=args.group_size)
+    base = load_base(args.base)
+    quantized = quantize_model(base.model, config, progress=True, source=str(base.path))
+    quantized.write(out, overwrite=args.force)
+    r, total = quantized.bits_report(), quantized.report["total"]
+    rows = sum(r["width_histogram"].values())
+    print(
+        f"wrote {out}: {r['file_bytes']:,} bytes; {r['effective_bits']:.4f} effective bits/param over "
+        f"{r['n_quantized_params']:,} quantized weights ({r['code_bits']:.4f} code bits), dense tensors "
+        f"{r['bytes']['dense']:,} bytes (float16)"
+    )
+    print(f"error: MSE / weight variance {total['mse_over_var']:.4f}; fingerprint {quantized.fingerprint}")
+    print("rows: " + ", ".join(f"{w}-bit {n} ({100 * n / rows:.1f}%)" for w, n in r["width_histogram"].items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowra.sdk.cli.demo import run_demo
+    from lowra.sdk.cli.demo_config import DemoConfig
+    from lowra.sdk.errors import ConfigError
+
+    sweep = tuple(float(b) for b in args.sweep.split(",") if b.strip()) if args.sweep else ()
+    users = tuple(u.strip() for u in args.users.split(",")) if args.users else DemoConfig().users
+    if args.base_bits < 0:
+        raise ConfigError(f"--base-bits must be >= 0 (0 = full-precision base), got {args.base_bits}")
+    run_demo(DemoConfig(out=args.out, users=users, steps=args.steps, bits=args.bits, sweep=sweep, base=args.base,
+                        base_bits=args.base_bits or None, weighted=not args.unweighted))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "compress": cmd_compress,
+    "inspect": cmd_inspect,
+    "merge": cmd_merge,
+    "generate": cmd_generate,
+    "demo": cmd_demo,
+    "quantize-base": cmd_quantize_base,
+}
+
+
+def quiet_third_party_logs() -> None:
+    """torchao (imported by transformers) warns about CUDA libraries a CPU machine cannot load, and torch's
+    pytree warns about torchao's enums: harmless, and confusing on every command. The CLI silences them."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)

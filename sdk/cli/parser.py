@@ -1,0 +1,189 @@
+"""The ``lowra`` argument parser: every subcommand, its flags and their defaults.
+
+It imports only the torch-free config dataclasses (their defaults are the flags' defaults, so the two cannot
+drift), never torch, transformers or tqdm: ``lowra --help`` and ``lowra inspect`` must answer in well under a
+second, and the commands that need torch import it when they run (:mod:`lowra.sdk.cli.commands`).
+"""
+from __future__ import annotations
+
+import argparse
+
+from lowra.sdk.adapters.config import LoraConfig
+from lowra.sdk.cli.demo_config import DemoConfig
+from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.config import CompressConfig
+from lowra.sdk.training.config import TrainConfig
+
+DESCRIPTION = """\
+lowra: personalize a small LLM per user on the server, ship each user a sub-2-bit adapter blob,
+merge it on the device.
+
+typical flow:
+  lowra train    --user samples/users/terse_notes --out out/terse_notes/adapter
+  lowra compress --adapter out/terse_notes/adapter --bits 1.0 --out out/terse_notes/user.lowra
+  lowra inspect  out/terse_notes/user.lowra
+  lowra generate --blob out/terse_notes/user.lowra --prompt "Lunch with Ana on Monday at noon."
+  lowra demo     (all of the above for the three sample users, with a report)
+
+--base defaults to the embedded SmolLM2-135M-Instruct (converted once into ~/.cache/lowra or $LOWRA_CACHE);
+pass a local Hugging Face causal-LM folder to use another model.
+"""
+
+
+def _add_base(p: argparse.ArgumentParser, quantized: bool = True) -> None:
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model: a local Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    if quantized:
+        p.add_argument(
+            "--quantized-base",
+            default=None,
+            metavar="FILE",
+            help="a low-bit base written by `lowra quantize-base` from this --base: its linears (packed) and dense "
+            "tensors replace the base's, and adapters bind to it (use the same file in train, compress, merge, "
+            "generate)",
+        )
+
+
+def _add_lora_train(p: argparse.ArgumentParser) -> None:
+    lc, tc = LoraConfig(), TrainConfig()
+    g = p.add_argument_group("adapter")
+    g.add_argument("--rank", type=int, default=lc.rank, help=f"LoRA rank (default {lc.rank})")
+    g.add_argument("--alpha", type=float, default=lc.alpha, help=f"LoRA alpha; scaling = alpha/rank (default {lc.alpha})")
+    g.add_argument(
+        "--targets",
+        default=lc.targets,
+        help=f"{lc.targets!r} (every linear but the output head) or comma-separated names, e.g. q_proj,v_proj",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=tc.steps, help=f"optimizer steps (default {tc.steps})")
+    g.add_argument("--batch-size", type=int, default=tc.batch_size, help=f"examples per step (default {tc.batch_size})")
+    g.add_argument("--lr", type=float, default=tc.learning_rate, help=f"peak learning rate (default {tc.learning_rate})")
+    g.add_argument("--max-len", type=int, default=tc.max_len, help=f"tokens per example (default {tc.max_len})")
+    g.add_argument("--seed", type=int, default=tc.seed, help="random seed; same seed + data = same adapter")
+
+
+def _add_compress(p: argparse.ArgumentParser, bits_default: float) -> None:
+    g = p.add_argument_group("compression")
+    g.add_argument(
+        "--bits",
+        type=float,
+        default=bits_default,
+        help=f"budget in effective bits per adapter parameter, counting every stored byte (default {bits_default})",
+    )
+    g.add_argument("--unweighted", action="store_true", help="ignore recorded input statistics (plain SVD and MSE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowra", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter for one user on the frozen base",
+        description="Train a LoRA adapter on a user folder (train.jsonl / heldout.jsonl of prompt/response pairs) and "
+        "save it as a PEFT-compatible folder plus the input statistics compression uses. Prints held-out loss of "
+        "the base and of the adapter.",
+    )
+    p.add_argument("--user", required=True, help="user dataset folder, e.g. samples/users/terse_notes")
+    p.add_argument("--out", required=True, help="adapter folder to write (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_base(p)
+    _add_lora_train(p)
+
+    p = sub.add_parser(
+        "compress",
+        help="compress a trained adapter into a sub-2-bit lowra blob",
+        description="Compress a trained adapter folder into a lowra blob (docs/FORMAT.md) that fits --bits effective "
+        "bits per parameter with every byte counted, bound to the base it was trained on. With --user, also "
+        "reports held-out loss of base, fp adapter and compressed adapter and stores it in the adapter card.",
+    )
+    p.add_argument("--adapter", required=True, help="adapter folder written by `lowra train` (or PEFT)")
+    p.add_argument("--out", required=True, help="blob file to write, e.g. user.lowra")
+    p.add_argument("--id", default=None, help="adapter id stored in the blob (default: the adapter folder's name)")
+    p.add_argument("--user", default=None, help="user folder to evaluate held-out loss on (optional)")
+    p.add_argument("--force", action="store_true", help="replace an existing blob")
+    _add_base(p)
+    _add_compress(p, bits_default=CompressConfig().bits)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show a blob's metadata, effective bits and bit-width histogram",
+        description="Verify a blob (format, version, checksum) and print its metadata, effective bits (every byte) "
+        "beside code bits, the byte breakdown and the histogram of channel widths.",
+    )
+    p.add_argument("blob", help="blob file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--modules", action="store_true", help="also list every module with its widths")
+
+    p = sub.add_parser(
+        "merge",
+        help="merge a blob into the base (device runtime) and save the merged model",
+        description="Load the base with the torch-free device runtime, verify the blob against it, merge at load "
+        "time and write the merged weights as a Hugging Face model folder (config and tokenizer copied).",
+    )
+    p.add_argument("--blob", required=True, help="blob file")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_base(p)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate a reply with a user's blob merged on the device runtime",
+        description="Merge the blob with the device runtime (verify, decode, W += up @ down) and generate a greedy "
+        "reply with the merged weights. Without --blob, the base model answers.",
+    )
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument("--blob", default=None, help="blob file (omit for the plain base)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit (default 64)")
+    _add_base(p)
+
+    qc = QuantizeConfig()
+    p = sub.add_parser(
+        "quantize-base",
+        help="quantize the base model's linear layers below 2 bits (LowRA) into one lowra-base file",
+        description="Quantize every linear layer of the base (not embeddings/norms/head, kept in float16) with "
+        "per-row learned codebooks and 1/2/4-bit rows chosen under --bits effective bits per parameter, every byte "
+        "of the file counted except the dense tensors. Prints effective bits, error (MSE / weight variance) and "
+        "the width histogram. Format: docs/FORMAT.md (Quantized base).",
+    )
+    p.add_argument("--out", required=True, help="file to write, e.g. out/base-1.5bit.safetensors")
+    p.add_argument("--bits", type=float, default=qc.bits,
+                   help=f"budget in effective bits per parameter (default {qc.bits})")
+    p.add_argument("--group-size", type=int, default=qc.group_size,
+                   help=f"inputs per absmax scale group; 0 = none, one codebook per row (default {qc.group_size}, "
+                   "the measured best)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    _add_base(p, quantized=False)
+
+    dc = DemoConfig()
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train, compress, ship and merge an adapter for each sample user, with a report",
+        description="For each sample user: train a short adapter, compress it to --bits effective bits, write the "
+        "blob, load it through the device runtime, merge, and generate a reply to a held-out prompt. Prints one "
+        "table and writes report.md, report.json and retained_gain.png under --out.",
+    )
+    p.add_argument("--out", default=dc.out, help=f"output folder (default {dc.out})")
+    p.add_argument("--users", default=None, help="comma-separated user folders (default: the three sample users)")
+    p.add_argument("--steps", type=int, default=dc.steps, help=f"training steps per user (default {dc.steps})")
+    p.add_argument(
+        "--sweep",
+        default=",".join(str(b) for b in dc.sweep),
+        help="extra budgets (effective bits) evaluated for the plot (default %(default)s; '' to skip)",
+    )
+    p.add_argument(
+        "--base-bits",
+        type=float,
+        default=dc.base_bits,
+        help=f"quantize the base to this many effective bits per parameter before training (LowRA; cached in "
+        f"~/.cache/lowra/quantized after the first run, ~1 min); 0 = train on the full-precision base "
+        f"(default {dc.base_bits})",
+    )
+    _add_base(p, quantized=False)
+    _add_compress(p, bits_default=dc.bits)
+    return parser
