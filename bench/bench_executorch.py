@@ -52,11 +52,15 @@ def main() -> int:
     from lowra.device_runtime.engines.generation import GenerationConfig
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
     from lowra.export.executorch import ExecutorchExportConfig, export_executorch
-    from lowra.sdk.base_model import cache_dir, linear_module_names, load_base
-    from lowra.sdk.quant.adapter_compression import CompressConfig
-    from lowra.sdk.adapters.lora import LoraConfig, set_active_adapters
+    from lowra.device_runtime._files import cache_dir
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.modules import linear_module_names
+    from lowra.sdk.quant.config import CompressConfig
+    from lowra.sdk.adapters.config import LoraConfig
+    from lowra.sdk.adapters.model import set_active_adapters
     from lowra.sdk.quant.lowbit_linear import replace_linears
-    from lowra.sdk.quant.base import QuantizeConfig, quantize_model
+    from lowra.sdk.quant.base.apply import quantize_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
     from lowra.sdk.workflow import apply_blob, compress_factors, model_fingerprint
 
     work = Path(args.work) if args.work else cache_dir() / "bench_executorch"
@@ -201,7 +205,7 @@ def main() -> int:
         for rep in range(3):
             for path in blobs:
                 times.append(engine.load_user(path, mode=mode).load_ms)
-        loads[mode] = {"median_ms": float(np.median(times)), "compose_ms": engine.user.compose_ms}
+        loads[mode] = {"median_ms": float(np.median(times)), "compose_ms": engine.user.apply_ms}
         print(f"load user ({mode}): median {loads[mode]['median_ms']:.0f} ms", flush=True)
     engine.close()
     report["user_load"] = loads

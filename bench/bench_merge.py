@@ -22,8 +22,8 @@ def make_blob(base_dir: Path, path: Path) -> None:
     import torch
 
     from lowra.device_runtime.runtime import BaseWeights
-    from lowra.sdk.quant.adapter_compression import CompressConfig
-    from lowra.sdk.adapters.lora import LoraConfig
+    from lowra.sdk.quant.config import CompressConfig
+    from lowra.sdk.adapters.config import LoraConfig
     from lowra.sdk.workflow import compress_factors
 
     weights = BaseWeights(base_dir)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         info = runtime.load_user(blob)
         loads.append(info.load_ms)
-        merges.append(info.merge_ms)
+        merges.append(info.apply_ms)
         t = time.perf_counter()
         for n in touched:
             np.copyto(dst[n], runtime.base.tensors[n])

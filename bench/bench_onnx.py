@@ -8,7 +8,7 @@ Measures, side by side in one run:
                 its decode folded at session creation ("load") or run every step ("per_run"), the fp32 ONNX of
                 the same (dequantized) model, and -- on a uniform 2/4-bit base with absmax-64 groups, where the
                 codebooks are affine -- LowBitLinear local functions against com.microsoft::MatMulNBits
-  users         switch time (load_user) and decode tokens/s for mode "adapter" (.onnx_adapter) and "merge"
+  users         switch time (load_user) and decode tokens/s for mode "side" (.onnx_adapter) and "merge"
   memory        peak RSS of a process that creates the session (and loads a user), per variant
 
 Every engine measurement runs in a fresh subprocess (clean RSS). Users are random blobs (rank 8 on q/k/v/o of
@@ -55,7 +55,7 @@ def worker(spec: dict) -> dict:
     if spec.get("user"):
         switches = []
         for path in spec["user"]:  # alternate users: every load is a real switch
-            switches.append(engine.load_user(path, mode=spec["mode"]).switch_ms)
+            switches.append(engine.load_user(path, mode=spec["mode"]).load_ms)
         out["switch_ms"] = switches
     ids = engine.tokenizer.encode(engine.tokenizer.chat_prompt(PROMPT))
     steps: list[float] = []
@@ -138,8 +138,8 @@ def random_blob(model, modules: list[str], seed: int, rank: int = 8) -> bytes:
 
 def interleave_phase(out: Path, threads: int) -> dict:
     dirs = {"lowbit_fold_at_load": {"dir": str(out / "smollm2-lowbit")},
-            "lowbit_adapter_user": {"dir": str(out / "smollm2-lowbit"), "user": str(out / "bench-user-1.lowra"),
-                                    "mode": "adapter"},
+            "lowbit_side_user": {"dir": str(out / "smollm2-lowbit"), "user": str(out / "bench-user-1.lowra"),
+                                    "mode": "side"},
             "lowbit_merge_user": {"dir": str(out / "smollm2-lowbit"), "user": str(out / "bench-user-1.lowra"),
                                   "mode": "merge"}}
     for name in ("smollm2-fp32", "smollm2-uniform4-function", "smollm2-uniform4-matmulnbits",
@@ -177,9 +177,12 @@ def main() -> None:
     from lowra.device_runtime.engines.onnx import OnnxEngine
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
     from lowra.export.onnx import OnnxExportConfig, export_onnx, size_report
-    from lowra.sdk.base_model import linear_module_names, load_base
-    from lowra.sdk.quant.lowbit_linear import LowBitLinear, replace_linears
-    from lowra.sdk.quant.base import QuantizeConfig, quantize_model, uniform_quantize
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.modules import linear_module_names
+    from lowra.sdk.quant.lowbit_linear import replace_linears
+    from lowra.sdk.quant.base.apply import quantize_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
+    from lowra.sdk.quant.baselines import uniform_quantize
     from lowra.sdk.workflow import apply_blob
 
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +238,7 @@ def main() -> None:
     for i, (path, adapted) in enumerate(users, 1):
         expected = eager(adapted, ids)
         correctness[f"user{i}_vs_base"] = float(np.abs(expected - base_logits).max())
-        for mode in ("adapter", "merge"):
+        for mode in ("side", "merge"):
             engine.load_user(path, mode=mode)
             correctness[f"user{i}_{mode}"] = float(np.abs(engine.logits(ids) - expected).max())
             if i == 2:
@@ -257,7 +260,7 @@ def main() -> None:
         runs["lowbit_function_decode_per_run"] = run_worker({**spec, "decode": "per_run"})
     if "users" not in skip:
         paths = [str(out / "bench-user-1.lowra"), str(out / "bench-user-2.lowra")] * 2
-        for mode in ("adapter", "merge"):
+        for mode in ("side", "merge"):
             runs[f"user_{mode}"] = run_worker({**spec, "decode": "load", "user": paths, "mode": mode})
     if "fp32" not in skip:
         dense = copy.deepcopy(base.model)

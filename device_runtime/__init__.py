@@ -1,9 +1,12 @@
 """lowra.device_runtime: the light, torch-free side that runs on the device.
 
-Owns the adapter wire format (:mod:`.format`) and its numpy reference codec; loads a base, verifies a user's
+Owns every on-disk format (:mod:`.formats`) and its numpy reference codec; loads a base, verifies a user's
 blob against it, merges the adapter at load time and swaps users without drift (:class:`DeviceRuntime`).
-Also reads the sub-2-bit quantized base file (:mod:`.quantized_base`, one layer: :class:`QuantizedWeight`).
+Also reads the sub-2-bit quantized base file (:mod:`.formats.quantized_base`, one layer: :class:`QuantizedWeight`).
+Every engine (:class:`DeviceRuntime`, ``engines.onnx.OnnxEngine``, ``engines.executorch.ExecutorchEngine``)
+implements :class:`Engine` and reports the active user as a :class:`UserInfo`.
 """
+from lowra.device_runtime.engines.base import Engine, GeneratingEngine, UserInfo
 from lowra.device_runtime.errors import (
     BaseMismatchError,
     BaseNotFoundError,
@@ -17,7 +20,7 @@ from lowra.device_runtime.errors import (
 from lowra.device_runtime.formats import FORMAT_NAME, FORMAT_VERSION, Blob, parse_blob, read_blob
 from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quantized_base, write_quantized_base
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
-from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime, UserInfo
+from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
 
 __all__ = [
     "BaseMismatchError",
@@ -29,8 +32,10 @@ __all__ = [
     "BlobTruncatedError",
     "ChecksumMismatchError",
     "DeviceRuntime",
+    "Engine",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "GeneratingEngine",
     "LowraError",
     "QuantizedBase",
     "QuantizedWeight",

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime.errors import BaseMismatchError, BaseNotFoundError, BlobContentError
+from lowra.device_runtime.engines.base import UserInfo, check_mode
+from lowra.device_runtime.errors import BaseMismatchError, BaseNotFoundError
 from lowra.device_runtime.formats.container import bf16_to_float32, memmap_tensors
-
-@dataclass(frozen=True)
-class UserInfo:
-    adapter_id: str
-    modules: tuple[str, ...]
-    file_bytes: int
-    effective_bits: float
-    load_ms: float  # read + verify + decode + merge, wall time
-    merge_ms: float  # the merge part alone
 
 
 def _weight_files(base_dir: Path) -> list[Path]:
@@ -123,18 +114,14 @@ class DeviceRuntime:
         self.user: UserInfo | None = None
 
     # -- public API ------------------------------------------------------------------------------
-    def load_user(self, blob: str | Path | bytes) -> UserInfo:
-        """Verify ``blob`` (path or bytes) against this base and merge it, replacing the current user."""
+    def load_user(self, blob: str | Path | bytes | fmt.Blob, mode: str = "merge") -> UserInfo:
+        """Verify ``blob`` (path, bytes or a parsed Blob) against this base and merge it, replacing the current
+        user."""
+        check_mode(mode, ("merge",), "the numpy DeviceRuntime",
+                   "it only merges (it has no forward pass to run a side branch); use OnnxEngine or ExecutorchEngine")
         t0 = time.perf_counter()
-        parsed = fmt.parse_blob(blob, "blob") if isinstance(blob, (bytes, bytearray)) else fmt.read_blob(blob)
-        self._check_shapes(parsed)
-        expected = self.base.fingerprint([m.name for m in parsed.modules])
-        if parsed.base_fingerprint != expected:
-            raise BaseMismatchError(
-                f"adapter {parsed.adapter_id!r} was trained against base {parsed.base_fingerprint[:23]}..., "
-                f"but the loaded base at {self.base.path} is {expected[:23]}...; load the base it was trained on "
-                "or retrain the adapter for this base"
-            )
+        parsed = blob if isinstance(blob, fmt.Blob) else fmt.load_blob(blob)
+        self._check_binding(parsed)
         decoded = parsed.all_factors(drop_empty=True)
         t1 = time.perf_counter()
         touched = {f"{name}.weight" for name in decoded}
@@ -146,11 +133,12 @@ class DeviceRuntime:
         t2 = time.perf_counter()
         self.user = UserInfo(
             adapter_id=parsed.adapter_id,
+            mode=mode,
             modules=tuple(decoded),
             file_bytes=parsed.file_bytes,
             effective_bits=float(parsed.bits_report()["effective_bits"]),
             load_ms=(t2 - t0) * 1e3,
-            merge_ms=(t2 - t1) * 1e3,
+            apply_ms=(t2 - t1) * 1e3,
         )
         return self.user
 
@@ -169,17 +157,15 @@ class DeviceRuntime:
         return {name: self.weight(name) for name in self.base.tensors}
 
     # -- internals -------------------------------------------------------------------------------
-    def _check_shapes(self, blob: fmt.Blob) -> None:
-        for m in blob.modules:
-            name = f"{m.name}.weight"
-            arr = self.base.tensors.get(name)
-            if arr is None:
-                continue  # reported by the fingerprint check with the base-mismatch message
-            if arr.shape != (m.out_features, m.in_features):
-                raise BlobContentError(
-                    f"adapter module {m.name} is [{m.out_features}, {m.in_features}] but the base weight is "
-                    f"{list(arr.shape)}; the adapter was made for another model"
-                )
+    def _check_binding(self, blob: fmt.Blob) -> None:
+        names = [f"{m.name}.weight" for m in blob.modules]
+        present = [n for n in names if n in self.base.tensors]
+        fmt.check_base_binding(
+            blob,
+            {n[: -len(".weight")]: self.base.digest(n) for n in present},
+            {n[: -len(".weight")]: self.base.tensors[n].shape for n in present},
+            f"the loaded base at {self.base.path}",
+        )
 
     def _merge_into(self, name: str, up: np.ndarray, down: np.ndarray) -> None:
         pristine = self.base.tensors[name]

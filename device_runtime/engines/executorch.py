@@ -20,128 +20,28 @@ fingerprint checks) are importable and testable with torch blocked.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime.errors import BaseMismatchError, BlobContentError, KernelLibraryError, LowraError, ProgramError
+from lowra.device_runtime.engines.base import UserInfo, check_mode
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
+from lowra.device_runtime.errors import BlobContentError, KernelLibraryError, LowraError, ProgramError
+from lowra.device_runtime.executorch_binding import executorch_runtime, register_kernel_library
+from lowra.device_runtime.formats.constants import TOKENIZER_FILE, USER_MODES
+from lowra.device_runtime.formats.executorch_manifest import PTD_MAGIC, Manifest, tensor_view, verify_file
 from lowra.device_runtime.runtime import merge_into
 
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "MANIFEST_FILE",
-    "TOKENIZER_FILE",
-    "USER_MODES",
-    "ExecutorchEngine",
-    "Manifest",
-    "compose_user_data",
-    "register_kernel_library",
-]
-
-FORMAT_NAME = "lowra-executorch"
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
-USER_MODES = ("side", "merge")
-KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::dequantize.out")
-PTD_MAGIC = b"FT01"  # flatbuffer file identifier of ExecuTorch's FlatTensor (.ptd) files
-
-
-# ------------------------------------------------------------------------------------------------ manifest
-@dataclass(frozen=True)
-class Manifest:
-    folder: Path
-    data: dict[str, Any]
-
-    @classmethod
-    def read(cls, folder: str | Path) -> "Manifest":
-        folder = Path(folder)
-        path = folder / MANIFEST_FILE
-        if not path.is_file():
-            raise ProgramError(
-                f"{folder} has no {MANIFEST_FILE}; expected a folder written by lowra.export.export_executorch"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProgramError(f"{path} is not valid JSON ({exc}); re-export the model") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise ProgramError(f"{path}: format is {data.get('format') if isinstance(data, dict) else None!r}, "
-                               f"expected {FORMAT_NAME!r}")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ProgramError(
-                f"{path}: format version {data.get('format_version')!r}; this runtime reads {FORMAT_VERSION}. "
-                "Upgrade lowra on the device or re-export"
-            )
-        return cls(folder, data)
-
-    @property
-    def modes(self) -> list[str]:
-        return list(self.data["programs"])
-
-    def program(self, mode: str) -> dict[str, Any]:
-        if mode not in USER_MODES:
-            raise LowraError(f"mode={mode!r}; expected one of {USER_MODES}")
-        programs = self.data["programs"]
-        if mode not in programs:
-            raise ProgramError(
-                f"{self.folder} has no {mode!r} program (exported modes: {list(programs)}); re-export with "
-                f"modes including {mode!r}"
-            )
-        return programs[mode]
-
-    def base_fingerprint(self, module_names: list[str]) -> str:
-        """The fingerprint a blob trained on this base names (docs/FORMAT.md), from the exporter's digests."""
-        modules = self.data["modules"]
-        missing = [m for m in module_names if m not in modules]
-        if missing:
-            raise BaseMismatchError(
-                f"the adapter targets {len(missing)} module(s) this program cannot adapt (first: {missing[0]!r}); "
-                f"it was trained for another base, or export with targets covering them"
-            )
-        return fmt.base_fingerprint(
-            {m: modules[m]["digest"] for m in module_names}, {m: tuple(modules[m]["shape"]) for m in module_names}
-        )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_file(path: Path, expected_sha: str, what: str) -> None:
-    if not path.is_file():
-        raise ProgramError(f"{what} {path} is missing; the model folder is incomplete (re-export or copy it again)")
-    got = _sha256(path)
-    if got != expected_sha:
-        raise ProgramError(
-            f"{what} {path.name} has sha256 {got[:16]}..., the manifest expects {expected_sha[:16]}...: the file is "
-            "corrupted or belongs to another export (another base or program). Copy the folder again or re-export"
-        )
+__all__ = ["ExecutorchEngine", "compose_user_data"]
 
 
 # ------------------------------------------------------------------------------------------------ user data
-def _tensor_view(buffer: bytearray | np.ndarray, entry: dict[str, Any]) -> np.ndarray:
-    array = np.frombuffer(buffer, dtype=np.dtype(entry["dtype"]), count=int(np.prod(entry["shape"])),
-                          offset=int(entry["offset"]))
-    return array.reshape(entry["shape"])
-
-
 def compose_user_data(
     template: np.ndarray,
     program: dict[str, Any],
@@ -165,7 +65,7 @@ def compose_user_data(
                 f"data template has {len(data)} bytes but tensor {key} should end at byte {end}: the .ptd does not "
                 "belong to this program's manifest. Copy the model folder again or re-export"
             )
-        target = _tensor_view(data, entry)
+        target = tensor_view(data, entry)
         target.flags.writeable = True
         up, down = factors.get(module, (None, None))
         if mode == "side":
@@ -177,56 +77,11 @@ def compose_user_data(
                 else:
                     target[:, :k] = up
         elif up is not None:
-            merge_into(target, _tensor_view(template, entry), up, down)
+            merge_into(target, tensor_view(template, entry), up, down)
     return data
 
 
-# ------------------------------------------------------------------------------------------------ kernels
-_loaded_libraries: dict[str, Any] = {}
-
-
-def _runtime() -> Any:
-    try:
-        from executorch.runtime import Runtime
-    except ImportError as exc:
-        raise LowraError(
-            f"executorch is not importable ({exc}); the ExecuTorch engine needs `pip install executorch==1.5.1`"
-        ) from exc
-    return Runtime.get()
-
-
-def register_kernel_library(path: str | Path) -> None:
-    """Load lowra's native kernels into this process's ExecuTorch runtime (once; later calls are no-ops)."""
-    path = Path(path)
-    runtime = _runtime()  # loads libexecutorch.so first, so the library registers into the same registry
-    if all(op in runtime.operator_registry.operator_names for op in KERNEL_OPS):
-        return  # registered already (same library loaded before, possibly from another path)
-    if not path.is_file():
-        raise KernelLibraryError(
-            f"kernel library {path} does not exist; custom-op programs need lowra's ExecuTorch kernels. Build them "
-            "with `python -m lowra.export.executorch.kernels` (and copy the .so next to the program), or export "
-            "with ops='aten' for a stock runtime"
-        )
-    try:
-        handle = ctypes.CDLL(str(path.resolve()), mode=ctypes.RTLD_GLOBAL)
-    except OSError as exc:
-        raise KernelLibraryError(f"cannot load kernel library {path}: {exc}") from exc
-    _loaded_libraries[str(path.resolve())] = handle
-    missing = [op for op in KERNEL_OPS if op not in runtime.operator_registry.operator_names]
-    if missing:
-        raise KernelLibraryError(f"{path} loaded but does not register {missing}; rebuild it from this lowra version")
-
-
 # ------------------------------------------------------------------------------------------------ engine
-@dataclass(frozen=True)
-class ExecutorchUserInfo:
-    adapter_id: str
-    mode: str
-    modules: tuple[str, ...]
-    load_ms: float  # read + verify + compose + program load, wall time
-    compose_ms: float  # writing the user's .ptd (merge for mode="merge")
-
-
 class ExecutorchEngine:
     """An exported model folder on ExecuTorch: logits, generation, user switching (side branch or merge)."""
 
@@ -246,7 +101,7 @@ class ExecutorchEngine:
                     "pass kernel_library=..., or use a program exported with ops='aten'"
                 )
             if verify and kernel_library is None:
-                _check_file(library, self.manifest.data["kernel_library_sha256"], "kernel library")
+                verify_file(library, self.manifest.data["kernel_library_sha256"], "kernel library")
             register_kernel_library(library)
         self._workdir = Path(tempfile.mkdtemp(prefix="lowra-executorch-"))
         self._templates: dict[str, np.ndarray] = {}
@@ -255,17 +110,17 @@ class ExecutorchEngine:
         self._program: Any = None
         self._data_path: Path | None = None
         self.mode = mode
-        self.user: ExecutorchUserInfo | None = None
+        self.user: UserInfo | None = None
         self._tokenizer: Tokenizer | None = None
-        self._activate(mode, {}, None)
+        self._activate(mode, {})
 
     # -- files ---------------------------------------------------------------------------------------------
     def _template(self, mode: str) -> np.ndarray:
         program = self.manifest.program(mode)
         if mode not in self._verified:
             if self.verify:
-                _check_file(self.folder / program["program"], program["program_sha256"], f"{mode} program")
-                _check_file(self.folder / program["data"], program["data_sha256"], f"{mode} data template")
+                verify_file(self.folder / program["program"], program["program_sha256"], f"{mode} program")
+                verify_file(self.folder / program["data"], program["data_sha256"], f"{mode} data template")
             self._verified.add(mode)
         if mode not in self._templates:
             path = self.folder / program["data"]
@@ -277,22 +132,19 @@ class ExecutorchEngine:
             self._templates[mode] = template
         return self._templates[mode]
 
-    def _activate(self, mode: str, factors: dict[str, tuple[np.ndarray, np.ndarray]], blob: fmt.Blob | None) -> float:
+    def _activate(self, mode: str, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         template = self._template(mode)
         program = self.manifest.program(mode)
-        t0 = time.perf_counter()
         data = compose_user_data(template, program, mode, factors, self.rank)
-        compose_s = time.perf_counter() - t0
         # A fresh file per load: the runtime may map the data file, so the live one is never rewritten in place.
         fd, name = tempfile.mkstemp(prefix=f"{mode}-", suffix=".ptd", dir=self._workdir)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         self._load_program(self.folder / program["program"], Path(name))
         self.mode = mode
-        return compose_s
 
     def _load_program(self, pte: Path, ptd: Path) -> None:
-        runtime = _runtime()
+        runtime = executorch_runtime()
         try:
             program = runtime.load_program(pte, data_path=ptd)
             method = program.load_method("forward")
@@ -313,43 +165,35 @@ class ExecutorchEngine:
             previous.unlink(missing_ok=True)
 
     # -- users ---------------------------------------------------------------------------------------------
-    def load_user(self, blob_path: str | Path, mode: str = "side") -> ExecutorchUserInfo:
-        """Verify a lowra adapter blob against this program's base and activate it (side branch or merged)."""
+    def load_user(self, blob: str | Path | bytes, mode: str = "side") -> UserInfo:
+        """Verify a lowra adapter blob (path or bytes) against this program's base and activate it (side branch
+        or merged)."""
+        check_mode(mode, USER_MODES, "ExecutorchEngine")
         t0 = time.perf_counter()
-        blob = fmt.read_blob(blob_path)
-        names = [m.name for m in blob.modules]
-        expected = self.manifest.base_fingerprint(names)
-        if blob.base_fingerprint != expected:
-            raise BaseMismatchError(
-                f"adapter {blob.adapter_id!r} was trained against base {blob.base_fingerprint[:23]}..., but this "
-                f"program's base is {expected[:23]}...; export the base it was trained on or retrain the adapter"
-            )
-        modules = self.manifest.data["modules"]
-        for m in blob.modules:
-            if [m.out_features, m.in_features] != list(modules[m.name]["shape"]):
-                raise BlobContentError(
-                    f"adapter module {m.name} is [{m.out_features}, {m.in_features}], the program's weight is "
-                    f"{modules[m.name]['shape']}"
-                )
-        factors = blob.all_factors(drop_empty=True)
+        parsed = fmt.load_blob(blob)
+        fmt.check_base_binding(parsed, self.manifest.digests, self.manifest.shapes, f"the program at {self.folder}")
+        factors = parsed.all_factors(drop_empty=True)
         if mode == "side":
             too_wide = {name: up.shape[1] for name, (up, _) in factors.items() if up.shape[1] > self.rank}
             if too_wide:
                 name, k = next(iter(too_wide.items()))
                 raise BlobContentError(
-                    f"adapter {blob.adapter_id!r} keeps {k} components in {name}; the side-branch program has rank "
+                    f"adapter {parsed.adapter_id!r} keeps {k} components in {name}; the side-branch program has rank "
                     f"{self.rank}. Use mode='merge' or export with rank >= {k}"
                 )
-        compose_s = self._activate(mode, factors, blob)
-        self.user = ExecutorchUserInfo(
-            adapter_id=blob.adapter_id, mode=mode, modules=tuple(factors),
-            load_ms=(time.perf_counter() - t0) * 1e3, compose_ms=compose_s * 1e3,
+        t1 = time.perf_counter()
+        self._activate(mode, factors)
+        t2 = time.perf_counter()
+        self.user = UserInfo(
+            adapter_id=parsed.adapter_id, mode=mode, modules=tuple(factors), file_bytes=parsed.file_bytes,
+            effective_bits=float(parsed.bits_report()["effective_bits"]), load_ms=(t2 - t0) * 1e3,
+            apply_ms=(t2 - t1) * 1e3,
         )  # fmt: skip
         return self.user
 
     def unload_user(self) -> None:
         """Back to the base (the template data, recomposed: bit-exact whatever was loaded before)."""
-        self._activate(self.mode, {}, None)
+        self._activate(self.mode, {})
         self.user = None
 
     # -- compute -------------------------------------------------------------------------------------------
@@ -372,7 +216,7 @@ class ExecutorchEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.folder / TOKENIZER_FILE)
+            self._tokenizer = Tokenizer(self.folder / TOKENIZER_FILE, prompt_template=self.manifest.prompt_template)
         return self._tokenizer
 
     def generate_ids(self, prompt_ids: np.ndarray, config: GenerationConfig = GenerationConfig(),
@@ -384,7 +228,7 @@ class ExecutorchEngine:
         )  # fmt: skip
 
     def generate(self, prompt: str, config: GenerationConfig = GenerationConfig(), chat: bool = False) -> str:
-        """Generate a reply (``chat=True`` wraps the prompt in the ChatML turn SmolLM2-Instruct expects)."""
+        """Text after ``prompt`` (``chat=True`` wraps it in the export's prompt template first)."""
         tok = self.tokenizer
         ids = tok.encode(tok.chat_prompt(prompt) if chat else prompt)
         return tok.decode(self.generate_ids(ids, config, tok.eos_ids))

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lowra.device_runtime.errors import LowraError
+from lowra.device_runtime.formats.constants import CHATML_PROMPT_TEMPLATE, TOKENIZER_FILE
 
 __all__ = ["GenerationConfig", "Tokenizer", "generate", "sample_next"]
 
@@ -27,12 +28,14 @@ Decode = Callable[[int, int], np.ndarray]
 
 
 class Tokenizer:
-    """A ``tokenizer.json`` (HF ``tokenizers``) plus the end-of-sequence ids that stop generation."""
+    """A ``tokenizer.json`` (HF ``tokenizers``), the end-of-sequence ids that stop generation, and the prompt
+    template the model was trained with (an export's manifest records it; see ``formats.manifest``)."""
 
-    def __init__(self, path: str | Path, eos_tokens: Sequence[str] = ("<|im_end|>", "<|endoftext|>", "</s>")) -> None:
+    def __init__(self, path: str | Path, eos_tokens: Sequence[str] = ("<|im_end|>", "<|endoftext|>", "</s>"),
+                 prompt_template: str = CHATML_PROMPT_TEMPLATE) -> None:
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER_FILE
         if not path.is_file():
             raise LowraError(f"tokenizer not found: {path} (expected a tokenizer.json written by the export)")
         from tokenizers import Tokenizer as _HFTokenizer
@@ -42,6 +45,7 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise LowraError(f"{path} is not a valid tokenizer.json: {exc}") from exc
         self.path = path
+        self.prompt_template = prompt_template
         ids = (self._tok.token_to_id(t) for t in eos_tokens)
         self.eos_ids = frozenset(i for i in ids if i is not None)
 
@@ -52,8 +56,8 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def chat_prompt(self, user_text: str) -> str:
-        """The ChatML prompt SmolLM2-Instruct was trained on (one user turn, assistant to answer)."""
-        return f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
+        """``user_text`` as the one user turn the model answers next, in the model's prompt template."""
+        return self.prompt_template.format(prompt=user_text)
 
 
 @dataclass(frozen=True)

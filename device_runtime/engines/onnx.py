@@ -1,10 +1,12 @@
 """ONNX Runtime engine: a model directory written by ``lowra.export.onnx``, per-user adapters, generation.
 
-numpy + onnxruntime + tokenizers only (never torch). Two ways to run a user (``load_user(blob, mode=...)``):
+numpy + onnxruntime + tokenizers only (never torch). The directory's format is
+:mod:`lowra.device_runtime.formats.onnx_manifest`; this module holds the runtime side (opset support, sessions).
+Two ways to run a user (``load_user(blob, mode=...)``, :class:`~lowra.device_runtime.engines.base.Engine`):
 
-- ``"adapter"``: the user's LoRA factors become an ONNX Runtime adapter (``.onnx_adapter``; a lowra blob is
-  converted on load) activated per run with ``RunOptions.add_active_adapter``. The low-bit session is shared by
-  every user; switching is a file write + memory map.
+- ``"side"``: the user's LoRA factors become an ONNX Runtime adapter (``.onnx_adapter``; a lowra blob is
+  converted on load) activated per run with ``RunOptions.add_active_adapter``: the graph's unmerged side branch
+  ``x @ down_t @ up_t``. The low-bit session is shared by every user; switching is a file write + memory map.
 - ``"merge"``: the user's delta is added to the *dequantized* base weight (``DeviceRuntime``'s merge: pristine +
   up @ down, never subtract) and a session over ``model_merge.onnx`` is created with those float32 weights
   supplied for its placeholder initializers. Re-quantizing the merged weight would change the user's model, so
@@ -15,58 +17,34 @@ version) and every adapter parameter against the graph's LoRA inputs.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime.errors import BaseMismatchError, BlobContentError, LowraError, UnsupportedFormatError
+from lowra.device_runtime.engines.base import UserInfo, check_mode
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
+from lowra.device_runtime.errors import (
+    BaseMismatchError,
+    LowraError,
+    OnnxAdapterError,
+    OnnxModelError,
+    UnsupportedFormatError,
+)
+from lowra.device_runtime.formats import onnx_manifest
+from lowra.device_runtime.formats.constants import USER_MODES
+from lowra.device_runtime.formats.manifest import prompt_template_of
 
-__all__ = [
-    "OnnxAdapterError",
-    "OnnxEngine",
-    "OnnxModelError",
-    "OnnxUserInfo",
-    "model_version_of",
-    "write_onnx_adapter",
-]
+__all__ = ["OnnxEngine", "max_supported_opset", "read_runnable_manifest"]
 
-MANIFEST_NAME = "lowra_onnx.json"
-MANIFEST_FORMAT = "lowra-onnx"
-MANIFEST_VERSION = 1
-WEIGHTS_NAME = "weights.bin"
-# Location of the merge graph's float32 weights: never read, because the engine always overrides them.
-MERGE_PLACEHOLDER = "supplied-by-the-runtime-at-session-creation.bin"
-LORA_DOWN = "lora.{module}.down_t"  # [in, rank]: LoRA A transposed, so the graph multiplies x @ down_t @ up_t
-LORA_UP = "lora.{module}.up_t"  # [rank, out]: LoRA B transposed, scaling folded in (as in the blob)
-ADAPTER_VERSION = 1
 # The newest default-domain opset an onnxruntime release accepts, where measured (1.32 loads opset 28 and refuses
 # 30). A manifest above it is refused up front; for releases not listed, ONNX Runtime's own opset error at
 # session creation is translated into the same OnnxModelError.
 MAX_OPSET_BY_ORT = {(1, 32): 28}
-MODES = ("adapter", "merge")
-
-
-class OnnxModelError(UnsupportedFormatError):
-    """The ONNX model directory is missing, malformed, or needs an onnxruntime this device does not have."""
-
-
-class OnnxAdapterError(BlobContentError):
-    """An adapter's parameters do not match the model's LoRA inputs (missing, extra or misshapen)."""
-
-
-def model_version_of(digests: Mapping[str, str], shapes: Mapping[str, Any]) -> int:
-    """The integer an ``.onnx_adapter`` carries as its model version: the first 28 bits of the base fingerprint
-    over every linear of the model. AdapterFormat stores a 32-bit int, not a string, so this catches an adapter
-    for another model (1 in 2**28 chance of a miss); a lowra blob is always checked on its full fingerprint."""
-    fingerprint = fmt.base_fingerprint(dict(digests), {k: tuple(v) for k, v in shapes.items()})
-    return int(fingerprint.split(":", 1)[1][:7], 16)
+ADAPTER_SUFFIX = ".onnx_adapter"
 
 
 def _ort() -> Any:
@@ -85,23 +63,10 @@ def max_supported_opset() -> int | None:
     return MAX_OPSET_BY_ORT.get(_ort_version())
 
 
-def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    """Read and check ``lowra_onnx.json``: format, version, files present, opset runnable here."""
-    model_dir = Path(model_dir)
-    path = model_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise OnnxModelError(
-            f"{model_dir} has no {MANIFEST_NAME}; expected a directory written by `python -m lowra.export.onnx`"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise OnnxModelError(f"{path} is not valid JSON ({exc}); re-export the model") from exc
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("format_version") != MANIFEST_VERSION:
-        raise OnnxModelError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; this runtime "
-            f"reads {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}. Re-export the model or upgrade lowra"
-        )
+def read_runnable_manifest(model_dir: str | Path) -> dict[str, Any]:
+    """The directory's manifest (format, version, files: :func:`onnx_manifest.read_manifest`), refused when its
+    opset is newer than the installed onnxruntime runs."""
+    manifest = onnx_manifest.read_manifest(model_dir)
     opset = int(manifest.get("opset", 0))
     supported = max_supported_opset()
     if supported is not None and opset > supported:
@@ -109,10 +74,6 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             f"{model_dir} needs ONNX opset {opset} but the installed onnxruntime {_ort().__version__} runs opsets "
             f"up to {supported}; install onnxruntime>=1.32 or re-export with a lower opset"
         )
-    for key in ("lowbit", "merge"):
-        name = manifest.get("graphs", {}).get(key)
-        if name and not (model_dir / name).is_file():
-            raise OnnxModelError(f"{model_dir}: the manifest names {name} but the file is missing")
     return manifest
 
 
@@ -146,109 +107,10 @@ def _check_factor_pairs(params: Mapping[str, tuple[int, ...]], manifest: Mapping
             )
 
 
-def _check_blob_base(blob: fmt.Blob, manifest: Mapping[str, Any], model_dir: Path) -> None:
-    digests, shapes = manifest["base"]["digests"], manifest["base"]["shapes"]
-    names = [m.name for m in blob.modules]
-    unknown = [n for n in names if n not in digests]
-    if unknown:
-        raise BaseMismatchError(
-            f"adapter {blob.adapter_id!r} targets module {unknown[0]!r}, which the model at {model_dir} does not have; "
-            "it was trained for another base model"
-        )
-    for m in blob.modules:
-        if list(shapes[m.name]) != [m.out_features, m.in_features]:
-            raise BlobContentError(
-                f"adapter module {m.name} is [{m.out_features}, {m.in_features}] but the model's weight is "
-                f"{shapes[m.name]}; the adapter was made for another model"
-            )
-    expected = fmt.base_fingerprint({n: digests[n] for n in names}, {n: tuple(shapes[n]) for n in names})
-    if blob.base_fingerprint != expected:
-        raise BaseMismatchError(
-            f"adapter {blob.adapter_id!r} was trained against base {blob.base_fingerprint[:23]}..., but the ONNX model "
-            f"at {model_dir} is {expected[:23]}...; export the base it was trained on or retrain the adapter"
-        )
-
-
-def blob_adapter_parameters(blob: fmt.Blob, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The blob's factors as the graph's LoRA inputs (components dropped to width 0 are left out)."""
-    params: dict[str, np.ndarray] = {}
-    for module, (up, down) in blob.all_factors(drop_empty=True).items():
-        if up.shape[1] == 0:
-            continue  # nothing kept: the zero-rank default is exact
-        spec = manifest["lora_inputs"].get(module)
-        if spec is None:
-            raise BaseMismatchError(f"adapter module {module!r} is not a low-bit linear of this ONNX model")
-        params[spec["down"]] = np.ascontiguousarray(down.T, dtype=np.float32)
-        params[spec["up"]] = np.ascontiguousarray(up.T, dtype=np.float32)
-    return params
-
-
-def write_onnx_adapter(model_dir: str | Path, blob: str | Path | fmt.Blob, out_path: str | Path) -> Path:
-    """Convert a lowra blob into an ``.onnx_adapter`` for the model at ``model_dir`` (checked against its base).
-
-    The adapter's model version binds it to this base (:func:`model_version_of`). Written atomically.
-    """
-    model_dir, out_path = Path(model_dir), Path(out_path)
-    manifest = read_manifest(model_dir)
-    parsed = blob if isinstance(blob, fmt.Blob) else fmt.read_blob(blob)
-    _check_blob_base(parsed, manifest, model_dir)
-    params = blob_adapter_parameters(parsed, manifest)
-    _export_adapter(params, int(manifest["model_version"]), out_path)
-    return out_path
-
-
-def _export_adapter(params: Mapping[str, np.ndarray], model_version: int, out_path: Path) -> None:
-    ort = _ort()
-    fmt_ = ort.AdapterFormat()
-    fmt_.set_adapter_version(ADAPTER_VERSION)
-    fmt_.set_model_version(model_version)
-    fmt_.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    fmt_.export_adapter(str(tmp))
-    tmp.replace(out_path)
-
-
-# ------------------------------------------------------------------------------------------------ base decode
-def _rebuild_quantized(data: np.ndarray, spec: Mapping[str, Any]) -> Any:
-    """A module's QuantizedWeight from the export's per-width tensors in weights.bin (merge mode needs the
-    decoded base; the numpy reference decode in QuantizedWeight is the one place that decodes)."""
-    from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
-
-    def tensor(entry: Mapping[str, Any], dtype: str) -> np.ndarray:
-        raw = data[entry["offset"] : entry["offset"] + entry["length"]]
-        return raw.view(dtype)
-
-    out_f, in_f, group = int(spec["out"]), int(spec["in"]), int(spec["group_size"])
-    widths = np.zeros(out_f, dtype=np.uint8)
-    rows_of = {}
-    for g in spec["groups"]:
-        rows = tensor(g["rows"], "<i4").astype(np.int64)
-        widths[rows] = g["width"]
-        rows_of[g["width"]] = rows
-    if np.any(widths == 0):
-        raise OnnxModelError("the manifest's row groups do not cover every row (exported with MatMulNBits groups?); "
-                             "merge mode needs a model exported with --matmulnbits never")
-    n_groups = -(-in_f // group) if group else 0
-    qw = QuantizedWeight(out_f, in_f, group, widths, np.zeros(0, np.uint8), np.zeros(0, np.float16),
-                         np.zeros((out_f, n_groups), np.float16))
-    codes = np.zeros(int(qw.row_code_offsets[-1]), dtype=np.uint8)
-    levels = np.zeros(int(qw.row_level_offsets[-1]), dtype=np.float16)
-    for g in spec["groups"]:
-        w, rows = int(g["width"]), rows_of[g["width"]]
-        nbytes = fmt.packed_bytes(in_f, w)
-        raw = tensor(g["codes"], "u1")
-        # UINT2/UINT4 pack the flat [rows, in] tensor; rows are re-packed on byte boundaries as the layer wants
-        per_row = raw.reshape(rows.size, nbytes) if w == 1 else fmt.pack_codes(
-            fmt.unpack_codes(raw[None, :], w, rows.size * in_f).reshape(rows.size, in_f), w)
-        codes[qw.row_code_offsets[rows][:, None] + np.arange(nbytes)[None, :]] = per_row
-        lv = tensor(g["codebooks"], "<f2").reshape(rows.size, 1 << w)
-        levels[qw.row_level_offsets[rows][:, None] + np.arange(1 << w)[None, :]] = lv
-        if group:
-            qw.scales[rows] = tensor(g["scales"], "<f2").reshape(rows.size, n_groups)
-    qw.codes, qw.codebooks = codes, levels
-    qw.validate("ONNX model's packed layer")
-    return qw
+def check_blob_binding(blob: fmt.Blob, manifest: Mapping[str, Any], model_dir: Path) -> None:
+    """A blob against the base the manifest records (:func:`~lowra.device_runtime.formats.check_base_binding`)."""
+    base = manifest["base"]
+    fmt.check_base_binding(blob, base["digests"], base["shapes"], f"the ONNX model at {model_dir}")
 
 
 def _release_freed_heap() -> None:
@@ -271,14 +133,6 @@ def _release_freed_heap() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ engine
-@dataclass(frozen=True)
-class OnnxUserInfo:
-    adapter_id: str
-    mode: str
-    modules: tuple[str, ...]
-    switch_ms: float  # load_user wall time: read + verify + convert (+ merge + session creation)
-
-
 class OnnxEngine:
     """One ONNX model directory, at most one active user. Batch size 1; the KV cache lives in numpy arrays.
 
@@ -291,10 +145,9 @@ class OnnxEngine:
         if lowbit_decode not in ("load", "per_run"):
             raise LowraError(f"lowbit_decode={lowbit_decode!r}; expected 'load' or 'per_run'")
         self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            raise OnnxModelError(f"ONNX model directory {self.model_dir} does not exist")
-        self.manifest = read_manifest(self.model_dir)
-        self.tokenizer = Tokenizer(self.model_dir)
+        self.manifest = read_runnable_manifest(self.model_dir)
+        template = prompt_template_of(self.manifest, str(self.model_dir / onnx_manifest.MANIFEST_NAME), OnnxModelError)
+        self.tokenizer = Tokenizer(self.model_dir, prompt_template=template)
         self.threads = threads
         self.lowbit_decode = lowbit_decode
         model = self.manifest["model"]
@@ -307,7 +160,7 @@ class OnnxEngine:
         self._runtime: Any = None  # DeviceRuntime over the decoded base, built on the first merge
         self._merged_values: list[Any] | None = None  # the OrtValues a merged session reads
         self._tmp = tempfile.TemporaryDirectory(prefix="lowra-onnx-")
-        self.user: OnnxUserInfo | None = None
+        self.user: UserInfo | None = None
         self._cache: list[np.ndarray] = []
 
     # -- sessions ----------------------------------------------------------------------------------------
@@ -338,53 +191,61 @@ class OnnxEngine:
             raise OnnxModelError(f"{path}: onnxruntime could not load the model: {text.strip()[:500]}") from exc
 
     # -- users -------------------------------------------------------------------------------------------
-    def load_user(self, blob_path: str | Path, mode: str = "adapter") -> OnnxUserInfo:
-        """Verify a user's blob (or a ``.onnx_adapter`` in adapter mode) and make it the active user."""
-        if mode not in MODES:
-            raise LowraError(f"mode={mode!r}; expected one of {MODES}")
+    def load_user(self, blob: str | Path | bytes, mode: str = "side") -> UserInfo:
+        """Verify a user's blob (path or bytes; or a ``.onnx_adapter`` path in side mode) and make it the
+        active user."""
+        check_mode(mode, USER_MODES, "OnnxEngine")
         t0 = time.perf_counter()
-        path = Path(blob_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"user file {path} does not exist (expected a lowra blob or a .onnx_adapter)")
-        if path.suffix == ".onnx_adapter":
-            if mode != "adapter":
-                raise LowraError(f"{path} is an .onnx_adapter: it can only be loaded with mode='adapter'; pass the "
+        if not isinstance(blob, (bytes, bytearray)) and Path(blob).suffix == ADAPTER_SUFFIX:
+            path = Path(blob)
+            if mode != "side":
+                raise LowraError(f"{path} is an {ADAPTER_SUFFIX}: it can only be loaded with mode='side'; pass the "
                                  "user's lowra blob to merge it")
-            adapter_id, modules = self._activate_adapter_file(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"adapter file {path} does not exist")
+            t1 = time.perf_counter()
+            modules, n_params = self._activate_adapter_file(path)
+            adapter_id, file_bytes = path.stem, path.stat().st_size
+            effective_bits = 8.0 * file_bytes / max(n_params, 1)
         else:
-            blob = fmt.read_blob(path)
-            _check_blob_base(blob, self.manifest, self.model_dir)
-            adapter_id = blob.adapter_id
-            if mode == "adapter":
-                target = Path(self._tmp.name) / f"user-{time.monotonic_ns()}.onnx_adapter"
-                params = blob_adapter_parameters(blob, self.manifest)
-                _export_adapter(params, int(self.manifest["model_version"]), target)
-                try:
-                    modules = self._activate_adapter_file(target)[1]
-                finally:
-                    # LoraAdapter memory-maps the file; on POSIX the mapping outlives the name, so no copy piles up.
-                    # Where a mapped file cannot be removed (Windows) it stays in the temp folder until close().
-                    try:
-                        target.unlink(missing_ok=True)
-                    except OSError:
-                        pass
-            else:
-                modules = self._merge(path)
-        self.user = OnnxUserInfo(adapter_id, mode, modules, (time.perf_counter() - t0) * 1e3)
+            parsed = fmt.load_blob(blob)
+            check_blob_binding(parsed, self.manifest, self.model_dir)
+            t1 = time.perf_counter()
+            modules = self._convert_and_activate(parsed) if mode == "side" else self._merge(parsed)
+            adapter_id, file_bytes = parsed.adapter_id, parsed.file_bytes
+            effective_bits = float(parsed.bits_report()["effective_bits"])
+        t2 = time.perf_counter()
+        self.user = UserInfo(adapter_id, mode, modules, file_bytes, effective_bits, (t2 - t0) * 1e3, (t2 - t1) * 1e3)
         return self.user
 
-    def _activate_adapter_file(self, path: Path) -> tuple[str, tuple[str, ...]]:
+    def _convert_and_activate(self, blob: fmt.Blob) -> tuple[str, ...]:
+        target = Path(self._tmp.name) / f"user-{time.monotonic_ns()}{ADAPTER_SUFFIX}"
+        params = onnx_manifest.blob_adapter_parameters(blob, self.manifest)
+        onnx_manifest.write_adapter_file(params, int(self.manifest["model_version"]), target)
+        try:
+            return self._activate_adapter_file(target)[0]
+        finally:
+            # LoraAdapter memory-maps the file; on POSIX the mapping outlives the name, so no copy piles up.
+            # Where a mapped file cannot be removed (Windows) it stays in the temp folder until close().
+            try:
+                target.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _activate_adapter_file(self, path: Path) -> tuple[tuple[str, ...], int]:
+        """Check and activate an ``.onnx_adapter``; returns the modules it adapts and its parameter count."""
         ort = _ort()
         try:
-            fmt_ = ort.AdapterFormat.read_adapter(str(path))
+            adapter_file = ort.AdapterFormat.read_adapter(str(path))
         except Exception as exc:
             raise UnsupportedFormatError(f"{path} is not an onnxruntime adapter file ({str(exc)[:200]})") from exc
-        if fmt_.get_model_version() != int(self.manifest["model_version"]):
+        if adapter_file.get_model_version() != int(self.manifest["model_version"]):
             raise BaseMismatchError(
-                f"{path} was made for model version {fmt_.get_model_version()}, but the ONNX model at {self.model_dir} "
-                f"is version {self.manifest['model_version']} (a hash of its base); convert the user's blob for this model"
+                f"{path} was made for model version {adapter_file.get_model_version()}, but the ONNX model at "
+                f"{self.model_dir} is version {self.manifest['model_version']} (a hash of its base); convert the "
+                "user's blob for this model"
             )
-        params = {name: tuple(value.shape()) for name, value in fmt_.get_parameters().items()}
+        params = {name: tuple(value.shape()) for name, value in adapter_file.get_parameters().items()}
         _check_factor_pairs(params, self.manifest, str(path))
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
@@ -393,33 +254,35 @@ class OnnxEngine:
         self._drop_user()
         self._adapter, self._run_options = adapter, run_options
         by_down = {spec["down"]: m for m, spec in self.manifest["lora_inputs"].items()}
-        return path.stem, tuple(sorted(by_down[n] for n in params if n in by_down))
+        modules = tuple(sorted(by_down[n] for n in params if n in by_down))
+        return modules, int(sum(np.prod(shape) for shape in params.values()))
 
     def _decoded_base(self) -> Any:
         from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
 
         if self._runtime is None:
+            where = f"{self.model_dir / self.manifest['weights']}"
             data = np.memmap(self.model_dir / self.manifest["weights"], dtype=np.uint8, mode="r")
-            tensors = {f"{m}.weight": _rebuild_quantized(data, spec).dequantize()
+            tensors = {f"{m}.weight": onnx_manifest.quantized_weight_from_groups(data, spec, where).dequantize()
                        for m, spec in self.manifest["quantized_modules"].items()}
             base = BaseWeights.from_arrays(tensors, self.model_dir)
-            for name, arr in tensors.items():
+            for name in tensors:
                 module = name[: -len(".weight")]
                 if base.digest(name) != self.manifest["base"]["digests"][module]:
                     raise OnnxModelError(
-                        f"{self.model_dir}/{self.manifest['weights']}: module {module} decodes to other weights than "
-                        "the export recorded; the file is corrupted. Re-export the model"
+                        f"{where}: module {module} decodes to other weights than the export recorded; the file is "
+                        "corrupted. Re-export the model"
                     )
             self._runtime = DeviceRuntime(base, precompute_digests=False)
         return self._runtime
 
-    def _merge(self, path: Path) -> tuple[str, ...]:
+    def _merge(self, blob: fmt.Blob) -> tuple[str, ...]:
         ort = _ort()
         if "merge" not in self.manifest["graphs"]:
             raise OnnxModelError(f"{self.model_dir} has no merge graph (exported without a low-bit base)")
         runtime = self._decoded_base()
         self._drop_user()
-        info = runtime.load_user(path)  # verifies again against the decoded base, then merges (one merge code)
+        info = runtime.load_user(blob)  # checks again against the decoded base, then merges (one merge code)
         options = self._options()
         names = list(self.manifest["merge_weights"])
         # ORT reads the weights from these numpy buffers; DeviceRuntime rewrites its merged buffers in place on
@@ -477,7 +340,7 @@ class OnnxEngine:
         return generate(self.prefill, self.decode, prompt_ids, config, self.tokenizer.eos_ids, self.max_positions)
 
     def generate(self, prompt: str, config: GenerationConfig = GenerationConfig(), chat: bool = False) -> str:
-        """Text after ``prompt`` (``chat=True`` wraps it in the ChatML turn SmolLM2-Instruct expects)."""
+        """Text after ``prompt`` (``chat=True`` wraps it in the export's prompt template first)."""
         tok = self.tokenizer
         return tok.decode(self.generate_ids(tok.encode(tok.chat_prompt(prompt) if chat else prompt), config))
 
@@ -487,4 +350,3 @@ class OnnxEngine:
         self._base_session = self._session_now = None
         self._runtime = None
         self._tmp.cleanup()
-

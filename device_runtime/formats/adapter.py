@@ -360,3 +360,10 @@ def read_blob(path: str | Path, verify_checksum: bool = True) -> Blob:
     if not path.is_file():
         raise FileNotFoundError(f"blob {path} does not exist (expected a .safetensors file written by lowra)")
     return parse_blob(path.read_bytes(), str(path), verify_checksum)
+
+
+def load_blob(source: str | Path | bytes | bytearray) -> Blob:
+    """A blob given as a path or as the file's bytes (what every engine's ``load_user`` accepts)."""
+    if isinstance(source, (bytes, bytearray)):
+        return parse_blob(source, "blob")
+    return read_blob(source)

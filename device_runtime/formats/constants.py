@@ -22,3 +22,15 @@ WIDTH_CODE = {w: i for i, w in enumerate(ADAPTER_WIDTHS)}
 # The widths that carry codes: an adapter channel of width > 0, and every row of a quantized base weight
 # (a base row is always stored, so it never has width 0).
 CODED_WIDTHS = (1, 2, 4)
+
+# The two ways an engine runs a user (``load_user(blob, mode=...)``), which are also the names of an ExecuTorch
+# folder's programs: "merge" adds up @ down into the base weights at load; "side" keeps the base as it is and
+# runs the adapter as an unmerged side branch x @ down^T @ up^T.
+USER_MODES = ("side", "merge")
+
+# Both exported model folders ship the base's Hugging Face ``tokenizers`` file under this name.
+TOKENIZER_FILE = "tokenizer.json"
+# The prompt template a manifest without ``prompt_template`` stands for: the ChatML turn of SmolLM2-Instruct, which
+# every export wrapped prompts in before exporters recorded the tokenizer's own template. ``{prompt}`` is the
+# user's text (a ``str.format`` pattern: literal braces are doubled).
+CHATML_PROMPT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"

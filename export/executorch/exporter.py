@@ -32,21 +32,23 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowra.device_runtime.engines import executorch as spec
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime._files import atomic_write_bytes
-from lowra.device_runtime.formats.constants import CODED_WIDTHS
-from lowra.sdk.base_model import linear_module_names
-from lowra.sdk.errors import ConfigError
-from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers
+from lowra.device_runtime._files import atomic_write_bytes, file_sha256
+from lowra.device_runtime.errors import ConfigError
+from lowra.device_runtime.executorch_binding import register_kernel_library
+from lowra.device_runtime.formats.constants import CODED_WIDTHS, USER_MODES
+from lowra.device_runtime.formats.executorch_manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
 from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
+from lowra.export.tokenizer import save_tokenizer
+from lowra.sdk.modules import linear_module_names
+from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers
 
 __all__ = [
     "AtenLowBitLinear",
@@ -59,7 +61,7 @@ __all__ = [
 ]
 
 OPS = ("custom", "aten")
-MODES = spec.USER_MODES
+MODES = USER_MODES
 
 
 @dataclass
@@ -169,16 +171,8 @@ class MergedLinear(nn.Module):
 def load_kernel_library(path: str | Path | None = None) -> Path:
     """Build (or reuse) the native kernels and register them with the in-process ExecuTorch runtime."""
     library = Path(path) if path is not None else build_kernel_library()
-    spec.register_kernel_library(library)
+    register_kernel_library(library)
     return library
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _side_template(rank: int, out_f: int, in_f: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -351,7 +345,8 @@ def export_executorch(
 ) -> dict[str, Any]:
     """Export a model whose linears are LowBitLinear (``replace_linears``) into ``out_dir``; return the manifest.
 
-    ``tokenizer``: a ``tokenizer.json`` path or a Hugging Face fast tokenizer (saved as tokenizer.json).
+    ``tokenizer``: a ``tokenizer.json`` path, a model folder or a Hugging Face fast tokenizer (saved as
+    tokenizer.json; its prompt template is recorded in the manifest).
     """
     layers = lowbit_layers(model)
     if not layers:
@@ -382,22 +377,18 @@ def export_executorch(
         program = _build_program(model, config, mode, targets)
         pte, ptd = _lower(program, config, out)
         programs[mode] = {
-            "program": pte.name, "data": ptd.name, "program_sha256": _sha256(pte), "data_sha256": _sha256(ptd),
+            "program": pte.name, "data": ptd.name, "program_sha256": file_sha256(pte), "data_sha256": file_sha256(ptd),
             "program_bytes": pte.stat().st_size, "data_bytes": ptd.stat().st_size, "tensors": _locate(program, ptd),
         }  # fmt: skip
-    if tokenizer is not None:
-        if isinstance(tokenizer, (str, Path)):
-            shutil.copyfile(tokenizer, out / spec.TOKENIZER_FILE)
-        else:
-            tokenizer.backend_tokenizer.save(str(out / spec.TOKENIZER_FILE))
+    template = save_tokenizer(tokenizer, out) if tokenizer is not None else None
     cfg = model.config
     manifest = {
-        "format": spec.FORMAT_NAME,
-        "format_version": spec.FORMAT_VERSION,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
         "ops": config.ops,
         "xnnpack": config.xnnpack,
         "kernel_library": LIBRARY_NAME if library is not None else None,
-        "kernel_library_sha256": _sha256(out / LIBRARY_NAME) if library is not None else None,
+        "kernel_library_sha256": file_sha256(out / LIBRARY_NAME) if library is not None else None,
         "max_seq_len": config.max_seq_len,
         "rank": config.rank,
         "vocab_size": int(cfg.vocab_size),
@@ -405,8 +396,9 @@ def export_executorch(
         "modules": {name: {"shape": shapes[name], "digest": digests[name]} for name in targets},
         "packed_base_bytes": packed_bytes,
         "programs": programs,
+        **({PROMPT_TEMPLATE_KEY: template} if template is not None else {}),
     }
-    atomic_write_bytes(out / spec.MANIFEST_FILE, json.dumps(manifest, indent=1).encode(), overwrite=True)
+    atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=1).encode(), overwrite=True)
     return manifest
 
 
@@ -435,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     replace_linears(base.model, read_quantized_base(args.quantized).layers)
     config = ExecutorchExportConfig(ops=args.ops, modes=tuple(args.modes), max_seq_len=args.max_seq_len,
                                     rank=args.rank, xnnpack=args.xnnpack)
-    manifest = export_executorch(base.model, args.out, config, tokenizer=base.path / "tokenizer.json",
+    manifest = export_executorch(base.model, args.out, config, tokenizer=base.tokenizer,
                                  source=str(args.quantized))
     for mode, program in manifest["programs"].items():
         print(f"{mode}: {program['program']} {program['program_bytes']:,} B + {program['data']} {program['data_bytes']:,} B")

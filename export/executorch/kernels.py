@@ -1,4 +1,4 @@
-"""Build the native ExecuTorch kernel library of lowra's low-bit ops (``export/kernels/lowbit_kernels.cpp``).
+"""Build the native ExecuTorch kernel library of lowra's low-bit ops (``export/executorch/lowbit_kernels.cpp``).
 
 One g++ line against the headers and ``libexecutorch.so`` the executorch wheel ships (no CMake: the wheel's
 CMake config wants cmake >= 3.28). The result is cached under ``$LOWRA_CACHE/executorch_kernels/<hash>/`` where
@@ -20,10 +20,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from lowra.device_runtime import _files
 from lowra.device_runtime.errors import KernelLibraryError
 
 __all__ = ["KERNEL_SOURCE", "LIBRARY_NAME", "build_kernel_library", "compile_command", "executorch_dir"]
@@ -60,11 +60,6 @@ def compile_command(source: Path, output: Path, et_dir: Path | None = None) -> l
     ]  # fmt: skip
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("LOWRA_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "lowra") / "executorch_kernels"
-
-
 def build_kernel_library(cache_dir: str | Path | None = None, force: bool = False) -> Path:
     """Compile the kernel library if its source hash is not cached yet; return the ``.so`` path."""
     et = executorch_dir()
@@ -75,7 +70,7 @@ def build_kernel_library(cache_dir: str | Path | None = None, force: bool = Fals
     source = KERNEL_SOURCE.read_bytes()
     probe = compile_command(KERNEL_SOURCE, Path("OUT"), et)
     key = hashlib.sha256(source + "\0".join(probe).encode() + version.encode()).hexdigest()[:16]
-    folder = Path(cache_dir) if cache_dir is not None else _cache_root() / key
+    folder = Path(cache_dir) if cache_dir is not None else _files.cache_dir("executorch_kernels", key)
     library = folder / LIBRARY_NAME
     if library.is_file() and not force:
         return library
@@ -83,20 +78,13 @@ def build_kernel_library(cache_dir: str | Path | None = None, force: bool = Fals
         raise KernelLibraryError(
             f"no C++ compiler {probe[0]!r} on PATH; the lowra ExecuTorch kernels need g++ (set CXX to another one)"
         )
-    folder.mkdir(parents=True, exist_ok=True)
     # Compile to a temp name then rename: a concurrent or interrupted build never leaves a half-written .so.
-    fd, tmp = tempfile.mkstemp(prefix=f".{LIBRARY_NAME}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        done = subprocess.run(compile_command(KERNEL_SOURCE, Path(tmp), et), capture_output=True, text=True)
+    with _files.atomic_file(library, overwrite=True) as tmp:
+        done = subprocess.run(compile_command(KERNEL_SOURCE, tmp, et), capture_output=True, text=True)
         if done.returncode != 0:
             raise KernelLibraryError(
                 f"building {KERNEL_SOURCE.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
             )
-        os.replace(tmp, library)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return library
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from lowra.export.onnx.exporter import main
+from lowra.export.onnx.cli import main
 
 sys.exit(main())

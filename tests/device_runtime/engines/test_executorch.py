@@ -142,12 +142,12 @@ def test_blob_for_another_base_is_refused(engine, tmp_path):
     import torch
 
     from lowra.device_runtime.errors import BaseMismatchError
-    from lowra.sdk.base_model import linear_module_names
-    from lowra.sdk.quant.adapter_compression import CompressConfig
-    from lowra.sdk.adapters.lora import LoraConfig
+    from lowra.sdk.modules import linear_module_names
+    from lowra.sdk.quant.config import CompressConfig
+    from lowra.sdk.adapters.config import LoraConfig
     from lowra.sdk.workflow import compress_factors, model_fingerprint
     from lowra.sdk.quant.lowbit_linear import replace_linears
-    from lowra.sdk.quant.base import quantize_weight
+    from lowra.sdk.quant.base.fit import quantize_weight
     from tests.export.executorch.test_executorch_artifacts import GROUP_SIZE, mixed_widths, tiny_llama
 
     other = tiny_llama(seed=1)  # same architecture and quantization, other weights
@@ -213,10 +213,12 @@ def test_data_composition_runs_without_torch():
     done = run_with_blocked_imports(f"""
         import numpy as np
         from lowra.device_runtime import read_blob
-        from lowra.device_runtime.engines.executorch import Manifest, compose_user_data
+        from lowra.device_runtime.engines.executorch import compose_user_data
+        from lowra.device_runtime.formats import check_base_binding
+        from lowra.device_runtime.formats.executorch_manifest import Manifest
         manifest = Manifest.read({str(folder)!r})
         parsed = read_blob({str(blob)!r})
-        assert manifest.base_fingerprint([m.name for m in parsed.modules]) == parsed.base_fingerprint
+        check_base_binding(parsed, manifest.digests, manifest.shapes, "the program")  # raises on a mismatch
         factors = parsed.all_factors(drop_empty=True)
         for mode in ("side", "merge"):
             program = manifest.program(mode)

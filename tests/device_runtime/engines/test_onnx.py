@@ -1,6 +1,7 @@
 """OnnxEngine refusals that need no exported model (no torch, no sdk): manifest, opset, adapter parameters.
 
-End-to-end engine tests (logits, users, generation) run on an exported tiny Llama in tests/export/test_onnx.py.
+End-to-end engine tests (logits, users, generation) run on an exported tiny Llama in tests/export/onnx/test_onnx.py
+and tests/device_runtime/engines/test_conformance.py.
 """
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from lowra.device_runtime.engines import onnx as onnx_engine
-from lowra.device_runtime.engines.onnx import (
+from lowra.device_runtime.engines.onnx import OnnxEngine, _check_factor_pairs
+from lowra.device_runtime.errors import OnnxAdapterError, OnnxModelError
+from lowra.device_runtime.formats.onnx_manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
-    OnnxAdapterError,
-    OnnxEngine,
-    OnnxModelError,
-    _check_factor_pairs,
     model_version_of,
 )
 

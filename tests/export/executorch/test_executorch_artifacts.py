@@ -52,9 +52,9 @@ def lowbit_tiny():
     """(low-bit tiny Llama, {module: QuantizedWeight}) with mixed widths and group scales in every linear."""
     import torch
 
-    from lowra.sdk.base_model import linear_module_names
+    from lowra.sdk.modules import linear_module_names
     from lowra.sdk.quant.lowbit_linear import replace_linears
-    from lowra.sdk.quant.base import quantize_weight
+    from lowra.sdk.quant.base.fit import quantize_weight
     model = tiny_llama()
     layers = {}
     for i, name in enumerate(linear_module_names(model)):
@@ -70,9 +70,9 @@ def user_blobs() -> tuple[Path, Path]:
     """Two users' blobs for the tiny low-bit base: random rank-4 LoRA on every linear, 1.5-bit compressed."""
     import torch
 
-    from lowra.sdk.base_model import linear_module_names
-    from lowra.sdk.quant.adapter_compression import CompressConfig
-    from lowra.sdk.adapters.lora import LoraConfig
+    from lowra.sdk.modules import linear_module_names
+    from lowra.sdk.quant.config import CompressConfig
+    from lowra.sdk.adapters.config import LoraConfig
     from lowra.sdk.workflow import compress_factors, model_fingerprint
 
     model, _ = lowbit_tiny()

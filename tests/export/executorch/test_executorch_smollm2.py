@@ -27,7 +27,8 @@ def test_smollm2_low_bit_program_matches_eager():
     from lowra.export.executorch import ExecutorchExportConfig, export_executorch
     from lowra.sdk.base_model import load_base
     from lowra.sdk.quant.lowbit_linear import replace_linears
-    from lowra.sdk.quant.base import QuantizeConfig, quantize_model
+    from lowra.sdk.quant.base.apply import quantize_model
+    from lowra.sdk.quant.base.config import QuantizeConfig
 
     loaded = load_base()
     model = loaded.model

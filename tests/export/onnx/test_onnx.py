@@ -16,18 +16,15 @@ import pytest
 import torch
 
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime.errors import BaseMismatchError, LowraError
 from lowra.device_runtime.engines.generation import GenerationConfig
-from lowra.device_runtime.engines.onnx import (
-    OnnxAdapterError,
-    OnnxEngine,
-    _export_adapter,
-    write_onnx_adapter,
-)
-from lowra.export.onnx import OnnxExportConfig, export_onnx
-from lowra.sdk.base_model import linear_module_names
+from lowra.device_runtime.engines.onnx import OnnxEngine
+from lowra.device_runtime.errors import BaseMismatchError, LowraError, OnnxAdapterError
+from lowra.device_runtime.formats.onnx_manifest import write_adapter_file
+from lowra.export.onnx import OnnxExportConfig, export_onnx, write_onnx_adapter
+from lowra.sdk.modules import linear_module_names
 from lowra.sdk.quant.lowbit_linear import LowBitLinear, replace_linears
-from lowra.sdk.quant.base import quantize_weight, uniform_quantize
+from lowra.sdk.quant.base.fit import quantize_weight
+from lowra.sdk.quant.baselines import uniform_quantize
 from lowra.sdk.workflow import apply_blob, model_fingerprint
 
 from tests.conftest import _build_tokenizer, build_tiny_model, run_with_blocked_imports
@@ -163,7 +160,7 @@ def test_base_logits_match_the_eager_low_bit_model(tiny, decode):
     assert np.abs(step - eager_logits(tiny["ref"], IDS)[-1]).max() < TOL
 
 
-@pytest.mark.parametrize("mode", ["adapter", "merge"])
+@pytest.mark.parametrize("mode", ["side", "merge"])
 def test_two_users_match_eager_and_unload_restores_the_base(tiny, engine, mode):
     base = engine.logits(IDS)
     for seed, (path, adapted) in tiny["users"].items():
@@ -196,7 +193,7 @@ def test_32_greedy_tokens_equal_eager_for_base_and_a_user(tiny, engine):
     assert len(got) == 32
     _assert_eager_greedy(tiny["ref"], prompt, got, engine.tokenizer.eos_ids)
     path, adapted = tiny["users"][2]
-    for mode in ("adapter", "merge"):
+    for mode in ("side", "merge"):
         engine.load_user(path, mode=mode)
         got = engine.generate_ids(prompt, config)
         assert len(got) == 32
@@ -255,7 +252,7 @@ def test_blob_for_another_base_is_refused(tiny, engine, tmp_path):
     other = reference(quantize(7), seed=7)
     path = tmp_path / "other.lowra"
     path.write_bytes(make_blob(other, 3, linear_module_names(other)[:2]))
-    for mode in ("adapter", "merge"):
+    for mode in ("side", "merge"):
         with pytest.raises(BaseMismatchError, match="trained against base"):
             engine.load_user(path, mode=mode)
     assert engine.user is None
@@ -287,13 +284,13 @@ def test_missing_and_extra_adapter_parameters_are_refused(tiny, engine, tmp_path
     }
     for name, (params, message) in cases.items():
         path = tmp_path / f"{name}.onnx_adapter"
-        _export_adapter(params, version, path)
+        write_adapter_file(params, version, path)
         with pytest.raises(OnnxAdapterError, match=message):
             engine.load_user(path)
     good = tmp_path / "good.onnx_adapter"
-    _export_adapter({f"lora.{q}.down_t": down, f"lora.{q}.up_t": up}, version, good)
+    write_adapter_file({f"lora.{q}.down_t": down, f"lora.{q}.up_t": up}, version, good)
     assert engine.load_user(good).modules == (q,)
-    with pytest.raises(LowraError, match="mode='adapter'"):
+    with pytest.raises(LowraError, match="mode='side'"):
         engine.load_user(good, mode="merge")
     engine.unload_user()
 
@@ -304,7 +301,7 @@ def test_engine_runs_with_torch_unimportable(tiny):
         from lowra.device_runtime.engines.onnx import OnnxEngine
         from lowra.device_runtime.engines.generation import GenerationConfig
         engine = OnnxEngine({str(tiny["dir"])!r}, threads=1)
-        for mode in ("adapter", "merge"):
+        for mode in ("side", "merge"):
             engine.load_user({str(tiny["users"][1][0])!r}, mode=mode)
             text = engine.generate("Tell me about pizza.", GenerationConfig(max_new_tokens=4))
         engine.unload_user()

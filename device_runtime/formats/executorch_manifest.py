@@ -1,0 +1,90 @@
+"""The ExecuTorch model folder (lowra-executorch v1; docs/FORMAT.md, "ExecuTorch model folder"): file names, the
+manifest and its reader, the file digests it records, and where each user tensor sits in a ``.ptd``.
+
+Written by ``lowra.export.executorch``, read by ``lowra.device_runtime.engines.executorch``. numpy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowra.device_runtime._files import file_sha256
+from lowra.device_runtime.errors import ConfigError, ProgramError
+from lowra.device_runtime.formats.constants import USER_MODES
+from lowra.device_runtime.formats.manifest import prompt_template_of, read_manifest_json
+
+FORMAT_NAME = "lowra-executorch"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PTD_MAGIC = b"FT01"  # flatbuffer file identifier of ExecuTorch's FlatTensor (.ptd) files, at bytes 4..8
+# The operators a custom-op program calls, which its kernel library must register.
+KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::dequantize.out")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` of a model folder, checked for format and version."""
+
+    folder: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Manifest":
+        folder = Path(folder)
+        data = read_manifest_json(
+            folder, MANIFEST_FILE, format_name=FORMAT_NAME, version=FORMAT_VERSION,
+            writer="lowra.export.executorch.export_executorch", error=ProgramError,
+        )  # fmt: skip
+        return cls(folder, data)
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.data["programs"])
+
+    def program(self, mode: str) -> dict[str, Any]:
+        """The ``programs[mode]`` entry (program, data template, digests, tensor byte ranges)."""
+        if mode not in USER_MODES:
+            raise ConfigError(f"mode={mode!r}; expected one of {USER_MODES}")
+        programs = self.data["programs"]
+        if mode not in programs:
+            raise ProgramError(
+                f"{self.folder} has no {mode!r} program (exported modes: {list(programs)}); re-export with "
+                f"modes including {mode!r}"
+            )
+        return programs[mode]
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """Adaptable module -> digest of its decoded base weight (the material of a blob's base fingerprint)."""
+        return {m: entry["digest"] for m, entry in self.data["modules"].items()}
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        """Adaptable module -> ``[out, in]`` of its base weight."""
+        return {m: list(entry["shape"]) for m, entry in self.data["modules"].items()}
+
+    @property
+    def prompt_template(self) -> str:
+        return prompt_template_of(self.data, str(self.folder / MANIFEST_FILE), ProgramError)
+
+
+def verify_file(path: Path, expected_sha256: str, what: str) -> None:
+    """Refuse a file of the folder that is missing or whose sha256 is not the one the manifest recorded."""
+    if not path.is_file():
+        raise ProgramError(f"{what} {path} is missing; the model folder is incomplete (re-export or copy it again)")
+    got = file_sha256(path)
+    if got != expected_sha256:
+        raise ProgramError(
+            f"{what} {path.name} has sha256 {got[:16]}..., the manifest expects {expected_sha256[:16]}...: the file "
+            "is corrupted or belongs to another export (another base or program). Copy the folder again or re-export"
+        )
+
+
+def tensor_view(buffer: bytearray | np.ndarray, entry: dict[str, Any]) -> np.ndarray:
+    """The tensor a ``programs[mode]["tensors"]`` entry describes, as a view into the ``.ptd`` bytes."""
+    array = np.frombuffer(buffer, dtype=np.dtype(entry["dtype"]), count=int(np.prod(entry["shape"])),
+                          offset=int(entry["offset"]))
+    return array.reshape(entry["shape"])
