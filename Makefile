@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lowra demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --durations=15
 
 # Every benchmark, one after the other (about two hours on 2 cores; each prints its own side-by-side table).
