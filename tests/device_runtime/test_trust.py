@@ -1,0 +1,193 @@
+"""Signed and encrypted files: every kind of refusal is its own error, and a good file opens to its exact bytes."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+
+from lowra.device_runtime.errors import (
+    BlobContentError,
+    BlobError,
+    BlobTruncatedError,
+    DecryptionKeyError,
+    ExpiredFileError,
+    ForgedSignatureError,
+    PayloadTamperedError,
+    ReplayedFileError,
+    RevokedKeyError,
+    UnsignedFileError,
+    UntrustedKeyError,
+    WrongRecipientError,
+)
+from lowra.device_runtime.formats import container, signed
+from lowra.device_runtime.trust import FileSequenceStore, TrustPolicy, keyring
+from lowra.sdk.signing import list_keys, load_private_key, new_encryption_key, new_key, revocations, revoke, sign_bytes
+from tests.device_runtime.conftest import make_blob_bytes
+
+NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    folder = tmp_path / "keys"
+    server = new_key(folder, "server")
+    other = new_key(folder, "attacker")
+    return folder, load_private_key(server.private_path), load_private_key(other.private_path), server, other
+
+
+@pytest.fixture
+def blob(tiny_base):
+    return make_blob_bytes(tiny_base, adapter_id="alice-adapter")
+
+
+def policy(keys, **kw) -> TrustPolicy:
+    folder, _, _, server, _ = keys
+    kw.setdefault("clock", lambda: NOW)
+    return TrustPolicy(trusted_keys=keyring([server.public_path]), **kw)
+
+
+def sign(blob, key, **kw):
+    kw.setdefault("user_id", "alice")
+    kw.setdefault("now", NOW)
+    kw.setdefault("sequence", 5)
+    return sign_bytes(blob, key, **kw)
+
+
+def open_(pol, data, **kw):
+    return pol.open(data, fmt="lowra-adapter", what="blob", **kw)
+
+
+def test_signed_blob_opens_to_its_exact_bytes_and_claims(keys, blob):
+    signed_bytes = sign(blob, keys[1], expires_in=dt.timedelta(days=1))
+    body, claims = open_(policy(keys), signed_bytes, user_id="alice")
+    assert bytes(body) == blob
+    assert claims["subject"] == "alice-adapter" and claims["user_id"] == "alice" and claims["sequence"] == 5
+    assert claims["body_sha256"] == hashlib.sha256(blob).hexdigest()
+    assert claims["expires_at"] == "2026-11-30T12:00:00+00:00"
+
+
+def test_every_flipped_byte_is_refused_before_the_payload_is_used(keys, blob):
+    data = sign(blob, keys[1])
+    pol = policy(keys)
+    head = signed.PREFIX.size
+    for pos in (0, 9, 12, 29, head + 3, len(data) - 64 - len(blob) + 10, len(data) - 1):
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        with pytest.raises(BlobError):  # forged, untrusted key, unsigned (magic flipped) or malformed
+            open_(pol, bytes(bad))
+
+
+def test_recomputed_checksum_without_the_key_is_a_forgery(keys, blob):
+    """The attack that passed before signatures: edit codebooks, recompute the payload checksum, keep the rest."""
+    data = bytearray(sign(blob, keys[1]))
+    header = container.parse_header(blob, len(blob), "blob")
+    info = header.tensors["codebooks"]
+    body = bytearray(blob)
+    levels = np.frombuffer(body, np.float16, (info.end - info.start) // 2, info.start).copy()
+    levels[0] += np.float16(1.0)
+    body[info.start:info.end] = levels.tobytes()
+    tensors = {n: container.tensor_from_buffer(bytes(body), t) for n, t in header.tensors.items()}
+    meta = dict(header.metadata)
+    meta["payload_sha256"] = container.payload_digest(tensors, meta)
+    forged_body = container.serialize(tensors, meta)
+    data[len(data) - len(blob):] = forged_body[: len(blob)]
+    with pytest.raises(ForgedSignatureError, match="does not match key"):
+        open_(policy(keys), bytes(data))
+
+
+def test_resigned_with_an_untrusted_key(keys, blob):
+    with pytest.raises(UntrustedKeyError, match="does not trust"):
+        open_(policy(keys), sign(blob, keys[2]))
+
+
+def test_expired_and_future_files(keys, blob):
+    old = sign(blob, keys[1], now=NOW - dt.timedelta(days=10), expires_in=dt.timedelta(days=1))
+    with pytest.raises(ExpiredFileError, match="expired at 2026-11-20"):
+        open_(policy(keys), old)
+    future = sign(blob, keys[1], now=NOW + dt.timedelta(days=1))
+    with pytest.raises(ExpiredFileError, match="in the future"):
+        open_(policy(keys), future)
+
+
+def test_revoked_key(keys, blob, tmp_path):
+    folder, _, _, server, _ = keys
+    revoke(folder, server.key_id)
+    assert revocations(folder) == {server.key_id}
+    assert [k.revoked for k in list_keys(folder)] == [False, True]  # attacker, server (sorted by name)
+    with pytest.raises(RevokedKeyError, match="revoked"):
+        open_(policy(keys, revoked_keys=revocations(folder)), sign(blob, keys[1]))
+
+
+def test_replayed_and_rolled_back_files(keys, blob, tmp_path):
+    store = FileSequenceStore(tmp_path / "seen.json")
+    pol = policy(keys, sequences=store)
+    v5, v6 = sign(blob, keys[1], sequence=5), sign(blob, keys[1], sequence=6)
+    open_(pol, v5)
+    open_(pol, v5)  # the same file again: a swap back to this user, allowed
+    open_(pol, v6)
+    with pytest.raises(ReplayedFileError, match="older than the accepted 6"):
+        open_(pol, v5)
+    # the store survives a restart of the app
+    with pytest.raises(ReplayedFileError):
+        open_(policy(keys, sequences=FileSequenceStore(tmp_path / "seen.json")), v5)
+    other_body = sign(make_blob_bytes_other(blob), keys[1], sequence=6)
+    with pytest.raises(ReplayedFileError, match="other content"):
+        open_(pol, other_body)
+
+
+def make_blob_bytes_other(blob: bytes) -> bytes:
+    """The same adapter id and base with other codes: what a buggy issuer re-signing at an old sequence sends."""
+    header = container.parse_header(blob, len(blob), "blob")
+    tensors = {n: np.array(container.tensor_from_buffer(blob, t)) for n, t in header.tensors.items()}
+    tensors["codes"] = tensors["codes"] ^ np.uint8(1)
+    meta = dict(header.metadata)
+    meta["payload_sha256"] = container.payload_digest(tensors, meta)
+    return container.serialize(tensors, meta)
+
+
+def test_cross_user_and_cross_device(keys, blob):
+    data = sign(blob, keys[1], device_id="phone-1")
+    with pytest.raises(WrongRecipientError, match="belongs to user 'alice', not to 'bob'"):
+        open_(policy(keys, device_id="phone-1"), data, user_id="bob")
+    with pytest.raises(WrongRecipientError, match="bound to device 'phone-1'"):
+        open_(policy(keys, device_id="phone-2"), data, user_id="alice")
+    open_(policy(keys, device_id="phone-1"), data, user_id="alice")
+
+
+def test_unsigned_files_only_where_the_app_allows_them(keys, blob):
+    with pytest.raises(UnsignedFileError, match="not signed"):
+        open_(policy(keys), blob)
+    assert open_(policy(keys, allow_unsigned=True), blob) == (blob, None)
+    assert open_(TrustPolicy(), blob) == (blob, None)  # no key pinned: development mode
+
+
+def test_encryption_wrong_key_and_tampering_are_distinct(keys, blob):
+    key = new_encryption_key()
+    data = sign(blob, keys[1], encryption_key=key)
+    assert blob not in data and blob[100:200] not in data
+    body, claims = open_(policy(keys), data, decryption_key=key)
+    assert bytes(body) == blob and claims["encryption"]["alg"] == "AES-256-GCM"
+    with pytest.raises(DecryptionKeyError, match="does not match"):
+        open_(policy(keys), data, decryption_key=new_encryption_key())
+    with pytest.raises(DecryptionKeyError, match="is encrypted"):
+        open_(policy(keys), data)
+    # a trusted issuer's signature over a corrupted ciphertext: authentication of the payload still fails
+    envelope = signed.open_envelope(data, keyring([keys[3].public_path])[keys[3].key_id])
+    tampered = bytearray(envelope.payload)
+    tampered[5] ^= 1
+    resigned = envelope.signed_prefix + keys[1].sign(envelope.signed_prefix + bytes(tampered)) + bytes(tampered)
+    with pytest.raises(PayloadTamperedError, match="tampered"):
+        open_(policy(keys), resigned, decryption_key=key)
+
+
+def test_malformed_envelopes_are_clear_errors(keys, blob):
+    data = bytearray(sign(blob, keys[1]))
+    struct.pack_into("<I", data, 28, 10**9)
+    with pytest.raises(BlobContentError, match="claims length"):
+        open_(policy(keys), bytes(data))
+    with pytest.raises(BlobTruncatedError, match="too short"):
+        signed.open_envelope(bytes(data[:40]), b"\0" * 32)
+    assert signed.is_signed(bytes(sign(blob, keys[1]))) and not signed.is_signed(blob)
