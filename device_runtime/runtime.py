@@ -7,8 +7,13 @@ sequence of swaps leaves the weights bit-identical to a fresh load (tests prove 
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
 
@@ -102,18 +107,62 @@ class BaseWeights:
         )
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent state of the runtime: the active user and its merged weights, never written again.
+
+    ``merged`` maps the tensors the user changes to read-only float32 arrays; every other tensor is the base's.
+    A snapshot is published in one reference assignment, so a reader sees a whole user or the previous one,
+    never a mix and never a half-merged tensor.
+    """
+
+    user: UserInfo | None
+    merged: Mapping[str, np.ndarray]
+
+
+_NO_USER = Snapshot(None, MappingProxyType({}))
+
+
+def _refs_at(pool: list[np.ndarray], index: int) -> int:
+    return sys.getrefcount(pool[index])
+
+
+# References an array held only by a pool list has when counted through _refs_at (measured once, so the check does
+# not depend on interpreter details). Any other holder (a snapshot, a reader's dict, a view, a torch tensor made
+# with from_numpy) adds to it.
+_POOL_ONLY_REFS = _refs_at([np.empty(1, dtype=np.float32)], 0)
+
+
+def _unreferenced(pool: list[np.ndarray], index: int) -> bool:
+    return _refs_at(pool, index) == _POOL_ONLY_REFS
+
+
 class DeviceRuntime:
-    """One base, at most one active user. ``weights()`` is what an inference engine should run."""
+    """One base, at most one active user. ``weights()`` is what an inference engine should run.
+
+    Thread-safe: ``load_user`` / ``unload_user`` are serialized by a lock and publish an immutable
+    :class:`Snapshot`; ``weights()``, ``weight()``, ``user`` and ``snapshot()`` read the current one without
+    locking, so a UI thread can read while a background thread swaps users. Buffers of a replaced snapshot are
+    reused for the next user only once no reader holds them any more.
+    """
 
     def __init__(self, base: str | Path | BaseWeights, precompute_digests: bool = True):
         self.base = base if isinstance(base, BaseWeights) else BaseWeights(base)
         if precompute_digests:
             self.base.precompute_digests()
-        self._live: dict[str, np.ndarray] = {}  # tensor name -> merged float32 buffer (allocated once)
-        self._merged: set[str] = set()  # tensor names currently holding a user's delta
-        self.user: UserInfo | None = None
+        self._lock = threading.Lock()
+        self._snapshot = _NO_USER
+        self._spare: list[np.ndarray] = []  # buffers of retired snapshots
 
     # -- public API ------------------------------------------------------------------------------
+    @property
+    def user(self) -> UserInfo | None:
+        return self._snapshot.user
+
+    def snapshot(self) -> Snapshot:
+        """The active user and its merged weights, as one consistent pair."""
+        return self._snapshot
+
     def load_user(self, blob: str | Path | bytes | fmt.Blob, mode: str = "merge") -> UserInfo:
         """Verify ``blob`` (path, bytes or a parsed Blob) against this base and merge it, replacing the current
         user."""
@@ -123,40 +172,60 @@ class DeviceRuntime:
         parsed = blob if isinstance(blob, fmt.Blob) else fmt.load_blob(blob)
         self._check_binding(parsed)
         decoded = parsed.all_factors(drop_empty=True)
-        t1 = time.perf_counter()
-        touched = {f"{name}.weight" for name in decoded}
-        for name in self._merged - touched:  # modules the previous user touched and this one does not
-            np.copyto(self._live[name], self.base.tensors[name])
-        for module, (up, down) in decoded.items():
-            self._merge_into(f"{module}.weight", up, down)
-        self._merged = touched
-        t2 = time.perf_counter()
-        self.user = UserInfo(
-            adapter_id=parsed.adapter_id,
-            mode=mode,
-            modules=tuple(decoded),
-            file_bytes=parsed.file_bytes,
-            effective_bits=float(parsed.bits_report()["effective_bits"]),
-            load_ms=(t2 - t0) * 1e3,
-            apply_ms=(t2 - t1) * 1e3,
-        )
-        return self.user
+        with self._lock:
+            t1 = time.perf_counter()
+            merged: dict[str, np.ndarray] = {}
+            for module, (up, down) in decoded.items():
+                name = f"{module}.weight"
+                pristine = self.base.tensors[name]
+                out = self._buffer(pristine.shape)
+                merge_into(out, pristine, up, down)
+                out.flags.writeable = False
+                merged[name] = out
+            t2 = time.perf_counter()
+            user = UserInfo(
+                adapter_id=parsed.adapter_id,
+                mode=mode,
+                modules=tuple(decoded),
+                file_bytes=parsed.file_bytes,
+                effective_bits=float(parsed.bits_report()["effective_bits"]),
+                load_ms=(t2 - t0) * 1e3,
+                apply_ms=(t2 - t1) * 1e3,
+            )
+            self._publish(Snapshot(user, MappingProxyType(merged)))
+        return user
 
     def unload_user(self) -> None:
-        """Back to the pristine base (bit-exact: a copy from the read-only map)."""
-        for name in self._merged:
-            np.copyto(self._live[name], self.base.tensors[name])
-        self._merged = set()
-        self.user = None
+        """Back to the pristine base (bit-exact: the read-only base tensors themselves)."""
+        with self._lock:
+            self._publish(_NO_USER)
 
     def weight(self, tensor_name: str) -> np.ndarray:
-        return self._live[tensor_name] if tensor_name in self._merged else self.base.tensors[tensor_name]
+        return self._snapshot.merged.get(tensor_name, self.base.tensors[tensor_name])
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every base tensor as the engine should see it now (merged where the active user touches it)."""
-        return {name: self.weight(name) for name in self.base.tensors}
+        merged = self._snapshot.merged  # read once: every tensor comes from the same snapshot
+        return {name: merged.get(name, arr) for name, arr in self.base.tensors.items()}
 
     # -- internals -------------------------------------------------------------------------------
+    def _publish(self, snapshot: Snapshot) -> None:
+        old, self._snapshot = self._snapshot, snapshot
+        self._spare.extend(old.merged.values())
+        del old
+        limit = 2 * max(len(snapshot.merged), 1)  # a bounded pool: drop the oldest buffers beyond it
+        if len(self._spare) > limit:
+            del self._spare[: len(self._spare) - limit]
+
+    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 buffer of ``shape``: a spare one nobody holds any more, else a new one."""
+        for i in range(len(self._spare)):
+            if self._spare[i].shape == shape and _unreferenced(self._spare, i):
+                candidate = self._spare.pop(i)
+                candidate.flags.writeable = True
+                return candidate
+        return np.empty(shape, dtype=np.float32)
+
     def _check_binding(self, blob: fmt.Blob) -> None:
         names = [f"{m.name}.weight" for m in blob.modules]
         present = [n for n in names if n in self.base.tensors]
@@ -166,13 +235,6 @@ class DeviceRuntime:
             {n[: -len(".weight")]: self.base.tensors[n].shape for n in present},
             f"the loaded base at {self.base.path}",
         )
-
-    def _merge_into(self, name: str, up: np.ndarray, down: np.ndarray) -> None:
-        pristine = self.base.tensors[name]
-        live = self._live.get(name)
-        if live is None:
-            live = self._live[name] = np.empty(pristine.shape, dtype=np.float32)
-        merge_into(live, pristine, up, down)
 
 
 def merge_into(out: np.ndarray, pristine: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:

@@ -11,15 +11,34 @@ another BlobError).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from lowra.device_runtime.engines.generation import GenerationConfig
 from lowra.device_runtime.errors import ConfigError
 from lowra.device_runtime.formats.constants import USER_MODES
 
-__all__ = ["Engine", "GeneratingEngine", "UserInfo", "check_mode"]
+__all__ = ["Engine", "GeneratingEngine", "UserInfo", "check_mode", "serialized"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def serialized(method: F) -> F:
+    """Run an engine method under the engine's ``_lock`` (a ``threading.RLock`` made in ``__init__``).
+
+    An engine's session, KV cache and program are one mutable state: a user swap in one thread and a generation in
+    another must not interleave. Every public method that touches that state is serialized, so an app may call
+    an engine from a UI thread and a background loader without its own locking (calls wait for each other).
+    """
+
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

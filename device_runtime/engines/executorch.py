@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime.engines.base import UserInfo, check_mode
+from lowra.device_runtime.engines.base import UserInfo, check_mode, serialized
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
 from lowra.device_runtime.errors import BlobContentError, KernelLibraryError, LowraError, ProgramError
 from lowra.device_runtime.executorch_binding import executorch_runtime, register_kernel_library
@@ -83,10 +84,14 @@ def compose_user_data(
 
 # ------------------------------------------------------------------------------------------------ engine
 class ExecutorchEngine:
-    """An exported model folder on ExecuTorch: logits, generation, user switching (side branch or merge)."""
+    """An exported model folder on ExecuTorch: logits, generation, user switching (side branch or merge).
+
+    Thread-safe by serialization: calls from several threads wait for each other (see ``engines.base.serialized``).
+    """
 
     def __init__(self, model_dir: str | Path, mode: str = "side", kernel_library: str | Path | None = None,
                  verify: bool = True) -> None:
+        self._lock = threading.RLock()
         self.manifest = Manifest.read(model_dir)
         self.folder = self.manifest.folder
         self.verify = verify
@@ -165,6 +170,7 @@ class ExecutorchEngine:
             previous.unlink(missing_ok=True)
 
     # -- users ---------------------------------------------------------------------------------------------
+    @serialized
     def load_user(self, blob: str | Path | bytes, mode: str = "side") -> UserInfo:
         """Verify a lowra adapter blob (path or bytes) against this program's base and activate it (side branch
         or merged)."""
@@ -191,6 +197,7 @@ class ExecutorchEngine:
         )  # fmt: skip
         return self.user
 
+    @serialized
     def unload_user(self) -> None:
         """Back to the base (the template data, recomposed: bit-exact whatever was loaded before)."""
         self._activate(self.mode, {})
@@ -206,6 +213,7 @@ class ExecutorchEngine:
         out = self._method.execute([torch.from_numpy(ids), torch.from_numpy(positions)])
         return out[0].numpy()[0]
 
+    @serialized
     def logits(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """float32 ``[seq, vocab]`` logits of a sequence from an empty cache (for verification)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -219,6 +227,7 @@ class ExecutorchEngine:
             self._tokenizer = Tokenizer(self.folder / TOKENIZER_FILE, prompt_template=self.manifest.prompt_template)
         return self._tokenizer
 
+    @serialized
     def generate_ids(self, prompt_ids: np.ndarray, config: GenerationConfig = GenerationConfig(),
                      eos_ids: frozenset[int] = frozenset()) -> list[int]:
         return generate(
@@ -227,12 +236,14 @@ class ExecutorchEngine:
             prompt_ids, config, eos_ids, max_positions=self.max_seq_len,
         )  # fmt: skip
 
+    @serialized
     def generate(self, prompt: str, config: GenerationConfig = GenerationConfig(), chat: bool = False) -> str:
         """Text after ``prompt`` (``chat=True`` wraps it in the export's prompt template first)."""
         tok = self.tokenizer
         ids = tok.encode(tok.chat_prompt(prompt) if chat else prompt)
         return tok.decode(self.generate_ids(ids, config, tok.eos_ids))
 
+    @serialized
     def close(self) -> None:
         self._method = self._program = None
         self._templates.clear()

@@ -18,6 +18,7 @@ version) and every adapter parameter against the graph's LoRA inputs.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime.engines.base import UserInfo, check_mode
+from lowra.device_runtime.engines.base import UserInfo, check_mode, serialized
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
 from lowra.device_runtime.errors import (
     BaseMismatchError,
@@ -139,9 +140,12 @@ class OnnxEngine:
     ``lowbit_decode``: "load" lets ONNX Runtime constant-fold the low-bit decode at session creation (the codes
     become float32 weights in RAM, decode is then as fast as an fp32 model); "per_run" keeps only the packed
     codes in RAM and decodes inside every run (constant folding disabled).
+
+    Thread-safe by serialization: calls from several threads wait for each other (see ``engines.base.serialized``).
     """
 
     def __init__(self, model_dir: str | Path, *, threads: int | None = None, lowbit_decode: str = "load") -> None:
+        self._lock = threading.RLock()
         if lowbit_decode not in ("load", "per_run"):
             raise LowraError(f"lowbit_decode={lowbit_decode!r}; expected 'load' or 'per_run'")
         self.model_dir = Path(model_dir)
@@ -191,6 +195,7 @@ class OnnxEngine:
             raise OnnxModelError(f"{path}: onnxruntime could not load the model: {text.strip()[:500]}") from exc
 
     # -- users -------------------------------------------------------------------------------------------
+    @serialized
     def load_user(self, blob: str | Path | bytes, mode: str = "side") -> UserInfo:
         """Verify a user's blob (path or bytes; or a ``.onnx_adapter`` path in side mode) and make it the
         active user."""
@@ -300,6 +305,7 @@ class OnnxEngine:
         self._merged_values = None
         self.user = None
 
+    @serialized
     def unload_user(self) -> None:
         """Back to the base model: the shared low-bit session with no adapter active."""
         self._drop_user()
@@ -319,6 +325,7 @@ class OnnxEngine:
         empty = np.zeros((self.kv_heads, 0, self.head_dim), dtype=np.float32)
         return [empty] * (2 * self.n_layers)
 
+    @serialized
     def logits(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Logits [seq, vocab] of a whole sequence from an empty cache (for verification)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -326,24 +333,29 @@ class OnnxEngine:
             raise LowraError(f"{ids.size} tokens exceed the model's {self.max_positions} positions")
         return self._run(ids, self._empty_cache())[0]
 
+    @serialized
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         logits, self._cache = self._run(np.asarray(ids, dtype=np.int64).reshape(-1), self._empty_cache())
         return logits[-1]
 
+    @serialized
     def decode(self, token: int, position: int) -> np.ndarray:
         if position != self._cache[0].shape[1]:
             raise LowraError(f"decode at position {position} but the cache holds {self._cache[0].shape[1]} positions")
         logits, self._cache = self._run(np.array([token], dtype=np.int64), self._cache)
         return logits[-1]
 
+    @serialized
     def generate_ids(self, prompt_ids: np.ndarray, config: GenerationConfig = GenerationConfig()) -> list[int]:
         return generate(self.prefill, self.decode, prompt_ids, config, self.tokenizer.eos_ids, self.max_positions)
 
+    @serialized
     def generate(self, prompt: str, config: GenerationConfig = GenerationConfig(), chat: bool = False) -> str:
         """Text after ``prompt`` (``chat=True`` wraps it in the export's prompt template first)."""
         tok = self.tokenizer
         return tok.decode(self.generate_ids(tok.encode(tok.chat_prompt(prompt) if chat else prompt), config))
 
+    @serialized
     def close(self) -> None:
         """Release the sessions, the adapter and the temp folder of converted adapters."""
         self._drop_user()

@@ -21,13 +21,14 @@ channels (k = 0..rank-1) then the ``rank`` up channels.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from lowra.device_runtime.errors import BlobContentError
+from lowra.device_runtime.errors import BlobContentError, BlobError
 from lowra.device_runtime.formats.bitpack import decode_widths, encode_widths, pack_codes, packed_bytes, unpack_codes
 from lowra.device_runtime.formats.constants import (
     ADAPTER_FORMAT as FORMAT_NAME,
@@ -37,6 +38,8 @@ from lowra.device_runtime.formats.constants import (
     CODED_WIDTHS,
 )
 from lowra.device_runtime.formats.container import (
+    Limits,
+    short,
     check_envelope,
     decode_json_metadata,
     encode_metadata,
@@ -304,9 +307,57 @@ def build_blob_bytes(
     return serialize(tensors, meta)
 
 
+# A reader's bounds, checked before anything the file announces is allocated. A SmolLM2 blob's header is ~20 KB
+# and its data ~0.6 MB; a rank-64 adapter of a 7B model stays far below these.
+LIMITS = Limits(max_header_bytes=1 << 20, max_tensors=len(TENSOR_NAMES), max_data_bytes=256 << 20)
+MAX_FEATURES = 1 << 20  # in/out features of one adapted weight
+MAX_RANK = 4096
+MAX_DECODED_PARAMS = 1 << 28  # factors decoded to float32: at most 1 GiB, whatever the widths
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+def _module_table(value: object, what: str) -> list[ModuleEntry]:
+    """The ``modules`` metadata, strictly: [[name, out, in, rank], ...], each name once, sizes within bounds."""
+    if not isinstance(value, list) or not value:
+        raise BlobContentError(f"{what}: metadata 'modules' must be a non-empty list of [name, out, in, rank]")
+    modules: list[ModuleEntry] = []
+    seen: set[str] = set()
+    for entry in value:
+        if (not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str)
+                or any(type(v) is not int for v in entry[1:])):
+            raise BlobContentError(f"{what}: module entry {short(entry)} is not [name, out, in, rank] with integer sizes")
+        name, out_f, in_f, rank = entry
+        if not MODULE_NAME.match(name) or len(name) > 512:
+            raise BlobContentError(f"{what}: module name {short(name)} is not a dotted module path")
+        if name in seen:
+            raise BlobContentError(f"{what}: module {name!r} appears twice; each module is adapted once")
+        seen.add(name)
+        if not (1 <= out_f <= MAX_FEATURES and 1 <= in_f <= MAX_FEATURES):
+            raise BlobContentError(f"{what}: module {name!r} shape [{out_f}, {in_f}] outside 1..{MAX_FEATURES}")
+        if not 1 <= rank <= min(out_f, in_f, MAX_RANK):
+            raise BlobContentError(f"{what}: module {name!r} rank {rank} outside 1..min(out, in, {MAX_RANK})")
+        modules.append(ModuleEntry(name, out_f, in_f, rank))
+    n_params = sum(m.n_params for m in modules)
+    if n_params > MAX_DECODED_PARAMS:
+        raise BlobContentError(f"{what}: the modules announce {n_params} parameters, more than the {MAX_DECODED_PARAMS} limit")
+    return modules
+
+
+def _check_levels(layout: Layout, codebooks: np.ndarray, what: str) -> None:
+    """Every channel's levels finite and ascending (the codec's contract; an encoder writes them sorted)."""
+    if not np.all(np.isfinite(codebooks)):
+        raise BlobContentError(f"{what}: codebooks contain NaN or Inf; refusing to merge a non-finite adapter")
+    if codebooks.size > 1:
+        within = np.ones(codebooks.size - 1, dtype=bool)
+        starts = layout.level_offsets[1:-1]
+        within[starts[(starts > 0) & (starts < codebooks.size)] - 1] = False  # pairs that cross a channel boundary
+        if np.any(np.diff(codebooks)[within] < 0):
+            raise BlobContentError(f"{what}: a codebook's levels are not in ascending order")
+
+
 def parse_blob(data: bytes | memoryview, what: str = "blob", verify_checksum: bool = True) -> Blob:
-    """Parse and verify blob bytes: container, format name/version, checksum, structure, finiteness."""
-    header = parse_header(data, len(data), what)
+    """Parse and verify blob bytes: strict container, format name/version, checksum, structure, semantics."""
+    header = parse_header(data, len(data), what, LIMITS)
     meta = header.metadata
     check_envelope(
         meta, what=what, format_name=FORMAT_NAME, reads=SUPPORTED_VERSIONS, required=REQUIRED_METADATA,
@@ -314,7 +365,7 @@ def parse_blob(data: bytes | memoryview, what: str = "blob", verify_checksum: bo
     )
     names = sorted(header.tensors)
     if names != sorted(TENSOR_NAMES):
-        raise BlobContentError(f"{what}: tensors {names}, expected exactly {sorted(TENSOR_NAMES)}")
+        raise BlobContentError(f"{what}: tensors {short(names)}, expected exactly {sorted(TENSOR_NAMES)}")
     tensors = {name: tensor_from_buffer(data, header.tensors[name]) for name in names}
     expected_dtypes = {"codes": np.dtype("u1"), "widths": np.dtype("u1"), "codebooks": CODEBOOK_DTYPE}
     for name, dtype in expected_dtypes.items():
@@ -325,12 +376,7 @@ def parse_blob(data: bytes | memoryview, what: str = "blob", verify_checksum: bo
     if verify_checksum:
         verify_payload(tensors, meta, what, "Re-download or re-export it")
     decoded = decode_json_metadata(meta, JSON_METADATA, what)
-    try:
-        modules = [ModuleEntry(str(n), int(o), int(i), int(r)) for n, o, i, r in decoded["modules"]]
-    except (TypeError, ValueError) as exc:
-        raise BlobContentError(f"{what}: metadata 'modules' must be [[name, out, in, rank], ...] ({exc})") from exc
-    if any(m.out_features <= 0 or m.in_features <= 0 or m.rank <= 0 for m in modules):
-        raise BlobContentError(f"{what}: module shapes and ranks must be positive")
+    modules = _module_table(decoded["modules"], what)
     n_channels = int(sum(2 * m.rank for m in modules))
     if tensors["widths"].size != (n_channels + 3) // 4:
         raise BlobContentError(
@@ -343,8 +389,7 @@ def parse_blob(data: bytes | memoryview, what: str = "blob", verify_checksum: bo
                 f"{what}: tensor {name!r} has {tensors[name].size} entries, the bit map implies {expected}"
             )
     codebooks = tensors["codebooks"].astype(np.float32)
-    if not np.all(np.isfinite(codebooks)):
-        raise BlobContentError(f"{what}: codebooks contain NaN or Inf; refusing to merge a non-finite adapter")
+    _check_levels(layout, codebooks, what)
     return Blob(
         metadata=decoded,
         layout=layout,
@@ -359,6 +404,9 @@ def read_blob(path: str | Path, verify_checksum: bool = True) -> Blob:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"blob {path} does not exist (expected a .safetensors file written by lowra)")
+    size = path.stat().st_size
+    if size > 8 + LIMITS.max_header_bytes + LIMITS.max_data_bytes:
+        raise BlobError(f"blob {path} is {size} bytes, more than any adapter blob can be; refusing to read it")
     return parse_blob(path.read_bytes(), str(path), verify_checksum)
 
 

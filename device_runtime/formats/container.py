@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,59 +60,157 @@ class Header:
     header_bytes: int  # 8 + JSON length: the container's own overhead
 
 
-def parse_header(raw: bytes | memoryview, file_size: int, what: str) -> Header:
-    """Parse and validate a safetensors header from the first bytes of a file of ``file_size`` bytes."""
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a reader enforces before it allocates anything a file announces.
+
+    ``max_header_bytes`` caps the JSON header (the one allocation that depends on the file before validation);
+    ``max_tensors`` the entries in it; ``max_data_bytes`` the tensor data a file may declare. The defaults fit
+    any model file safetensors itself accepts; each lowra format passes tighter ones (an adapter blob's header is
+    a few KB).
+    """
+
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_tensors: int = 1_000_000
+    max_data_bytes: int = 1 << 40
+    max_name_bytes: int = 1024
+
+
+DEFAULT_LIMITS = Limits()
+MAX_DIMS = 8
+MAX_DIM = 1 << 40
+
+
+def short(value: object, limit: int = 60) -> str:
+    """A repr cut to ``limit`` characters, so no input can make an error message large."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {short(key)}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def check_name(name: object, what: str, field: str, max_bytes: int = 1024) -> str:
+    """A tensor or metadata name: a printable string of valid UTF-8 (no lone surrogates), within ``max_bytes``."""
+    if not isinstance(name, str):
+        raise BlobError(f"{what}: {field} {short(name)} is not a string")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BlobError(f"{what}: {field} {short(name)} is not valid UTF-8 (lone surrogate)") from None
+    if not name or size > max_bytes or not name.isprintable():
+        raise BlobError(f"{what}: {field} {short(name)} must be 1..{max_bytes} bytes of printable text")
+    return name
+
+
+def _int(value: object, low: int, high: int, what: str, field: str) -> int:
+    if type(value) is not int or not low <= value <= high:  # bool is not an int here; floats are refused
+        raise BlobError(f"{what}: {field} is {short(value)}, expected an integer in [{low}, {high}]")
+    return value
+
+
+def parse_header(raw: bytes | memoryview, file_size: int, what: str, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """Parse and validate a safetensors header from the first bytes of a file of ``file_size`` bytes.
+
+    Strict: the JSON is an object without duplicate keys or NaN/Infinity; every tensor entry has exactly
+    ``dtype`` (a known name), ``shape`` (at most 8 non-negative integer dims) and ``data_offsets`` (two integers);
+    the data ranges, sorted, tile the data section exactly from its first byte to the end of the file (no gap,
+    overlap or trailing byte); names and metadata are printable UTF-8 strings. Every bound in ``limits`` is checked
+    before the header is decoded or a tensor is touched, and every message is one short line.
+    """
     if file_size < 8 or len(raw) < 8:
         raise BlobTruncatedError(f"{what}: {file_size} bytes is too short for a safetensors file (needs >= 8)")
     (n,) = struct.unpack("<Q", bytes(raw[:8]))
-    if n > MAX_HEADER_BYTES:
-        raise BlobError(f"{what}: header length {n} is implausible (max {MAX_HEADER_BYTES}); not a safetensors file")
+    if n > limits.max_header_bytes:
+        raise BlobError(f"{what}: header length {n} exceeds the limit of {limits.max_header_bytes} bytes")
     if 8 + n > file_size or 8 + n > len(raw):
         raise BlobTruncatedError(
             f"{what}: header announces {n} bytes of JSON but the file has only {file_size - 8} after the length field; "
             "the file is truncated"
         )
     try:
-        header = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BlobError(f"{what}: safetensors header is not valid JSON ({exc}); the file is corrupted") from exc
+        header = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates,
+                            parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BlobError(f"{what}: safetensors header is not valid JSON ({short(str(exc), 120)}); the file is corrupted") from None
     if not isinstance(header, dict):
-        raise BlobError(f"{what}: safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise BlobError(f"{what}: __metadata__ must map strings to strings")
+        raise BlobError(f"{what}: safetensors header must be a JSON object, not {type(header).__name__}")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise BlobError(f"{what}: __metadata__ must be an object mapping strings to strings")
+    for key, value in metadata.items():
+        check_name(key, what, "metadata key", limits.max_name_bytes)
+        if not isinstance(value, str):
+            raise BlobError(f"{what}: metadata {short(key)} is {type(value).__name__}, expected a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BlobError(f"{what}: metadata {short(key)} is not valid UTF-8 (lone surrogate)") from None
+    if len(header) > limits.max_tensors:
+        raise BlobError(f"{what}: {len(header)} tensors exceed the limit of {limits.max_tensors}")
     data_offset = 8 + n
+    data_size = file_size - data_offset
+    if data_size > limits.max_data_bytes:
+        raise BlobError(f"{what}: {data_size} bytes of tensor data exceed the limit of {limits.max_data_bytes}")
     tensors: dict[str, TensorInfo] = {}
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BlobError(f"{what}: tensor {name!r} has a malformed header entry {info!r}") from exc
-        if dtype not in DTYPES:
-            raise BlobContentError(f"{what}: tensor {name!r} has dtype {dtype}, expected one of {sorted(DTYPES)}")
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
-        if end - begin != expected or begin < 0:
-            raise BlobError(
-                f"{what}: tensor {name!r} spans {end - begin} bytes but dtype {dtype} shape {list(shape)} needs {expected}"
-            )
-        if data_offset + end > file_size:
+        check_name(name, what, "tensor name", limits.max_name_bytes)
+        if not isinstance(info, dict) or sorted(info) != ["data_offsets", "dtype", "shape"]:
+            raise BlobError(f"{what}: tensor {short(name)} entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise BlobContentError(f"{what}: tensor {short(name)} has dtype {short(dtype)}, expected one of {sorted(DTYPES)}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+            raise BlobError(f"{what}: tensor {short(name)} shape must be a list of at most {MAX_DIMS} integers")
+        dims = tuple(_int(d, 0, MAX_DIM, what, f"tensor {short(name)} dimension") for d in shape)
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise BlobError(f"{what}: tensor {short(name)} data_offsets must be [begin, end]")
+        begin = _int(offsets[0], 0, limits.max_data_bytes, what, f"tensor {short(name)} begin offset")
+        end = _int(offsets[1], begin, limits.max_data_bytes, what, f"tensor {short(name)} end offset")
+        if end > data_size:
             raise BlobTruncatedError(
-                f"{what}: tensor {name!r} ends at byte {data_offset + end} but the file has {file_size} bytes; "
+                f"{what}: tensor {short(name)} ends at byte {data_offset + end} but the file has {file_size} bytes; "
                 "the file is truncated"
             )
-        tensors[name] = TensorInfo(name, dtype, shape, data_offset + begin, data_offset + end)
+        expected = math.prod(dims) * DTYPES[dtype].itemsize  # Python ints: no wrap-around
+        if end - begin != expected:
+            raise BlobError(
+                f"{what}: tensor {short(name)} spans {end - begin} bytes but dtype {dtype} shape {list(dims)} needs {expected}"
+            )
+        tensors[name] = TensorInfo(name, dtype, dims, data_offset + begin, data_offset + end)
+    position = data_offset
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            kind = "overlaps the previous tensor" if info.start < position else "leaves a gap before it"
+            raise BlobError(f"{what}: tensor {short(info.name)} starts at byte {info.start} and {kind}")
+        position = info.end
+    if position != file_size:
+        raise BlobError(
+            f"{what}: tensor data ends at byte {position} but the file has {file_size} bytes; trailing bytes are refused"
+        )
     return Header(tensors=tensors, metadata=dict(metadata), data_offset=data_offset, header_bytes=data_offset)
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """Read and validate the header of the safetensors file at ``path`` (reads at most ``limits`` bytes of it)."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) == 8:
             (n,) = struct.unpack("<Q", head)
-            if n <= MAX_HEADER_BYTES:
+            if n <= limits.max_header_bytes:
                 head += fh.read(n)
-    return parse_header(head, size, str(path))
+    return parse_header(head, size, str(path), limits)
 
 
 def tensor_from_buffer(buffer: bytes | memoryview | np.ndarray, info: TensorInfo) -> np.ndarray:
@@ -120,9 +219,9 @@ def tensor_from_buffer(buffer: bytes | memoryview | np.ndarray, info: TensorInfo
     return flat.view(DTYPES[info.dtype]).reshape(info.shape)
 
 
-def memmap_tensors(path: Path) -> tuple[Header, dict[str, np.ndarray]]:
+def memmap_tensors(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[Header, dict[str, np.ndarray]]:
     """Map every tensor of a safetensors file read-only; nothing is copied into RAM until touched."""
-    header = read_header(path)
+    header = read_header(path, limits)
     if header.data_offset == path.stat().st_size:  # no tensor data at all: np.memmap refuses empty maps
         return header, {}
     mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -237,11 +336,12 @@ def verify_payload(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], w
 
 
 def decode_json_metadata(meta: Mapping[str, str], json_keys: Sequence[str], what: str) -> dict[str, object]:
-    """``meta`` with the values of ``json_keys`` decoded from JSON (a malformed one is a BlobContentError)."""
+    """``meta`` with the values of ``json_keys`` decoded from JSON, strictly (no duplicate keys, no NaN/Infinity,
+    bounded nesting); a malformed one is a BlobContentError."""
     decoded: dict[str, object] = dict(meta)
     for key in json_keys:
         try:
-            decoded[key] = json.loads(meta[key])
-        except json.JSONDecodeError as exc:
-            raise BlobContentError(f"{what}: metadata {key!r} is not valid JSON ({exc})") from exc
+            decoded[key] = json.loads(meta[key], object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
+            raise BlobContentError(f"{what}: metadata {key!r} is not valid JSON ({short(str(exc), 120)})") from None
     return decoded

@@ -34,7 +34,9 @@ from lowra.device_runtime.formats.constants import (
     CODED_WIDTHS,
 )
 from lowra.device_runtime.formats.container import (
+    Limits,
     check_envelope,
+    check_name,
     decode_json_metadata,
     dtype_name,
     encode_metadata,
@@ -42,6 +44,7 @@ from lowra.device_runtime.formats.container import (
     memmap_tensors,
     payload_digest,
     serialize,
+    short,
     verify_payload,
 )
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
@@ -286,6 +289,61 @@ def write_quantized_base(
     return atomic_write_bytes(path, build_quantized_base_bytes(layers, dense, metadata), overwrite=overwrite)
 
 
+# A reader's bounds: SmolLM2's base has ~950 tensors and a ~150 KB header.
+LIMITS = Limits(max_header_bytes=16 << 20, max_tensors=200_000, max_data_bytes=1 << 40)
+MAX_FEATURES = 1 << 20
+
+
+def _module_table(value: object, what: str) -> list[tuple[str, int, int, int]]:
+    """The ``modules`` metadata, strictly: [[name, out, in, group_size], ...], each name once, sizes in bounds."""
+    if not isinstance(value, list):
+        raise BlobContentError(f"{what}: metadata 'modules' must be a list of [name, out, in, group_size]")
+    out: list[tuple[str, int, int, int]] = []
+    seen: set[str] = set()
+    for entry in value:
+        if (not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str)
+                or any(type(v) is not int for v in entry[1:])):
+            raise BlobContentError(f"{what}: module entry {short(entry)} is not [name, out, in, group_size]")
+        name, out_f, in_f, group = entry
+        check_name(name, what, "module name", 512)
+        if name in seen:
+            raise BlobContentError(f"{what}: module {name!r} appears twice")
+        seen.add(name)
+        if not (1 <= out_f <= MAX_FEATURES and 1 <= in_f <= MAX_FEATURES and 0 <= group <= MAX_FEATURES):
+            raise BlobContentError(
+                f"{what}: module {name!r} shape [{out_f}, {in_f}] / group {group} outside 1..{MAX_FEATURES}"
+            )
+        out.append((name, out_f, in_f, group))
+    return out
+
+
+def _check_dense(dense: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight], what: str) -> None:
+    """Dense tensors are finite and never stand in for a quantized layer's weight."""
+    for name, arr in dense.items():
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module in layers:
+            raise BlobContentError(f"{what}: dense tensor {name!r} would shadow the quantized layer {module!r}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise BlobContentError(f"{what}: dense tensor {name!r} contains NaN or Inf")
+
+
+def _alias_table(value: object, dense: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight],
+                 what: str) -> dict[str, str]:
+    """Tied tensors: each alias names a tensor not stored itself, of the same kind (same last name component) as
+    the stored dense tensor it points to, and no quantized layer's weight."""
+    if not isinstance(value, dict):
+        raise BlobContentError(f"{what}: aliases must be an object mapping names to stored dense tensors")
+    for alias, target in value.items():
+        check_name(alias, what, "alias", 512)
+        if not isinstance(target, str) or target not in dense:
+            raise BlobContentError(f"{what}: alias {short(alias)} -> {short(target)}: the target is not a stored dense tensor")
+        if alias in dense or (alias.endswith(".weight") and alias.rsplit(".", 1)[0] in layers):
+            raise BlobContentError(f"{what}: alias {alias!r} names a tensor the file stores itself")
+        if alias.rsplit(".", 1)[-1] != target.rsplit(".", 1)[-1]:
+            raise BlobContentError(f"{what}: alias {alias!r} -> {target!r} ties tensors of different kinds")
+    return dict(value)
+
+
 def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> QuantizedBase:
     """Map a quantized base read-only and verify it: container, format/version, checksum, fingerprint, layers.
 
@@ -296,7 +354,7 @@ def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> Quant
     what = f"quantized base {path}"
     if not path.is_file():
         raise FileNotFoundError(f"{what} does not exist (expected a .safetensors file written by `lowra quantize-base`)")
-    header, tensors = memmap_tensors(path)
+    header, tensors = memmap_tensors(path, LIMITS)
     meta = header.metadata
     check_envelope(
         meta, what=what, format_name=FORMAT_NAME, reads=SUPPORTED_VERSIONS, required=REQUIRED_METADATA,
@@ -307,10 +365,7 @@ def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> Quant
     if verify_checksum:
         verify_payload(tensors, meta, what, "Copy it again or re-quantize the base")
     decoded = decode_json_metadata(meta, JSON_METADATA, what)
-    try:
-        modules = [(str(n), int(o), int(i), int(g)) for n, o, i, g in decoded["modules"]]
-    except (TypeError, ValueError) as exc:
-        raise BlobContentError(f"{what}: metadata 'modules' must be [[name, out, in, group_size], ...] ({exc})") from exc
+    modules = _module_table(decoded["modules"], what)
     layers: dict[str, QuantizedWeight] = {}
     for name, out_f, in_f, group in modules:
         names = {t: f"{name}.{t}" for t in LAYER_TENSORS}
@@ -340,10 +395,9 @@ def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> Quant
             f"{what}: the quantized layers hash to {fingerprint[:23]}..., the file says {meta['fingerprint'][:23]}...; "
             "the file is corrupted or was modified. Re-quantize the base"
         )
-    aliases = decoded["aliases"]
-    if not isinstance(aliases, dict) or any(t not in dense for t in aliases.values()):
-        raise BlobContentError(f"{what}: aliases {aliases!r} must map names to stored dense tensors")
+    _check_dense(dense, layers, what)
+    aliases = _alias_table(decoded["aliases"], dense, layers, what)
     return QuantizedBase(
         layers=layers, dense=dense, metadata=decoded, fingerprint=fingerprint,
-        file_bytes=path.stat().st_size, header_bytes=header.header_bytes, aliases=dict(aliases),
+        file_bytes=path.stat().st_size, header_bytes=header.header_bytes, aliases=aliases,
     )

@@ -50,7 +50,7 @@ class QuantizedWeight:
 
     def validate(self, what: str = "quantized weight") -> None:
         """Refuse inconsistent buffers with a message naming the field, what it is and what was expected."""
-        if self.out_features <= 0 or self.in_features <= 0 or self.group_size < 0:
+        if self.out_features <= 0 or self.in_features <= 0 or not 0 <= self.group_size <= 1 << 20:
             raise BlobContentError(f"{what}: shape [{self.out_features}, {self.in_features}] / group {self.group_size} invalid")
         checks = (("widths", np.uint8, (self.out_features,)), ("codes", np.uint8, None),
                   ("codebooks", np.float16, None), ("scales", np.float16, (self.out_features, self.n_groups)))
@@ -69,6 +69,12 @@ class QuantizedWeight:
                 raise BlobContentError(f"{what}: {name} has {getattr(self, name).size} entries, widths imply {expected}")
         if not (np.all(np.isfinite(self.codebooks)) and np.all(np.isfinite(self.scales))):
             raise BlobContentError(f"{what}: codebooks or scales contain NaN or Inf")
+        levels = self.codebooks.astype(np.float32)
+        if levels.size > 1:
+            within = np.ones(levels.size - 1, dtype=bool)
+            within[self.row_level_offsets[1:-1] - 1] = False  # pairs that cross a row boundary
+            if np.any(np.diff(levels)[within] < 0):
+                raise BlobContentError(f"{what}: a row's codebook levels are not in ascending order")
 
     def dequantize(self) -> np.ndarray:
         """The reference decode to float32 [out, in] (vectorized per width)."""

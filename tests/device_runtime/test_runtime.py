@@ -131,3 +131,56 @@ def test_runtime_never_imports_torch(tiny_base, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok user-a"
+
+
+def test_eight_threads_swapping_and_reading_never_see_a_torn_or_mixed_state(tiny_base):
+    """8 threads x 1,000 swaps, each followed by reads: every read is exactly the base, user A or user B, and a
+    snapshot's weights always belong to the user it names."""
+    import threading
+
+    blobs = {"user-a": make_blob_bytes(tiny_base, seed=1, adapter_id="user-a"),
+             "user-b": make_blob_bytes(tiny_base, seed=2, adapter_id="user-b")}
+    rt = DeviceRuntime(tiny_base)
+    expected = {None: {k: np.array(v) for k, v in rt.weights().items()}}
+    for user, blob in blobs.items():
+        rt.load_user(blob)
+        expected[user] = {k: np.array(v) for k, v in rt.weights().items()}
+    rt.unload_user()
+    assert not np.array_equal(expected["user-a"]["model.layers.0.mlp.down_proj.weight"],
+                              expected["user-b"]["model.layers.0.mlp.down_proj.weight"])
+
+    def matches(weights: dict, user) -> bool:
+        return all(np.array_equal(weights[k], v) for k, v in expected[user].items())
+
+    wrong: list[str] = []
+    reads = [0]
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(1000):
+            choice = rng.integers(3)
+            if choice == 2:
+                rt.unload_user()
+            else:
+                rt.load_user(blobs["user-a" if choice == 0 else "user-b"])
+            snap = rt.snapshot()
+            weights = {k: snap.merged.get(k, v) for k, v in rt.base.tensors.items()}
+            user = snap.user.adapter_id if snap.user else None
+            if not matches(weights, user):
+                wrong.append(f"snapshot of {user} holds other weights")
+            current = rt.weights()
+            if not any(matches(current, u) for u in expected):
+                wrong.append("weights() mixes users or holds a half-merged tensor")
+            if any(v.flags.writeable for v in current.values()):
+                wrong.append("a reader got a writable array")
+            reads[0] += 2
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reads[0] == 16000
+    assert wrong == []
+    rt.unload_user()
+    assert matches(rt.weights(), None)

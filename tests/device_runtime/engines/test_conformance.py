@@ -224,3 +224,34 @@ def test_generate_is_a_deterministic_str_for_greedy(subject):
         first = subject.engine.generate("Tell me about pizza.", config, chat=chat)
         assert isinstance(first, str)
         assert subject.engine.generate("Tell me about pizza.", config, chat=chat) == first
+
+
+def test_concurrent_swaps_and_generation_are_serialized(subject):
+    """A UI thread reading while a loader swaps users: every output is exactly the base's, A's or B's."""
+    import threading
+
+    expected = {}
+    for name, blob in (("base", None), ("a", subject.user_a), ("b", subject.user_b)):
+        if blob is None:
+            subject.engine.unload_user()
+        else:
+            subject.engine.load_user(blob, mode=subject.mode)
+        expected[name] = subject.snapshot()
+    wrong: list[str] = []
+
+    def loader() -> None:
+        for i in range(12):
+            subject.engine.load_user(subject.user_a if i % 2 else subject.user_b, mode=subject.mode)
+
+    def reader() -> None:
+        for _ in range(12):
+            got = subject.snapshot()
+            if not any(got == want for want in expected.values()):
+                wrong.append("an output matches no user")
+
+    threads = [threading.Thread(target=loader), threading.Thread(target=reader), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
