@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from lowra.device_runtime import formats as fmt
 from lowra.device_runtime.engines.base import UserInfo, check_mode
 from lowra.device_runtime.errors import BaseMismatchError, BaseNotFoundError
 from lowra.device_runtime.formats.container import bf16_to_float32, memmap_tensors
+from lowra.device_runtime.trust import TrustPolicy, check_base_content, make_policy, open_blob, open_quantized_base
 
 
 def _weight_files(base_dir: Path) -> list[Path]:
@@ -46,14 +47,17 @@ class BaseWeights:
     adapter trained on a low-bit base binds to exactly that decoded base.
     """
 
-    def __init__(self, base: str | Path):
+    def __init__(self, base: str | Path, trust: TrustPolicy | None = None):
         self.path = Path(base)
         self.tensors: dict[str, np.ndarray] = {}
         self._digests: dict[str, str] = {}
+        # Digest of every tensor (dense ones too) where the base can prove it: a quantized base file's payload
+        # checksum. A signed adapter's base_content claim is checked against it.
+        self.content_digest: str | None = None
         if self.path.is_file():
-            from lowra.device_runtime.formats.quantized_base import read_quantized_base
-
-            for name, arr in read_quantized_base(self.path).dequantized_state_dict().items():
+            quantized = open_quantized_base(self.path, trust or TrustPolicy())
+            self.content_digest = str(quantized.metadata["payload_sha256"])
+            for name, arr in quantized.dequantized_state_dict().items():
                 arr.flags.writeable = False
                 self.tensors[name] = arr
             return
@@ -77,6 +81,7 @@ class BaseWeights:
         self.path = Path(label)
         self.tensors = {}
         self._digests = {}
+        self.content_digest = None
         for name, arr in tensors.items():
             arr.flags.writeable = False
             self.tensors[name] = arr
@@ -146,8 +151,10 @@ class DeviceRuntime:
     reused for the next user only once no reader holds them any more.
     """
 
-    def __init__(self, base: str | Path | BaseWeights, precompute_digests: bool = True):
-        self.base = base if isinstance(base, BaseWeights) else BaseWeights(base)
+    def __init__(self, base: str | Path | BaseWeights, precompute_digests: bool = True, *,
+                 trusted_keys: Iterable[str | Path | bytes] | None = None, trust: TrustPolicy | None = None):
+        self.trust = make_policy(trust, trusted_keys)
+        self.base = base if isinstance(base, BaseWeights) else BaseWeights(base, self.trust)
         if precompute_digests:
             self.base.precompute_digests()
         self._lock = threading.Lock()
@@ -163,14 +170,18 @@ class DeviceRuntime:
         """The active user and its merged weights, as one consistent pair."""
         return self._snapshot
 
-    def load_user(self, blob: str | Path | bytes | fmt.Blob, mode: str = "merge") -> UserInfo:
-        """Verify ``blob`` (path, bytes or a parsed Blob) against this base and merge it, replacing the current
-        user."""
+    def load_user(self, blob: str | Path | bytes | fmt.Blob, mode: str = "merge", *, user_id: str | None = None,
+                  decryption_key: bytes | None = None) -> UserInfo:
+        """Verify ``blob`` (path, bytes or a parsed Blob) against this base and the trust policy, and merge it,
+        replacing the current user. ``user_id``: the user this load is for (a signed blob for another user is
+        refused); ``decryption_key``: the user's 32-byte key when the blob is encrypted."""
         check_mode(mode, ("merge",), "the numpy DeviceRuntime",
                    "it only merges (it has no forward pass to run a side branch); use OnnxEngine or ExecutorchEngine")
         t0 = time.perf_counter()
-        parsed = blob if isinstance(blob, fmt.Blob) else fmt.load_blob(blob)
+        parsed = blob if isinstance(blob, fmt.Blob) else open_blob(
+            blob, self.trust, user_id=user_id, decryption_key=decryption_key)
         self._check_binding(parsed)
+        check_base_content(parsed, self.base.content_digest, f"the loaded base at {self.base.path}")
         decoded = parsed.all_factors(drop_empty=True)
         with self._lock:
             t1 = time.perf_counter()

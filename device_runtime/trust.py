@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from lowra.device_runtime._files import atomic_write_bytes
 from lowra.device_runtime.errors import (
+    BaseMismatchError,
     BlobContentError,
+    ConfigError,
     ExpiredFileError,
     ReplayedFileError,
     RevokedKeyError,
@@ -27,6 +29,9 @@ from lowra.device_runtime.errors import (
     WrongRecipientError,
 )
 from lowra.device_runtime.formats import signed
+from lowra.device_runtime.formats.adapter import Blob, parse_blob, read_blob_bytes
+from lowra.device_runtime.formats.constants import ADAPTER_FORMAT, BASE_FORMAT
+from lowra.device_runtime.formats.quantized_base import QuantizedBase, parse_quantized_base, read_quantized_base
 
 CLOCK_SKEW = _dt.timedelta(minutes=5)  # tolerated difference between the issuer's and the device's clocks
 
@@ -136,15 +141,19 @@ class TrustPolicy:
     def unsigned_allowed(self) -> bool:
         return (not self.trusted_keys) if self.allow_unsigned is None else self.allow_unsigned
 
+    def check_unsigned(self, what: str) -> None:
+        """Refuse an unsigned (format v1) file unless this policy allows them."""
+        if not self.unsigned_allowed:
+            raise UnsignedFileError(
+                f"{what} is not signed (format v1) and this app only accepts files signed by its pinned keys; "
+                "sign it with `lowra sign` or allow unsigned input explicitly"
+            )
+
     def open(self, data: bytes | memoryview, *, fmt: str, what: str, user_id: str | None = None,
              decryption_key: bytes | None = None) -> tuple[bytes | memoryview, dict[str, Any] | None]:
         """The inner file's bytes and the verified claims (None for an accepted unsigned file)."""
         if not signed.is_signed(data):
-            if not self.unsigned_allowed:
-                raise UnsignedFileError(
-                    f"{what} is not signed (format v1) and this app only accepts files signed by its pinned keys; "
-                    "sign it with `lowra sign` or allow unsigned input explicitly"
-                )
+            self.check_unsigned(what)
             return data, None
         kid = signed.read_envelope_key_id(data, what)
         if kid in self.revoked_keys:
@@ -194,3 +203,69 @@ def keyring(public_keys: Iterable[str | Path | bytes]) -> dict[str, bytes]:
         raw = load_public_key(source)
         out[signed.key_id(raw)] = raw
     return out
+
+
+def open_blob(source: str | Path | bytes | bytearray, policy: TrustPolicy, *, user_id: str | None = None,
+              decryption_key: bytes | None = None) -> Blob:
+    """Read, authenticate and parse a user's blob (a path or the file's bytes) under ``policy``.
+
+    A signed blob's claims must describe the blob inside (its adapter id and base binding); they are attached to
+    the returned :class:`Blob` as ``claims`` so an engine can also check ``base_content`` against its base.
+    """
+    data, what = read_blob_bytes(source)
+    body, claims = policy.open(data, fmt=ADAPTER_FORMAT, what=what, user_id=user_id, decryption_key=decryption_key)
+    blob = parse_blob(body, what)
+    if claims is not None:
+        if claims["subject"] != blob.adapter_id or claims["base_fingerprint"] != blob.base_fingerprint:
+            raise BlobContentError(
+                f"{what}: the signed claims name adapter {claims['subject']!r} on base {str(claims['base_fingerprint'])[:23]}"
+                f"..., the blob inside is {blob.adapter_id!r} on {blob.base_fingerprint[:23]}..."
+            )
+        blob.claims = claims
+    return blob
+
+
+def check_base_content(blob: Blob, content: str | None, where: str) -> None:
+    """Refuse a signed blob whose ``base_content`` claim names another base content than ``content`` (the digest of
+    every tensor of the base, dense ones included, where the engine knows it)."""
+    claimed = (blob.claims or {}).get("base_content")
+    if claimed is None:
+        return
+    if content is None:
+        raise BaseMismatchError(
+            f"adapter {blob.adapter_id!r} is signed for base content {str(claimed)[:16]}..., but {where} cannot prove "
+            "its content (load the signed quantized base file it was made for)"
+        )
+    if claimed != content:
+        raise BaseMismatchError(
+            f"adapter {blob.adapter_id!r} is signed for base content {str(claimed)[:16]}..., {where} has "
+            f"{content[:16]}...: the base was edited or is another quantization. Load the base it was made for"
+        )
+
+
+def open_quantized_base(path: str | Path, policy: TrustPolicy) -> QuantizedBase:
+    """A quantized base file under ``policy``: a signed one is authenticated before any of it is parsed (and
+    its claims must name its own fingerprint and content); an unsigned one is memory-mapped as before, where the
+    policy allows unsigned files."""
+    path = Path(path)
+    what = f"quantized base {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} does not exist (expected a file written by `lowra quantize-base`)")
+    with open(path, "rb") as fh:
+        if not signed.is_signed(fh.read(len(signed.MAGIC))):
+            policy.check_unsigned(what)
+            return read_quantized_base(path)
+    body, claims = policy.open(path.read_bytes(), fmt=BASE_FORMAT, what=what)
+    base = parse_quantized_base(bytes(body), what)
+    if claims["subject"] != base.fingerprint or claims["base_content"] != base.metadata["payload_sha256"]:
+        raise BlobContentError(f"{what}: the signed claims describe another base than the file inside")
+    base.claims = claims
+    return base
+
+
+def make_policy(trust: TrustPolicy | None, trusted_keys: Iterable[str | Path | bytes] | None) -> TrustPolicy:
+    """The policy an engine uses: ``trust`` as given, or one pinning ``trusted_keys`` (public key files or raw
+    bytes); with neither, the development default (no key pinned, unsigned files accepted)."""
+    if trust is not None and trusted_keys is not None:
+        raise ConfigError("pass trust=TrustPolicy(...) or trusted_keys=[...], not both")
+    return trust if trust is not None else TrustPolicy(trusted_keys=keyring(trusted_keys or ()))

@@ -71,8 +71,11 @@ class Engine(Protocol):
         """The active user, or None on the base."""
         ...
 
-    def load_user(self, blob: str | Path | bytes, mode: str = ...) -> UserInfo:
-        """Verify ``blob`` (a path or the file's bytes) against the base and make it the active user."""
+    def load_user(self, blob: str | Path | bytes, mode: str = ..., *, user_id: str | None = None,
+                  decryption_key: bytes | None = None) -> UserInfo:
+        """Verify ``blob`` (a path or the file's bytes) against the base and the engine's trust policy, and make it
+        the active user. ``user_id`` names who the load is for (a signed blob for another user is refused);
+        ``decryption_key`` opens an encrypted blob."""
         ...
 
     def unload_user(self) -> None:

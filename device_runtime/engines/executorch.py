@@ -26,12 +26,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
 from lowra.device_runtime.engines.base import UserInfo, check_mode, serialized
+from lowra.device_runtime.trust import TrustPolicy, check_base_content, make_policy, open_blob
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
 from lowra.device_runtime.errors import BlobContentError, KernelLibraryError, LowraError, ProgramError
 from lowra.device_runtime.executorch_binding import executorch_runtime, register_kernel_library
@@ -90,8 +91,10 @@ class ExecutorchEngine:
     """
 
     def __init__(self, model_dir: str | Path, mode: str = "side", kernel_library: str | Path | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, *, trusted_keys: Iterable[str | Path | bytes] | None = None,
+                 trust: TrustPolicy | None = None) -> None:
         self._lock = threading.RLock()
+        self.trust = make_policy(trust, trusted_keys)
         self.manifest = Manifest.read(model_dir)
         self.folder = self.manifest.folder
         self.verify = verify
@@ -171,13 +174,15 @@ class ExecutorchEngine:
 
     # -- users ---------------------------------------------------------------------------------------------
     @serialized
-    def load_user(self, blob: str | Path | bytes, mode: str = "side") -> UserInfo:
+    def load_user(self, blob: str | Path | bytes, mode: str = "side", *, user_id: str | None = None,
+                  decryption_key: bytes | None = None) -> UserInfo:
         """Verify a lowra adapter blob (path or bytes) against this program's base and activate it (side branch
         or merged)."""
         check_mode(mode, USER_MODES, "ExecutorchEngine")
         t0 = time.perf_counter()
-        parsed = fmt.load_blob(blob)
+        parsed = open_blob(blob, self.trust, user_id=user_id, decryption_key=decryption_key)
         fmt.check_base_binding(parsed, self.manifest.digests, self.manifest.shapes, f"the program at {self.folder}")
+        check_base_content(parsed, None, f"the program at {self.folder}")
         factors = parsed.all_factors(drop_empty=True)
         if mode == "side":
             too_wide = {name: up.shape[1] for name, (up, _) in factors.items() if up.shape[1] > self.rank}

@@ -21,12 +21,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
 from lowra.device_runtime.engines.base import UserInfo, check_mode, serialized
+from lowra.device_runtime.trust import TrustPolicy, check_base_content, make_policy, open_blob
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
 from lowra.device_runtime.errors import (
     BaseMismatchError,
@@ -144,8 +145,10 @@ class OnnxEngine:
     Thread-safe by serialization: calls from several threads wait for each other (see ``engines.base.serialized``).
     """
 
-    def __init__(self, model_dir: str | Path, *, threads: int | None = None, lowbit_decode: str = "load") -> None:
+    def __init__(self, model_dir: str | Path, *, threads: int | None = None, lowbit_decode: str = "load",
+                 trusted_keys: Iterable[str | Path | bytes] | None = None, trust: TrustPolicy | None = None) -> None:
         self._lock = threading.RLock()
+        self.trust = make_policy(trust, trusted_keys)
         if lowbit_decode not in ("load", "per_run"):
             raise LowraError(f"lowbit_decode={lowbit_decode!r}; expected 'load' or 'per_run'")
         self.model_dir = Path(model_dir)
@@ -196,7 +199,8 @@ class OnnxEngine:
 
     # -- users -------------------------------------------------------------------------------------------
     @serialized
-    def load_user(self, blob: str | Path | bytes, mode: str = "side") -> UserInfo:
+    def load_user(self, blob: str | Path | bytes, mode: str = "side", *, user_id: str | None = None,
+                  decryption_key: bytes | None = None) -> UserInfo:
         """Verify a user's blob (path or bytes; or a ``.onnx_adapter`` path in side mode) and make it the
         active user."""
         check_mode(mode, USER_MODES, "OnnxEngine")
@@ -208,13 +212,15 @@ class OnnxEngine:
                                  "user's lowra blob to merge it")
             if not path.is_file():
                 raise FileNotFoundError(f"adapter file {path} does not exist")
+            self.trust.check_unsigned(f"ONNX adapter file {path}")  # an .onnx_adapter carries no signature
             t1 = time.perf_counter()
             modules, n_params = self._activate_adapter_file(path)
             adapter_id, file_bytes = path.stem, path.stat().st_size
             effective_bits = 8.0 * file_bytes / max(n_params, 1)
         else:
-            parsed = fmt.load_blob(blob)
+            parsed = open_blob(blob, self.trust, user_id=user_id, decryption_key=decryption_key)
             check_blob_binding(parsed, self.manifest, self.model_dir)
+            check_base_content(parsed, None, f"the ONNX model at {self.model_dir}")
             t1 = time.perf_counter()
             modules = self._convert_and_activate(parsed) if mode == "side" else self._merge(parsed)
             adapter_id, file_bytes = parsed.adapter_id, parsed.file_bytes

@@ -27,7 +27,7 @@ from lowra.device_runtime.formats.adapter import (
     decode_channel_group,
     encode_channels,
     header_bytes_bound,
-    load_blob,
+    read_blob_bytes,
     parse_blob,
     read_blob,
 )
@@ -58,7 +58,7 @@ __all__ = [
     "decode_widths",
     "encode_channels",
     "encode_widths",
-    "load_blob",
+    "read_blob_bytes",
     "pack_codes",
     "packed_bytes",
     "parse_blob",

@@ -177,6 +177,7 @@ class Blob:
     file_bytes: int
     header_bytes: int
     _by_name: dict[str, int] = field(default_factory=dict, repr=False)
+    claims: dict[str, object] | None = None  # the verified signed claims, when the blob came signed
 
     def __post_init__(self) -> None:
         self._by_name = {m.name: i for i, m in enumerate(self.layout.modules)}
@@ -400,18 +401,25 @@ def parse_blob(data: bytes | memoryview, what: str = "blob", verify_checksum: bo
     )
 
 
-def read_blob(path: str | Path, verify_checksum: bool = True) -> Blob:
-    path = Path(path)
+MAX_FILE_BYTES = 8 + LIMITS.max_header_bytes + LIMITS.max_data_bytes + (1 << 20)  # + a signed envelope's prefix
+
+
+def read_blob_bytes(source: str | Path | bytes | bytearray) -> tuple[bytes, str]:
+    """A blob file's bytes (refusing one larger than any blob can be before reading it) and a name for messages."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) > MAX_FILE_BYTES:
+            raise BlobError(f"blob of {len(source)} bytes is larger than any adapter blob can be")
+        return bytes(source), "blob"
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"blob {path} does not exist (expected a .safetensors file written by lowra)")
     size = path.stat().st_size
-    if size > 8 + LIMITS.max_header_bytes + LIMITS.max_data_bytes:
+    if size > MAX_FILE_BYTES:
         raise BlobError(f"blob {path} is {size} bytes, more than any adapter blob can be; refusing to read it")
-    return parse_blob(path.read_bytes(), str(path), verify_checksum)
+    return path.read_bytes(), str(path)
 
 
-def load_blob(source: str | Path | bytes | bytearray) -> Blob:
-    """A blob given as a path or as the file's bytes (what every engine's ``load_user`` accepts)."""
-    if isinstance(source, (bytes, bytearray)):
-        return parse_blob(source, "blob")
-    return read_blob(source)
+def read_blob(path: str | Path, verify_checksum: bool = True) -> Blob:
+    """Read and verify an unsigned blob file (signed ones go through ``lowra.device_runtime.trust.open_blob``)."""
+    data, what = read_blob_bytes(path)
+    return parse_blob(data, what, verify_checksum)

@@ -34,6 +34,7 @@ from lowra.device_runtime.formats.constants import (
     CODED_WIDTHS,
 )
 from lowra.device_runtime.formats.container import (
+    Header,
     Limits,
     check_envelope,
     check_name,
@@ -42,12 +43,15 @@ from lowra.device_runtime.formats.container import (
     encode_metadata,
     header_size,
     memmap_tensors,
+    parse_header,
     payload_digest,
     serialize,
     short,
+    tensor_from_buffer,
     verify_payload,
 )
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+
 LAYER_TENSORS = ("codebooks", "codes", "scales", "widths")
 DENSE_DTYPE = np.dtype("<f2")
 
@@ -108,6 +112,7 @@ class QuantizedBase:
     file_bytes: int = 0  # size of the file this was read from or will serialize to (0 = unknown)
     header_bytes: int = 0
     aliases: dict[str, str] = field(default_factory=dict)
+    claims: dict[str, object] | None = None  # the verified signed claims, when the file came signed
 
     @property
     def report(self) -> dict[str, object]:
@@ -355,6 +360,19 @@ def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> Quant
     if not path.is_file():
         raise FileNotFoundError(f"{what} does not exist (expected a .safetensors file written by `lowra quantize-base`)")
     header, tensors = memmap_tensors(path, LIMITS)
+    return _from_tensors(header, tensors, path.stat().st_size, what, verify_checksum)
+
+
+def parse_quantized_base(data: bytes, what: str = "quantized base", verify_checksum: bool = True) -> QuantizedBase:
+    """The same checks as :func:`read_quantized_base` on a file's bytes already in memory (e.g. the body of a
+    signed base after its signature was checked)."""
+    header = parse_header(data, len(data), what, LIMITS)
+    tensors = {name: tensor_from_buffer(data, info) for name, info in header.tensors.items()}
+    return _from_tensors(header, tensors, len(data), what, verify_checksum)
+
+
+def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: int, what: str,
+                  verify_checksum: bool) -> QuantizedBase:
     meta = header.metadata
     check_envelope(
         meta, what=what, format_name=FORMAT_NAME, reads=SUPPORTED_VERSIONS, required=REQUIRED_METADATA,
@@ -399,5 +417,5 @@ def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> Quant
     aliases = _alias_table(decoded["aliases"], dense, layers, what)
     return QuantizedBase(
         layers=layers, dense=dense, metadata=decoded, fingerprint=fingerprint,
-        file_bytes=path.stat().st_size, header_bytes=header.header_bytes, aliases=aliases,
+        file_bytes=file_bytes, header_bytes=header.header_bytes, aliases=aliases,
     )

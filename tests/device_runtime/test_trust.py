@@ -191,3 +191,72 @@ def test_malformed_envelopes_are_clear_errors(keys, blob):
     with pytest.raises(BlobTruncatedError, match="too short"):
         signed.open_envelope(bytes(data[:40]), b"\0" * 32)
     assert signed.is_signed(bytes(sign(blob, keys[1]))) and not signed.is_signed(blob)
+
+
+# ------------------------------------------------------------------------------------------------ in the runtime
+def test_runtime_loads_signed_blobs_and_refuses_each_attack_distinctly(keys, blob, tiny_base, tmp_path):
+    from lowra.device_runtime import DeviceRuntime
+
+    folder, server_key, attacker_key, server, _ = keys
+    rt = DeviceRuntime(tiny_base, trusted_keys=[server.public_path])
+    good = sign_bytes(blob, server_key, user_id="alice", sequence=7)
+    info = rt.load_user(good, user_id="alice")
+    assert info.adapter_id == "alice-adapter"
+    merged = {k: np.array(v) for k, v in rt.weights().items()}
+    refusals = {
+        ForgedSignatureError: bytes(good[:-1]) + bytes([good[-1] ^ 1]),
+        UntrustedKeyError: sign_bytes(blob, attacker_key, user_id="alice", sequence=8),
+        UnsignedFileError: blob,
+        ReplayedFileError: sign_bytes(blob, server_key, user_id="alice", sequence=6),
+        ExpiredFileError: sign_bytes(blob, server_key, user_id="alice", sequence=9, expires_in=dt.timedelta(seconds=1),
+                                     now=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)),
+    }
+    for error, data in refusals.items():
+        with pytest.raises(error):
+            rt.load_user(data, user_id="alice")
+    with pytest.raises(WrongRecipientError):
+        rt.load_user(sign_bytes(blob, server_key, user_id="bob", sequence=10), user_id="alice")
+    # every refusal left the active user in place
+    assert rt.user.adapter_id == "alice-adapter"
+    assert all(np.array_equal(v, merged[k]) for k, v in rt.weights().items())
+    key = new_encryption_key()
+    sealed = sign_bytes(blob, server_key, user_id="alice", sequence=11, encryption_key=key)
+    with pytest.raises(DecryptionKeyError):
+        rt.load_user(sealed, user_id="alice")
+    assert rt.load_user(sealed, user_id="alice", decryption_key=key).adapter_id == "alice-adapter"
+    assert all(np.array_equal(v, merged[k]) for k, v in rt.weights().items())
+
+
+def test_signed_quantized_base_binds_adapters_to_its_content(keys, tmp_path):
+    """An adapter signed for a base's content is refused on a base whose dense tensors were edited (checksum
+    recomputed), and a signed base is authenticated before it is parsed."""
+    from lowra.device_runtime import DeviceRuntime
+    from lowra.device_runtime.errors import BaseMismatchError
+    from lowra.device_runtime.formats.quantized_base import read_quantized_base, write_quantized_base
+    from tests.device_runtime.formats.test_quantized_base import META, dense_tensors
+    from tests.device_runtime.formats.test_quantized_base import layers as example_layers
+
+    folder, server_key, _, server, _ = keys
+    layers, dense = example_layers(np.random.default_rng(0)), dense_tensors()
+    path = write_quantized_base(tmp_path / "base.lowra-base", layers, dense, META)
+    edited_dense = {**dense, "model.embed_tokens.weight": dense["model.embed_tokens.weight"] + np.float16(1)}
+    edited = write_quantized_base(tmp_path / "edited.lowra-base", layers, edited_dense, META)
+    assert read_quantized_base(edited).fingerprint == read_quantized_base(path).fingerprint  # layers unchanged
+    signed_base = tmp_path / "base.signed"
+    signed_base.write_bytes(sign_bytes(path.read_bytes(), server_key, now=NOW))
+    rt = DeviceRuntime(signed_base, trusted_keys=[server.public_path])
+    assert rt.base.content_digest == read_quantized_base(path).metadata["payload_sha256"]
+    tampered = bytearray(signed_base.read_bytes())
+    tampered[-3] ^= 1
+    (tmp_path / "tampered.signed").write_bytes(bytes(tampered))
+    with pytest.raises(ForgedSignatureError):
+        DeviceRuntime(tmp_path / "tampered.signed", trusted_keys=[server.public_path])
+    with pytest.raises(UnsignedFileError):
+        DeviceRuntime(edited, trusted_keys=[server.public_path])
+    module = next(iter(layers))
+    blob = make_blob_bytes(path, modules={module: (layers[module].out_features, layers[module].in_features)}, rank=1)
+    signed_blob = sign_bytes(blob, server_key, user_id="alice", base_content=rt.base.content_digest, now=NOW)
+    rt.load_user(signed_blob, user_id="alice")
+    other = DeviceRuntime(edited, trust=TrustPolicy(trusted_keys=keyring([server.public_path]), allow_unsigned=True))
+    with pytest.raises(BaseMismatchError, match="edited or is another quantization"):
+        other.load_user(signed_blob, user_id="alice")
