@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,6 +104,27 @@ def clean_leftovers(path: str | os.PathLike[str]) -> None:
             os.replace(entry, path)  # the crash fell between moving the old output aside and the new one in
         else:
             _remove(entry)
+
+
+_WORKDIR = re.compile(r"^lowra-(?P<kind>[a-z]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def scratch_dir(kind: str) -> Path:
+    """A private scratch folder ``$TMPDIR/lowra-<kind>-<pid>-<random>`` for an engine's per-process files.
+
+    Engines remove theirs on close; folders of processes that no longer run (killed with -9) are removed here,
+    so crashes never accumulate scratch files.
+    """
+    if not kind.isalpha() or not kind.islower():
+        raise ValueError(f"scratch kind {kind!r} must be lowercase letters")
+    root = Path(tempfile.gettempdir())
+    for entry in root.iterdir():
+        match = _WORKDIR.match(entry.name)
+        if match and match["kind"] == kind and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+    folder = root / f"lowra-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(mode=0o700)
+    return folder
 
 
 def _check_file_target(path: Path, overwrite: bool) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
+from lowra.device_runtime._files import scratch_dir
 from lowra.device_runtime.engines.base import UserInfo, check_mode, serialized
 from lowra.device_runtime.trust import TrustPolicy, check_base_content, make_policy, open_blob
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
@@ -111,7 +112,7 @@ class ExecutorchEngine:
             if verify and kernel_library is None:
                 verify_file(library, self.manifest.data["kernel_library_sha256"], "kernel library")
             register_kernel_library(library)
-        self._workdir = Path(tempfile.mkdtemp(prefix="lowra-executorch-"))
+        self._workdir = scratch_dir("executorch")
         self._templates: dict[str, np.ndarray] = {}
         self._verified: set[str] = set()
         self._method: Any = None

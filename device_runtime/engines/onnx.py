@@ -17,15 +17,17 @@ version) and every adapter parameter against the graph's LoRA inputs.
 """
 from __future__ import annotations
 
-import tempfile
+import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from lowra.device_runtime import formats as fmt
+from lowra.device_runtime._files import scratch_dir
 from lowra.device_runtime.engines.base import UserInfo, check_mode, serialized
 from lowra.device_runtime.trust import TrustPolicy, check_base_content, make_policy, open_blob
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
@@ -166,7 +168,8 @@ class OnnxEngine:
         self._adapter: Any = None
         self._runtime: Any = None  # DeviceRuntime over the decoded base, built on the first merge
         self._merged_values: list[Any] | None = None  # the OrtValues a merged session reads
-        self._tmp = tempfile.TemporaryDirectory(prefix="lowra-onnx-")
+        self._tmp = scratch_dir("onnx")
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)  # also when the engine is dropped without close()
         self.user: UserInfo | None = None
         self._cache: list[np.ndarray] = []
 
@@ -230,7 +233,7 @@ class OnnxEngine:
         return self.user
 
     def _convert_and_activate(self, blob: fmt.Blob) -> tuple[str, ...]:
-        target = Path(self._tmp.name) / f"user-{time.monotonic_ns()}{ADAPTER_SUFFIX}"
+        target = self._tmp / f"user-{time.monotonic_ns()}{ADAPTER_SUFFIX}"
         params = onnx_manifest.blob_adapter_parameters(blob, self.manifest)
         onnx_manifest.write_adapter_file(params, int(self.manifest["model_version"]), target)
         try:
@@ -367,4 +370,4 @@ class OnnxEngine:
         self._drop_user()
         self._base_session = self._session_now = None
         self._runtime = None
-        self._tmp.cleanup()
+        shutil.rmtree(self._tmp, ignore_errors=True)

@@ -95,3 +95,19 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir("quantized") == tmp_path / "quantized"
     monkeypatch.delenv("LOWRA_CACHE")
     assert cache_dir() == __import__("pathlib").Path.home() / ".cache" / "lowra"
+
+
+def test_scratch_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    from lowra.device_runtime._files import scratch_dir
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    stale = tmp_path / f"lowra-onnx-{dead}-0123abcd"
+    stale.mkdir()
+    (stale / "user.onnx_adapter").write_bytes(b"x" * 1000)
+    mine = scratch_dir("onnx")
+    assert not stale.exists() and mine.is_dir() and mine.name.startswith(f"lowra-onnx-{os.getpid()}-")
+    assert mine.stat().st_mode & 0o777 == 0o700
