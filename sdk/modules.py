@@ -110,3 +110,13 @@ def linear_module_names(model: nn.Module, targets: str | Iterable[str] = ALL_LIN
             f"target module name(s) {unknown} match no linear layer of this model; available names: {available}"
         )
     return [name for name in candidates if name.split(".")[-1] in wanted]
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path``; a path the model does not have is a ConfigError that lists adaptable ones."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(
+            f"module {path!r} does not exist in this model; adaptable modules: {linear_module_names(model)[:8]}..."
+        ) from None

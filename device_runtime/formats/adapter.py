@@ -44,6 +44,7 @@ from lowra.device_runtime.formats.container import (
     decode_json_metadata,
     encode_metadata,
     header_size,
+    module_entries,
     parse_header,
     payload_digest,
     serialize,
@@ -319,20 +320,10 @@ MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 def _module_table(value: object, what: str) -> list[ModuleEntry]:
     """The ``modules`` metadata, strictly: [[name, out, in, rank], ...], each name once, sizes within bounds."""
-    if not isinstance(value, list) or not value:
-        raise BlobContentError(f"{what}: metadata 'modules' must be a non-empty list of [name, out, in, rank]")
     modules: list[ModuleEntry] = []
-    seen: set[str] = set()
-    for entry in value:
-        if (not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str)
-                or any(type(v) is not int for v in entry[1:])):
-            raise BlobContentError(f"{what}: module entry {short(entry)} is not [name, out, in, rank] with integer sizes")
-        name, out_f, in_f, rank = entry
-        if not MODULE_NAME.match(name) or len(name) > 512:
+    for name, out_f, in_f, rank in module_entries(value, what, "name, out, in, rank"):
+        if not MODULE_NAME.match(name):
             raise BlobContentError(f"{what}: module name {short(name)} is not a dotted module path")
-        if name in seen:
-            raise BlobContentError(f"{what}: module {name!r} appears twice; each module is adapted once")
-        seen.add(name)
         if not (1 <= out_f <= MAX_FEATURES and 1 <= in_f <= MAX_FEATURES):
             raise BlobContentError(f"{what}: module {name!r} shape [{out_f}, {in_f}] outside 1..{MAX_FEATURES}")
         if not 1 <= rank <= min(out_f, in_f, MAX_RANK):

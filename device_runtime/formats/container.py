@@ -113,6 +113,25 @@ def check_name(name: object, what: str, field: str, max_bytes: int = 1024) -> st
     return name
 
 
+def module_entries(value: object, what: str, fields: str) -> list[tuple[str, int, int, int]]:
+    """A ``modules`` metadata table, strictly: a non-empty list of ``[name, int, int, int]`` (``fields`` names them
+    for messages, e.g. "name, out, in, rank"), each name a printable string that appears once."""
+    if not isinstance(value, list) or not value:
+        raise BlobContentError(f"{what}: metadata 'modules' must be a non-empty list of [{fields}]")
+    out: list[tuple[str, int, int, int]] = []
+    seen: set[str] = set()
+    for entry in value:
+        if (not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str)
+                or any(type(v) is not int for v in entry[1:])):
+            raise BlobContentError(f"{what}: module entry {short(entry)} is not [{fields}] with integer sizes")
+        name = check_name(entry[0], what, "module name", 512)
+        if name in seen:
+            raise BlobContentError(f"{what}: module {name!r} appears twice; each module is listed once")
+        seen.add(name)
+        out.append((name, entry[1], entry[2], entry[3]))
+    return out
+
+
 def _int(value: object, low: int, high: int, what: str, field: str) -> int:
     if type(value) is not int or not low <= value <= high:  # bool is not an int here; floats are refused
         raise BlobError(f"{what}: {field} is {short(value)}, expected an integer in [{low}, {high}]")

@@ -43,6 +43,7 @@ from lowra.device_runtime.formats.container import (
     encode_metadata,
     header_size,
     memmap_tensors,
+    module_entries,
     parse_header,
     payload_digest,
     serialize,
@@ -301,25 +302,13 @@ MAX_FEATURES = 1 << 20
 
 def _module_table(value: object, what: str) -> list[tuple[str, int, int, int]]:
     """The ``modules`` metadata, strictly: [[name, out, in, group_size], ...], each name once, sizes in bounds."""
-    if not isinstance(value, list):
-        raise BlobContentError(f"{what}: metadata 'modules' must be a list of [name, out, in, group_size]")
-    out: list[tuple[str, int, int, int]] = []
-    seen: set[str] = set()
-    for entry in value:
-        if (not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str)
-                or any(type(v) is not int for v in entry[1:])):
-            raise BlobContentError(f"{what}: module entry {short(entry)} is not [name, out, in, group_size]")
-        name, out_f, in_f, group = entry
-        check_name(name, what, "module name", 512)
-        if name in seen:
-            raise BlobContentError(f"{what}: module {name!r} appears twice")
-        seen.add(name)
+    table = module_entries(value, what, "name, out, in, group_size")
+    for name, out_f, in_f, group in table:
         if not (1 <= out_f <= MAX_FEATURES and 1 <= in_f <= MAX_FEATURES and 0 <= group <= MAX_FEATURES):
             raise BlobContentError(
                 f"{what}: module {name!r} shape [{out_f}, {in_f}] / group {group} outside 1..{MAX_FEATURES}"
             )
-        out.append((name, out_f, in_f, group))
-    return out
+    return table
 
 
 def _check_dense(dense: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight], what: str) -> None:

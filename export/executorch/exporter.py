@@ -50,15 +50,6 @@ from lowra.export.tokenizer import save_tokenizer
 from lowra.sdk.modules import linear_module_names
 from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers
 
-__all__ = [
-    "AtenLowBitLinear",
-    "ExecutorchExportConfig",
-    "MergedLinear",
-    "SideBranchLinear",
-    "export_executorch",
-    "fix_empty_strides",
-    "load_kernel_library",
-]
 
 OPS = ("custom", "aten")
 MODES = USER_MODES

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.adapters.layer import LoraLinear, check_adapter_name
 from lowra.sdk.errors import ConfigError
-from lowra.sdk.modules import is_linear, linear_module_names
+from lowra.sdk.modules import is_linear, linear_module_names, module_at
 
 __all__ = [
     "adapter_names",
@@ -143,13 +143,7 @@ def set_adapter_factors(
         raise ConfigError(f"no factors given for adapter {name!r}")
     plan: list[tuple[str, nn.Module, Tensor, Tensor, float]] = []
     for path, pair in factors.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ConfigError(
-                f"module {path!r} does not exist in this model; adaptable modules: "
-                f"{linear_module_names(model)[:8]}..."
-            ) from None
+        module = module_at(model, path)
         if not (isinstance(module, LoraLinear) or is_linear(module)):
             raise ConfigError(f"module {path!r} is a {type(module).__name__}, expected a linear layer")
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:

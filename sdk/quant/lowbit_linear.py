@@ -20,7 +20,7 @@ from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quan
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.sdk.errors import ConfigError
-from lowra.sdk.modules import is_linear, is_linear_wrapper, register_linear
+from lowra.sdk.modules import is_linear, is_linear_wrapper, module_at, register_linear
 from lowra.sdk.quant import ops as _ops  # also registers torch.ops.lowra.*
 
 __all__ = ["LowBitLinear", "load_quantized_base", "lowbit_layers", "replace_linears"]
@@ -213,12 +213,7 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) 
     tied = _tied_parameter_ids(model)
     plan: list[tuple[str, LowBitLinear]] = []
     for path, qw in quantized.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ConfigError(
-                f"module {path!r} does not exist in this model; pass paths from linear_module_names(model)"
-            ) from None
+        module = module_at(model, path)
         target_path, target = (f"{path}.base", module.base) if is_linear_wrapper(module) else (path, module)
         if not is_linear(target):
             raise ConfigError(
