@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-
 from lowra.device_runtime.errors import (
     BlobContentError,
     BlobError,
@@ -100,6 +99,19 @@ def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError(f"number {short(text)} overflows to infinity")
+    return value
+
+
+def strict_json(text: str) -> object:
+    """``json.loads`` that refuses duplicate keys, NaN/Infinity and numbers that overflow to infinity (raises
+    ValueError, or RecursionError on absurd nesting): what every lowra reader parses JSON with."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float)
+
+
 def check_name(name: object, what: str, field: str, max_bytes: int = 1024) -> str:
     """A tensor or metadata name: a printable string of valid UTF-8 (no lone surrogates), within ``max_bytes``."""
     if not isinstance(name, str):
@@ -158,8 +170,7 @@ def parse_header(raw: bytes | memoryview, file_size: int, what: str, limits: Lim
             "the file is truncated"
         )
     try:
-        header = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                            parse_constant=_no_constants)
+        header = strict_json(bytes(raw[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BlobError(f"{what}: safetensors header is not valid JSON ({short(str(exc), 120)}); the file is corrupted") from None
     if not isinstance(header, dict):
@@ -192,6 +203,8 @@ def parse_header(raw: bytes | memoryview, file_size: int, what: str, limits: Lim
         if not isinstance(shape, list) or len(shape) > MAX_DIMS:
             raise BlobError(f"{what}: tensor {short(name)} shape must be a list of at most {MAX_DIMS} integers")
         dims = tuple(_int(d, 0, MAX_DIM, what, f"tensor {short(name)} dimension") for d in shape)
+        if math.prod(max(d, 1) for d in dims) > MAX_DIM:  # numpy refuses such shapes even when one dim is 0
+            raise BlobError(f"{what}: tensor {short(name)} shape {short(list(dims))} is larger than any tensor can be")
         if not isinstance(offsets, list) or len(offsets) != 2:
             raise BlobError(f"{what}: tensor {short(name)} data_offsets must be [begin, end]")
         begin = _int(offsets[0], 0, limits.max_data_bytes, what, f"tensor {short(name)} begin offset")
@@ -227,7 +240,7 @@ def read_header(path: Path, limits: Limits = DEFAULT_LIMITS) -> Header:
         head = fh.read(8)
         if len(head) == 8:
             (n,) = struct.unpack("<Q", head)
-            if n <= limits.max_header_bytes:
+            if n <= limits.max_header_bytes and 8 + n <= size:  # never let the announced length size a read
                 head += fh.read(n)
     return parse_header(head, size, str(path), limits)
 
@@ -329,10 +342,8 @@ def check_envelope(
     """
     if meta.get("format") != format_name:
         raise UnsupportedFormatError(f"{what}: format is {meta.get('format')!r}, expected {format_name!r}; {not_this}")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        version = -1
+    text = meta.get("format_version", "")
+    version = int(text) if text in {str(v) for v in reads} else -1  # exactly "1", not " 1", "01" or "+1"
     if version not in reads:
         raise UnsupportedFormatError(
             f"{what}: format version {meta.get('format_version')!r} is not supported; this runtime reads versions "
@@ -360,7 +371,7 @@ def decode_json_metadata(meta: Mapping[str, str], json_keys: Sequence[str], what
     decoded: dict[str, object] = dict(meta)
     for key in json_keys:
         try:
-            decoded[key] = json.loads(meta[key], object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+            decoded[key] = strict_json(meta[key])
         except (ValueError, RecursionError) as exc:
             raise BlobContentError(f"{what}: metadata {key!r} is not valid JSON ({short(str(exc), 120)})") from None
     return decoded

@@ -44,6 +44,7 @@ from lowra.device_runtime.errors import (
     SigningUnavailableError,
     UnsupportedFormatError,
 )
+from lowra.device_runtime.formats.container import strict_json
 
 MAGIC = b"LOWRA\x00SG"
 ENVELOPE_VERSION = 1
@@ -214,17 +215,9 @@ def open_envelope(data: bytes | memoryview, public_key_raw: bytes, what: str = "
     return Envelope(key_id=key, claims=claims, payload=payload, encrypted=encrypted, signed_prefix=prefix)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise BlobContentError(f"duplicate keys in claims: {sorted({k for k in keys if keys.count(k) > 1})}")
-    return dict(pairs)
-
-
 def _parse_claims(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        claims = json.loads(raw.decode("ascii"), object_pairs_hook=_reject_duplicates,
-                            parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not allowed")))
+        claims = strict_json(raw.decode("ascii"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BlobContentError(f"{what}: claims are not canonical ASCII JSON ({str(exc)[:200]})") from None
     if not isinstance(claims, dict) or sorted(claims) != sorted(CLAIM_KEYS):
@@ -309,7 +302,7 @@ def encode_revocations(key_ids: Iterable[str]) -> bytes:
 
 def decode_revocations(data: bytes, what: str = "revocation list") -> frozenset[str]:
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        doc = strict_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BlobContentError(f"{what} is not valid JSON ({str(exc)[:200]})") from None
     if (not isinstance(doc, dict) or doc.get("format") != REVOCATIONS_FORMAT
