@@ -149,12 +149,9 @@ class TrustPolicy:
                 "sign it with `lowra sign` or allow unsigned input explicitly"
             )
 
-    def open(self, data: bytes | memoryview, *, fmt: str, what: str, user_id: str | None = None,
-             decryption_key: bytes | None = None) -> tuple[bytes | memoryview, dict[str, Any] | None]:
-        """The inner file's bytes and the verified claims (None for an accepted unsigned file)."""
-        if not signed.is_signed(data):
-            self.check_unsigned(what)
-            return data, None
+    def verify(self, data: bytes | memoryview, what: str) -> signed.Envelope:
+        """The signature alone: a revoked key, a key not pinned and a bad signature are each their own error.
+        (:meth:`open` adds the claims' checks: format, recipient, time, replay, decryption.)"""
         kid = signed.read_envelope_key_id(data, what)
         if kid in self.revoked_keys:
             raise RevokedKeyError(f"{what} is signed by key {kid}, which is revoked; ask the server for a re-signed file")
@@ -163,7 +160,15 @@ class TrustPolicy:
             raise UntrustedKeyError(
                 f"{what} is signed by key {kid}, which this app does not trust (pinned: {sorted(self.trusted_keys)})"
             )
-        envelope = signed.open_envelope(data, public, what)
+        return signed.open_envelope(data, public, what)
+
+    def open(self, data: bytes | memoryview, *, fmt: str, what: str, user_id: str | None = None,
+             decryption_key: bytes | None = None) -> tuple[bytes | memoryview, dict[str, Any] | None]:
+        """The inner file's bytes and the verified claims (None for an accepted unsigned file)."""
+        if not signed.is_signed(data):
+            self.check_unsigned(what)
+            return data, None
+        envelope = self.verify(data, what)
         claims = envelope.claims
         if claims["format"] != fmt or claims["format_version"] != signed.SIGNED_VERSION:
             raise BlobContentError(

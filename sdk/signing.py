@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from lowra.device_runtime._files import atomic_write_bytes, private_file
-from lowra.device_runtime.errors import ConfigError, LowraError
+from lowra.device_runtime.errors import (
+    ConfigError,
+    LowraError,
+    OutputExistsError,
+)
 from lowra.device_runtime.formats import signed
 from lowra.device_runtime.formats.adapter import parse_blob
 from lowra.device_runtime.formats.constants import ADAPTER_FORMAT, BASE_FORMAT
-from lowra.device_runtime.trust import load_public_key
+from lowra.device_runtime.formats.quantized_base import parse_quantized_base
+from lowra.device_runtime.trust import TrustPolicy, keyring, load_public_key
 
 PRIVATE_SUFFIX = ".key.pem"
 PUBLIC_SUFFIX = ".pub.pem"
@@ -60,6 +65,10 @@ def new_key(folder: str | Path, name: str) -> KeyInfo:
     pem_public = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
     private_path, public_path = folder / f"{name}{PRIVATE_SUFFIX}", folder / f"{name}{PUBLIC_SUFFIX}"
+    for path in (private_path, public_path):  # checked up front so a refusal leaves no half of a pair behind
+        if path.exists():
+            raise OutputExistsError(f"{path} already exists; choose another key name (keys are never overwritten)")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key folder is its owner's only
     with private_file(private_path) as tmp:  # readable by its owner only
         tmp.write_bytes(pem_private)
     atomic_write_bytes(public_path, pem_public)
@@ -126,6 +135,9 @@ def sign_bytes(body: bytes, private_key: Any, *, user_id: str | None = None, dev
     fmt, subject, fingerprint, content = _describe(body)
     if fmt == ADAPTER_FORMAT and not user_id:
         raise ConfigError("signing an adapter needs the user it belongs to (user_id / --user-id)")
+    if fmt == BASE_FORMAT and encryption_key is not None:
+        raise ConfigError("a quantized base is shared by every user and is signed, not encrypted; encryption keys "
+                          "are per user, for adapter blobs")
     claims = {
         "format": fmt,
         "format_version": signed.SIGNED_VERSION,
@@ -149,30 +161,99 @@ def _describe(body: bytes) -> tuple[str, str, str, str | None]:
         return ADAPTER_FORMAT, blob.adapter_id, blob.base_fingerprint, None
     except LowraError as exc:
         adapter_error = exc
-    import tempfile
+    try:
+        base = parse_quantized_base(body, "file to sign")
+    except LowraError:
+        raise ConfigError(f"only lowra adapter blobs and quantized base files can be signed ({adapter_error})") from None
+    return BASE_FORMAT, base.fingerprint, base.fingerprint, str(base.metadata["payload_sha256"])
 
-    from lowra.device_runtime.formats.quantized_base import read_quantized_base
 
-    with tempfile.TemporaryDirectory() as tmp:  # the base reader maps a file
-        path = Path(tmp) / "base"
-        path.write_bytes(body)
-        try:
-            base = read_quantized_base(path)
-        except LowraError:
-            raise ConfigError(f"only lowra adapter blobs and quantized base files can be signed ({adapter_error})") from None
-        return BASE_FORMAT, base.fingerprint, base.fingerprint, str(base.metadata["payload_sha256"])
+def adapter_base_content(body: bytes, quantized_base: str | Path) -> str:
+    """The ``base_content`` claim for the adapter blob ``body``: the payload digest (every tensor, dense ones too) of
+    the unsigned quantized base file it was compressed against. A base the adapter is not bound to is refused, so a
+    signature never promises an adapter for a base it cannot run on."""
+    from lowra.device_runtime.runtime import BaseWeights
+
+    if signed.is_signed(body):
+        raise ConfigError("the file is signed already; sign the unsigned original")
+    try:
+        blob = parse_blob(body, "adapter to sign")
+    except LowraError as exc:
+        raise ConfigError(f"--quantized-base binds an adapter blob to its base; this file is not one ({exc})") from None
+    base = BaseWeights(quantized_base)
+    if base.content_digest is None:
+        raise ConfigError(f"{quantized_base} is a model folder; base content is recorded for quantized base files only")
+    if base.fingerprint([m.name for m in blob.modules]) != blob.base_fingerprint:
+        raise ConfigError(
+            f"adapter {blob.adapter_id!r} was compressed against another base than {quantized_base}; pass the "
+            "quantized base it was trained and compressed on"
+        )
+    return base.content_digest
 
 
 def sign_file(path: str | Path, out: str | Path, private_key_path: str | Path, overwrite: bool = False,
-              **claims: Any) -> Path:
-    """Sign the file at ``path`` into ``out`` (atomically); ``claims`` as for :func:`sign_bytes`."""
-    path = Path(path)
+              quantized_base: str | Path | None = None, **claims: Any) -> Path:
+    """Sign the file at ``path`` into ``out`` (atomically); ``claims`` as for :func:`sign_bytes`. With
+    ``quantized_base``, an adapter's ``base_content`` claim names that base (:func:`adapter_base_content`)."""
+    path, out = Path(path), Path(out)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
-    data = sign_bytes(path.read_bytes(), load_private_key(private_key_path), **claims)
-    return atomic_write_bytes(out, data, overwrite=overwrite)
+    if out.exists() and not overwrite:  # before any work: a refusal writes nothing
+        raise OutputExistsError(f"{out} already exists; pass overwrite=True (CLI: --force) to replace it")
+    private_key = load_private_key(private_key_path)
+    body = path.read_bytes()
+    if quantized_base is not None:
+        claims["base_content"] = adapter_base_content(body, quantized_base)
+    return atomic_write_bytes(out, sign_bytes(body, private_key, **claims), overwrite=overwrite)
 
 
 def new_encryption_key() -> bytes:
     """A random 32-byte AES-256 key for one user (store it in the app's key store, never beside the blob)."""
     return os.urandom(signed.AES_KEY_BYTES)
+
+
+def write_encryption_key(path: str | Path, overwrite: bool = False) -> Path:
+    """A new user key (:func:`new_encryption_key`) in a file readable by its owner only (0600)."""
+    with private_file(path, overwrite) as tmp:
+        tmp.write_bytes(new_encryption_key())
+    return Path(path)
+
+
+def read_encryption_key(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"encryption key file {path} does not exist (make one with `lowra keys new-encryption-key`)")
+    key = path.read_bytes()
+    if len(key) != signed.AES_KEY_BYTES:
+        raise ConfigError(f"{path} holds {len(key)} bytes; an AES-256 key file holds exactly {signed.AES_KEY_BYTES}")
+    return key
+
+
+# ------------------------------------------------------------------------------------------ reading signed files
+@dataclass(frozen=True)
+class TrustedKeys:
+    """Public keys to verify with, and the key ids revoked beside them (what ``--trust`` names)."""
+
+    keys: dict[str, bytes]
+    names: dict[str, str]  # key id -> the key's name or file, for messages
+    revoked: frozenset[str]
+
+    def policy(self) -> TrustPolicy:
+        """A device policy pinning these keys (signature checks: ``policy().verify(data, what)``)."""
+        return TrustPolicy(trusted_keys=self.keys, revoked_keys=self.revoked)
+
+
+def trusted_keys(source: str | Path) -> TrustedKeys:
+    """The public keys of a key folder (every ``*.pub.pem``, with its ``revocations.json``) or of one public key
+    file."""
+    source = Path(source)
+    if source.is_dir():
+        infos = list_keys(source)
+        if not infos:
+            raise ConfigError(f"key folder {source} holds no *{PUBLIC_SUFFIX} file to verify with")
+        return TrustedKeys(keyring(k.public_path for k in infos), {k.key_id: k.name for k in infos},
+                           revocations(source))
+    if not source.is_file():
+        raise ConfigError(f"{source} is neither a key folder nor a public key file")
+    keys = keyring([source])
+    return TrustedKeys(keys, {kid: source.name for kid in keys}, frozenset())

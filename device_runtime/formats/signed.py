@@ -183,28 +183,14 @@ def _prefix(data: bytes | memoryview, what: str) -> tuple[int, int, str, int]:
     return version, flags, raw_key.hex(), claims_len
 
 
-def open_envelope(data: bytes | memoryview, public_key_raw: bytes, what: str = "signed file") -> Envelope:
-    """Check the signature of ``data`` with ``public_key_raw`` (32 bytes), then parse the claims.
-
-    Raises ForgedSignatureError when the bytes were not signed by that key (or were changed since), before any JSON
-    is read. The claims are then checked for shape: exactly CLAIM_KEYS, integers where integers belong, the payload
-    length and the encryption flag agreeing with them.
-    """
-    ed25519, _, InvalidSignature, _ = _crypto()
+def read_unverified(data: bytes | memoryview, what: str = "signed file") -> Envelope:
+    """A signed file's envelope *without* checking its signature: to show what a file says about itself (``lowra
+    inspect`` without keys), never to trust it. Malformed envelopes are refused exactly as :func:`open_envelope`
+    refuses them: lengths, flags, canonical claims, the payload length and the encryption flag agreeing."""
     _, flags, key, claims_len = _prefix(data, what)
-    if key != key_id(public_key_raw):
-        raise ForgedSignatureError(f"{what}: signed by key {key}, but the key given has id {key_id(public_key_raw)}")
     head = PREFIX.size + claims_len
     prefix = bytes(data[:head])
-    signature = bytes(data[head : head + SIGNATURE_BYTES])
     payload = memoryview(data)[head + SIGNATURE_BYTES :]
-    try:
-        ed25519.Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, prefix + bytes(payload))
-    except InvalidSignature:
-        raise ForgedSignatureError(
-            f"{what}: the Ed25519 signature does not match key {key}; the file was modified after signing or "
-            "forged. Re-download it"
-        ) from None
     claims = _parse_claims(prefix[PREFIX.size :], what)
     encrypted = bool(flags & FLAG_ENCRYPTED)
     if encrypted != (claims["encryption"] is not None):
@@ -213,6 +199,29 @@ def open_envelope(data: bytes | memoryview, public_key_raw: bytes, what: str = "
     if len(payload) != expected_len:
         raise BlobContentError(f"{what}: payload is {len(payload)} bytes, the claims say {expected_len}")
     return Envelope(key_id=key, claims=claims, payload=payload, encrypted=encrypted, signed_prefix=prefix)
+
+
+def open_envelope(data: bytes | memoryview, public_key_raw: bytes, what: str = "signed file") -> Envelope:
+    """Check the signature of ``data`` with ``public_key_raw`` (32 bytes), then parse the claims.
+
+    Raises ForgedSignatureError when the bytes were not signed by that key (or were changed since), before any JSON
+    is read; then the checks of :func:`read_unverified`.
+    """
+    ed25519, _, InvalidSignature, _ = _crypto()
+    _, _, key, claims_len = _prefix(data, what)
+    if key != key_id(public_key_raw):
+        raise ForgedSignatureError(f"{what}: signed by key {key}, but the key given has id {key_id(public_key_raw)}")
+    head = PREFIX.size + claims_len
+    try:
+        message = bytes(data[:head]) + bytes(memoryview(data)[head + SIGNATURE_BYTES :])
+        ed25519.Ed25519PublicKey.from_public_bytes(public_key_raw).verify(bytes(data[head : head + SIGNATURE_BYTES]),
+                                                                          message)
+    except InvalidSignature:
+        raise ForgedSignatureError(
+            f"{what}: the Ed25519 signature does not match key {key}; the file was modified after signing or "
+            "forged. Re-download it"
+        ) from None
+    return read_unverified(data, what)
 
 
 def _parse_claims(raw: bytes, what: str) -> dict[str, Any]:

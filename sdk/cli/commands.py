@@ -8,10 +8,18 @@ pull in torch. Commands return the process exit status; refusals are raised as `
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from lowra.sdk.cli.inspect_blob import cmd_inspect
+from lowra.sdk.cli.keys import (
+    cmd_keys,
+    cmd_sign,
+    refuse_claims_without_key,
+    signature_claims,
+)
 
 
 def _load_base(args: argparse.Namespace):
@@ -87,6 +95,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    signer = _signer(args)  # a bad key or claim is refused before minutes of compression
     adapter = load_adapter(args.adapter)
     config = _compress_config(args)
     base_dir = _runtime_base(args)
@@ -120,62 +129,57 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"held-out loss: base {losses['base']:.4f} | fp adapter {losses['fp_adapter']:.4f} | "
             f"compressed {losses['compressed']:.4f} | retained gain {100 * retained:.1f}%"
         )
-    compressed.write(out, overwrite=args.force)
     r = compressed.report
-    print(
-        f"wrote {out}: {r['file_bytes']} bytes, {r['effective_bits']:.3f} effective bits/param "
-        f"({r['code_bits']:.3f} code bits), widths {r['width_histogram']}"
-    )
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from lowra.device_runtime.formats import read_blob
-
-    blob = read_blob(args.blob)
-    report = blob.bits_report()
-    meta = {k: v for k, v in blob.metadata.items() if k != "modules"}
-    if args.json:
-        out = {"metadata": meta, "bits": report, "n_modules": len(blob.modules)}
-        if args.modules:
-            out["modules"] = _module_rows(blob)
-        print(json.dumps(out, indent=2))
+    if signer is None:
+        compressed.write(out, overwrite=args.force)
+        print(
+            f"wrote {out}: {r['file_bytes']} bytes, {r['effective_bits']:.3f} effective bits/param "
+            f"({r['code_bits']:.3f} code bits), widths {r['width_histogram']}"
+        )
         return 0
-    print(f"{args.blob}: lowra adapter blob v{meta['format_version']} (checksum ok)")
-    for key in ("adapter_id", "base_fingerprint", "created"):
-        print(f"  {key:17s} {meta[key]}")
-    print(f"  {'lora':17s} {json.dumps(meta['lora'])}")
-    print(f"  {'scheme':17s} {json.dumps(meta['scheme'])}")
-    print(f"  {'card':17s} {json.dumps(meta['card'])}")
-    print(f"  modules           {len(blob.modules)}, adapter parameters {report['n_params']}")
+    from lowra.device_runtime._files import atomic_write_bytes
+    from lowra.sdk.signing import adapter_base_content, sign_bytes
+
+    key, claims = signer
+    if args.quantized_base:  # the same claim `lowra sign --quantized-base` records
+        claims["base_content"] = adapter_base_content(compressed.blob_bytes, args.quantized_base)
+    data = sign_bytes(compressed.blob_bytes, key, **claims)
+    atomic_write_bytes(out, data, overwrite=args.force)
     print(
-        f"  size              {report['file_bytes']} bytes = {report['effective_bits']:.4f} effective bits/param "
-        f"(code bits {report['code_bits']:.4f})"
+        f"wrote {out}: {len(data)} bytes signed ({r['file_bytes']} of them the blob), "
+        f"{8.0 * len(data) / r['n_params']:.3f} effective bits/param with the signature "
+        f"({r['effective_bits']:.3f} without, {r['code_bits']:.3f} code bits), widths {r['width_histogram']}"
     )
-    print("  bytes             " + ", ".join(f"{k} {v}" for k, v in report["bytes"].items()))
-    total = sum(report["width_histogram"].values())
-    print("  channel widths    " + ", ".join(
-        f"{w}-bit {n} ({100 * n / total:.0f}%)" for w, n in report["width_histogram"].items()))
-    if args.modules:
-        for row in _module_rows(blob):
-            print(f"    {row['module']:45s} [{row['out']}x{row['in']}] r={row['rank']} down {row['down']} up {row['up']}")
     return 0
 
 
-def _module_rows(blob) -> list[dict[str, object]]:
-    rows = []
-    for i, m in enumerate(blob.modules):
-        first = int(blob.layout.module_offsets[i])
-        w = blob.layout.widths[first : first + 2 * m.rank].tolist()
-        rows.append({"module": m.name, "out": m.out_features, "in": m.in_features, "rank": m.rank,
-                     "down": w[: m.rank], "up": w[m.rank :]})
-    return rows
+def _signer(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
+    """``(private key, claims)`` for ``compress --sign-key``, or None; claim flags without a key are refused."""
+    if args.sign_key is None:
+        refuse_claims_without_key(args)
+        return None
+    from lowra.sdk.errors import ConfigError
+    from lowra.sdk.signing import load_private_key
+
+    if not args.user_id:
+        raise ConfigError("--sign-key needs --user-id: a signed adapter names the user it belongs to")
+    return load_private_key(args.sign_key), signature_claims(args)
+
+
+def _device(args: argparse.Namespace):
+    """The device runtime for ``merge`` / ``generate`` under the command's trust flags, and its user loader."""
+    from lowra.device_runtime import DeviceRuntime
+    from lowra.sdk.signing import read_encryption_key, trusted_keys
+
+    trust = trusted_keys(args.trust).policy() if args.trust else None
+    key = read_encryption_key(args.decryption_key) if args.decryption_key else None
+    runtime = DeviceRuntime(_runtime_base(args), trust=trust)
+    return runtime, lambda blob: runtime.load_user(blob, user_id=args.user_id, decryption_key=key)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     import shutil
 
-    from lowra.device_runtime import DeviceRuntime
     from lowra.device_runtime._files import atomic_dir
     from lowra.device_runtime.formats.container import serialize
     from lowra.sdk.base_model import resolve_base
@@ -184,8 +188,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     base_dir = resolve_base(args.base)
-    runtime = DeviceRuntime(_runtime_base(args))
-    info = runtime.load_user(args.blob)
+    runtime, load = _device(args)
+    info = load(args.blob)
     with atomic_dir(out, overwrite=args.force) as tmp:
         for item in base_dir.iterdir():
             if item.is_file() and not item.name.startswith("model.safetensors"):
@@ -196,17 +200,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lowra.device_runtime import DeviceRuntime
     from lowra.sdk.base_model import load_base
     from lowra.sdk.workflow import generate_reply, load_weights_into
 
     base = load_base(args.base)
     if args.blob or args.quantized_base:
         # The reply comes from the weights the device runtime decodes (and merges), copied into a plain fp model.
-        runtime = DeviceRuntime(_runtime_base(args))
+        runtime, load = _device(args)
         names = set(runtime.base.tensors) if args.quantized_base else set()
         if args.blob:
-            info = runtime.load_user(args.blob)
+            info = load(args.blob)
             names |= {f"{m}.weight" for m in info.modules}
             print(f"[merged {info.adapter_id} on the device runtime in {info.load_ms:.0f} ms]", file=sys.stderr)
         params = dict(base.model.named_parameters())
@@ -249,7 +252,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.base_bits < 0:
         raise ConfigError(f"--base-bits must be >= 0 (0 = full-precision base), got {args.base_bits}")
     run_demo(DemoConfig(out=args.out, users=users, steps=args.steps, bits=args.bits, sweep=sweep, base=args.base,
-                        base_bits=args.base_bits or None, weighted=not args.unweighted))
+                        base_bits=args.base_bits or None, weighted=not args.unweighted, force=args.force))
     return 0
 
 
@@ -261,6 +264,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "demo": cmd_demo,
     "quantize-base": cmd_quantize_base,
+    "sign": cmd_sign,
+    "keys": cmd_keys,
 }
 
 

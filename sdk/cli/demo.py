@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lowra.device_runtime import DeviceRuntime
+from lowra.device_runtime._files import atomic_dir
 from lowra.sdk.adapters.model import (
     delete_adapter,
     get_adapter_factors,
@@ -122,7 +123,15 @@ def _load_users(paths: tuple[str, ...]) -> list[UserDataset]:
 def run_demo(config: DemoConfig) -> dict[str, object]:
     datasets = _load_users(config.users)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a fresh folder that replaces ``out`` at the end in one atomic step: a non-empty
+    # ``out`` needs force=True (--force), and a kill at any point leaves the old output or the new one.
+    with atomic_dir(out, overwrite=config.force) as work:
+        report = _run(config, datasets, out, work)
+    print(f"\nreport: {out / 'report.md'}  plot: {out / 'retained_gain.png'}  ({report['seconds']:.0f} s)")
+    return report
+
+
+def _run(config: DemoConfig, datasets: list, out: Path, work: Path) -> dict[str, object]:
     t_start = time.perf_counter()
     print(f"lowra demo: {len(datasets)} user{'s' if len(datasets) != 1 else ''}, base {config.base or 'SmolLM2-135M-Instruct (embedded)'}")
     with _Phase("loading the base (a training copy and a copy for the device-merged weights)"):
@@ -139,7 +148,7 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
     fingerprint = None
     for dataset in datasets:
         uid = dataset.user_id
-        udir = out / uid
+        udir = work / uid
         print(f"\n== {uid}: {dataset.card.get('task', '')}")
         with _Phase("held-out loss of the base") as phase:
             base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
@@ -232,7 +241,7 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
             "reply_base": base_reply,
             "reply_personalized": reply,
             "sweep": sweep_rows,
-            "blob": str(blob_path),
+            "blob": str(out / uid / blob_path.name),
         }
         rows.append(row)
         print(f"   loss base {base_loss:.3f} -> fp {fp_loss:.3f} -> {compressed.report['effective_bits']:.2f}-bit "
@@ -243,9 +252,8 @@ def run_demo(config: DemoConfig) -> dict[str, object]:
     base_info["runtime_base"] = str(base_info["runtime_base"])
     report = {"config": jsonable(asdict(config)), "base": base_info, "users": rows,
               "seconds": time.perf_counter() - t_start}
-    table = write_report(out, report)
+    table = write_report(work, report)
     print("\n" + table)
-    print(f"\nreport: {out / 'report.md'}  plot: {out / 'retained_gain.png'}  ({report['seconds']:.0f} s)")
     return report
 
 

@@ -28,3 +28,4 @@ class DemoConfig:
     weighted: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_new_tokens: int = 48
+    force: bool = False  # replace a non-empty output folder (atomically, at the end of the run)

@@ -1,4 +1,4 @@
-"""The ``lowra`` command: train, compress, inspect, merge, generate, quantize-base, demo.
+"""The ``lowra`` command: train, compress, inspect, merge, generate, quantize-base, demo, sign, keys.
 
 Every subcommand runs offline on the CPU (CUDA when present), refuses to overwrite outputs unless --force,
 and exits with status 2 and a one-line explanation when lowra refuses an input. The parser lives in
@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (LowraError, FileExistsError, FileNotFoundError) as exc:
-        print(f"lowra {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "keys_command", None))))
+        print(f"lowra {command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,8 @@ second, and the commands that need torch import it when they run (:mod:`lowra.sd
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import re
 
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.cli.demo_config import DemoConfig
@@ -24,6 +26,11 @@ typical flow:
   lowra inspect  out/terse_notes/user.lowra
   lowra generate --blob out/terse_notes/user.lowra --prompt "Lunch with Ana on Monday at noon."
   lowra demo     (all of the above for the three sample users, with a report)
+
+signing (docs/SECURITY.md):
+  lowra keys new --dir keys --name server-2026
+  lowra sign out/terse_notes/user.lowra --key keys/server-2026.key.pem --user-id terse_notes --out user.signed
+  lowra inspect user.signed --trust keys
 
 --base defaults to the embedded SmolLM2-135M-Instruct (converted once into ~/.cache/lowra or $LOWRA_CACHE);
 pass a local Hugging Face causal-LM folder to use another model.
@@ -76,6 +83,83 @@ def _add_compress(p: argparse.ArgumentParser, bits_default: float) -> None:
     g.add_argument("--unweighted", action="store_true", help="ignore recorded input statistics (plain SVD and MSE)")
 
 
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> _dt.timedelta:
+    """``30d``, ``12h``, ``90m``, ``3600s``, ``2w`` -> a timedelta (a bad value is argparse's usage error, exit 2)."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration like 30d, 12h, 90m, 3600s or 2w")
+    return _dt.timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def _sequence(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1 or int(text) >= 2**53:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [1, 2**53)")
+    return int(text)
+
+
+def _add_device_trust(p: argparse.ArgumentParser) -> None:
+    """How the device side trusts the blob it loads (signed files, docs/SECURITY.md)."""
+    g = p.add_argument_group("trust (signed and encrypted blobs)")
+    g.add_argument("--trust", default=None, metavar="KEYS",
+                   help="pin these keys (a key folder with its revocations.json, or one .pub.pem): the blob must be "
+                   "signed by one of them. Without it, unsigned blobs are accepted and signed ones refused")
+    g.add_argument("--user-id", default=None, help="the user this load is for: a blob signed for another is refused")
+    g.add_argument("--decryption-key", default=None, metavar="KEYFILE",
+                   help="the user's 32-byte key file, for an encrypted blob")
+
+
+def _add_claims(p: argparse.ArgumentParser, title: str) -> None:
+    """What a signature binds the file to (docs/FORMAT.md, Signed files)."""
+    g = p.add_argument_group(title)
+    g.add_argument("--user-id", default=None, metavar="USER",
+                   help="the user the adapter belongs to; a device loading it for another user refuses it "
+                   "(required for adapters, omitted for a base)")
+    g.add_argument("--device-id", default=None, metavar="DEVICE",
+                   help="bind the file to one device (default: any device of that user)")
+    g.add_argument("--expires-in", type=_duration, default=None, metavar="DURATION",
+                   help="validity from now, e.g. 30d, 12h, 90m (default: no expiry)")
+    g.add_argument("--sequence", type=_sequence, default=None, metavar="N",
+                   help="version of this adapter for this user, strictly increasing across re-issues; devices "
+                   "refuse an older one (default: the current Unix time in milliseconds)")
+    g.add_argument("--encrypt-key-file", default=None, metavar="FILE",
+                   help="also encrypt the file (AES-256-GCM) with this 32-byte user key from "
+                   "`lowra keys new-encryption-key`; the device needs the same key to load it")
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keys",
+        help="make, list and revoke signing keys; make per-user encryption keys",
+        description="Manage the server's Ed25519 signing keys in a key folder (NAME.key.pem, private, mode 0600; "
+        "NAME.pub.pem, public, pinned by apps; revocations.json, shipped to apps) and per-user AES-256 keys. "
+        "Rotation and revocation steps: docs/SECURITY.md.",
+    )
+    actions = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    a = actions.add_parser("new", help="make a new signing key pair",
+                           description="Make a new Ed25519 key pair in --dir; prints its key id and both paths. "
+                           "An existing key of that name is never overwritten.")
+    a.add_argument("--dir", required=True, help="key folder (made, owner-only, if missing)")
+    a.add_argument("--name", required=True, help="key name, e.g. server-2026 (a plain file name)")
+    a = actions.add_parser("list", help="list the keys of a key folder",
+                           description="List every key of --dir: name, key id, whether its private key is there, "
+                           "whether it is revoked.")
+    a.add_argument("--dir", required=True, help="key folder")
+    a = actions.add_parser("revoke", help="add a key id to the folder's revocation list",
+                           description="Add KEY_ID to --dir/revocations.json. Ship that file to apps "
+                           "(TrustPolicy(revoked_keys=...)): files signed by the key are then refused.")
+    a.add_argument("--dir", required=True, help="key folder")
+    a.add_argument("key_id", metavar="KEY_ID", help="the 32-hex-digit key id (see `lowra keys list`)")
+    a = actions.add_parser("new-encryption-key", help="write a random 32-byte per-user encryption key",
+                           description="Write a random AES-256 key (32 raw bytes, mode 0600) for one user. The app "
+                           "keeps it in its own key store; never ship it beside the blob.")
+    a.add_argument("--out", required=True, help="key file to write")
+    a.add_argument("--force", action="store_true", help="replace an existing key file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowra", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,23 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="compress a trained adapter into a sub-2-bit lowra blob",
         description="Compress a trained adapter folder into a lowra blob (docs/FORMAT.md) that fits --bits effective "
         "bits per parameter with every byte counted, bound to the base it was trained on. With --user, also "
-        "reports held-out loss of base, fp adapter and compressed adapter and stores it in the adapter card.",
+        "reports held-out loss of base, fp adapter and compressed adapter and stores it in the adapter card. With "
+        "--sign-key, writes the blob signed (and with --encrypt-key-file encrypted) for one user (docs/SECURITY.md).",
     )
     p.add_argument("--adapter", required=True, help="adapter folder written by `lowra train` (or PEFT)")
     p.add_argument("--out", required=True, help="blob file to write, e.g. user.lowra")
     p.add_argument("--id", default=None, help="adapter id stored in the blob (default: the adapter folder's name)")
     p.add_argument("--user", default=None, help="user folder to evaluate held-out loss on (optional)")
     p.add_argument("--force", action="store_true", help="replace an existing blob")
+    p.add_argument("--sign-key", default=None, metavar="KEY.pem",
+                   help="sign the blob with this private key (`lowra keys new`); the claims below then apply, and "
+                   "with --quantized-base the signature also names that base's content")
     _add_base(p)
     _add_compress(p, bits_default=CompressConfig().bits)
+    _add_claims(p, "signature claims (with --sign-key)")
 
     p = sub.add_parser(
         "inspect",
         help="show a blob's metadata, effective bits and bit-width histogram",
         description="Verify a blob (format, version, checksum) and print its metadata, effective bits (every byte) "
-        "beside code bits, the byte breakdown and the histogram of channel widths.",
+        "beside code bits, the byte breakdown and the histogram of channel widths. A signed file also shows its "
+        "key id, every claim and whether it is encrypted (an encrypted blob's content is not shown); with "
+        "--trust its signature is verified.",
     )
     p.add_argument("blob", help="blob file")
+    p.add_argument("--trust", default=None, metavar="KEYS",
+                   help="verify the signature with a key folder (its *.pub.pem and revocations.json) or one "
+                   ".pub.pem file; exits 2 when it does not verify")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--modules", action="store_true", help="also list every module with its widths")
 
@@ -130,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     _add_base(p)
+    _add_device_trust(p)
 
     p = sub.add_parser(
         "generate",
@@ -141,6 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blob", default=None, help="blob file (omit for the plain base)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit (default 64)")
     _add_base(p)
+    _add_device_trust(p)
+
+    p = sub.add_parser(
+        "sign",
+        help="sign (and optionally encrypt) an adapter blob or a quantized base",
+        description="Wrap FILE in the signed envelope (docs/FORMAT.md, Signed files): an Ed25519 signature over "
+        "every byte, and claims binding it to its user, device, base and validity. Devices that pin the key "
+        "refuse any change to it.",
+    )
+    p.add_argument("file", metavar="FILE", help="an unsigned adapter blob or quantized base file")
+    p.add_argument("--key", required=True, metavar="KEY.pem", help="private key from `lowra keys new`")
+    p.add_argument("--out", required=True, help="signed file to write")
+    p.add_argument("--quantized-base", default=None, metavar="BASEFILE",
+                   help="for an adapter: the quantized base it was compressed against; its content digest (every "
+                   "tensor, dense ones too) becomes a claim, so an edited base is refused even with a recomputed "
+                   "checksum")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    _add_claims(p, "signature claims")
+
+    _add_keys(sub)
 
     qc = QuantizeConfig()
     p = sub.add_parser(
@@ -169,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         "table and writes report.md, report.json and retained_gain.png under --out.",
     )
     p.add_argument("--out", default=dc.out, help=f"output folder (default {dc.out})")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (the new one replaces it atomically when the run ends)")
     p.add_argument("--users", default=None, help="comma-separated user folders (default: the three sample users)")
     p.add_argument("--steps", type=int, default=dc.steps, help=f"training steps per user (default {dc.steps})")
     p.add_argument(

@@ -260,3 +260,26 @@ def test_signed_quantized_base_binds_adapters_to_its_content(keys, tmp_path):
     other = DeviceRuntime(edited, trust=TrustPolicy(trusted_keys=keyring([server.public_path]), allow_unsigned=True))
     with pytest.raises(BaseMismatchError, match="edited or is another quantization"):
         other.load_user(signed_blob, user_id="alice")
+
+
+def test_signed_layout_golden(tiny_base):
+    """The signed envelope's bytes are fixed by docs/FORMAT.md: magic, version, flags, key id, claims length,
+    canonical claims, signature (Ed25519 is deterministic), then the payload (here AES-256-GCM with a fixed nonce)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    body = make_blob_bytes(tiny_base, adapter_id="golden")
+    claims = {"format": "lowra-adapter", "format_version": 2, "subject": "golden", "user_id": "alice",
+              "device_id": None, "base_fingerprint": "sha256:" + "0" * 64, "base_content": None,
+              "issued_at": "2026-11-29T12:00:00+00:00", "expires_at": None, "sequence": 1}
+    data = signed.seal(body, claims, key, aes_key=bytes(range(32, 64)), nonce=bytes(12))
+    magic, version, flags, kid, claims_len = struct.unpack_from("<8sHH16sI", data)
+    assert (magic, version, flags, claims_len) == (b"LOWRA\x00SG", 1, 1, len(data) - 32 - 64 - len(body) - 16)
+    assert kid.hex() == hashlib.sha256(key.public_key().public_bytes_raw()).hexdigest()[:32]
+    assert data[32:33] == b"{" and data[32 + claims_len - 1 : 32 + claims_len] == b"}"
+    assert hashlib.sha256(body).hexdigest()[:16] == GOLDEN_BODY
+    assert hashlib.sha256(data).hexdigest()[:16] == GOLDEN_SIGNED
+
+
+GOLDEN_BODY = "6625b6c2ffd80e28"
+GOLDEN_SIGNED = "57511a32324f764a"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lowra.device_runtime.errors import OutputExistsError
 from lowra.sdk.cli.demo import check_user_id, run_demo
 from lowra.sdk.cli.demo_config import DemoConfig
 from lowra.sdk.cli.main import main
@@ -73,6 +74,18 @@ def test_demo_on_the_tiny_model_shows_every_phase(tmp_path, monkeypatch, capsys,
     assert row["max_abs_diff_device_vs_sdk"] < 1e-5
     for name in ("report.md", "report.json", "retained_gain.png", "tiny-user/tiny-user.lowra"):
         assert (out / name).is_file(), name
+    assert row["blob"] == str(out / "tiny-user" / "tiny-user.lowra")
+    # a second run refuses to overwrite without force, before loading anything, and leaves the output as it was
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OutputExistsError, match="--force"):
+        run_demo(config)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["demo", "tiny-base", "tiny-user", "cache"])
+    config.force = True
+    config.sweep = ()
+    report = run_demo(config)
+    assert [s["budget"] for s in report["users"][0]["sweep"]] == [8.0]
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["demo", "tiny-base", "tiny-user", "cache"])
 
 
 def test_demo_refuses_an_escaping_id_before_writing(tmp_path):

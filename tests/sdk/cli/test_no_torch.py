@@ -60,3 +60,20 @@ def test_inspect_without_torch(tiny_blob_file: Path):
     info = json.loads(as_json["out"])
     assert info["metadata"]["adapter_id"] == "u"
     assert info["n_modules"] == len(info["modules"]) > 0
+
+
+def test_inspect_signed_blob_without_torch(tiny_blob_file: Path, tmp_path: Path):
+    from lowra.sdk.signing import new_key, sign_file
+
+    key = new_key(tmp_path / "keys", "server")
+    signed_blob = sign_file(tiny_blob_file, tmp_path / "u.signed", key.private_path, user_id="u")
+    plain, verified, as_json = _run_cli_without_torch([
+        ["inspect", str(signed_blob)],
+        ["inspect", str(signed_blob), "--modules", "--trust", str(tmp_path / "keys")],
+        ["inspect", str(signed_blob), "--json", "--trust", str(key.public_path)],
+    ])
+    assert "signature not verified (no key given" in plain["out"] and "(checksum ok)" in plain["out"]
+    assert f"verified with key {key.key_id} (server)" in verified["out"]
+    info = json.loads(as_json["out"])
+    assert info["signed"]["verified"] and info["signed"]["key_id"] == key.key_id
+    assert info["metadata"]["adapter_id"] == "u"

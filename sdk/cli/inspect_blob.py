@@ -1,0 +1,127 @@
+"""``lowra inspect``: what a blob holds, and for a signed one who signed it, what it claims, and whether it verifies.
+
+It runs on the numpy-only device side (never torch: it answers in a fraction of a second). A signed file's claims
+are shown whether or not a key is given, marked "not verified" without one; ``--trust`` verifies the signature
+first and exits 2 when it does not hold. An encrypted blob's content is never shown: only the envelope, which is
+not encrypted (docs/SECURITY.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from lowra.device_runtime.errors import UnsignedFileError
+from lowra.device_runtime.formats import signed
+from lowra.device_runtime.formats.adapter import Blob, parse_blob, read_blob_bytes
+from lowra.device_runtime.formats.constants import ADAPTER_FORMAT
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    data, what = read_blob_bytes(args.blob)
+    envelope, verified_by = _envelope(data, what, args.trust)
+    if envelope is None:
+        blob = parse_blob(data, what)
+    elif envelope.encrypted or envelope.claims["format"] != ADAPTER_FORMAT:
+        blob = None  # an encrypted body needs the user's key; a signed base is inspected by its claims here
+    else:
+        blob = parse_blob(signed.decrypt_payload(envelope, None, what), what)
+    if args.json:
+        print(json.dumps(_as_json(envelope, verified_by, blob, len(data), args.modules), indent=2))
+        return 0
+    if envelope is None:
+        _print_blob(blob, f"{args.blob}: ", "  ", args.modules)
+        return 0
+    _print_envelope(args.blob, envelope, verified_by, len(data))
+    if envelope.encrypted:
+        print("  inner file        not shown: encrypted (its metadata, modules and bits need the user's key)")
+    elif blob is None:
+        print(f"  inner file        {envelope.claims['format']}, {envelope.claims['body_bytes']} bytes")
+    else:
+        _print_blob(blob, "  inner file: ", "    ", args.modules)
+        print(f"  signed size       {len(data)} bytes = {8.0 * len(data) / max(blob.layout.n_params, 1):.4f} "
+              "effective bits/param with the envelope")
+    return 0
+
+
+def _envelope(data: bytes, what: str, trust: str | None) -> tuple[signed.Envelope | None, str | None]:
+    """The signed envelope (None for an unsigned file) and, with ``trust``, the key that verified it."""
+    from lowra.sdk.signing import trusted_keys
+
+    if not signed.is_signed(data):
+        if trust is not None:
+            raise UnsignedFileError(f"{what} is not signed (format v1): there is no signature to verify")
+        return None, None
+    if trust is None:
+        return signed.read_unverified(data, what), None
+    keys = trusted_keys(trust)
+    envelope = keys.policy().verify(data, what)
+    return envelope, f"{envelope.key_id} ({keys.names[envelope.key_id]})"
+
+
+def _as_json(envelope: signed.Envelope | None, verified_by: str | None, blob: Blob | None, file_bytes: int,
+             modules: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"signed": None}
+    if envelope is not None:
+        out["signed"] = {"key_id": envelope.key_id, "verified": verified_by is not None, "verified_by": verified_by,
+                         "encrypted": envelope.encrypted, "claims": envelope.claims, "file_bytes": file_bytes,
+                         "envelope_bytes": file_bytes - envelope.claims["body_bytes"]}
+    if blob is not None:
+        out.update(metadata={k: v for k, v in blob.metadata.items() if k != "modules"}, bits=blob.bits_report(),
+                   n_modules=len(blob.modules))
+        if modules:
+            out["modules"] = _module_rows(blob)
+    return out
+
+
+def _print_envelope(name: str, envelope: signed.Envelope, verified_by: str | None, file_bytes: int) -> None:
+    claims = envelope.claims
+    print(f"{name}: signed {claims['format']} file, format v{claims['format_version']} ({file_bytes} bytes, "
+          f"{file_bytes - claims['body_bytes']} of them the signed envelope)")
+    print(f"  key id            {envelope.key_id}")
+    if verified_by is None:
+        print("  signature not verified (no key given; pass --trust KEYS_DIR or a .pub.pem)")
+    else:
+        print(f"  signature         verified with key {verified_by}")
+    if envelope.encrypted:
+        print(f"  encrypted         yes ({claims['encryption']['alg']}, key check {claims['encryption']['key_check']})")
+    else:
+        print("  encrypted         no")
+    print("  claims")
+    for key in signed.CLAIM_KEYS:
+        value = claims[key]
+        print(f"    {key:17s} {json.dumps(value) if isinstance(value, dict) or value is None else value}")
+
+
+def _print_blob(blob: Blob, title: str, indent: str, modules: bool) -> None:
+    """The blob's report; ``title`` starts its first line and ``indent`` the others (deeper inside an envelope)."""
+    report = blob.bits_report()
+    meta = {k: v for k, v in blob.metadata.items() if k != "modules"}
+    print(f"{title}lowra adapter blob v{meta['format_version']} (checksum ok)")
+    for key in ("adapter_id", "base_fingerprint", "created"):
+        print(f"{indent}{key:17s} {meta[key]}")
+    for key in ("lora", "scheme", "card"):
+        print(f"{indent}{key:17s} {json.dumps(meta[key])}")
+    print(f"{indent}modules           {len(blob.modules)}, adapter parameters {report['n_params']}")
+    print(
+        f"{indent}size              {report['file_bytes']} bytes = {report['effective_bits']:.4f} effective "
+        f"bits/param (code bits {report['code_bits']:.4f})"
+    )
+    print(f"{indent}bytes             " + ", ".join(f"{k} {v}" for k, v in report["bytes"].items()))
+    total = sum(report["width_histogram"].values())
+    print(f"{indent}channel widths    " + ", ".join(
+        f"{w}-bit {n} ({100 * n / total:.0f}%)" for w, n in report["width_histogram"].items()))
+    if modules:
+        for row in _module_rows(blob):
+            print(f"{indent}  {row['module']:45s} [{row['out']}x{row['in']}] r={row['rank']} down {row['down']} "
+                  f"up {row['up']}")
+
+
+def _module_rows(blob: Blob) -> list[dict[str, object]]:
+    rows = []
+    for i, m in enumerate(blob.modules):
+        first = int(blob.layout.module_offsets[i])
+        w = blob.layout.widths[first : first + 2 * m.rank].tolist()
+        rows.append({"module": m.name, "out": m.out_features, "in": m.in_features, "rank": m.rank,
+                     "down": w[: m.rank], "up": w[m.rank :]})
+    return rows
