@@ -55,6 +55,7 @@ from lowra.sdk.quant.baselines import nf_quantize, uniform_quantize
 from lowra.sdk.quant.base.plan import plan_model
 from lowra.sdk.quant.base.fit import quantize_weight
 from lowra.sdk.quant.base.apply import record_input_stats
+from lowra.sdk.quant.base.sensitivity import CalibrationStats
 from lowra.sdk.training.config import TrainConfig
 from lowra.sdk.training.train import evaluate_loss, train_adapter
 
@@ -145,8 +146,9 @@ class Quantizers:
         if weighted not in self.plans:
             if weighted and self.stats is None:
                 self.stats = calibration_stats(self.fp_model, self.tokenizer, self.dataset)
-            stats = self.stats if weighted else None
-            config = QuantizeConfig(bits=bits, weighted=weighted)
+            # lowra-w is issue 3's calibration: 128 training examples, knapsack by output error (no sensitivity)
+            stats = CalibrationStats(self.stats, source="bench: 128 training examples") if weighted else None
+            config = QuantizeConfig(bits=bits, calibration="default" if weighted else None, sensitivity="none")
             self.plans[weighted] = plan_model(self.fp_model, config, stats, progress=False, source="SmolLM2-135M")
         return self.plans[weighted].quantize(bits, progress=False)
 

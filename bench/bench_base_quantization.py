@@ -95,7 +95,7 @@ def print_table(title: str, header: tuple, rows: list) -> None:
 
 def main_table(model, weights: Weights, group: int) -> None:
     t0 = time.perf_counter()
-    plan = plan_model(model, QuantizeConfig(group_size=group), progress=False)
+    plan = plan_model(model, QuantizeConfig(group_size=group, calibration=None), progress=False)
     lo, hi = plan.budget_range()
     table: list = []
     for bits in BUDGETS:
@@ -143,8 +143,8 @@ def timing(model, group: int, threads: int | None) -> None:
     phases: dict[str, float] = {}
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    base = quantize_model(model, QuantizeConfig(bits=1.5, group_size=group), progress=False, timings=phases,
-                          torch_threads=threads)
+    config = QuantizeConfig(bits=1.5, group_size=group, calibration=None)
+    base = quantize_model(model, config, progress=False, timings=phases, torch_threads=threads)
     wall = time.perf_counter() - t0
     print(f"\nquantize_model(SmolLM2, bits=1.5, group_size={group}): {wall:.1f} s wall with torch_threads={threads} "
           f"on {os.cpu_count()} cores, load average {load:.1f} -> {os.getloadavg()[0]:.1f} (another process on the CPU "
@@ -160,7 +160,7 @@ def groups(model, weights: Weights) -> None:
     table = []
     for group in GROUP_SIZES:
         t0 = time.perf_counter()
-        plan = plan_model(model, QuantizeConfig(group_size=group), progress=False)
+        plan = plan_model(model, QuantizeConfig(group_size=group, calibration=None), progress=False)
         lo, _ = plan.budget_range()
         cells = []
         for bits in GROUP_BUDGETS:
@@ -205,7 +205,7 @@ class _QuietFd1:
 
 
 def milp_gap(model, group: int, n_rows: int = 2000) -> None:
-    plan = plan_model(model, QuantizeConfig(group_size=group), progress=False)
+    plan = plan_model(model, QuantizeConfig(group_size=group, calibration=None), progress=False)
     rng = np.random.default_rng(0)
     pick = rng.choice(plan.distortion.shape[0], n_rows, replace=False)
     costs, dists = plan.row_costs()[pick], plan.distortion[pick]
@@ -229,10 +229,10 @@ def milp_gap(model, group: int, n_rows: int = 2000) -> None:
 def scoring_check(model, group: int) -> None:
     """Does scoring with cheap Lloyd-Max starts (then refitting the chosen width) lose anything?"""
     t0 = time.perf_counter()
-    exact = plan_model(model, QuantizeConfig(group_size=group), progress=False, scoring_grid=FINAL_GRID)
+    exact = plan_model(model, QuantizeConfig(group_size=group, calibration=None), progress=False, scoring_grid=FINAL_GRID)
     t_exact = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cheap = plan_model(model, QuantizeConfig(group_size=group), progress=False)
+    cheap = plan_model(model, QuantizeConfig(group_size=group, calibration=None), progress=False)
     t_cheap = time.perf_counter() - t0
     print(f"\nscoring all rows with the final Lloyd-Max starts: {t_exact:.0f} s vs cheap starts {t_cheap:.0f} s")
     for bits in (1.5, 2.0, 2.5, 4.0):

@@ -71,7 +71,7 @@ def main() -> int:
     fp32_model = loaded.model
     base_file = work / f"smollm2-{args.bits}bit.safetensors"
     if not base_file.is_file():
-        quantize_model(fp32_model, QuantizeConfig(bits=args.bits), progress=False).write(base_file, overwrite=True)
+        quantize_model(fp32_model, QuantizeConfig(bits=args.bits, calibration=None), progress=False).write(base_file, overwrite=True)
     qbase = read_quantized_base(base_file)
     report["quantized_base_file_bytes"] = base_file.stat().st_size
     model = load_base().model

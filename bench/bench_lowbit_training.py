@@ -46,7 +46,7 @@ def quantize(cache: Path, bits: float) -> dict:
         return {"variant": "quantize", "cached": str(cache)}
     model = load_base().model
     t0 = time.perf_counter()
-    qb = quantize_model(model, QuantizeConfig(bits=bits), progress=False)
+    qb = quantize_model(model, QuantizeConfig(bits=bits, calibration=None), progress=False)
     seconds = time.perf_counter() - t0
     cache.parent.mkdir(parents=True, exist_ok=True)
     qb.write(cache)

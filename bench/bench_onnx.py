@@ -191,7 +191,7 @@ def main() -> None:
     qpath = out / "base-1.5bit.lowra-base"
     if not qpath.is_file():
         t = time.perf_counter()
-        quantize_model(base.model, QuantizeConfig(bits=1.5), progress=False).write(qpath)
+        quantize_model(base.model, QuantizeConfig(bits=1.5, calibration=None), progress=False).write(qpath)
         results["quantize_s"] = time.perf_counter() - t
     qbase = read_quantized_base(qpath)
     layers = dict(qbase.layers)

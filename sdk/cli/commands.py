@@ -8,6 +8,7 @@ pull in torch. Commands return the process exit status; refusals are raised as `
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -226,9 +227,11 @@ def cmd_quantize_base(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    config = QuantizeConfig(bits=args.bits, group_size=args.group_size)
+    calibration = None if args.calibration == "none" else args.calibration
+    config = QuantizeConfig(bits=args.bits, group_size=args.group_size, calibration=calibration,
+                            sensitivity=args.sensitivity)
     base = load_base(args.base)
-    quantized = quantize_model(base.model, config, progress=True, source=str(base.path))
+    quantized = quantize_model(base.model, config, progress=True, source=str(base.path), tokenizer=base.tokenizer)
     quantized.write(out, overwrite=args.force)
     r, total = quantized.bits_report(), quantized.report["total"]
     rows = sum(r["width_histogram"].values())
@@ -256,6 +259,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Held-out NLL of what the device computes: the base (fp or --quantized-base) and, with --blob, the user."""
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.training.eval import heldout_nll
+    from lowra.sdk.workflow import load_weights_into
+
+    base = load_base(args.base)
+    runtime, load = _device(args)
+    params = dict(base.model.named_parameters())
+    # The plain model computes with exactly the runtime's weights: the decoded low-bit base, then the merged user.
+    names = set(runtime.base.tensors) if args.quantized_base else set()
+    load_weights_into(base.model, {n: runtime.weight(n) for n in sorted(names) if n in params})
+    users = args.user or None
+    rows = [("base" + (" (quantized)" if args.quantized_base else ""), heldout_nll(base.model, base.tokenizer, users,
+                                                                                   max_len=args.max_len))]
+    if args.blob:
+        info = load(args.blob)
+        merged = {f"{m}.weight" for m in info.modules}
+        load_weights_into(base.model, {n: runtime.weight(n) for n in sorted(merged) if n in params})
+        rows.append((f"base + {info.adapter_id}", heldout_nll(base.model, base.tokenizer, users, max_len=args.max_len)))
+    if args.json:
+        print(json.dumps({label: result for label, result in rows}, indent=2))
+        return 0
+    user_ids = list(rows[0][1]["users"])
+    print(f"held-out NLL per answer token (nats), max_len {args.max_len}")
+    print(f"{'':28s}" + "".join(f"{u[:14]:>15s}" for u in user_ids) + f"{'all':>10s}{'tokens':>9s}")
+    for label, result in rows:
+        cells = "".join(f"{result['users'][u]['nll']:15.3f}" for u in user_ids)
+        print(f"{label[:28]:28s}{cells}{result['nll']:10.3f}{result['tokens']:9d}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "compress": cmd_compress,
@@ -264,6 +299,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "demo": cmd_demo,
     "quantize-base": cmd_quantize_base,
+    "eval": cmd_eval,
     "sign": cmd_sign,
     "keys": cmd_keys,
 }

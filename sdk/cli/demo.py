@@ -268,7 +268,7 @@ def _prepare_base(base, bits: float | None) -> dict[str, object]:
         print(f"   base: full precision, linears {fp32_bytes / 2**20:.1f} MiB (float32)")
         return info
     with _Phase(f"base at {bits:g} effective bits: quantizing, or reading the cached file", bars=True) as phase:
-        path = cached_quantized_base(base.model, base.path, QuantizeConfig(bits=bits))
+        path = cached_quantized_base(base.model, base.path, QuantizeConfig(bits=bits), tokenizer=base.tokenizer)
         qb = load_quantized_base(base.model, path)
         phase.result = "done"
     report = qb.bits_report()

@@ -12,7 +12,7 @@ import re
 
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.cli.demo_config import DemoConfig
-from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.base.config import SENSITIVITIES, QuantizeConfig
 from lowra.sdk.quant.config import CompressConfig
 from lowra.sdk.training.config import TrainConfig
 
@@ -272,8 +272,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=qc.group_size,
                    help=f"inputs per absmax scale group; 0 = none, one codebook per row (default {qc.group_size}, "
                    "the measured best)")
+    p.add_argument("--calibration", default=qc.calibration, metavar="default|DIR|none",
+                   help="calibration text: 'default' (the sample users' training examples + CPython's pydoc topics), "
+                   "a folder of .txt/.jsonl files, or 'none' for an uncalibrated base (weight error only). "
+                   f"Calibrated, rows compete for bits by their expected output error (default {qc.calibration})")
+    p.add_argument("--sensitivity", default=qc.sensitivity, choices=SENSITIVITIES,
+                   help="per-layer sensitivity weighting the output error: 'fisher' (mean squared loss gradient of "
+                   f"the layer's outputs on the calibration text) or 'none' (default {qc.sensitivity})")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     _add_base(p, quantized=False)
+
+    tc = TrainConfig()
+    p = sub.add_parser(
+        "eval",
+        help="held-out NLL of the base, a quantized base, or a user's blob on it",
+        description="Mean negative log-likelihood per answer token of the users' held-out examples (default: the "
+        "three sample users), computed with exactly the weights the device runtime produces: the base (or the "
+        "--quantized-base file, decoded) and, with --blob, the user's adapter merged into it. Reproduces the "
+        "base-quality tables in docs/RESULTS.md.",
+    )
+    p.add_argument("--user", action="append", default=None, metavar="DIR",
+                   help="a user folder with heldout.jsonl (repeatable; default: the sample users)")
+    p.add_argument("--blob", default=None, help="also evaluate this user's blob merged into the base")
+    p.add_argument("--max-len", type=int, default=tc.max_len,
+                   help=f"tokens per example, as in training (default {tc.max_len})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _add_base(p)
+    _add_device_trust(p)
 
     dc = DemoConfig()
     p = sub.add_parser(

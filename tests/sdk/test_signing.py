@@ -54,7 +54,7 @@ def quantized(tmp_path):
     from lowra.sdk.quant.lowbit_linear import replace_linears
 
     model = build_tiny_model()
-    q = quantize_model(model, QuantizeConfig(bits=8.0, group_size=32), progress=False)
+    q = quantize_model(model, QuantizeConfig(bits=8.0, group_size=32, calibration=None), progress=False)
     base_file = q.write(tmp_path / "base.lowra-base")
     replace_linears(model, q.layers)
     factors = random_adapter(model)
@@ -141,14 +141,14 @@ def test_trusted_keys_and_verify_envelope_name_each_failure(keys, tiny_blob, tmp
     assert trust.policy().verify(data, "blob").key_id == server.key_id
 
     only_attacker = trusted_keys(attacker.public_path)
-    with pytest.raises(UntrustedKeyError, match="not among the trusted keys"):
+    with pytest.raises(UntrustedKeyError, match="does not trust"):
         only_attacker.policy().verify(data, "blob")
     forged = bytearray(data)
     forged[-1] ^= 1
     with pytest.raises(ForgedSignatureError, match="does not match key"):
         trust.policy().verify(bytes(forged), "blob")
     revoke(folder, server.key_id)
-    with pytest.raises(RevokedKeyError, match=r"\(server\), which is revoked"):
+    with pytest.raises(RevokedKeyError, match="which is revoked"):
         trusted_keys(folder).policy().verify(data, "blob")
     with pytest.raises(ConfigError, match="neither a key folder nor a public key file"):
         trusted_keys(tmp_path / "nowhere")

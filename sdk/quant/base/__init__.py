@@ -15,8 +15,14 @@ Method (LowRA, arXiv 2502.08141, sections 4.1-4.2; numbers measured in bench/ben
    1 bit, +0.04% (64-groups) / +0.4% (no groups) at 2 bits and 1-4% *better* at 4 bits (the histogram smooths
    the discrete sample Lloyd-Max gets stuck on), and the cost no longer grows with the row length.
    Levels are stored in float16 and codes are nearest w.r.t. the float16 levels, so the decode is what we scored.
+0. **Calibrate** (default; ``QuantizeConfig(calibration=None)`` skips it). :func:`.apply.calibrate` runs the model
+   on :mod:`lowra.sdk.training.calibration`'s windows (sample users' train files + pydoc, or the user's folder) and
+   records E[x_j^2] per input of every linear and, for ``sensitivity="fisher"``, the mean squared loss gradient of
+   its outputs (:mod:`.sensitivity`). Both summaries go into the file's report (per module) and scheme.
 3. **Assign precision.** Every row picks a width; the cost of a choice is its packed codes (byte-padded rows) plus
-   its codebook (16 * 2**w bits); the distortion is its weighted SSE in weight space. A multiple-choice knapsack
+   its codebook (16 * 2**w bits); the distortion is its SSE in weight space, or, calibrated, its expected output
+   error sum_j E[x_j^2] (W - Q(W))_rj^2 times its layer's sensitivity (issue 11: by weight MSE the 4-bit base put
+   18% of rows at 1-2 bits wherever rows had small variance, whatever the output depended on). A multiple-choice knapsack
    (:func:`lowra.sdk.quant.allocation.assign_precision`, exact at its hull breakpoints; the paper's two ILPs over 128 channel
    clusters approximate the same problem) minimizes total distortion under the budget. Rows are scored with
    cheap Lloyd-Max starts, then refitted once at their chosen width with the better start (DECISION_GRID /
@@ -28,6 +34,6 @@ Method (LowRA, arXiv 2502.08141, sections 4.1-4.2; numbers measured in bench/ben
 Modules, one concern each: :mod:`.config` (QuantizeConfig, torch-free), :mod:`.fit` (one layer: normalize, histogram,
 Lloyd-Max, pack; ``quantize_weight``), :mod:`.plan` (every row scored, the assignment under the budget, the packed
 base), :mod:`.report` (the report in the file's header), :mod:`.apply` (``quantize_model``, ``record_input_stats``),
-:mod:`.cache` (``cached_quantized_base``). Baselines (NF, uniform, water-filling, MILP) live in
+:mod:`.cache` (``cached_quantized_base``), :mod:`.sensitivity` (``CalibrationStats``, the output Fisher). Baselines (NF, uniform, water-filling, MILP) live in
 :mod:`lowra.sdk.quant.baselines`. This package imports none of them, so importing the config never imports torch.
 """

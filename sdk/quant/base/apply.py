@@ -1,7 +1,8 @@
-"""Quantize a whole model: ``quantize_model`` (plan, assign, pack) and the input statistics ``weighted`` needs."""
+"""Quantize a whole model: ``quantize_model`` (calibrate, plan, assign, pack) and the calibration it needs."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import time
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -12,15 +13,50 @@ from lowra.sdk.modules import linear_module_names
 from lowra.sdk.quant.base.config import QuantizeConfig
 from lowra.sdk.quant.base.fit import TORCH_THREADS
 from lowra.sdk.quant.base.plan import plan_model
+from lowra.sdk.quant.base.sensitivity import CalibrationStats, record_output_fisher
 from lowra.sdk.targets import ALL_LINEAR
 
-__all__ = ["quantize_model", "record_input_stats"]
+__all__ = ["calibrate", "quantize_model", "record_input_stats"]
+
+# Batches (of CALIBRATION_BATCH windows) the output Fisher is measured on: a backward pass costs ~2 forwards, and
+# a per-layer mean settles on fewer tokens than per-input statistics (see bench/bench_base_ppl.py).
+FISHER_BATCHES = 4
+
+
+def calibrate(
+    model: nn.Module,
+    config: QuantizeConfig,
+    tokenizer: Any = None,
+    batches: list[Mapping[str, torch.Tensor]] | None = None,
+) -> CalibrationStats:
+    """Record what a calibrated ``config`` needs: E[x^2] per input of every targeted linear on ``batches`` (default:
+    :func:`lowra.sdk.training.calibration.calibration_batches` of ``config.calibration`` with ``tokenizer``), and
+    for ``sensitivity="fisher"`` the output Fisher on the first FISHER_BATCHES of them. The model is not changed."""
+    if batches is None:
+        if tokenizer is None:
+            raise ConfigError(
+                "calibration needs the model's tokenizer (to tokenize the calibration text) or ready batches; "
+                "pass tokenizer=..., or use QuantizeConfig(calibration=None) for an uncalibrated base"
+            )
+        from lowra.sdk.training.calibration import calibration_batches
+
+        batches = calibration_batches(tokenizer, config.calibration or "default")
+    batches = list(batches)
+    input_ms = record_input_stats(model, batches, config.targets)
+    fisher = (
+        record_output_fisher(model, batches[:FISHER_BATCHES], config.targets) if config.sensitivity == "fisher" else {}
+    )
+    tokens = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+    )
+    return CalibrationStats(input_ms=input_ms, output_fisher=fisher, source=str(config.calibration), tokens=tokens)
 
 
 def quantize_model(
     model: nn.Module,
     config: QuantizeConfig,
-    input_stats: Mapping[str, torch.Tensor] | None = None,
+    calibration: CalibrationStats | None = None,
+    tokenizer: Any = None,
     progress: bool = True,
     source: str = "",
     created: str | None = None,
@@ -31,12 +67,18 @@ def quantize_model(
     """Quantize every targeted linear layer of ``model`` under ``config.bits`` effective bits per parameter.
 
     Returns the in-memory quantized base (``.write(path)`` saves it; ``.bits_report()`` and ``.report`` hold the
-    measured bits and errors). The model is not modified. ``input_stats`` maps module path -> mean squared input
-    per feature [in] and is used when ``config.weighted``. ``timings``, when given, receives the seconds spent
-    per phase (scoring, assignment, refitting, packing, file). ``torch_threads``: see TORCH_THREADS.
+    measured bits and errors). The model is not modified. A calibrated ``config`` (the default) uses
+    ``calibration`` when given, else records it with :func:`calibrate` on ``tokenizer``'s calibration batches.
+    ``timings``, when given, receives the seconds spent per phase (calibration, scoring, assignment, refitting,
+    packing, file). ``torch_threads``: see TORCH_THREADS (calibration's forward passes keep torch's setting).
     ``device``: where the codebooks are fitted (see :func:`plan_model`; default CPU).
     """
-    plan = plan_model(model, config, input_stats, progress=progress, source=source, timings=timings,
+    if config.calibrated and calibration is None:
+        start = time.perf_counter()
+        calibration = calibrate(model, config, tokenizer)
+        if timings is not None:
+            timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - start
+    plan = plan_model(model, config, calibration, progress=progress, source=source, timings=timings,
                       torch_threads=torch_threads, device=device)
     return plan.quantize(config.bits, progress=progress, created=created, timings=timings, torch_threads=torch_threads)
 
@@ -48,8 +90,8 @@ def record_input_stats(
     """Mean squared input per feature (float32 [in]) of every targeted linear layer over ``batches``.
 
     Each batch is token ids [batch, seq] or a dict of model inputs (e.g. with ``attention_mask``; padded positions
-    are then left out). These are the ``input_stats`` that ``weighted=True`` needs: the error of weight ``W[r, j]``
-    then counts by ``E[x_j^2]``, the expected output error, instead of equally. Plain forward hooks: works on any
+    are then left out). These are a calibrated base's input statistics (:class:`CalibrationStats`): the error of
+    weight ``W[r, j]`` then counts by ``E[x_j^2]``, the expected output error, instead of equally. Plain forward hooks: works on any
     model, LoRA-wrapped or not.
     """
     names = linear_module_names(model, targets)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from typing import Any
+
 from torch import nn
 
 from lowra.device_runtime._files import cache_dir
@@ -17,9 +19,11 @@ __all__ = ["cached_quantized_base"]
 
 
 def cached_quantized_base(
-    model: nn.Module, base_path: str | Path, config: QuantizeConfig, progress: bool = True
+    model: nn.Module, base_path: str | Path, config: QuantizeConfig, tokenizer: Any = None, progress: bool = True
 ) -> Path:
     """The quantized base of ``model`` (loaded from ``base_path``) under ``config``, written once to the lowra cache.
+
+    A calibrated ``config`` (the default) needs the base's ``tokenizer`` for its calibration text.
 
     The cache key covers the base folder, its weight files' sizes and times, the config and the method, so a changed
     base or quantizer writes a new file. A cached file is verified (checksum) before use; a damaged one is redone.
@@ -38,5 +42,6 @@ def cached_quantized_base(
         except LowraError:
             pass  # damaged (e.g. a disk error): quantize again and replace it
     path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_model(model, config, progress=progress, source=str(base_path)).write(path, overwrite=True)
+    quantized = quantize_model(model, config, tokenizer=tokenizer, progress=progress, source=str(base_path))
+    quantized.write(path, overwrite=True)
     return path

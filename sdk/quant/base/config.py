@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from lowra.sdk.errors import BudgetError, ConfigError
@@ -13,6 +14,14 @@ from lowra.sdk.targets import ALL_LINEAR, check_targets
 # scales cost more bits than the local scale adaptation saves -- even 8-bit double-quantized scales would not
 # change the order (bound measured: G=64 0.269 / 0.152 / 0.095). So rows get no groups by default.
 DEFAULT_GROUP_SIZE = 0
+# The calibration text (see lowra.sdk.training.calibration): the sample users' train sets + CPython's pydoc topics.
+DEFAULT_CALIBRATION = "default"
+# How much a row's expected output error costs in the knapsack, per layer (see lowra.sdk.quant.base.sensitivity):
+#   "none"   1 for every layer: rows compete by expected output error sum_j E[x_j^2] (W - Q(W))_rj^2 alone
+#   "fisher" times the layer's empirical Fisher: the mean squared gradient of the calibration loss w.r.t. the
+#            layer's outputs, so an error counts by how much the model's loss feels it
+SENSITIVITIES = ("none", "fisher")
+DEFAULT_SENSITIVITY = "fisher"
 
 
 @dataclass
@@ -20,7 +29,11 @@ class QuantizeConfig:
     bits: float = 1.5  # effective bits per quantized parameter, every byte of the file counted (dense data aside)
     group_size: int = DEFAULT_GROUP_SIZE  # inputs per absmax group; 0 = one codebook per row, no scales
     targets: str | list[str] = ALL_LINEAR
-    weighted: bool = False  # weight the error by input second moments (needs input_stats)
+    # Calibration text: "default", a folder of .txt/.jsonl files, or None for none (codebooks and widths then
+    # minimize the weight error alone). Calibrated, codebooks are weighted by each input's E[x^2] and rows compete
+    # in the knapsack by their expected output error times the layer's ``sensitivity``.
+    calibration: str | os.PathLike[str] | None = DEFAULT_CALIBRATION
+    sensitivity: str = DEFAULT_SENSITIVITY  # see SENSITIVITIES; used only when calibrated
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits)):
@@ -32,3 +45,16 @@ class QuantizeConfig:
                 f"group_size must be an integer >= 0 (inputs per absmax group, 0 = no groups), got {self.group_size!r}"
             )
         self.targets = check_targets(self.targets, "QuantizeConfig.targets")
+        if isinstance(self.calibration, os.PathLike):
+            self.calibration = os.fspath(self.calibration)
+        if self.calibration is not None and (not isinstance(self.calibration, str) or not self.calibration):
+            raise ConfigError(
+                f"calibration must be {DEFAULT_CALIBRATION!r}, a folder of .txt/.jsonl files or None (uncalibrated), "
+                f"got {self.calibration!r}"
+            )
+        if self.sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None

@@ -41,8 +41,12 @@ from lowra.sdk.quant.base.fit import (
     intra_op_threads,
 )
 from lowra.sdk.quant.base.report import placeholder_report, report_json, report_round
+from lowra.sdk.quant.base.sensitivity import CalibrationStats
 
-METHOD = "lowra: absmax groups + per-row weighted Lloyd-Max (128-bin) + knapsack over 1/2/4-bit rows"
+METHOD = (
+    "lowra: absmax groups + per-row weighted Lloyd-Max (128-bin) + knapsack over 1/2/4-bit rows "
+    "(calibrated: E[x^2]-weighted output error x layer sensitivity)"
+)
 
 
 def row_costs(n_in: int) -> np.ndarray:
@@ -132,21 +136,38 @@ class QuantizePlan:
     names: list[str]
     shapes: list[tuple[int, int]]
     weights: dict[str, torch.Tensor]
-    stats: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]  # module -> E[x^2] per input (empty: uncalibrated)
+    sensitivity: dict[str, float]  # module -> weight of its rows' distortions in the knapsack (1: uncalibrated)
     levels: dict[int, torch.Tensor]  # width -> float16-exact levels [all rows, 2**w]
-    distortion: np.ndarray  # float64 [all rows, 3]: weighted SSE in weight space at widths 1, 2, 4
+    # float64 [all rows, 3]: SSE at widths 1, 2, 4, in weight space or (calibrated) weighted by E[x^2]: the
+    # expected output error; the knapsack multiplies it by the layer's sensitivity (row_sensitivity)
+    distortion: np.ndarray
     dense: dict[str, np.ndarray]
     aliases: dict[str, str]
     source: str
     scoring_grid: dict[int, int | None]
     device: torch.device | None = None  # where rows are fitted (None: CPU)
+    calibration_source: str | None = None  # the calibration text (None: uncalibrated)
+    calibration_tokens: int = 0
 
     def prepare(self, name: str) -> PreparedLayer:
         return prepare_layer(name, self.weights[name], self.config.group_size, self.stats.get(name), self.device)
 
     @property
+    def calibrated(self) -> bool:
+        return bool(self.stats)
+
+    @property
     def n_params(self) -> int:
         return int(sum(o * i for o, i in self.shapes))
+
+    def row_sensitivity(self) -> np.ndarray:
+        """The layer's sensitivity for every row [rows]: what the knapsack multiplies each row's distortion by."""
+        return np.concatenate([np.full(o, self.sensitivity[n]) for n, (o, _) in zip(self.names, self.shapes)])
+
+    def knapsack_distortion(self) -> np.ndarray:
+        """What the knapsack minimizes [rows, 3]: each row's distortion times its layer's sensitivity."""
+        return self.distortion * self.row_sensitivity()[:, None]
 
     def row_costs(self) -> np.ndarray:
         """Bits that vary with the width, per row [rows, 3] (codes with byte padding + float16 codebook)."""
@@ -160,7 +181,9 @@ class QuantizePlan:
             "aliases": self.aliases,
             "scheme": {
                 "method": METHOD, "budget_bits": float(bits), "group_size": g, "widths": list(CODED_WIDTHS),
-                "weighted": bool(self.config.weighted), "hist_bins": HIST_BINS,
+                "weighted": self.calibrated, "hist_bins": HIST_BINS,
+                "calibration": self.calibration_source, "calibration_tokens": self.calibration_tokens,
+                "sensitivity": self.config.sensitivity if self.calibrated else "none",
                 "scale_dtype": "float16", "codebook_dtype": "float16", "dense_dtype": "float16",
             },
             "report": report,
@@ -170,7 +193,7 @@ class QuantizePlan:
     def fixed_bytes(self, bits: float, created: str) -> int:
         """Bytes that do not depend on the widths: the header (bounded above), scales and the width maps."""
         g = self.config.group_size
-        meta = self._metadata(bits, created, placeholder_report(self.shapes, bool(self.config.weighted)))
+        meta = self._metadata(bits, created, placeholder_report(self.shapes, self.calibrated))
         table = [(n, o, i, g) for n, (o, i) in zip(self.names, self.shapes)]
         return header_bytes_bound(table, self.dense, meta) + sum(
             o * 2 * (-(-i // g) if g else 0) + (o + 3) // 4 for o, i in self.shapes
@@ -198,7 +221,7 @@ class QuantizePlan:
                 f"a budget of {bits} effective bits/param is above what the widths can use: {highest:.4f} (every "
                 f"row at 4 bits, with all overhead). Lower --bits to at most {highest:.4f}"
             )
-        choice = assign_precision(costs, self.distortion, bits * n_params - fixed)
+        choice = assign_precision(costs, self.knapsack_distortion(), bits * n_params - fixed)
         return np.asarray(CODED_WIDTHS, dtype=np.uint8)[choice]
 
     def quantize(
@@ -224,7 +247,7 @@ class QuantizePlan:
         levels, _ = refine(self, row_widths, progress)
         clock.lap("refitting")
 
-        weighted = bool(self.config.weighted)
+        weighted = self.calibrated
         layers: dict[str, QuantizedWeight] = {}
         module_rows, sse_total, energy_total, out_err, out_energy = [], 0.0, 0.0, 0.0, 0.0
         start = 0
@@ -247,7 +270,8 @@ class QuantizePlan:
             if weighted:
                 ms = prep.input_ms.cpu().numpy()
                 e_out, e_ref = float(np.sum(err * err * ms[None, :])), float(np.sum(W * W * ms[None, :]))
-                row.append(report_round(e_out / max(e_ref, 1e-300)))
+                row += [report_round(e_out / max(e_ref, 1e-300)), report_round(float(ms.mean())),
+                        report_round(self.sensitivity[name])]
                 out_err, out_energy = out_err + e_out, out_energy + e_ref
             module_rows.append(row + [int(np.sum(w == 1)), int(np.sum(w == 2)), int(np.sum(w == 4))])
             sse_total, energy_total = sse_total + sse, energy_total + energy
@@ -277,7 +301,7 @@ class QuantizePlan:
 def plan_model(
     model: nn.Module,
     config: QuantizeConfig,
-    input_stats: Mapping[str, torch.Tensor] | None = None,
+    calibration: CalibrationStats | None = None,
     progress: bool = True,
     source: str = "",
     timings: dict[str, float] | None = None,
@@ -293,13 +317,13 @@ def plan_model(
     see CUDA_CHUNK_ROWS); the plan's levels and distortions always come back to the CPU.
     """
     with intra_op_threads(torch_threads):
-        return _plan_model(model, config, input_stats, progress, source, timings, scoring_grid, device)
+        return _plan_model(model, config, calibration, progress, source, timings, scoring_grid, device)
 
 
 def _plan_model(
     model: nn.Module,
     config: QuantizeConfig,
-    input_stats: Mapping[str, torch.Tensor] | None,
+    calibration: CalibrationStats | None,
     progress: bool,
     source: str,
     timings: dict[str, float] | None,
@@ -310,23 +334,28 @@ def _plan_model(
     names = linear_module_names(model, config.targets)
     if not names:
         raise ConfigError("the model has no linear layers to quantize (targets matched nothing)")
-    if config.weighted:
-        missing = [n for n in names if not input_stats or n not in input_stats]
+    stats: dict[str, torch.Tensor] = {}
+    sensitivity = dict.fromkeys(names, 1.0)
+    if config.calibrated:
+        missing = [n for n in names if calibration is None or n not in calibration.input_ms]
         if missing:
             raise ConfigError(
-                f"weighted=True needs input statistics for every targeted module; missing {missing[:3]}"
-                f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {len(names)}). Record them on "
-                "calibration text or pass weighted=False"
+                f"a calibrated QuantizeConfig needs input statistics for every targeted module; missing {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {len(names)}). Record them with "
+                "calibrate(...) (or pass quantize_model a tokenizer), or use QuantizeConfig(calibration=None)"
             )
+        stats = {n: calibration.input_ms[n] for n in names}
+        sensitivity = calibration.layer_sensitivity(names, config.sensitivity)
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight for n in names}
-    stats = {n: input_stats[n] for n in names} if config.weighted and input_stats else {}
     grid = dict(scoring_grid or DECISION_GRID)
     plan = QuantizePlan(
         config=config, names=names, shapes=[(int(weights[n].shape[0]), int(weights[n].shape[1])) for n in names],
-        weights=weights, stats=stats, levels={}, distortion=np.zeros((0, len(CODED_WIDTHS))), dense={}, aliases={},
+        weights=weights, stats=stats, sensitivity=sensitivity, levels={}, distortion=np.zeros((0, len(CODED_WIDTHS))), dense={}, aliases={},
         source=source or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
         scoring_grid=grid, device=None if device is None else torch.device(device),
+        calibration_source=calibration.source if config.calibrated else None,
+        calibration_tokens=calibration.tokens if config.calibrated else 0,
     )
     # Every row scored at every width: histograms fitted in chunks of rows across layers.
     scoring = {w: RowBatcher(w, grid[w]) for w in CODED_WIDTHS}

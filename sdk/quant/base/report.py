@@ -7,6 +7,9 @@ from typing import Sequence
 REPORT_DIGITS = 6
 # Longest JSON text a rounded float can take ("-1.23457e-100"): the header bound uses it.
 WIDEST_FLOAT = -1.23457e-100
+# Calibrated bases also report, per module, the importance statistics the widths were chosen by: the output error
+# (relative, E[x^2]-weighted), the mean input second moment E[x^2], and the layer's knapsack sensitivity.
+CALIBRATED_COLUMNS = ["output_error", "input_ms_mean", "sensitivity"]
 
 
 def report_round(x: float) -> float:
@@ -17,7 +20,7 @@ def placeholder_report(shapes: Sequence[tuple[int, int]], weighted: bool) -> dic
     """A report with every number at its longest JSON text: the header bound uses it."""
     rows = sum(o for o, _ in shapes)
     return report_json(
-        [[WIDEST_FLOAT] * (4 if weighted else 3) + [o, o, o] for o, _ in shapes],
+        [[WIDEST_FLOAT] * (3 + len(CALIBRATED_COLUMNS) * weighted) + [o, o, o] for o, _ in shapes],
         {"mse_over_var": WIDEST_FLOAT, "code_bits": WIDEST_FLOAT, "widths": {"1": rows, "2": rows, "4": rows},
          **({"output_error": WIDEST_FLOAT} if weighted else {})},
         weighted,
@@ -25,5 +28,5 @@ def placeholder_report(shapes: Sequence[tuple[int, int]], weighted: bool) -> dic
 
 
 def report_json(module_rows: list[list[float]], total: dict[str, object], weighted: bool) -> dict[str, object]:
-    columns = ["mse_over_var", "effective_bits", "code_bits"] + (["output_error"] if weighted else [])
+    columns = ["mse_over_var", "effective_bits", "code_bits"] + (CALIBRATED_COLUMNS if weighted else [])
     return {"columns": columns + ["rows_1bit", "rows_2bit", "rows_4bit"], "modules": module_rows, "total": total}

@@ -34,7 +34,7 @@ def test_smollm2_low_bit_program_matches_eager():
     model = loaded.model
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
-    base = quantize_model(model, QuantizeConfig(bits=1.5), progress=False)
+    base = quantize_model(model, QuantizeConfig(bits=1.5, calibration=None), progress=False)
     replace_linears(model, base.layers)
     folder = _ROOT / "smollm2-2layers"
     config = ExecutorchExportConfig(modes=("side",), max_seq_len=48, xnnpack=False)

@@ -136,7 +136,7 @@ def test_adapter_on_a_quantized_base_binds_to_its_decoded_weights(tmp_path):
     model = build_tiny_model()
     fp_dir = tmp_path / "fp"
     model.save_pretrained(fp_dir)
-    quantized = quantize_model(model, QuantizeConfig(bits=8.0, group_size=32), progress=False)
+    quantized = quantize_model(model, QuantizeConfig(bits=8.0, group_size=32, calibration=None), progress=False)
     base_file = quantized.write(tmp_path / "base.lowra-base")
     replace_linears(model, quantized.layers)
     factors = random_adapter(model)

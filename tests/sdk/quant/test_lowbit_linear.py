@@ -248,7 +248,7 @@ def _tiny_base_file(model: nn.Module, folder) -> Path:
     from lowra.sdk.quant.base.config import QuantizeConfig
     from lowra.sdk.quant.base.plan import plan_model
 
-    plan = plan_model(model, QuantizeConfig(bits=2.0, group_size=16), progress=False)
+    plan = plan_model(model, QuantizeConfig(bits=2.0, group_size=16, calibration=None), progress=False)
     low, high = plan.budget_range()
     return plan.quantize(low + 0.4 * (high - low), progress=False).write(folder / "q.safetensors")
 

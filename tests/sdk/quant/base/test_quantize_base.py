@@ -11,6 +11,7 @@ from lowra.sdk.errors import BudgetError, ConfigError
 from lowra.sdk.quant.base.apply import quantize_model
 from lowra.sdk.quant.base.config import QuantizeConfig
 from lowra.sdk.quant.base.fit import quantize_weight
+from lowra.sdk.quant.base.sensitivity import CalibrationStats
 
 CREATED = "2026-01-01T00:00:00+00:00"
 
@@ -34,6 +35,9 @@ class Toy(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed(input_ids)
@@ -139,7 +143,8 @@ def test_refusals_name_the_problem():
 
 # ----------------------------------------------------------------------------------------------- whole model
 def quantize(bits: float, group: int = 32, **kw):
-    return quantize_model(Toy(), QuantizeConfig(bits=bits, group_size=group), progress=False, created=CREATED, **kw)
+    return quantize_model(Toy(), QuantizeConfig(bits=bits, group_size=group, calibration=None), progress=False,
+                          created=CREATED, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -220,13 +225,15 @@ def test_group_size_zero_and_partial_groups():
 
 def test_weighted_needs_statistics_and_uses_them():
     names = ["up", "down", "proj"]
-    with pytest.raises(ConfigError, match="weighted=True needs input statistics.*missing"):
-        quantize_model(Toy(), QuantizeConfig(bits=2.5, group_size=32, weighted=True), progress=False)
+    calibrated = QuantizeConfig(bits=2.5, group_size=32, sensitivity="none")
+    with pytest.raises(ConfigError, match="calibrated QuantizeConfig needs input statistics.*missing"):
+        quantize_model(Toy(), calibrated, calibration=CalibrationStats({}), progress=False)
+    with pytest.raises(ConfigError, match="calibration needs the model's tokenizer"):
+        quantize_model(Toy(), calibrated, progress=False)
     gen = torch.Generator().manual_seed(0)
     stats = {n: torch.exp(2 * torch.randn(Toy().get_submodule(n).in_features, generator=gen)) for n in names}
-    weighted = quantize_model(Toy(), QuantizeConfig(bits=2.5, group_size=32, weighted=True), input_stats=stats,
-                              progress=False)
-    plain = quantize(2.5, input_stats=stats)  # stats given but weighted=False: ignored
+    weighted = quantize_model(Toy(), calibrated, calibration=CalibrationStats(stats), progress=False)
+    plain = quantize(2.5, calibration=CalibrationStats(stats))  # stats given but calibration=None: ignored
     assert "output_error" in weighted.report["total"] and "output_error" not in plain.report["total"]
     model = Toy()
 
@@ -249,7 +256,7 @@ def test_nan_weight_in_a_model_names_the_layer():
     with torch.no_grad():
         model.down.weight[5, 7] = float("inf")
     with pytest.raises(ConfigError, match=r"layer down: .* \(first: row 5\)"):
-        quantize_model(model, QuantizeConfig(bits=2.5, group_size=32), progress=False)
+        quantize_model(model, QuantizeConfig(bits=2.5, group_size=32, calibration=None), progress=False)
 
 
 def test_cli_quantize_base(tmp_path, capsys, tiny_tokenizer):

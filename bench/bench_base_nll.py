@@ -1,0 +1,192 @@
+"""Held-out NLL of the low-bit SmolLM2-135M base alone (no adapter): how the allocation and calibration choices
+move it at 4.0 / 3.0 / 2.0 effective bits (issue 11, first part).
+
+NLL = mean nats per answer token over the sample users' held-out sets (:func:`lowra.sdk.training.eval.heldout_nll`;
+the same tokens for every row). Every lowra row stores the same file format (1/2/4-bit rows, every byte counted).
+
+Rows:
+  fp              the fp32 base
+  weight@b        lowra before issue 11: codebooks and widths by weight MSE, no calibration
+  codebooks@b     codebooks weighted by calibration E[x^2]; widths still by the codebooks' weight MSE
+  output@b        calibrated codebooks; widths by expected output error sum_j E[x_j^2] dW_rj^2 (sensitivity none)
+  fisher@b        the same times the layer's output Fisher (the default QuantizeConfig)
+  fisher_rows@b   per-row Fisher (each output's own mean squared loss gradient) instead of the layer mean
+Calibration: lowra.sdk.training.calibration's default set (sample users' train files + pydoc topics, never held-out).
+
+    python bench/bench_base_nll.py                     # every row, table at the end (~20 min on 2 busy cores)
+    python bench/bench_base_nll.py --rows fp,fisher@4.0
+Rows are cached as JSON under --out (a rerun skips them; --fresh recomputes).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.sdk.base_model import load_base
+from lowra.sdk.quant.base.apply import calibrate
+from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.base.plan import QuantizePlan, plan_model
+from lowra.sdk.quant.codebook import assign_codes
+from lowra.sdk.training.eval import heldout_nll
+
+ROOT = Path(__file__).resolve().parents[1]
+BITS = (4.0, 3.0, 2.0)
+VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows")
+DEFAULT_ROWS = ("fp",) + tuple(f"{v}@{b}" for v in VARIANTS for b in BITS)
+
+
+@dataclass
+class WeightErrorWidths(QuantizePlan):
+    """Calibrated codebooks, but widths chosen by the codebooks' error in weight space (the 'codebooks' row)."""
+
+    weight_distortion: np.ndarray | None = None
+
+    def knapsack_distortion(self) -> np.ndarray:
+        return self.weight_distortion
+
+
+@dataclass
+class RowFisherWidths(QuantizePlan):
+    """Each row's output error times its own output's Fisher, not the layer mean (the 'fisher_rows' row)."""
+
+    row_fisher: np.ndarray | None = None
+
+    def row_sensitivity(self) -> np.ndarray:
+        return self.row_fisher
+
+
+def weight_space_distortion(plan: QuantizePlan) -> np.ndarray:
+    """Unweighted SSE [rows, 3] of every row under the plan's scored levels at each width (nearest codes)."""
+    out, start = [], 0
+    for name, (o, _) in zip(plan.names, plan.shapes):
+        values = plan.prepare(name).values
+        cols = []
+        for w in CODED_WIDTHS:
+            lv = plan.levels[w][start : start + o]
+            err = values - lv.gather(1, assign_codes(values, lv).long())
+            cols.append((err * err).sum(1))
+        out.append(torch.stack(cols, 1).numpy())
+        start += o
+    return np.concatenate(out)
+
+
+class Plans:
+    """One scored plan per variant, reused across budgets (scoring is most of the work)."""
+
+    def __init__(self, base) -> None:
+        self.base, self.plans, self.calibration, self.seconds = base, {}, None, {}
+
+    def get(self, variant: str) -> QuantizePlan:
+        if variant in self.plans:
+            return self.plans[variant]
+        model = self.base.model
+        if variant == "weight":
+            t0 = time.perf_counter()
+            plan = plan_model(model, QuantizeConfig(calibration=None), progress=False, source="SmolLM2-135M")
+            self.seconds["plan_weight"] = time.perf_counter() - t0
+        else:
+            if self.calibration is None:
+                t0 = time.perf_counter()
+                self.calibration = calibrate(model, QuantizeConfig(), self.base.tokenizer)
+                self.seconds["calibration"] = time.perf_counter() - t0
+            sensitivity = "fisher" if variant == "fisher" else "none"
+            if variant in ("codebooks", "output", "fisher_rows") and "output" in self.plans:
+                plan = self.plans["output"]
+            else:
+                t0 = time.perf_counter()
+                plan = plan_model(model, QuantizeConfig(sensitivity=sensitivity), self.calibration, progress=False,
+                                  source="SmolLM2-135M")
+                self.seconds[f"plan_{variant}"] = time.perf_counter() - t0
+            if variant == "codebooks":
+                plan = WeightErrorWidths(**vars(plan), weight_distortion=weight_space_distortion(plan))
+            elif variant == "fisher_rows":
+                fisher = np.concatenate([self.calibration.output_fisher[n].double().numpy() for n in plan.names])
+                fisher = np.maximum(fisher, 1e-6 * fisher.mean()) / fisher.mean()
+                plan = RowFisherWidths(**vars(replace(plan, sensitivity=dict.fromkeys(plan.names, 1.0))),
+                                       row_fisher=fisher)
+        self.plans[variant] = plan
+        return plan
+
+
+def run_row(name: str, base, plans: Plans) -> dict:
+    info: dict = {"row": name}
+    model = base.model
+    if name != "fp":
+        variant, bits = name.split("@")
+        plan = plans.get(variant)
+        t0 = time.perf_counter()
+        qb = plan.quantize(float(bits), progress=False)
+        info["quantize_s"] = round(time.perf_counter() - t0, 1)
+        report = qb.bits_report()
+        info.update(bits=float(report["effective_bits"]), mse_over_var=qb.report["total"]["mse_over_var"],
+                    output_error=qb.report["total"].get("output_error"), widths=qb.report["total"]["widths"])
+        model = copy.deepcopy(base.model)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in qb.dequantized_state_dict().items()})
+    else:
+        info["bits"] = 32.0
+    t0 = time.perf_counter()
+    result = heldout_nll(model, base.tokenizer)
+    info.update(nll=result["nll"], tokens=result["tokens"], users={k: v["nll"] for k, v in result["users"].items()})
+    info["eval_s"] = round(time.perf_counter() - t0, 1)
+    return info
+
+
+def table(rows: list[dict]) -> str:
+    fp = next((r["nll"] for r in rows if r["row"] == "fp"), None)
+    lines = [f"{'row':<16} {'bits':>6} {'MSE/var':>8} {'out.err':>8} {'rows 1/2/4-bit %':>17} {'NLL':>7} {'vs fp':>7}"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], VARIANTS.index(r["row"].split("@")[0]) if "@" in r["row"] else -1)):
+        mix = "-"
+        if "widths" in r:
+            n = sum(r["widths"].values())
+            mix = "/".join(f"{100 * r['widths'][str(w)] / n:.0f}" for w in CODED_WIDTHS)
+        mse = f"{r['mse_over_var']:8.4f}" if "mse_over_var" in r else f"{'-':>8}"
+        out = f"{r['output_error']:8.4f}" if r.get("output_error") is not None else f"{'-':>8}"
+        gap = f"{r['nll'] - fp:+7.3f}" if fp is not None else f"{'-':>7}"
+        lines.append(f"{r['row']:<16} {r['bits']:6.3f} {mse} {out} {mix:>17} {r['nll']:7.3f} {gap}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for forward passes")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "base_nll", help="row cache + table")
+    ap.add_argument("--fresh", action="store_true", help="recompute rows even if cached")
+    args = ap.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    base = load_base()
+    base.model.eval()
+    plans = Plans(base)
+    for name in rows:
+        path = args.out / f"{name.replace('@', '_at_')}.json"
+        if path.is_file() and not args.fresh:
+            print(f"{name}: cached ({path})")
+            continue
+        info = run_row(name, base, plans)
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        info["threads"] = args.threads
+        info["plan_seconds"] = {k: round(v, 1) for k, v in plans.seconds.items()}
+        path.write_text(json.dumps(info, indent=1))
+        print(f"{name}: {info['bits']:.3f} bits, NLL {info['nll']:.4f} ({info['tokens']} tokens), load "
+              f"{info['load_avg_1m']}", flush=True)
+    results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
+    results = [r for r in results if r["row"] in rows] or results
+    text = table(results)
+    print(text)
+    (args.out / "table.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
