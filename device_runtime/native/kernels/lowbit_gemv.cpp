@@ -1,0 +1,743 @@
+// lowra low-bit CPU kernels (see lowbit_gemv.h for the contract and README.md for the measured speed).
+//
+// GEMV (one token) uses lookup tables over bit-planes (T-MAC style) for 1- and 2-bit rows and an in-register decode
+// for 4-bit rows:
+// - For every group of 4 inputs x[4g..4g+3] one 16-entry table T_g[m] = sum of x[4g+k] over the bits k set in m is
+//   built per token (16 floats per 4 inputs, shared by all rows of the layer).
+// - A 1-bit row with levels l0 < l1 is W = l0 + (l1 - l0) b, so y = l0 * sum(x) + (l1 - l0) * <b, x>, and <b, x>
+//   is one table lookup per 4 inputs: the file's LSB-first byte already holds two nibbles = two table indices.
+// - A 2-bit row with levels l0..l3 (code = b0 + 2 b1) is W = l0 + (l1-l0) b0 + (l2-l0) b1 + (l3-l2-l1+l0) b0 b1:
+//   three bit-planes, three lookups per 4 inputs into the same table. lowra_lowbit_repack stores each byte
+//   bit-planar (b0 of its 4 elements in the low nibble, b1 in the high one), so the indices are byte & 15,
+//   byte >> 4 and their AND, and the codes keep the file's size and row offsets.
+// - A 4-bit row decodes 8 codes at a time in registers (a 16-level codebook lookup) and multiply-adds with x: four
+//   planes would need 15 coefficient tables, more work than the decode.
+// - Absmax groups: the bit-plane sums are accumulated per group and the group's scale multiplies its partial result
+//   (sum(x) is taken per group too). Group sizes that are multiples of 32 keep every table word inside one group;
+//   others (lowra's quantizer uses 32/64/128) take a generic per-element decode, correct but slower.
+// - in_features not a multiple of 4/8/32: x is zero-padded to a multiple of 32, so the padding bits of a row's last
+//   byte (and the zero bytes loaded past it) meet zero inputs and add nothing.
+//
+// AVX2 (x86-64, compiled per function with target attributes, chosen at run time): 8 rows of the same width form a
+// block, one lane per row; a gather loads 32 code bits of each row, and a table lookup for 8 rows is two vpermps
+// over the table's halves plus a blend on index bit 3. Sums go into per-block tree reductions, so one 4-cycle add
+// chain per bit-plane and word.
+// NEON mapping (the same layout, no repack): a 16-float table is 64 bytes = 4 q registers, so one vqtbl4q_u8 with
+// byte indices 4 * nibble + {0, 1, 2, 3} (vshlq_n_u8 + vorrq with a constant, after a vzip of the nibble per lane)
+// fetches 4 rows' partial sums; blocks are 4 rows (one 32-bit word per row loaded with vld1q_lane_u32 instead of the
+// gather), the 2-bit planes are the same byte & 15 / byte >> 4 / AND, and the 4-bit decode is vqtbl4q_u8 over the
+// row's 16 float levels. The scalar path below is the same algorithm element by element.
+//
+// GEMM (prefill) decodes a tile of 4 rows to float32 (bit-exact with the numpy reference) and multiplies it with the
+// tokens 3 at a time (4 x 3 vector accumulators), so each row is decoded once per call however many tokens there are.
+//
+// Threads: work is cut into fixed tasks (8-row blocks, 4-row tiles) before the split, and the split only assigns
+// whole tasks, so every output is computed by the same instructions whatever the thread count: bit-identical.
+
+#include "lowbit_gemv.h"
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LOWRA_LOWBIT_NO_AVX2)
+#define LOWRA_LOWBIT_HAVE_AVX2 1
+#include <immintrin.h>
+#define LOWRA_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace {
+
+constexpr int64_t kPadInputs = 32;  // x and the tables are padded to whole 32-bit words of a 1-bit row
+constexpr int kBlockRows = 8;       // GEMV task: rows of one width, one AVX2 lane each
+constexpr int kTileRows = 4;        // GEMM task: rows decoded together
+constexpr int kTileTokens = 3;      // GEMM micro-kernel: 4 rows x 3 tokens = 12 of the 16 ymm registers
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1fu) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalize (every half is exact in float32)
+    exponent = 113;
+    while (!(mantissa & 0x400u)) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Code of element j of a row in the kernels' layout (2-bit rows bit-planar per byte, see lowbit_gemv.h).
+unsigned code_at(const uint8_t* row, int width, int64_t j) {
+  if (width == 2) {
+    const unsigned byte = row[j >> 2], k = static_cast<unsigned>(j & 3);
+    return ((byte >> k) & 1u) | (((byte >> (4 + k)) & 1u) << 1);
+  }
+  const int64_t bit = j * width;
+  return (row[bit >> 3] >> (bit & 7)) & ((1u << width) - 1);
+}
+
+// A validated layer with the per-row offsets computed for this call (O(out), so nothing is stored beside the codes).
+struct Layer {
+  const lowra_lowbit_layer* raw;
+  int64_t out, in, group, n_groups;
+  std::vector<int64_t> code_off, level_off;  // [out + 1]
+
+  float scale(int64_t r, int64_t g) const { return group ? half_to_float(raw->scales[r * n_groups + g]) : 1.0f; }
+  // Spans the kernels accumulate separately and then scale: the groups, or the whole row when there are none.
+  int64_t n_spans() const { return group ? n_groups : 1; }
+};
+
+int check_layer(const lowra_lowbit_layer* layer, Layer& view) {
+  if (!layer || !layer->widths || !layer->codes || !layer->codebooks || layer->out_features <= 0 ||
+      layer->in_features <= 0 || layer->group_size < 0 || (layer->group_size > 0 && !layer->scales)) {
+    return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  }
+  view.raw = layer;
+  view.out = layer->out_features;
+  view.in = layer->in_features;
+  view.group = layer->group_size;
+  view.n_groups = view.group ? ceil_div(view.in, view.group) : 0;
+  view.code_off.resize(view.out + 1);
+  view.level_off.resize(view.out + 1);
+  view.code_off[0] = view.level_off[0] = 0;
+  for (int64_t r = 0; r < view.out; ++r) {
+    const int w = layer->widths[r];
+    if (w != 1 && w != 2 && w != 4) return LOWRA_LOWBIT_BAD_WIDTH;
+    view.code_off[r + 1] = view.code_off[r] + ceil_div(view.in * w, 8);
+    view.level_off[r + 1] = view.level_off[r] + (int64_t{1} << w);
+  }
+  return LOWRA_LOWBIT_OK;
+}
+
+bool isa_supported(int isa) {
+  if (isa == LOWRA_LOWBIT_ISA_AUTO || isa == LOWRA_LOWBIT_ISA_SCALAR) return true;
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+  if (isa == LOWRA_LOWBIT_ISA_AVX2) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
+#endif
+  return false;
+}
+
+// Validates isa and resolves AUTO; returns a status.
+int resolve_isa(int isa, bool& use_avx2) {
+  if (isa < LOWRA_LOWBIT_ISA_AUTO || isa > LOWRA_LOWBIT_ISA_AVX2) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (isa == LOWRA_LOWBIT_ISA_AUTO) isa = isa_supported(LOWRA_LOWBIT_ISA_AVX2) ? LOWRA_LOWBIT_ISA_AVX2 : LOWRA_LOWBIT_ISA_SCALAR;
+  if (!isa_supported(isa)) return LOWRA_LOWBIT_ISA_UNAVAILABLE;
+  use_avx2 = isa == LOWRA_LOWBIT_ISA_AVX2;
+  return LOWRA_LOWBIT_OK;
+}
+
+// Runs fn(part, begin, end) over contiguous task ranges of about equal cost, one range per thread. A thread that
+// cannot be started runs inline: the ranges, hence the results, stay the same.
+template <class Fn>
+void parallel_ranges(const std::vector<int64_t>& cost, int parts, const Fn& fn) {
+  const size_t n = cost.size();
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  std::vector<size_t> bounds(parts + 1, n);
+  bounds[0] = 0;
+  size_t t = 0;
+  int64_t done = 0;
+  for (int p = 1; p < parts; ++p) {
+    const int64_t target = total * p / parts;
+    while (t < n && done + cost[t] / 2 < target) done += cost[t++];
+    bounds[p] = t;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(parts);
+  for (int p = 1; p < parts; ++p) {
+    try {
+      pool.emplace_back([&fn, p, &bounds] { fn(p, bounds[p], bounds[p + 1]); });
+    } catch (const std::system_error&) {
+      fn(p, bounds[p], bounds[p + 1]);
+    }
+  }
+  fn(0, bounds[0], bounds[1]);
+  for (auto& th : pool) th.join();
+}
+
+// ------------------------------------------------------------------------------------------------ GEMV scratch
+// One task = up to 8 rows of one width (kind 1, 2, 4), or 8 consecutive rows of any width decoded element by element
+// (kind 0, when the group size is not a multiple of 32).
+struct Task {
+  int kind;
+  int count;
+  int64_t first;  // into Gemv::order
+};
+
+struct Gemv {
+  const Layer* layer;
+  std::vector<int32_t> order;  // row ids, grouped by task
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  std::vector<float> x;       // padded to padded_in with zeros
+  std::vector<float> tables;  // [padded_in / 4][16]
+  std::vector<float> sums;    // sum of x per scale span
+  int64_t padded_in = 0;
+  const float* x_raw = nullptr;
+  float* y = nullptr;
+};
+
+void add_tasks(Gemv& g, int kind, int64_t start) {
+  static const int64_t unit_cost[5] = {8, 3, 8, 0, 11};  // per input and row, from the kernels' instruction counts
+  for (int64_t i = start; i < static_cast<int64_t>(g.order.size()); i += kBlockRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kBlockRows, g.order.size() - i));
+    g.tasks.push_back({kind, count, i});
+    g.cost.push_back(count * g.layer->in * unit_cost[kind]);
+  }
+}
+
+void build_tasks(Gemv& g, bool lut) {
+  const Layer& L = *g.layer;
+  g.order.reserve(L.out);
+  if (!lut) {
+    for (int64_t r = 0; r < L.out; ++r) g.order.push_back(static_cast<int32_t>(r));
+    return add_tasks(g, 0, 0);
+  }
+  for (int kind : {1, 2, 4}) {
+    const int64_t start = static_cast<int64_t>(g.order.size());
+    for (int64_t r = 0; r < L.out; ++r) {
+      if (L.raw->widths[r] == kind) g.order.push_back(static_cast<int32_t>(r));
+    }
+    add_tasks(g, kind, start);
+  }
+}
+
+void build_tables(Gemv& g) {
+  const Layer& L = *g.layer;
+  g.padded_in = ceil_div(L.in, kPadInputs) * kPadInputs;
+  g.x.assign(g.padded_in, 0.0f);
+  std::memcpy(g.x.data(), g.x_raw, sizeof(float) * L.in);
+  g.tables.resize(g.padded_in * 4);
+  for (int64_t q = 0; q < g.padded_in / 4; ++q) {
+    float* t = g.tables.data() + q * 16;
+    t[0] = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+      for (int m = 0; m < (1 << k); ++m) t[(1 << k) + m] = t[m] + g.x[q * 4 + k];
+    }
+  }
+  const int64_t span = L.group ? L.group : g.padded_in;
+  g.sums.assign(L.n_spans(), 0.0f);
+  for (int64_t j = 0; j < L.in; ++j) g.sums[j / span] += g.x[j];
+}
+
+// ------------------------------------------------------------------------------------------------ scalar GEMV
+void generic_rows(const Gemv& g, const Task& task) {
+  const Layer& L = *g.layer;
+  for (int i = 0; i < task.count; ++i) {
+    const int64_t r = g.order[task.first + i];
+    const int w = L.raw->widths[r];
+    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const uint16_t* book = L.raw->codebooks + L.level_off[r];
+    float total = 0.0f;
+    for (int64_t j = 0; j < L.in; ++j) {
+      float value = half_to_float(book[code_at(row, w, j)]);
+      if (L.group) value *= L.scale(r, j / L.group);
+      total += value * g.x_raw[j];
+    }
+    g.y[r] = total;
+  }
+}
+
+void lut1_scalar(const Gemv& g, const Task& task) {
+  const Layer& L = *g.layer;
+  const int64_t nbytes = ceil_div(L.in, 8), span = L.group ? L.group / 8 : nbytes;
+  for (int i = 0; i < task.count; ++i) {
+    const int64_t r = g.order[task.first + i];
+    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const uint16_t* book = L.raw->codebooks + L.level_off[r];
+    const float l0 = half_to_float(book[0]), c1 = half_to_float(book[1]) - l0;
+    float total = 0.0f;
+    for (int64_t s = 0; s < L.n_spans(); ++s) {
+      float bits = 0.0f;
+      for (int64_t b = s * span; b < std::min(nbytes, (s + 1) * span); ++b) {
+        const float* t = g.tables.data() + b * 32;
+        bits += t[row[b] & 15] + t[16 + (row[b] >> 4)];
+      }
+      total += L.scale(r, s) * (l0 * g.sums[s] + c1 * bits);
+    }
+    g.y[r] = total;
+  }
+}
+
+void lut2_scalar(const Gemv& g, const Task& task) {
+  const Layer& L = *g.layer;
+  const int64_t nbytes = ceil_div(L.in, 4), span = L.group ? L.group / 4 : nbytes;
+  for (int i = 0; i < task.count; ++i) {
+    const int64_t r = g.order[task.first + i];
+    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const uint16_t* book = L.raw->codebooks + L.level_off[r];
+    const float l0 = half_to_float(book[0]), l1 = half_to_float(book[1]);
+    const float l2 = half_to_float(book[2]), l3 = half_to_float(book[3]);
+    const float c1 = l1 - l0, c2 = l2 - l0, c3 = (l3 - l2) - (l1 - l0);
+    float total = 0.0f;
+    for (int64_t s = 0; s < L.n_spans(); ++s) {
+      float plane0 = 0.0f, plane1 = 0.0f, both = 0.0f;
+      for (int64_t b = s * span; b < std::min(nbytes, (s + 1) * span); ++b) {
+        const float* t = g.tables.data() + b * 16;
+        const unsigned lo = row[b] & 15u, hi = row[b] >> 4;
+        plane0 += t[lo];
+        plane1 += t[hi];
+        both += t[lo & hi];
+      }
+      total += L.scale(r, s) * (l0 * g.sums[s] + c1 * plane0 + c2 * plane1 + c3 * both);
+    }
+    g.y[r] = total;
+  }
+}
+
+void decode4_scalar(const Gemv& g, const Task& task) {
+  const Layer& L = *g.layer;
+  const int64_t span = L.group ? L.group : g.padded_in;
+  for (int i = 0; i < task.count; ++i) {
+    const int64_t r = g.order[task.first + i];
+    const uint8_t* row = L.raw->codes + L.code_off[r];
+    float book[16];
+    for (int k = 0; k < 16; ++k) book[k] = half_to_float(L.raw->codebooks[L.level_off[r] + k]);
+    float total = 0.0f;
+    for (int64_t s = 0; s < L.n_spans(); ++s) {
+      float partial = 0.0f;
+      for (int64_t j = s * span; j < std::min(L.in, (s + 1) * span); ++j) {
+        partial += book[(row[j >> 1] >> ((j & 1) * 4)) & 15] * g.x[j];
+      }
+      total += L.scale(r, s) * partial;
+    }
+    g.y[r] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ AVX2 GEMV
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+LOWRA_AVX2_FN inline __m256 lookup16(__m256 low_half, __m256 high_half, __m256i index) {
+  const __m256 lo = _mm256_permutevar8x32_ps(low_half, index);
+  const __m256 hi = _mm256_permutevar8x32_ps(high_half, index);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+LOWRA_AVX2_FN inline __m256 lookup_table(const float* table, __m256i index) {
+  return lookup16(_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8), index);
+}
+
+LOWRA_AVX2_FN inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The lanes of an 8-row block: row ids (the last row repeated to fill), code offsets, per-row coefficients.
+struct Lanes {
+  int32_t row[kBlockRows];
+  alignas(32) int32_t offset[kBlockRows];
+};
+
+Lanes block_lanes(const Gemv& g, const Task& task) {
+  Lanes lanes;
+  for (int i = 0; i < kBlockRows; ++i) {
+    lanes.row[i] = g.order[task.first + std::min(i, task.count - 1)];
+    lanes.offset[i] = static_cast<int32_t>(g.layer->code_off[lanes.row[i]]);
+  }
+  return lanes;
+}
+
+LOWRA_AVX2_FN inline __m256 lane_levels(const Gemv& g, const Lanes& lanes, int level) {
+  alignas(16) uint16_t h[kBlockRows];
+  for (int i = 0; i < kBlockRows; ++i) h[i] = g.layer->raw->codebooks[g.layer->level_off[lanes.row[i]] + level];
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
+}
+
+LOWRA_AVX2_FN inline __m256 lane_scales(const Gemv& g, const Lanes& lanes, int64_t span) {
+  alignas(16) uint16_t h[kBlockRows];
+  for (int i = 0; i < kBlockRows; ++i) h[i] = g.layer->raw->scales[lanes.row[i] * g.layer->n_groups + span];
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
+}
+
+// 32 code bits of every lane's row at byte 4 * word; the row's last word is read byte by byte (zeros past its end)
+// so no load leaves the codes buffer.
+LOWRA_AVX2_FN inline __m256i lane_words(const Gemv& g, const Lanes& lanes, int64_t word, int64_t nbytes) {
+  if (4 * word + 4 <= nbytes) {
+    const __m256i at = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes.offset)),
+                                        _mm256_set1_epi32(static_cast<int32_t>(4 * word)));
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(g.layer->raw->codes), at, 1);
+  }
+  alignas(32) uint32_t tail[kBlockRows];
+  for (int i = 0; i < kBlockRows; ++i) {
+    tail[i] = 0;
+    std::memcpy(&tail[i], g.layer->raw->codes + lanes.offset[i] + 4 * word, static_cast<size_t>(nbytes - 4 * word));
+  }
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+}
+
+LOWRA_AVX2_FN inline void store_lanes(const Gemv& g, const Task& task, __m256 result) {
+  alignas(32) float out[kBlockRows];
+  _mm256_store_ps(out, result);
+  for (int i = 0; i < task.count; ++i) g.y[g.order[task.first + i]] = out[i];
+}
+
+template <int K>
+LOWRA_AVX2_FN inline __m256 nibble_lookup(const float* tables, __m256i word) {
+  const __m256i index = _mm256_and_si256(_mm256_srli_epi32(word, 4 * K), _mm256_set1_epi32(15));
+  return lookup_table(tables + 16 * K, index);
+}
+
+LOWRA_AVX2_FN void lut1_avx2(const Gemv& g, const Task& task) {
+  const Layer& L = *g.layer;
+  const Lanes lanes = block_lanes(g, task);
+  const __m256 l0 = lane_levels(g, lanes, 0), c1 = _mm256_sub_ps(lane_levels(g, lanes, 1), l0);
+  const int64_t nbytes = ceil_div(L.in, 8), n_words = ceil_div(nbytes, 4);
+  const int64_t words_per_span = L.group ? L.group / 32 : n_words;
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t s = 0; s < L.n_spans(); ++s) {
+    __m256 bits = _mm256_setzero_ps();
+    for (int64_t w = s * words_per_span; w < std::min(n_words, (s + 1) * words_per_span); ++w) {
+      const __m256i v = lane_words(g, lanes, w, nbytes);
+      const float* t = g.tables.data() + w * 128;  // 8 nibbles = 8 tables of 16 per word
+      const __m256 a = _mm256_add_ps(nibble_lookup<0>(t, v), nibble_lookup<1>(t, v));
+      const __m256 b = _mm256_add_ps(nibble_lookup<2>(t, v), nibble_lookup<3>(t, v));
+      const __m256 c = _mm256_add_ps(nibble_lookup<4>(t, v), nibble_lookup<5>(t, v));
+      const __m256 d = _mm256_add_ps(nibble_lookup<6>(t, v), nibble_lookup<7>(t, v));
+      bits = _mm256_add_ps(bits, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+    }
+    const __m256 span = _mm256_fmadd_ps(c1, bits, _mm256_mul_ps(l0, _mm256_set1_ps(g.sums[s])));
+    total = L.group ? _mm256_fmadd_ps(lane_scales(g, lanes, s), span, total) : _mm256_add_ps(total, span);
+  }
+  store_lanes(g, task, total);
+}
+
+// The three bit-plane lookups of byte K of a 2-bit word (4 inputs, one table).
+template <int K>
+LOWRA_AVX2_FN inline void planes_lookup(const float* tables, __m256i word, __m256& p0, __m256& p1, __m256& both) {
+  const __m256i mask = _mm256_set1_epi32(15);
+  const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(word, 8 * K), mask);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(word, 8 * K + 4), mask);
+  const __m256 tlo = _mm256_loadu_ps(tables + 16 * K), thi = _mm256_loadu_ps(tables + 16 * K + 8);
+  p0 = lookup16(tlo, thi, lo);
+  p1 = lookup16(tlo, thi, hi);
+  both = lookup16(tlo, thi, _mm256_and_si256(lo, hi));
+}
+
+LOWRA_AVX2_FN void lut2_avx2(const Gemv& g, const Task& task) {
+  const Layer& L = *g.layer;
+  const Lanes lanes = block_lanes(g, task);
+  const __m256 l0 = lane_levels(g, lanes, 0), l1 = lane_levels(g, lanes, 1);
+  const __m256 l2 = lane_levels(g, lanes, 2), l3 = lane_levels(g, lanes, 3);
+  const __m256 c1 = _mm256_sub_ps(l1, l0), c2 = _mm256_sub_ps(l2, l0);
+  const __m256 c3 = _mm256_sub_ps(_mm256_sub_ps(l3, l2), c1);
+  const int64_t nbytes = ceil_div(L.in, 4), n_words = ceil_div(nbytes, 4);
+  const int64_t words_per_span = L.group ? L.group / 16 : n_words;
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t s = 0; s < L.n_spans(); ++s) {
+    __m256 plane0 = _mm256_setzero_ps(), plane1 = _mm256_setzero_ps(), both = _mm256_setzero_ps();
+    for (int64_t w = s * words_per_span; w < std::min(n_words, (s + 1) * words_per_span); ++w) {
+      const __m256i v = lane_words(g, lanes, w, nbytes);
+      const float* t = g.tables.data() + w * 64;  // 4 bytes = 4 tables of 16 per word
+      __m256 a0, a1, a2, b0, b1, b2, c0, c1w, c2w, d0, d1, d2;
+      planes_lookup<0>(t, v, a0, a1, a2);
+      planes_lookup<1>(t, v, b0, b1, b2);
+      planes_lookup<2>(t, v, c0, c1w, c2w);
+      planes_lookup<3>(t, v, d0, d1, d2);
+      plane0 = _mm256_add_ps(plane0, _mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(c0, d0)));
+      plane1 = _mm256_add_ps(plane1, _mm256_add_ps(_mm256_add_ps(a1, b1), _mm256_add_ps(c1w, d1)));
+      both = _mm256_add_ps(both, _mm256_add_ps(_mm256_add_ps(a2, b2), _mm256_add_ps(c2w, d2)));
+    }
+    __m256 span = _mm256_mul_ps(l0, _mm256_set1_ps(g.sums[s]));
+    span = _mm256_fmadd_ps(c1, plane0, span);
+    span = _mm256_fmadd_ps(c2, plane1, span);
+    span = _mm256_fmadd_ps(c3, both, span);
+    total = L.group ? _mm256_fmadd_ps(lane_scales(g, lanes, s), span, total) : _mm256_add_ps(total, span);
+  }
+  store_lanes(g, task, total);
+}
+
+// 8 consecutive 4-bit codes starting at element 8 * chunk, widened to int32 lanes.
+LOWRA_AVX2_FN inline __m256i codes4(const uint8_t* row, int64_t chunk, int64_t nbytes) {
+  uint32_t word = 0;
+  if (4 * chunk + 4 <= nbytes) {
+    std::memcpy(&word, row + 4 * chunk, 4);  // one unaligned load
+  } else {
+    std::memcpy(&word, row + 4 * chunk, static_cast<size_t>(nbytes - 4 * chunk));  // the row's last bytes
+  }
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts),
+                          _mm256_set1_epi32(15));
+}
+
+LOWRA_AVX2_FN void decode4_avx2(const Gemv& g, const Task& task) {
+  const Layer& L = *g.layer;
+  const int64_t nbytes = ceil_div(L.in, 2), n_chunks = ceil_div(L.in, 8);
+  const int64_t chunks_per_span = L.group ? L.group / 8 : n_chunks;
+  for (int i = 0; i < task.count; ++i) {
+    const int64_t r = g.order[task.first + i];
+    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const __m128i* book = reinterpret_cast<const __m128i*>(L.raw->codebooks + L.level_off[r]);
+    const __m256 book_lo = _mm256_cvtph_ps(_mm_loadu_si128(book)), book_hi = _mm256_cvtph_ps(_mm_loadu_si128(book + 1));
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t s = 0; s < L.n_spans(); ++s) {
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two chains hide the FMA latency
+      const int64_t end = std::min(n_chunks, (s + 1) * chunks_per_span);
+      int64_t c = s * chunks_per_span;
+      for (; c + 1 < end; c += 2) {
+        even = _mm256_fmadd_ps(lookup16(book_lo, book_hi, codes4(row, c, nbytes)), _mm256_loadu_ps(&g.x[8 * c]), even);
+        odd = _mm256_fmadd_ps(lookup16(book_lo, book_hi, codes4(row, c + 1, nbytes)),
+                              _mm256_loadu_ps(&g.x[8 * c + 8]), odd);
+      }
+      if (c < end) {
+        even = _mm256_fmadd_ps(lookup16(book_lo, book_hi, codes4(row, c, nbytes)), _mm256_loadu_ps(&g.x[8 * c]), even);
+      }
+      const __m256 partial = _mm256_add_ps(even, odd);
+      total = L.group ? _mm256_fmadd_ps(_mm256_set1_ps(L.scale(r, s)), partial, total) : _mm256_add_ps(total, partial);
+    }
+    g.y[r] = horizontal_sum(total);
+  }
+}
+#endif
+
+void run_gemv_task(const Gemv& g, const Task& task, bool avx2) {
+  if (task.kind == 0) return generic_rows(g, task);
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+  if (avx2) {
+    if (task.kind == 1) return lut1_avx2(g, task);
+    if (task.kind == 2) return lut2_avx2(g, task);
+    return decode4_avx2(g, task);
+  }
+#else
+  (void)avx2;
+#endif
+  if (task.kind == 1) return lut1_scalar(g, task);
+  if (task.kind == 2) return lut2_scalar(g, task);
+  decode4_scalar(g, task);
+}
+
+// ------------------------------------------------------------------------------------------------ GEMM
+// Row r decoded to float32 into dst[padded] exactly as the numpy reference (level * scale), zeros past in_features.
+void decode_row_scalar(const Layer& L, int64_t r, float* dst, int64_t padded) {
+  const int w = L.raw->widths[r];
+  const uint8_t* row = L.raw->codes + L.code_off[r];
+  const uint16_t* book = L.raw->codebooks + L.level_off[r];
+  for (int64_t j = 0; j < L.in; ++j) dst[j] = half_to_float(book[code_at(row, w, j)]);
+  std::fill(dst + L.in, dst + padded, 0.0f);
+  for (int64_t g = 0; g < L.n_groups; ++g) {
+    const float s = L.scale(r, g);
+    for (int64_t j = g * L.group; j < std::min(L.in, (g + 1) * L.group); ++j) dst[j] *= s;
+  }
+}
+
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+LOWRA_AVX2_FN void decode_row_avx2(const Layer& L, int64_t r, float* dst, int64_t padded) {
+  const int w = L.raw->widths[r];
+  const uint8_t* row = L.raw->codes + L.code_off[r];
+  const int64_t nbytes = L.code_off[r + 1] - L.code_off[r];
+  alignas(16) uint16_t book_h[16] = {0};
+  std::memcpy(book_h, L.raw->codebooks + L.level_off[r], sizeof(uint16_t) << w);
+  const __m256 book_lo = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(book_h)));
+  const __m256 book_hi = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(book_h + 8)));
+  // 8 elements take w bytes; a 2-bit pair of bytes is bit-planar: b0 of element k at bit k, b1 at bit 4 + k.
+  const __m256i shifts = w == 1   ? _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+                         : w == 2 ? _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11)
+                                  : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32(w == 4 ? 15 : 1), four = _mm256_set1_epi32(4);
+  for (int64_t c = 0; c < padded / 8; ++c) {
+    uint32_t word = 0;
+    if (c * w + 4 <= nbytes) {
+      std::memcpy(&word, row + c * w, 4);  // one load; the bits past this chunk's w bytes are shifted out
+    } else if (c * w < nbytes) {
+      std::memcpy(&word, row + c * w, static_cast<size_t>(std::min<int64_t>(w, nbytes - c * w)));
+    }
+    const __m256i v = _mm256_set1_epi32(static_cast<int32_t>(word));
+    __m256i index = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+    if (w == 2) {
+      const __m256i b1 = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(shifts, four)), mask);
+      index = _mm256_or_si256(index, _mm256_slli_epi32(b1, 1));
+    }
+    _mm256_storeu_ps(dst + 8 * c, lookup16(book_lo, book_hi, index));
+  }
+  std::fill(dst + L.in, dst + padded, 0.0f);
+  for (int64_t g = 0; g < L.n_groups; ++g) {
+    const float s = L.scale(r, g);
+    for (int64_t j = g * L.group; j < std::min(L.in, (g + 1) * L.group); ++j) dst[j] *= s;
+  }
+}
+
+// y[t][r] for 4 decoded rows x 3 tokens (rows/tokens past the valid count point at copies and are not stored).
+LOWRA_AVX2_FN void micro_avx2(const float* const* w, const float* const* x, int64_t padded, float acc_out[kTileRows][kTileTokens]) {
+  __m256 acc[kTileRows][kTileTokens];
+  for (auto& row : acc) {
+    for (auto& a : row) a = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < padded; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x[0] + k), x1 = _mm256_loadu_ps(x[1] + k), x2 = _mm256_loadu_ps(x[2] + k);
+    for (int i = 0; i < kTileRows; ++i) {
+      const __m256 wv = _mm256_loadu_ps(w[i] + k);
+      acc[i][0] = _mm256_fmadd_ps(wv, x0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(wv, x1, acc[i][1]);
+      acc[i][2] = _mm256_fmadd_ps(wv, x2, acc[i][2]);
+    }
+  }
+  for (int i = 0; i < kTileRows; ++i) {
+    for (int t = 0; t < kTileTokens; ++t) acc_out[i][t] = horizontal_sum(acc[i][t]);
+  }
+}
+#endif
+
+void micro_scalar(const float* const* w, const float* const* x, int64_t padded, float acc_out[kTileRows][kTileTokens]) {
+  for (int i = 0; i < kTileRows; ++i) {
+    for (int t = 0; t < kTileTokens; ++t) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < padded; ++k) acc += w[i][k] * x[t][k];
+      acc_out[i][t] = acc;
+    }
+  }
+}
+
+int gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa) {
+  bool avx2 = false;
+  Layer L;
+  if (!x || !y || threads < 1) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (int status = resolve_isa(isa, avx2)) return status;
+  if (int status = check_layer(layer, L)) return status;
+  Gemv g;
+  g.layer = &L;
+  g.x_raw = x;
+  g.y = y;
+  // Lanes address codes with int32 offsets; a layer past 2 GiB of codes (none exists) takes the generic path.
+  const bool lut = (L.group == 0 || L.group % 32 == 0) && L.code_off[L.out] < (int64_t{1} << 31) - 8;
+  build_tasks(g, lut);
+  build_tables(g);
+  const int parts = static_cast<int>(std::min<int64_t>(threads, g.tasks.size()));
+  parallel_ranges(g.cost, parts, [&g, avx2](int, size_t begin, size_t end) {
+    for (size_t t = begin; t < end; ++t) run_gemv_task(g, g.tasks[t], avx2);
+  });
+  return LOWRA_LOWBIT_OK;
+}
+
+int gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads, int isa) {
+  bool avx2 = false;
+  Layer L;
+  if (!x || !y || threads < 1 || n_tokens < 0) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (int status = resolve_isa(isa, avx2)) return status;
+  if (int status = check_layer(layer, L)) return status;
+  if (n_tokens == 0) return LOWRA_LOWBIT_OK;
+  const int64_t padded = ceil_div(L.in, 8) * 8;
+  std::vector<float> xp(static_cast<size_t>(n_tokens * padded), 0.0f);
+  for (int64_t t = 0; t < n_tokens; ++t) std::memcpy(&xp[t * padded], x + t * L.in, sizeof(float) * L.in);
+  const int64_t n_tiles = ceil_div(L.out, kTileRows);
+  const std::vector<int64_t> cost(n_tiles, 1);
+  const int parts = static_cast<int>(std::min<int64_t>(threads, n_tiles));
+  std::vector<float> tiles(static_cast<size_t>(parts * (kTileRows + 1) * padded), 0.0f);  // + a zero row
+  parallel_ranges(cost, parts, [&](int part, size_t begin, size_t end) {
+    float* tile = &tiles[part * (kTileRows + 1) * padded];
+    const float* zero_row = tile + kTileRows * padded;
+    for (size_t tile_id = begin; tile_id < end; ++tile_id) {
+      const int64_t r0 = static_cast<int64_t>(tile_id) * kTileRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, L.out - r0));
+      const float* w[kTileRows];
+      for (int i = 0; i < kTileRows; ++i) {
+        w[i] = i < rows ? tile + i * padded : zero_row;
+        if (i >= rows) continue;
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+        if (avx2) {
+          decode_row_avx2(L, r0 + i, tile + i * padded, padded);
+          continue;
+        }
+#endif
+        decode_row_scalar(L, r0 + i, tile + i * padded, padded);
+      }
+      for (int64_t t0 = 0; t0 < n_tokens; t0 += kTileTokens) {
+        const int tokens = static_cast<int>(std::min<int64_t>(kTileTokens, n_tokens - t0));
+        const float* xs[kTileTokens];
+        for (int t = 0; t < kTileTokens; ++t) xs[t] = &xp[(t0 + std::min(t, tokens - 1)) * padded];
+        float acc[kTileRows][kTileTokens];
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+        if (avx2) {
+          micro_avx2(w, xs, padded, acc);
+        } else {
+          micro_scalar(w, xs, padded, acc);
+        }
+#else
+        micro_scalar(w, xs, padded, acc);
+#endif
+        for (int i = 0; i < rows; ++i) {
+          for (int t = 0; t < tokens; ++t) y[(t0 + t) * L.out + r0 + i] = acc[i][t];
+        }
+      }
+    }
+  });
+  return LOWRA_LOWBIT_OK;
+}
+
+// 2-bit byte of the file (element k's code at bits 2k, 2k+1) -> bit-planar byte (b0 at bit k, b1 at bit 4 + k).
+uint8_t planar_byte(unsigned byte) {
+  unsigned out = 0;
+  for (unsigned k = 0; k < 4; ++k) out |= (((byte >> (2 * k)) & 1u) << k) | (((byte >> (2 * k + 1)) & 1u) << (4 + k));
+  return static_cast<uint8_t>(out);
+}
+
+}  // namespace
+
+extern "C" {
+
+int lowra_lowbit_repack(int64_t out_features, int64_t in_features, const uint8_t* widths, uint8_t* codes) {
+  if (out_features <= 0 || in_features <= 0 || !widths || !codes) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  uint8_t planar[256];
+  for (unsigned b = 0; b < 256; ++b) planar[b] = planar_byte(b);
+  int64_t offset = 0;
+  for (int64_t r = 0; r < out_features; ++r) {
+    const int w = widths[r];
+    if (w != 1 && w != 2 && w != 4) return LOWRA_LOWBIT_BAD_WIDTH;
+    const int64_t nbytes = ceil_div(in_features * w, 8);
+    if (w == 2) {
+      for (int64_t b = offset; b < offset + nbytes; ++b) codes[b] = planar[codes[b]];
+    }
+    offset += nbytes;
+  }
+  return LOWRA_LOWBIT_OK;
+}
+
+int lowra_lowbit_gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa) {
+  try {
+    return gemv(layer, x, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_lowbit_gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads,
+                      int isa) {
+  try {
+    return gemm(layer, x, n_tokens, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_lowbit_isa_available(int isa) { return isa_supported(isa) ? 1 : 0; }
+
+const char* lowra_lowbit_status_name(int status) {
+  switch (status) {
+    case LOWRA_LOWBIT_OK: return "ok";
+    case LOWRA_LOWBIT_INVALID_ARGUMENT: return "invalid argument";
+    case LOWRA_LOWBIT_BAD_WIDTH: return "row width not in {1, 2, 4}";
+    case LOWRA_LOWBIT_ISA_UNAVAILABLE: return "instruction set not available on this CPU or build";
+    case LOWRA_LOWBIT_OUT_OF_MEMORY: return "out of memory";
+    default: return "unknown status";
+  }
+}
+
+}  // extern "C"

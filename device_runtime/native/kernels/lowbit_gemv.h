@@ -1,0 +1,74 @@
+/* lowra low-bit CPU kernels: y = W x (GEMV, one token) and Y = X W^T (GEMM, prefill) straight from the packed rows
+ * of a lowra quantized layer, without ever expanding W to float.
+ *
+ * The layer is docs/FORMAT.md "Quantized base" (lowra.device_runtime.formats.quantized_weight is the reference):
+ *   W[r, j] = codebook_r[code[r, j]] * scale[r, j / group_size]        (scale 1 when group_size == 0)
+ * row r has widths[r] in {1, 2, 4} bits per code, packed LSB-first, each row starting on a byte boundary; its
+ * 2^w float16 levels ascend; scales are float16 [out, ceil(in / group_size)].
+ *
+ * Before the first product, lowra_lowbit_repack rewrites the codes once, in place, to the kernels' layout (2-bit
+ * rows become bit-planar within each byte; 1- and 4-bit rows are unchanged), so the working set stays exactly the
+ * file's bytes: no offsets, no float copy. Verify checksums/fingerprints before repacking.
+ *
+ * Plain C ABI: no global state, no allocation owned across calls, every function returns a lowra_lowbit_status and
+ * never lets a C++ exception out. Threads are started per call (std::thread) and joined before it returns; results
+ * do not depend on the thread count (bit-identical), nor on the row split.
+ */
+#ifndef LOWRA_LOWBIT_GEMV_H
+#define LOWRA_LOWBIT_GEMV_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum lowra_lowbit_isa {
+  LOWRA_LOWBIT_ISA_AUTO = 0,   /* the best this CPU runs (AVX2 + FMA + F16C on x86-64, else scalar) */
+  LOWRA_LOWBIT_ISA_SCALAR = 1, /* portable C++, any CPU; the same algorithm as the vector path */
+  LOWRA_LOWBIT_ISA_AVX2 = 2    /* x86-64 AVX2 + FMA + F16C (refused with ISA_UNAVAILABLE elsewhere) */
+} lowra_lowbit_isa;
+
+typedef enum lowra_lowbit_status {
+  LOWRA_LOWBIT_OK = 0,
+  LOWRA_LOWBIT_INVALID_ARGUMENT = 1, /* a null pointer, a non-positive size, a negative group size or thread count */
+  LOWRA_LOWBIT_BAD_WIDTH = 2,        /* a row width other than 1, 2 or 4 */
+  LOWRA_LOWBIT_ISA_UNAVAILABLE = 3,  /* the requested instruction set is not compiled in or not on this CPU */
+  LOWRA_LOWBIT_OUT_OF_MEMORY = 4     /* the per-call scratch (tables, padded inputs) could not be allocated */
+} lowra_lowbit_status;
+
+/* One quantized linear layer, as pointers into the caller's buffers (the kernels only read them). */
+typedef struct lowra_lowbit_layer {
+  int64_t out_features;
+  int64_t in_features;
+  int64_t group_size;         /* inputs per absmax group; 0 = no groups, no scales */
+  const uint8_t* widths;      /* [out_features], each 1, 2 or 4 */
+  const uint8_t* codes;       /* rows concatenated, ceil(in * w_r / 8) bytes each, after lowra_lowbit_repack */
+  const uint16_t* codebooks;  /* float16 bits, 2^w_r levels per row, rows concatenated */
+  const uint16_t* scales;     /* float16 bits [out_features, ceil(in / group_size)]; unused (may be NULL) if 0 */
+} lowra_lowbit_layer;
+
+/* Rewrite the file's codes (rows concatenated) in place into the kernels' layout; call exactly once per buffer.
+ * 2-bit rows: in every byte, code bits 0 (b0) of its four elements move to bits 0..3 and code bits 1 (b1) to bits
+ * 4..7, so each nibble indexes the 16-entry tables of its four inputs directly. */
+int lowra_lowbit_repack(int64_t out_features, int64_t in_features, const uint8_t* widths, uint8_t* codes);
+
+/* y[out_features] = W x[in_features] (float32, accumulated in float32). */
+int lowra_lowbit_gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa);
+
+/* y[n_tokens, out_features] = x[n_tokens, in_features] W^T: rows decoded a tile at a time into a small float buffer
+ * that every token of the block reuses (a blocked GEMM), so the decode cost is shared by the whole prompt. */
+int lowra_lowbit_gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads,
+                      int isa);
+
+/* 1 when lowra_lowbit_gemv/gemm accept this isa on this CPU (AUTO and SCALAR always do), else 0. */
+int lowra_lowbit_isa_available(int isa);
+
+/* A static, human-readable name for a status code ("ok", "invalid argument", ...). */
+const char* lowra_lowbit_status_name(int status);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LOWRA_LOWBIT_GEMV_H */

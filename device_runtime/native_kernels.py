@@ -1,0 +1,172 @@
+"""numpy + ctypes binding of lowra's low-bit CPU kernels (``device_runtime/native/kernels/lowbit_gemv.cpp``).
+
+The kernels multiply straight from a :class:`QuantizedWeight`'s packed rows (lookup tables over bit-planes for 1-
+and 2-bit rows, an in-register decode for 4-bit rows; see the source's header comment). liblowra compiles the same
+source; this binding exists so Python tests and benchmarks can hold the kernels against the numpy reference.
+
+The library is built on first use with one ``g++`` call into ``$LOWRA_CACHE/native/<hash>/`` (the hash covers the
+sources and the command, so an edit rebuilds), through a temporary name and a rename, so a concurrent or killed
+build never leaves a half-written ``.so``. No torch, no CMake. AVX2 is chosen at run time, not at compile time, so
+the cached library also runs on a CPU without it (scalar path).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from lowra.device_runtime import _files
+from lowra.device_runtime.errors import ConfigError, KernelLibraryError
+from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+
+__all__ = ["ISAS", "KERNEL_SOURCE", "PackedLinear", "build_library", "isa_available", "load_library"]
+
+KERNEL_DIR = Path(__file__).parent / "native" / "kernels"
+KERNEL_SOURCE = KERNEL_DIR / "lowbit_gemv.cpp"
+KERNEL_HEADER = KERNEL_DIR / "lowbit_gemv.h"
+LIBRARY_NAME = "liblowra_lowbit.so"
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2}  # lowra_lowbit_isa
+
+
+class _Layer(ctypes.Structure):
+    """``lowra_lowbit_layer`` (lowbit_gemv.h): pointers into the arrays a :class:`PackedLinear` keeps alive."""
+
+    _fields_ = [
+        ("out_features", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("group_size", ctypes.c_int64),
+        ("widths", ctypes.c_void_p),
+        ("codes", ctypes.c_void_p),
+        ("codebooks", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+    ]
+
+
+def compile_command(output: Path) -> list[str]:
+    return [
+        os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-pthread",
+        str(KERNEL_SOURCE), "-o", str(output),
+    ]  # fmt: skip
+
+
+def build_library(force: bool = False) -> Path:
+    """Compile the kernel library unless this source and command are cached already; return the ``.so`` path."""
+    probe = compile_command(Path("OUT"))
+    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes() + KERNEL_HEADER.read_bytes() + "\0".join(probe).encode())
+    library = _files.cache_dir("native", digest.hexdigest()[:16]) / LIBRARY_NAME
+    if library.is_file() and not force:
+        return library
+    if shutil.which(probe[0]) is None:
+        raise KernelLibraryError(
+            f"no C++ compiler {probe[0]!r} on PATH; the lowra low-bit kernels need g++ (set CXX to another one)"
+        )
+    with _files.atomic_file(library, overwrite=True) as tmp:
+        done = subprocess.run(compile_command(tmp), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise KernelLibraryError(f"building {KERNEL_SOURCE.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL:
+    """The built library with its C signatures declared (built on the first call of the process)."""
+    path = build_library()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise KernelLibraryError(f"cannot load {path}: {exc}; delete it to rebuild") from exc
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.lowra_lowbit_repack.argtypes = [i64, i64, ptr, ptr]
+    lib.lowra_lowbit_gemv.argtypes = [ctypes.POINTER(_Layer), ptr, ptr, c_int, c_int]
+    lib.lowra_lowbit_gemm.argtypes = [ctypes.POINTER(_Layer), ptr, i64, ptr, c_int, c_int]
+    lib.lowra_lowbit_isa_available.argtypes = [c_int]
+    lib.lowra_lowbit_status_name.argtypes = [c_int]
+    lib.lowra_lowbit_status_name.restype = ctypes.c_char_p
+    for name in ("lowra_lowbit_repack", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_lowbit_isa_available"):
+        getattr(lib, name).restype = c_int
+    return lib
+
+
+def isa_available(isa: str) -> bool:
+    """Whether this CPU (and build) runs the kernels' ``isa`` path: ``"auto"``, ``"scalar"`` or ``"avx2"``."""
+    return bool(load_library().lowra_lowbit_isa_available(_isa_code(isa)))
+
+
+def _isa_code(isa: str) -> int:
+    if isa not in ISAS:
+        raise ConfigError(f"isa {isa!r} is unknown; expected one of {sorted(ISAS)}")
+    return ISAS[isa]
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        name = load_library().lowra_lowbit_status_name(status).decode()
+        raise KernelLibraryError(f"{what} failed: {name} (status {status})")
+
+
+def _pointer(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+class PackedLinear:
+    """A quantized linear layer multiplied by the native kernels without expanding its weight.
+
+    The codes are copied once and repacked into the kernels' layout (same size: 2-bit rows become bit-planar within
+    each byte); the caller's :class:`QuantizedWeight` is left as it is.
+    """
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        weight.validate("packed linear")
+        self.out_features, self.in_features = weight.out_features, weight.in_features
+        self._widths = np.ascontiguousarray(weight.widths, dtype=np.uint8)
+        self._codes = np.array(weight.codes, dtype=np.uint8, copy=True)
+        self._codebooks = np.ascontiguousarray(weight.codebooks).view(np.uint16)
+        self._scales = np.ascontiguousarray(weight.scales).view(np.uint16).reshape(-1)
+        lib = load_library()
+        _check(lib.lowra_lowbit_repack(self.out_features, self.in_features, _pointer(self._widths),
+                                       _pointer(self._codes)), "repacking the codes")  # fmt: skip
+        self._layer = _Layer(
+            self.out_features, self.in_features, weight.group_size, _pointer(self._widths), _pointer(self._codes),
+            _pointer(self._codebooks), _pointer(self._scales) if self._scales.size else None,
+        )  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels read per product: codes, codebooks, scales and widths (the file's layer, exactly)."""
+        return int(self._codes.nbytes + self._codebooks.nbytes + self._scales.nbytes + self._widths.nbytes)
+
+    def gemv(self, x: np.ndarray, threads: int = 1, isa: str = "auto") -> np.ndarray:
+        """``W @ x`` for one float32 input vector ``x`` [in_features] -> [out_features]."""
+        x = self._inputs(x, 1)
+        y = np.empty(self.out_features, dtype=np.float32)
+        status = load_library().lowra_lowbit_gemv(ctypes.byref(self._layer), _pointer(x), _pointer(y),
+                                                  self._threads(threads), _isa_code(isa))  # fmt: skip
+        _check(status, "lowra_lowbit_gemv")
+        return y
+
+    def gemm(self, x: np.ndarray, threads: int = 1, isa: str = "auto") -> np.ndarray:
+        """``x @ W.T`` for float32 inputs ``x`` [n_tokens, in_features] -> [n_tokens, out_features] (prefill)."""
+        x = self._inputs(x, 2)
+        y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        status = load_library().lowra_lowbit_gemm(ctypes.byref(self._layer), _pointer(x), x.shape[0], _pointer(y),
+                                                  self._threads(threads), _isa_code(isa))  # fmt: skip
+        _check(status, "lowra_lowbit_gemm")
+        return y
+
+    def _inputs(self, x: np.ndarray, ndim: int) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != ndim or x.shape[-1] != self.in_features:
+            expected = "[in_features]" if ndim == 1 else "[n_tokens, in_features]"
+            raise ConfigError(f"input has shape {list(x.shape)}, expected {expected} with in_features={self.in_features}")
+        return x
+
+    @staticmethod
+    def _threads(threads: int) -> int:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
+        return threads

@@ -1,0 +1,124 @@
+"""The native low-bit kernels (device_runtime/native/kernels) against the numpy reference ``dequantize() @ x``.
+
+Random layers of several shapes, row-width mixes and group sizes (including odd in_features, groups that are not a
+multiple of 32, a group larger than the row and zero scales); random padding bits in every row's last byte, which
+the kernels must ignore. Builds the kernel library once (about 2 s) into the test cache.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from lowra.device_runtime.errors import ConfigError
+from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+from lowra.device_runtime.native_kernels import (
+    PackedLinear,
+    isa_available,
+    load_library,
+)
+
+# (out, in, group_size, widths to draw from)
+CASES = [
+    (40, 576, 64, (1, 2, 4)),
+    (33, 77, 0, (1, 2, 4)),
+    (19, 130, 32, (2,)),
+    (25, 300, 32, (1,)),
+    (17, 1001, 64, (4,)),
+    (24, 96, 0, (1, 2)),
+    (9, 45, 20, (1, 2, 4)),  # group not a multiple of 32: the generic path
+    (6, 3, 32, (1, 2, 4)),  # one partial group, shorter than a table
+    (3, 1, 0, (1, 2, 4)),
+]
+ISAS = [isa for isa in ("scalar", "avx2") if isa_available(isa)]
+
+
+def random_weight(out: int, inputs: int, group: int, widths: tuple[int, ...], seed: int) -> QuantizedWeight:
+    rng = np.random.default_rng(seed)
+    row_widths = rng.choice(widths, size=out).astype(np.uint8)
+    n_code_bytes = int(((inputs * row_widths.astype(np.int64) + 7) // 8).sum())
+    codebooks = np.concatenate([np.sort(rng.standard_normal(1 << int(w)).astype(np.float16)) for w in row_widths])
+    n_groups = -(-inputs // group) if group else 0
+    scales = rng.uniform(0.05, 2.0, size=(out, n_groups)).astype(np.float16)
+    if scales.size:
+        scales.flat[rng.integers(scales.size)] = 0  # a group whose scale is 0 decodes to 0
+    weight = QuantizedWeight(
+        out_features=out, in_features=inputs, group_size=group, widths=row_widths,
+        codes=rng.integers(0, 256, size=n_code_bytes, dtype=np.uint8),  # padding bits random too
+        codebooks=codebooks, scales=scales,
+    )  # fmt: skip
+    weight.validate()
+    return weight
+
+
+def assert_close(got: np.ndarray, reference: np.ndarray, rel: float = 1e-4) -> None:
+    """Elementwise within ``rel`` of the largest reference output (float32 sums in another order than numpy's)."""
+    np.testing.assert_allclose(got, reference, rtol=rel, atol=rel * float(np.abs(reference).max()))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gemv_and_gemm_match_the_reference(case: int, isa: str) -> None:
+    out, inputs, group, widths = CASES[case]
+    weight = random_weight(out, inputs, group, widths, seed=case)
+    dense = weight.dequantize()
+    packed = PackedLinear(weight)
+    rng = np.random.default_rng(100 + case)
+    x = rng.standard_normal(inputs).astype(np.float32)
+    assert_close(packed.gemv(x, isa=isa), dense @ x)
+    for n_tokens in (1, 4, 7):
+        tokens = rng.standard_normal((n_tokens, inputs)).astype(np.float32)
+        assert_close(packed.gemm(tokens, isa=isa), tokens @ dense.T)
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_scalar_and_avx2_agree(case: int) -> None:
+    out, inputs, group, widths = CASES[case]
+    packed = PackedLinear(random_weight(out, inputs, group, widths, seed=case))
+    rng = np.random.default_rng(200 + case)
+    x = rng.standard_normal(inputs).astype(np.float32)
+    assert_close(packed.gemv(x, isa="avx2"), packed.gemv(x, isa="scalar"), rel=1e-5)
+    tokens = rng.standard_normal((5, inputs)).astype(np.float32)
+    assert_close(packed.gemm(tokens, isa="avx2"), packed.gemm(tokens, isa="scalar"), rel=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_thread_count_does_not_change_a_bit(isa: str) -> None:
+    packed = PackedLinear(random_weight(203, 576, 64, (1, 2, 4), seed=7))
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(576).astype(np.float32)
+    tokens = rng.standard_normal((5, 576)).astype(np.float32)
+    one, two, three = (packed.gemv(x, threads=t, isa=isa) for t in (1, 2, 3))
+    assert np.array_equal(one, two) and np.array_equal(one, three)
+    one, two = (packed.gemm(tokens, threads=t, isa=isa) for t in (1, 2))
+    assert np.array_equal(one, two)
+
+
+def test_packing_keeps_the_callers_weight_and_the_file_size() -> None:
+    weight = random_weight(16, 100, 32, (2,), seed=3)
+    codes = weight.codes.copy()
+    packed = PackedLinear(weight)
+    assert np.array_equal(weight.codes, codes)
+    assert packed.nbytes == weight.codes.nbytes + weight.codebooks.nbytes + weight.scales.nbytes + weight.widths.nbytes
+
+
+def test_bad_inputs_are_refused_with_what_was_expected() -> None:
+    packed = PackedLinear(random_weight(4, 10, 0, (1,), seed=4))
+    with pytest.raises(ConfigError, match=r"expected \[in_features\] with in_features=10"):
+        packed.gemv(np.zeros(11, dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"expected \[n_tokens, in_features\]"):
+        packed.gemm(np.zeros(10, dtype=np.float32))
+    with pytest.raises(ConfigError, match="isa 'neon' is unknown"):
+        packed.gemv(np.zeros(10, dtype=np.float32), isa="neon")
+    with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
+        packed.gemv(np.zeros(10, dtype=np.float32), threads=0)
+
+
+def test_the_c_abi_refuses_a_width_outside_1_2_4() -> None:
+    lib = load_library()
+    widths, codes = np.array([3], dtype=np.uint8), np.zeros(3, dtype=np.uint8)
+    status = lib.lowra_lowbit_repack(1, 8, widths.ctypes.data, codes.ctypes.data)
+    assert lib.lowra_lowbit_status_name(status) == b"row width not in {1, 2, 4}"
+    assert lib.lowra_lowbit_gemv(None, None, None, 1, 0) == 1  # null pointers: invalid argument, no crash
+    assert ctypes.sizeof(ctypes.c_int) == 4
