@@ -118,12 +118,12 @@ def weight_error(reference: Weights, model: torch.nn.Module) -> float:
 def calibration_stats(model, tokenizer, dataset: UserDataset, batches: int = 16) -> dict[str, torch.Tensor]:
     """Mean squared input per feature of every linear on training examples (never the held-out ones)."""
     from lowra.sdk.training.data import collate, encode_example
-    from lowra.sdk.training.train import _pad_id
+    from lowra.sdk.training.train import padding_id
 
     encoded = [encode_example(tokenizer, ex, 160) for ex in dataset.train[: 8 * batches]]
     feed = []
     for i in range(0, len(encoded), 8):
-        batch = collate(encoded[i : i + 8], _pad_id(tokenizer))
+        batch = collate(encoded[i : i + 8], padding_id(tokenizer))
         feed.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     return record_input_stats(model, feed)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,20 +30,20 @@ class TrainResult:
     input_stats: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
 
 
-def _pad_id(tokenizer: Any) -> int:
+def padding_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
     return int(pad)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int) -> float:
     # Linear warmup that reaches the full rate on the last warmup step, then a
     # cosine decay that stays above zero so the final step still learns.
     if step < warmup:
@@ -52,11 +52,11 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _response_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    """Summed cross-entropy over labelled (response) tokens and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def response_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy over labelled (response) tokens of ``logits`` [rows, seq, vocab], and how many there
+    were (labels are shifted by one: position t predicts token t + 1)."""
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
+    shift_labels = labels[:, 1:]
     total = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
@@ -64,6 +64,23 @@ def _response_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tens
         reduction="sum",
     )
     return total, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def _model_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return response_loss_sum(logits, batch["labels"])
+
+
+def batch_order(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """The example indices of each step: fresh seeded permutations back to back, so every example is seen once
+    per epoch (the same stream for one user trained alone or among others)."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order.extend(torch.randperm(n_examples, generator=generator).tolist())
+        yield order[:batch_size]
+        del order[:batch_size]
 
 
 def train_adapter(
@@ -89,24 +106,15 @@ def train_adapter(
     params = adapter_parameters(model, adapter_name)
     for p in params:
         p.requires_grad_(True)
-    device = _model_device(model)
-    pad_id = _pad_id(tokenizer)
+    device = model_device(model)
+    pad_id = padding_id(tokenizer)
     encoded = [encode_example(tokenizer, ex, config.max_len) for ex in dataset.train]
 
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.steps)
+        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps)
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
-
-    def next_batch() -> list[int]:
-        # A stream of fresh permutations, so every example is seen once per epoch.
-        while len(order) < config.batch_size:
-            order.extend(torch.randperm(len(encoded), generator=generator).tolist())
-        picked = order[: config.batch_size]
-        del order[: config.batch_size]
-        return picked
+    batches = batch_order(len(encoded), config.batch_size, config.seed)
 
     losses: list[float] = []
     was_training = model.training
@@ -116,10 +124,10 @@ def train_adapter(
         with recording_input_stats(model):
             bar = tqdm(range(config.steps), desc=f"train {adapter_name}", disable=not progress, leave=False)
             for step in bar:
-                batch = collate([encoded[i] for i in next_batch()], pad_id)
+                batch = collate([encoded[i] for i in next(batches)], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 set_stats_token_mask(model, batch["attention_mask"])
-                loss_sum, count = _response_loss_sum(model, batch)
+                loss_sum, count = _model_loss_sum(model, batch)
                 loss = loss_sum / max(count, 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -150,8 +158,8 @@ def evaluate_loss(
         raise DatasetError("evaluate_loss needs at least one example")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model)
-    pad_id = _pad_id(tokenizer)
+    device = model_device(model)
+    pad_id = padding_id(tokenizer)
     encoded = [encode_example(tokenizer, ex, max_len) for ex in examples]
     was_training = model.training
     model.eval()
@@ -159,7 +167,7 @@ def evaluate_loss(
     try:
         for i in range(0, len(encoded), batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[i : i + batch_size], pad_id).items()}
-            loss_sum, n = _response_loss_sum(model, batch)
+            loss_sum, n = _model_loss_sum(model, batch)
             total += float(loss_sum)
             count += n
     finally:
