@@ -283,15 +283,9 @@ def _dataset_folders(source: Path) -> list[Path]:
     if not source.is_file():
         raise DatasetError(f"{source} does not exist; expected a folder of user folders or a JSONL manifest")
     folders = []
-    for lineno, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(
-                f"{source}:{lineno}: invalid JSON ({exc.msg}); each line is {{\"path\": FOLDER}}"
-            ) from None
+    from lowra.sdk.training.data import jsonl_objects  # lazily: the registry itself imports no torch
+
+    for lineno, entry in jsonl_objects(source, 'each line is {"path": FOLDER}'):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
             raise DatasetError(f"{source}:{lineno}: expected {{\"path\": FOLDER}} with a non-empty string path")
         folders.append((source.parent / Path(entry["path"]).expanduser()).resolve())

@@ -7,7 +7,6 @@ of the user's own ``.txt`` / ``.jsonl`` files can replace it (``heldout.jsonl`` 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from lowra.sdk.errors import DatasetError
-from lowra.sdk.training.data import Example, encode_example, load_user_dataset
+from lowra.sdk.training.data import Example, encode_example, jsonl_objects, load_user_dataset
 
 DEFAULT_SOURCE = "default"
 # 128 windows of 64 tokens (8,192 tokens): E[x^2] per input settles well before that (measured on SmolLM2: see
@@ -65,13 +64,7 @@ def _folder_documents(tokenizer: Any, folder: Path) -> list[list[int]]:
         if path.suffix == ".txt" and path.is_file():
             docs.append(_text_ids(tokenizer, path.read_text(encoding="utf-8")))
         elif path.suffix == ".jsonl" and path.is_file() and path.name != HELDOUT_FILE:
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
+            for lineno, obj in jsonl_objects(path):
                 if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                     docs.append(_text_ids(tokenizer, obj["text"]))
                 elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):

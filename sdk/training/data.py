@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,19 @@ class UserDataset:
     path: Path | None = None
 
 
+def jsonl_objects(path: Path, each_line: str = "fix or remove that line") -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded value)`` for each non-blank line of a JSON Lines file; an invalid line is a
+    DatasetError naming the file and line (``each_line`` says what a line should be)."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg}); {each_line}") from None
+
+
 def _read_jsonl(path: Path) -> list[Example]:
     if not path.is_file():
         raise DatasetError(
@@ -46,28 +59,21 @@ def _read_jsonl(path: Path) -> list[Example]:
             '{"prompt": ..., "response": ...} object per line'
         )
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(
-                    f"{path}:{lineno}: expected a JSON object with 'prompt' and 'response', "
-                    f"got {type(obj).__name__}"
-                )
-            for key in ("prompt", "response"):
-                if key not in obj:
-                    raise DatasetError(f"{path}:{lineno}: missing key {key!r}; each line needs 'prompt' and 'response'")
-                value = obj[key]
-                if not isinstance(value, str):
-                    raise DatasetError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}")
-                if not value.strip():
-                    raise DatasetError(f"{path}:{lineno}: {key!r} is empty; every example needs text in both fields")
-            examples.append(Example(prompt=obj["prompt"], response=obj["response"]))
+    for lineno, obj in jsonl_objects(path):
+        if not isinstance(obj, dict):
+            raise DatasetError(
+                f"{path}:{lineno}: expected a JSON object with 'prompt' and 'response', "
+                f"got {type(obj).__name__}"
+            )
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise DatasetError(f"{path}:{lineno}: missing key {key!r}; each line needs 'prompt' and 'response'")
+            value = obj[key]
+            if not isinstance(value, str):
+                raise DatasetError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}")
+            if not value.strip():
+                raise DatasetError(f"{path}:{lineno}: {key!r} is empty; every example needs text in both fields")
+        examples.append(Example(prompt=obj["prompt"], response=obj["response"]))
     return examples
 
 
