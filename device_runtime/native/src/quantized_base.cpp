@@ -1,0 +1,279 @@
+#include "quantized_base.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "container.hpp"
+#include "error.hpp"
+#include "sha256.hpp"
+#include "unicode.hpp"
+
+namespace lowra {
+namespace {
+
+// quantized_base.LIMITS: SmolLM2's base has ~950 tensors and a ~150 KB header.
+const Limits kBaseLimits{16ull << 20, 200000, 1ull << 40, 1024};
+constexpr int64_t kMaxFeatures = int64_t{1} << 20;
+constexpr const char* kLayerTensors[] = {"codebooks", "codes", "scales", "widths"};  // sorted, as the fingerprint hashes
+constexpr uint8_t kWidthOfCode[4] = {0, 1, 2, 4};
+
+struct Layer {
+  std::string name;
+  int64_t out, in, group;
+  std::vector<uint8_t> widths;  // decoded, one per row
+  const TensorInfo* tensor[4];  // codebooks, codes, scales, widths
+  int64_t n_groups() const { return group == 0 ? 0 : (in + group - 1) / group; }
+};
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+const char* numpy_name(const std::string& dtype) {
+  static const std::map<std::string, const char*> names = {
+      {"F64", "float64"}, {"F32", "float32"}, {"F16", "float16"}, {"I64", "int64"}, {"I32", "int32"},
+      {"I16", "int16"},   {"I8", "int8"},     {"U8", "uint8"},    {"BOOL", "bool"}, {"BF16", "uint16"}};
+  return names.at(dtype);
+}
+
+bool is_numpy_float(const std::string& dtype) { return dtype == "F16" || dtype == "F32" || dtype == "F64"; }
+
+// np.isfinite over the stored values (a float64 is checked as float64: a finite one may overflow float32).
+bool all_finite(const std::string& dtype, const uint8_t* data, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    double value;
+    if (dtype == "F64") {
+      std::memcpy(&value, data + 8 * i, 8);
+    } else {
+      float f;
+      to_float32(dtype, data + (dtype == "F32" ? 4 : 2) * i, 1, &f, false);
+      value = f;
+    }
+    if (!std::isfinite(value)) return false;
+  }
+  return true;
+}
+
+std::string last_component(const std::string& name) {
+  size_t dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+std::string module_of(const std::string& name) {
+  size_t dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(0, dot);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// QuantizedWeight.validate, after the widths were decoded.
+void validate_layer(const Layer& layer, const uint8_t* data, const std::string& where) {
+  const TensorInfo& codebooks = *layer.tensor[0];
+  const TensorInfo& codes = *layer.tensor[1];
+  const TensorInfo& scales = *layer.tensor[2];
+  std::vector<int64_t> scale_shape = {layer.out, layer.n_groups()};
+  struct Check {
+    const TensorInfo* info;
+    const char* field;
+    const char* dtype;
+    const std::vector<int64_t>* shape;
+  };
+  for (const Check& c : {Check{&codes, "codes", "U8", nullptr}, Check{&codebooks, "codebooks", "F16", nullptr},
+                         Check{&scales, "scales", "F16", &scale_shape}}) {
+    if (c.info->dtype != c.dtype || (c.shape && c.info->shape != *c.shape))
+      fail(LOWRA_ERR_CONTENT, where + ": " + c.field + " is " + numpy_name(c.info->dtype) + " " +
+                                  shape_text(c.info->shape) + ", expected " + numpy_name(c.dtype) + " " +
+                                  (c.shape ? shape_text(*c.shape) : "1-D"));
+  }
+  int64_t code_bytes = 0, levels = 0;
+  for (uint8_t w : layer.widths) code_bytes += (layer.in * w + 7) / 8, levels += int64_t{1} << w;
+  for (const auto& [info, field, expected] : {std::make_tuple(&codes, "codes", code_bytes),
+                                              std::make_tuple(&codebooks, "codebooks", levels)}) {
+    if (info->shape != std::vector<int64_t>{expected})
+      fail(LOWRA_ERR_CONTENT, where + ": " + field + " has " + std::to_string(info->numel()) + " entries, widths imply " +
+                                  std::to_string(expected));
+  }
+  std::vector<float> values(codebooks.numel()), scale_values(scales.numel());
+  to_float32("F16", data + codebooks.start, values.size(), values.data(), true);
+  to_float32("F16", data + scales.start, scale_values.size(), scale_values.data(), true);
+  bool finite = std::all_of(values.begin(), values.end(), [](float v) { return std::isfinite(v); }) &&
+                std::all_of(scale_values.begin(), scale_values.end(), [](float v) { return std::isfinite(v); });
+  if (!finite) fail(LOWRA_ERR_CONTENT, where + ": codebooks or scales contain NaN or Inf");
+  int64_t offset = 0;
+  for (uint8_t w : layer.widths) {
+    for (int64_t i = offset + 1; i < offset + (int64_t{1} << w); ++i)
+      if (values[i] < values[i - 1]) fail(LOWRA_ERR_CONTENT, where + ": a row's codebook levels are not in ascending order");
+    offset += int64_t{1} << w;
+  }
+}
+
+// quantized_fingerprint: the modules sorted by name, each its line and its four tensors as stored (widths
+// re-encoded from the decoded widths, so padding bits do not count).
+std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_t* data) {
+  std::sort(layers.begin(), layers.end(), [](const Layer* a, const Layer* b) { return a->name < b->name; });
+  Sha256 h;
+  for (const Layer* layer : layers) {
+    h.update(layer->name + "|[" + std::to_string(layer->out) + ", " + std::to_string(layer->in) + "]|" +
+             std::to_string(layer->group) + "\n");
+    for (int t = 0; t < 4; ++t) {
+      const TensorInfo& info = *layer->tensor[t];
+      std::string name = layer->name + "." + kLayerTensors[t];
+      if (t == 3) {
+        std::vector<uint8_t> packed((layer->out + 3) / 4, 0);
+        for (int64_t r = 0; r < layer->out; ++r) {
+          uint8_t code = layer->widths[r] == 4 ? 3 : layer->widths[r];
+          packed[r >> 2] |= static_cast<uint8_t>(code << (2 * (r & 3)));
+        }
+        h.update(name + "|" + numpy_dtype_str("U8") + "|[" + std::to_string(packed.size()) + "]|");
+        h.update(packed.data(), packed.size());
+      } else {
+        h.update(name + "|" + numpy_dtype_str(info.dtype) + "|" + shape_text(info.shape) + "|");
+        h.update(data + info.start, info.end - info.start);
+      }
+    }
+  }
+  return "sha256:" + h.hex();
+}
+
+// QuantizedWeight.dequantize: W[r, j] = codebook_r[code[r, j]] * scale[r, j // group_size] in float32.
+std::vector<float> dequantize(const Layer& layer, const uint8_t* data) {
+  const TensorInfo& codebooks = *layer.tensor[0];
+  const uint8_t* codes = data + layer.tensor[1]->start;
+  const TensorInfo& scales = *layer.tensor[2];
+  std::vector<float> levels(codebooks.numel()), scale(scales.numel());
+  to_float32("F16", data + codebooks.start, levels.size(), levels.data(), true);
+  to_float32("F16", data + scales.start, scale.size(), scale.data(), true);
+  std::vector<float> out(layer.out * layer.in);
+  int64_t code_offset = 0, level_offset = 0, groups = layer.n_groups();
+  for (int64_t r = 0; r < layer.out; ++r) {
+    int w = layer.widths[r];
+    const uint8_t* row = codes + code_offset;
+    const float* book = levels.data() + level_offset;
+    float* dst = out.data() + r * layer.in;
+    for (int64_t j = 0; j < layer.in; ++j) {
+      int64_t bit = j * w;
+      dst[j] = book[(row[bit >> 3] >> (bit & 7)) & ((1u << w) - 1)];
+    }
+    if (layer.group)
+      for (int64_t j = 0; j < layer.in; ++j) dst[j] *= scale[r * groups + j / layer.group];
+    code_offset += (layer.in * w + 7) / 8;
+    level_offset += int64_t{1} << w;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out) {
+  Header header = parse_header(data, size, what, kBaseLimits);
+  check_envelope(header, what, "lowra-base",
+                 {"format", "format_version", "modules", "group_size", "aliases", "source", "scheme", "report",
+                  "fingerprint", "payload_sha256", "created"},
+                 "this is not a lowra quantized base (an adapter blob says 'lowra-adapter'; a plain model folder is "
+                 "loaded with DeviceRuntime)",
+                 "re-quantize the base");
+  verify_payload(header, data, what, "Copy it again or re-quantize the base");
+  Json modules_json, aliases_json;
+  for (const char* key : {"modules", "aliases", "scheme", "report"}) {
+    Json value = decode_json_metadata(header, key, what);
+    if (std::string(key) == "modules") modules_json = std::move(value);
+    if (std::string(key) == "aliases") aliases_json = std::move(value);
+  }
+  std::vector<ModuleRow> table = module_entries(modules_json, what, "name, out, in, group_size");
+  for (const ModuleRow& m : table)
+    if (!(m.a >= 1 && m.a <= kMaxFeatures && m.b >= 1 && m.b <= kMaxFeatures && m.c >= 0 && m.c <= kMaxFeatures))
+      fail(LOWRA_ERR_CONTENT, what + ": module " + short_repr(m.name, 1 << 20) + " shape [" + std::to_string(m.a) + ", " +
+                                  std::to_string(m.b) + "] / group " + std::to_string(m.c) + " outside 1.." +
+                                  std::to_string(kMaxFeatures));
+  std::vector<Layer> layers;
+  layers.reserve(table.size());
+  std::map<std::string, size_t> layer_index;
+  std::map<std::string, bool> layer_tensor_names;
+  for (const ModuleRow& m : table) {
+    Layer layer{m.name, m.a, m.b, m.c, {}, {}};
+    std::string absent;
+    for (int t = 0; t < 4; ++t) {
+      std::string name = m.name + "." + kLayerTensors[t];
+      layer.tensor[t] = header.find(name);
+      if (!layer.tensor[t]) absent += (absent.empty() ? "" : ", ") + short_repr(name, 1 << 20);
+    }
+    if (!absent.empty()) fail(LOWRA_ERR_CONTENT, what + ": module " + short_repr(m.name, 1 << 20) + " lacks tensors [" + absent + "]");
+    const TensorInfo& packed = *layer.tensor[3];
+    int64_t width_bytes = (m.a + 3) / 4;
+    if (packed.dtype != "U8" || packed.shape != std::vector<int64_t>{width_bytes})
+      fail(LOWRA_ERR_CONTENT, what + ": " + packed.name + " is " + numpy_name(packed.dtype) + " " + shape_text(packed.shape) +
+                                  ", expected uint8 [" + std::to_string(width_bytes) + "] (2-bit width codes for " +
+                                  std::to_string(m.a) + " rows)");
+    const uint8_t* bits = data + packed.start;
+    for (int64_t r = 0; r < m.a; ++r) layer.widths.push_back(kWidthOfCode[(bits[r >> 2] >> (2 * (r & 3))) & 3]);
+    if (std::find(layer.widths.begin(), layer.widths.end(), 0) != layer.widths.end())
+      fail(LOWRA_ERR_CONTENT, what + ": module " + short_repr(m.name, 1 << 20) +
+                                  " has rows of width 0; every base row needs 1, 2 or 4 bits");
+    validate_layer(layer, data, what + ": module " + short_repr(m.name, 1 << 20));
+    for (const char* t : kLayerTensors) layer_tensor_names[m.name + "." + t] = true;
+    layer_index[m.name] = layers.size();
+    layers.push_back(std::move(layer));
+  }
+  std::vector<const TensorInfo*> dense;
+  for (const auto& t : header.tensors)
+    if (!layer_tensor_names.count(t.name)) dense.push_back(&t);
+  std::vector<const Layer*> layer_ptrs;
+  for (const auto& l : layers) layer_ptrs.push_back(&l);
+  std::string fingerprint = quantized_fingerprint(layer_ptrs, data);
+  const std::string& stored = header.metadata.at("fingerprint");
+  if (fingerprint != stored)
+    fail(LOWRA_ERR_CHECKSUM, what + ": the quantized layers hash to " + fingerprint.substr(0, 23) + "..., the file says " +
+                                 short_repr(stored.substr(0, 23), 40) + "...; the file is corrupted or was modified. "
+                                 "Re-quantize the base");
+  std::map<std::string, const TensorInfo*> dense_by_name;
+  for (const TensorInfo* t : dense) {  // _check_dense
+    if (ends_with(t->name, ".weight") && layer_index.count(module_of(t->name)))
+      fail(LOWRA_ERR_CONTENT, what + ": dense tensor " + short_repr(t->name, 1 << 20) +
+                                  " would shadow the quantized layer " + short_repr(module_of(t->name), 1 << 20));
+    if (is_numpy_float(t->dtype) && !all_finite(t->dtype, data + t->start, t->numel()))
+      fail(LOWRA_ERR_CONTENT, what + ": dense tensor " + short_repr(t->name, 1 << 20) + " contains NaN or Inf");
+    dense_by_name[t->name] = t;
+  }
+  if (!aliases_json.is_object())  // _alias_table
+    fail(LOWRA_ERR_CONTENT, what + ": aliases must be an object mapping names to stored dense tensors");
+  for (const auto& [alias, target] : aliases_json.members) {
+    Json alias_json;
+    alias_json.kind = Json::Kind::String;
+    alias_json.text = alias;
+    check_name(alias_json, what, "alias", 512);
+    if (!target.is_string() || !dense_by_name.count(target.text))
+      fail(LOWRA_ERR_CONTENT, what + ": alias " + short_repr(alias) + " -> " + target.brief() +
+                                  ": the target is not a stored dense tensor");
+    if (dense_by_name.count(alias) || (ends_with(alias, ".weight") && layer_index.count(module_of(alias))))
+      fail(LOWRA_ERR_CONTENT, what + ": alias " + short_repr(alias, 1 << 20) + " names a tensor the file stores itself");
+    if (last_component(alias) != last_component(target.text))
+      fail(LOWRA_ERR_CONTENT, what + ": alias " + short_repr(alias, 1 << 20) + " -> " + short_repr(target.text, 1 << 20) +
+                                  " ties tensors of different kinds");
+  }
+  // dequantized_state_dict: layers as "<module>.weight", dense tensors widened, aliases sharing their target.
+  for (const Layer& layer : layers) {
+    Tensor t;
+    t.shape = {layer.out, layer.in};
+    t.values = std::make_shared<const std::vector<float>>(dequantize(layer, data));
+    out.add(layer.name + ".weight", std::move(t));
+  }
+  for (const TensorInfo* info : dense) {
+    Tensor t;
+    t.shape = info->shape;
+    t.floating = is_numpy_float(info->dtype);
+    auto values = std::make_shared<std::vector<float>>(info->numel());
+    to_float32(info->dtype, data + info->start, values->size(), values->data(), false);
+    t.values = std::move(values);
+    out.add(info->name, std::move(t));
+  }
+  for (const auto& [alias, target] : aliases_json.members) out.add(alias, *out.find(target.text));
+  return header.metadata.at("payload_sha256");
+}
+
+}  // namespace lowra

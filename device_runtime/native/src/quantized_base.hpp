@@ -1,0 +1,16 @@
+// The quantized base file, "lowra-base" v1 (docs/FORMAT.md "Quantized base";
+// lowra.device_runtime.formats.quantized_base): verify like read_quantized_base, decode like
+// QuantizedBase.dequantized_state_dict().
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "tensors.hpp"
+
+namespace lowra {
+
+// Verify the file's bytes and decode every tensor into `out`; returns the file's payload_sha256.
+std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out);
+
+}  // namespace lowra

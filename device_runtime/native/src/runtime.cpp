@@ -1,0 +1,193 @@
+#include "runtime.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "container.hpp"
+#include "error.hpp"
+#include "mapped_file.hpp"
+#include "quantized_base.hpp"
+#include "sha256.hpp"
+#include "unicode.hpp"
+
+namespace lowra {
+namespace {
+
+// docs/FORMAT.md "Signed files": the first 8 bytes of a signed envelope.
+constexpr char kSignedMagic[8] = {'L', 'O', 'W', 'R', 'A', '\0', 'S', 'G'};
+
+bool is_signed(const uint8_t* data, uint64_t size) { return size >= 8 && std::memcmp(data, kSignedMagic, 8) == 0; }
+
+[[noreturn]] void refuse_signed(const std::string& what) {
+  fail(LOWRA_ERR_UNSUPPORTED_FORMAT, what + " is a signed file (format v2); liblowra does not check signatures yet. "
+                                            "Load its unsigned body, or use the Python runtime with a TrustPolicy");
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+// A Hugging Face model folder's model.safetensors: every tensor, F16/BF16/F64 floats widened to float32.
+void read_model_folder(const std::string& folder, TensorTable& out) {
+  std::string file = folder + "/model.safetensors";
+  if (path_kind(file) != PathKind::File) {
+    std::string sharded = path_kind(folder + "/model.safetensors.index.json") == PathKind::File
+                              ? " (a sharded folder, model.safetensors.index.json, is not read by liblowra yet)"
+                              : "";
+    fail(LOWRA_ERR_BASE_NOT_FOUND, folder + " has no model.safetensors" + sharded +
+                                       "; expected a Hugging Face model folder with safetensors weights or a quantized "
+                                       "base file");
+  }
+  MappedFile mapped(file, "base weights " + file + " is missing");
+  Header header = parse_header(mapped.data(), mapped.size(), file, Limits{});
+  for (const TensorInfo& info : header.tensors) {
+    Tensor t;
+    t.shape = info.shape;
+    t.floating = info.dtype == "F32" || info.dtype == "F16" || info.dtype == "BF16" || info.dtype == "F64";
+    auto values = std::make_shared<std::vector<float>>(info.numel());
+    to_float32(info.dtype, mapped.data() + info.start, values->size(), values->data(), true);
+    t.values = std::move(values);
+    out.add(info.name, std::move(t));
+  }
+}
+
+double ms_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+Runtime::Runtime(const std::string& path) : path_(path) {
+  switch (path_kind(path)) {
+    case PathKind::File: {
+      std::string what = "quantized base " + path;
+      MappedFile mapped(path, what + " does not exist");
+      if (is_signed(mapped.data(), mapped.size())) refuse_signed(what);
+      content_digest_ = read_quantized_base(mapped.data(), mapped.size(), what, tensors_);
+      break;
+    }
+    case PathKind::Directory:
+      read_model_folder(path, tensors_);
+      break;
+    default:
+      fail(LOWRA_ERR_BASE_NOT_FOUND, "base " + path + " does not exist; expected a Hugging Face model folder or a "
+                                                      "quantized base file");
+  }
+}
+
+const std::string& Runtime::digest(const std::string& tensor_name) {
+  auto it = digests_.find(tensor_name);
+  if (it != digests_.end()) return it->second;
+  const Tensor& t = *tensors_.find(tensor_name);
+  return digests_[tensor_name] = float32_digest(t.values->data(), t.values->size());
+}
+
+std::string Runtime::fingerprint(const std::vector<std::string>& modules) {
+  std::vector<std::string> missing;
+  for (const auto& m : modules)
+    if (!tensors_.find(m + ".weight")) missing.push_back(m + ".weight");
+  if (!missing.empty())
+    fail(LOWRA_ERR_BASE_MISMATCH, "the adapter targets " + std::to_string(missing.size()) + " module(s) the base at " +
+                                      path_ + " does not have (first: " + short_repr(missing[0], 1 << 20) +
+                                      "); it was trained for another base model");
+  std::vector<std::string> sorted = modules;
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  Sha256 h;  // formats.base_fingerprint: sorted "module|[shape]|sha256(float32 weight)" lines
+  for (const auto& m : sorted)
+    h.update(m + "|" + shape_text(tensors_.find(m + ".weight")->shape) + "|" + digest(m + ".weight") + "\n");
+  return "sha256:" + h.hex();
+}
+
+void Runtime::check_binding(const Blob& blob) {
+  // formats.check_base_binding, as DeviceRuntime._check_binding calls it.
+  const std::string where = "the loaded base at " + path_;
+  std::vector<std::string> unknown;
+  for (const auto& m : blob.modules)
+    if (!tensors_.find(m.name + ".weight")) unknown.push_back(m.name);
+  if (!unknown.empty())
+    fail(LOWRA_ERR_BASE_MISMATCH, "adapter " + short_repr(blob.adapter_id, 1 << 20) + " targets " +
+                                      std::to_string(unknown.size()) + " module(s) " + where + " does not have (first: " +
+                                      short_repr(unknown[0], 1 << 20) + "); it was trained for another base model");
+  for (const auto& m : blob.modules) {
+    const auto& shape = tensors_.find(m.name + ".weight")->shape;
+    if (shape != std::vector<int64_t>{m.out_features, m.in_features})
+      fail(LOWRA_ERR_CONTENT, "adapter module " + m.name + " is [" + std::to_string(m.out_features) + ", " +
+                                  std::to_string(m.in_features) + "] but the base weight is " + shape_text(shape) +
+                                  "; the adapter was made for another model");
+  }
+  std::vector<std::string> names;
+  for (const auto& m : blob.modules) names.push_back(m.name);
+  std::string expected = fingerprint(names);
+  if (blob.base_fingerprint != expected)
+    fail(LOWRA_ERR_BASE_MISMATCH, "adapter " + short_repr(blob.adapter_id, 1 << 20) + " was trained against base " +
+                                      blob.base_fingerprint.substr(0, 23) + "..., but " + where + " is " +
+                                      expected.substr(0, 23) + "...; load the base it was trained on or retrain the "
+                                      "adapter for this base");
+}
+
+void Runtime::load_user(const uint8_t* data, size_t size) {
+  auto start = std::chrono::steady_clock::now();
+  if (size > kMaxBlobFileBytes)
+    fail(LOWRA_ERR_BLOB, "blob of " + std::to_string(size) + " bytes is larger than any adapter blob can be");
+  if (is_signed(data, size)) refuse_signed("blob");
+  Blob blob = parse_blob(data, size, "blob");
+  check_binding(blob);
+  auto user = std::make_unique<UserState>();
+  auto apply_start = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < blob.modules.size(); ++i) {
+    const AdapterModule& m = blob.modules[i];
+    Factors f = decode_factors(blob, i);
+    std::string name = m.name + ".weight";
+    std::vector<float> merged(m.out_features * m.in_features);
+    merge_into(merged.data(), tensors_.find(name)->values->data(), f.up.data(), f.down.data(), m.out_features, f.kept,
+               m.in_features);
+    user->merged[name] = std::move(merged);
+    user->modules.push_back(m.name);
+  }
+  user->adapter_id = blob.adapter_id;
+  user->base_fingerprint = blob.base_fingerprint;
+  user->file_bytes = blob.file_bytes;
+  user->effective_bits = 8.0 * static_cast<double>(blob.file_bytes) / static_cast<double>(std::max<int64_t>(blob.n_params, 1));
+  user->apply_ms = ms_since(apply_start);
+  user->load_ms = ms_since(start);
+  user_ = std::move(user);  // published only once every check passed and every weight is merged
+}
+
+const float* Runtime::weight(const std::string& name, const Tensor** tensor) const {
+  const Tensor* t = tensors_.find(name);
+  if (!t) return nullptr;
+  *tensor = t;
+  if (user_) {
+    auto it = user_->merged.find(name);
+    if (it != user_->merged.end()) return it->second.data();
+  }
+  return t->values->data();
+}
+
+void merge_into(float* out, const float* pristine, const float* up, const float* down, int64_t rows, int64_t kept,
+                int64_t cols) {
+  // Row by row: out[r] = sum_k up[r, k] * down[k] accumulated in float32 in component order, then + pristine[r].
+  // The order of the k-sum may differ from numpy's BLAS; each product of two float16 levels is exact in float32,
+  // so results agree exactly whenever the partial sums are exact and otherwise within the bound the tests state.
+  if (kept == 0) {  // every component dropped: the user's weight is the base's, bit for bit
+    std::copy(pristine, pristine + rows * cols, out);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = out + r * cols;
+    std::fill(dst, dst + cols, 0.0f);
+    for (int64_t k = 0; k < kept; ++k) {
+      const float a = up[r * kept + k];
+      const float* src = down + k * cols;
+      for (int64_t c = 0; c < cols; ++c) dst[c] += a * src[c];
+    }
+    const float* base = pristine + r * cols;
+    for (int64_t c = 0; c < cols; ++c) dst[c] += base[c];
+  }
+}
+
+}  // namespace lowra

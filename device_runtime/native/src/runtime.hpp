@@ -1,0 +1,57 @@
+// One base, at most one active user (lowra.device_runtime.runtime.DeviceRuntime without the Python threading):
+// open a base, fingerprint its weights, verify a blob against it and merge it into per-user buffers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "adapter.hpp"
+#include "tensors.hpp"
+
+namespace lowra {
+
+struct UserState {
+  std::string adapter_id;
+  std::string base_fingerprint;
+  size_t file_bytes = 0;
+  double effective_bits = 0;
+  double load_ms = 0;
+  double apply_ms = 0;
+  std::vector<std::string> modules;                            // the modules whose weights the user changes
+  std::unordered_map<std::string, std::vector<float>> merged;  // "<module>.weight" -> pristine + up @ down
+};
+
+class Runtime {
+ public:
+  // A quantized base file or a Hugging Face model folder with model.safetensors (BaseWeights).
+  explicit Runtime(const std::string& path);
+
+  const TensorTable& tensors() const { return tensors_; }
+  const std::string& path() const { return path_; }
+  // BaseWeights.fingerprint: missing modules are a BaseMismatch.
+  std::string fingerprint(const std::vector<std::string>& modules);
+  // DeviceRuntime.load_user (merge mode): on failure the previous state is kept.
+  void load_user(const uint8_t* data, size_t size);
+  void unload_user() { user_.reset(); }
+  const UserState* user() const { return user_.get(); }
+  // The tensor as the model computes with it now; null if the base has no such tensor.
+  const float* weight(const std::string& name, const Tensor** tensor) const;
+
+ private:
+  std::string path_;
+  TensorTable tensors_;
+  std::string content_digest_;  // a quantized base's payload_sha256 (empty for a model folder)
+  std::unordered_map<std::string, std::string> digests_;
+  std::unique_ptr<UserState> user_;
+
+  const std::string& digest(const std::string& tensor_name);
+  void check_binding(const Blob& blob);
+};
+
+// runtime.merge_into: out = pristine + up @ down, in float32 (the product first, then one add).
+void merge_into(float* out, const float* pristine, const float* up, const float* down, int64_t rows, int64_t kept,
+                int64_t cols);
+
+}  // namespace lowra

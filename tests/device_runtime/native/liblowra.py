@@ -1,0 +1,138 @@
+"""Test helpers for liblowra: build the CMake project, and a ctypes binding that raises the Python runtime's errors.
+
+The binding maps each lowra_status to the lowra error class it mirrors, so a test asserts "the native reader refuses
+this file with the same error kind as the numpy reader" as ``type(native_error) is type(python_error)``.
+"""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from lowra.device_runtime.errors import (
+    BaseMismatchError,
+    BaseNotFoundError,
+    BlobContentError,
+    BlobError,
+    BlobTruncatedError,
+    ChecksumMismatchError,
+    LowraError,
+    UnsupportedFormatError,
+)
+
+NATIVE_DIR = Path(__file__).resolve().parents[3] / "device_runtime" / "native"
+
+# lowra_status (include/lowra.h) -> the Python error class of the same kind.
+ERRORS: dict[int, type[Exception]] = {
+    1: ValueError,
+    2: BlobError,
+    3: BlobTruncatedError,
+    4: ChecksumMismatchError,
+    5: UnsupportedFormatError,
+    6: BlobContentError,
+    7: BaseMismatchError,
+    8: BaseNotFoundError,
+    9: OSError,
+    10: LowraError,
+    11: RuntimeError,
+}
+
+
+def missing_toolchain() -> str | None:
+    """Why the CMake project cannot be built here, or None."""
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not Path("/usr/include/openssl/evp.h").is_file():
+        return "OpenSSL 3 headers (libssl-dev) are not installed"
+    return None
+
+
+def build(build_dir: Path) -> Path:
+    """Configure and build the CMake project (Release, both cores) into ``build_dir``; returns it."""
+    subprocess.run(["cmake", "-S", str(NATIVE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"],
+                   check=True, capture_output=True, text=True)
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", "2"], check=True, capture_output=True, text=True)
+    return build_dir
+
+
+class UserInfo(ctypes.Structure):
+    _fields_ = [
+        ("adapter_id", ctypes.c_char_p),
+        ("base_fingerprint", ctypes.c_char_p),
+        ("n_modules", ctypes.c_size_t),
+        ("file_bytes", ctypes.c_size_t),
+        ("effective_bits", ctypes.c_double),
+        ("load_ms", ctypes.c_double),
+        ("apply_ms", ctypes.c_double),
+    ]
+
+
+class Liblowra:
+    """The C ABI through ctypes, one base handle at a time (``open`` returns it, ``close`` frees it)."""
+
+    def __init__(self, library: Path):
+        lib = self.lib = ctypes.CDLL(str(library))
+        handle, size = ctypes.c_void_p, ctypes.c_size_t
+        lib.lowra_last_error.restype = ctypes.c_char_p
+        lib.lowra_base_open.argtypes = [ctypes.c_char_p, ctypes.POINTER(handle)]
+        lib.lowra_base_close.argtypes = [handle]
+        lib.lowra_base_close.restype = None
+        lib.lowra_base_fingerprint.argtypes = [handle, ctypes.POINTER(ctypes.c_char_p), size, ctypes.c_char_p, size]
+        lib.lowra_user_load.argtypes = [handle, ctypes.c_char_p, size, ctypes.POINTER(UserInfo)]
+        lib.lowra_user_unload.argtypes = [handle]
+        lib.lowra_user_current.argtypes = [handle, ctypes.POINTER(UserInfo)]
+        lib.lowra_weight.argtypes = [handle, ctypes.c_char_p, ctypes.POINTER(ctypes.POINTER(ctypes.c_float)),
+                                     ctypes.POINTER(ctypes.c_int64), size, ctypes.POINTER(size)]
+        lib.lowra_weight_digest.argtypes = [handle, ctypes.c_char_p, ctypes.c_char_p, size]
+        lib.lowra_tensor_count.argtypes = [handle]
+        lib.lowra_tensor_count.restype = size
+        lib.lowra_tensor_name.argtypes = [handle, size]
+        lib.lowra_tensor_name.restype = ctypes.c_char_p
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            raise ERRORS[status](self.lib.lowra_last_error().decode("utf-8", "replace"))
+
+    def open(self, path: str | Path) -> ctypes.c_void_p:
+        base = ctypes.c_void_p()
+        self._check(self.lib.lowra_base_open(str(path).encode(), ctypes.byref(base)))
+        return base
+
+    def close(self, base: ctypes.c_void_p) -> None:
+        self.lib.lowra_base_close(base)
+
+    def fingerprint(self, base: ctypes.c_void_p, modules: list[str]) -> str:
+        names = (ctypes.c_char_p * len(modules))(*[m.encode() for m in modules])
+        out = ctypes.create_string_buffer(72)
+        self._check(self.lib.lowra_base_fingerprint(base, names, len(modules), out, 72))
+        return out.value.decode()
+
+    def load(self, base: ctypes.c_void_p, blob: bytes) -> UserInfo:
+        info = UserInfo()
+        self._check(self.lib.lowra_user_load(base, blob, len(blob), ctypes.byref(info)))
+        return info
+
+    def unload(self, base: ctypes.c_void_p) -> None:
+        self._check(self.lib.lowra_user_unload(base))
+
+    def weight(self, base: ctypes.c_void_p, name: str) -> np.ndarray:
+        """A copy of the tensor as the model sees it now."""
+        data = ctypes.POINTER(ctypes.c_float)()
+        shape = (ctypes.c_int64 * 8)()
+        ndim = ctypes.c_size_t()
+        self._check(self.lib.lowra_weight(base, name.encode(), ctypes.byref(data), shape, 8, ctypes.byref(ndim)))
+        dims = tuple(shape[: ndim.value])
+        count = int(np.prod(dims)) if dims else 1
+        return np.ctypeslib.as_array(data, (count,)).copy().reshape(dims)
+
+    def digest(self, base: ctypes.c_void_p, name: str) -> str:
+        out = ctypes.create_string_buffer(65)
+        self._check(self.lib.lowra_weight_digest(base, name.encode(), out, 65))
+        return out.value.decode()
+
+    def tensor_names(self, base: ctypes.c_void_p) -> list[str]:
+        return [self.lib.lowra_tensor_name(base, i).decode() for i in range(self.lib.lowra_tensor_count(base))]

@@ -1,0 +1,446 @@
+"""liblowra (device_runtime/native) against the numpy reference: the same bytes in, the same weights and the same
+refusals out. The CMake project is built once per module (about 25 s on 2 cores) into a temporary folder."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lowra.device_runtime import formats as fmt
+from lowra.device_runtime.errors import BlobContentError, LowraError
+from lowra.device_runtime.formats.container import parse_header, serialize
+from lowra.device_runtime.formats.quantized_base import read_quantized_base, write_quantized_base
+from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
+
+from tests.device_runtime.conftest import CREATED, TINY_MODULES, make_blob_bytes, write_base
+from tests.device_runtime.native.liblowra import Liblowra, UserInfo, build, missing_toolchain
+from tests.device_runtime.native.printable_table import TABLE, table_text
+
+U = 2.0 ** -24  # unit roundoff of float32
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory) -> Path:
+    reason = missing_toolchain()
+    if reason:
+        pytest.skip(f"cannot build liblowra: {reason}")
+    return build(tmp_path_factory.mktemp("liblowra-build"))
+
+
+@pytest.fixture(scope="module")
+def native(build_dir) -> Liblowra:
+    return Liblowra(build_dir / "liblowra.so")
+
+
+# --- blobs and bases ------------------------------------------------------------------------------
+def blob_for(base: Path | BaseWeights, levels_of, seed: int = 0, rank: int = 4, widths=(4, 2, 1, 0),
+             adapter_id: str = "user-a", modules: dict | None = None) -> bytes:
+    """A blob for ``base`` whose channel of width w gets codebook ``levels_of(rng, w)`` (ascending float16)."""
+    rng = np.random.default_rng(seed)
+    weights = base if isinstance(base, BaseWeights) else BaseWeights(base)
+    modules = modules or {n[: -len(".weight")]: a.shape for n, a in weights.tensors.items()
+                          if n.endswith(".weight") and a.ndim == 2}
+    entries = [fmt.ModuleEntry(m, o, i, rank) for m, (o, i) in modules.items()]
+    all_widths, codes, levels = [], [], []
+    for e in entries:
+        for length in (e.in_features, e.out_features):
+            for k in range(rank):
+                w = widths[k % len(widths)]
+                all_widths.append(w)
+                codes.append(rng.integers(0, 1 << w, length).astype(np.uint8) if w else np.zeros(0, np.uint8))
+                levels.append(levels_of(rng, w) if w else np.zeros(0, np.float16))
+    meta = {"adapter_id": adapter_id, "base_fingerprint": weights.fingerprint([e.name for e in entries]),
+            "lora": {"rank": rank}, "scheme": {"method": "test"}, "created": CREATED, "card": {"task": "test"}}
+    return fmt.build_blob_bytes(entries, np.array(all_widths, np.uint8), codes, levels, meta)
+
+
+def dyadic_levels(rng: np.random.Generator, width: int) -> np.ndarray:
+    """Multiples of 1/64 in [-1, 1]: every product of two levels is a multiple of 2**-12 of magnitude <= 1, so
+    every partial sum of up to 2**11 of them is exact in float32 and any summation order gives the same bits."""
+    return np.sort(rng.choice(np.arange(-64, 65), 1 << width, replace=False) / 64).astype(np.float16)
+
+
+def normal_levels(rng: np.random.Generator, width: int) -> np.ndarray:
+    return np.sort(rng.standard_normal(1 << width) * 0.05).astype(np.float16)
+
+
+def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> bytes:
+    """A plain safetensors file from raw (dtype name, shape, bytes), for dtypes numpy cannot write (BF16)."""
+    table, offset = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    header = json.dumps(table).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + b"".join(d for _, _, d in tensors.values())
+
+
+def write_quantized(path: Path, seed: int = 0) -> Path:
+    """A quantized base with mixed widths, grouped and ungrouped layers, a tied head and an int64 buffer."""
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for name, (out, n_in), group in (("model.layers.0.q_proj", (6, 20), 8), ("model.layers.0.down_proj", (4, 37), 8),
+                                     ("model.layers.1.q_proj", (6, 20), 0)):
+        widths = rng.choice([1, 2, 4], out).astype(np.uint8)
+        codes = np.concatenate([fmt.pack_codes(rng.integers(0, 1 << w, (1, n_in)).astype(np.uint8), int(w))[0]
+                                for w in widths])
+        books = np.concatenate([np.sort(rng.standard_normal(1 << w)).astype(np.float16) for w in widths])
+        n_groups = -(-n_in // group) if group else 0
+        scales = rng.uniform(0, 2, (out, n_groups)).astype(np.float16)
+        layers[name] = QuantizedWeight(out, n_in, group, widths, codes, books, scales)
+    dense = {"model.embed_tokens.weight": (rng.standard_normal((6, 4)) * 3).astype(np.float16),
+             "model.norm.weight": np.ones(4, np.float32), "model.position_ids": np.arange(5, dtype=np.int64)}
+    meta = {"source": "test", "group_size": 8, "scheme": {"method": "test"}, "report": {}, "created": CREATED,
+            "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
+    return write_quantized_base(path, layers, dense, meta)
+
+
+def merge_tolerance(blob: fmt.Blob, module: str, reference: np.ndarray) -> np.ndarray:
+    """What float32 order alone can change, element by element.
+
+    Each product of two float16 levels is exact in float32 (22 significant bits), so a K-term sum in any order
+    (numpy's BLAS blocks and may fuse; liblowra adds in component order) is within gamma_K * sum|products| of the
+    exact sum (Higham, Accuracy and Stability, 3.1). Both results then take one rounding adding the base weight,
+    each within u |result|. Two such results differ by at most 2 gamma_K S + 2 u |reference| (+ 1% for u^2 terms).
+    """
+    up, down = blob.all_factors(drop_empty=True)[module]
+    k = up.shape[1]
+    gamma = k * U / (1 - k * U)
+    total = np.abs(up.astype(np.float64)) @ np.abs(down.astype(np.float64))
+    return 1.01 * (2 * gamma * total + 2 * U * np.abs(reference.astype(np.float64))) + 2.0 ** -149
+
+
+def assert_same_weights(native: Liblowra, handle, runtime: DeviceRuntime, blob: fmt.Blob | None = None,
+                        exact: bool = True) -> None:
+    """Every floating tensor of the numpy runtime equals liblowra's: bit for bit where ``blob`` merges nothing (or
+    ``exact``), else within :func:`merge_tolerance`."""
+    blob_modules = {m.name for m in blob.modules} if blob else set()
+    for name, reference in runtime.weights().items():
+        if not np.issubdtype(reference.dtype, np.floating):
+            continue
+        ours = native.weight(handle, name)
+        reference = reference.astype(np.float32)
+        assert ours.shape == reference.shape, name
+        module = name[: -len(".weight")]
+        if exact or module not in blob_modules:
+            assert np.array_equal(ours, reference), name
+        else:
+            tol = merge_tolerance(blob, module, reference)
+            assert np.all(np.abs(ours.astype(np.float64) - reference) <= tol), name
+            assert np.mean(ours == reference) > 0.5, name  # most elements are bit-identical anyway
+
+
+def load_both(native: Liblowra, handle, runtime: DeviceRuntime, blob: bytes) -> fmt.Blob:
+    """Load ``blob`` into both runtimes; returns it parsed (for the tolerance of its merge)."""
+    runtime.load_user(blob)
+    info = native.load(handle, blob)
+    assert info.adapter_id.decode() == runtime.user.adapter_id
+    assert info.n_modules == len(runtime.user.modules)
+    assert info.effective_bits == pytest.approx(runtime.user.effective_bits, rel=1e-12)
+    return fmt.parse_blob(blob)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+def test_printable_table_is_pythons():
+    """The C++ name check accepts exactly the names str.isprintable() accepts on this interpreter."""
+    assert TABLE.read_text() == table_text(), "regenerate: python -m tests.device_runtime.native.printable_table"
+
+
+def test_model_folder_fingerprint_and_merge(native, tiny_base):
+    runtime = DeviceRuntime(tiny_base)
+    handle = native.open(tiny_base)
+    try:
+        modules = sorted(TINY_MODULES)
+        assert native.fingerprint(handle, modules) == runtime.base.fingerprint(modules)
+        assert native.tensor_names(handle) == list(runtime.base.tensors)
+        load_both(native, handle, runtime, blob_for(tiny_base, dyadic_levels))
+        assert_same_weights(native, handle, runtime)
+        blob = load_both(native, handle, runtime, make_blob_bytes(tiny_base, seed=3))
+        assert_same_weights(native, handle, runtime, blob, exact=False)
+        for name in runtime.weights():
+            if name.endswith(".weight"):
+                assert native.digest(handle, name) == fmt.tensor_digest(runtime.weight(name))
+    finally:
+        native.close(handle)
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_half_precision_folders_are_widened_exactly(native, tmp_path, dtype):
+    rng = np.random.default_rng(7)
+    tensors, arrays = {}, {}
+    for module, shape in TINY_MODULES.items():
+        values = rng.standard_normal(shape).astype(np.float32)
+        if dtype == "F16":
+            raw = values.astype(np.float16)
+            tensors[f"{module}.weight"] = ("F16", shape, raw.tobytes())
+        else:
+            raw = (values.view(np.uint32) >> 16).astype(np.uint16)
+            tensors[f"{module}.weight"] = ("BF16", shape, raw.tobytes())
+        arrays[module] = raw
+    tensors["model.position_ids"] = ("I64", (5,), np.arange(5, dtype=np.int64).tobytes())
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(safetensors_bytes(tensors))
+    runtime = DeviceRuntime(folder)
+    handle = native.open(folder)
+    try:
+        assert native.fingerprint(handle, sorted(TINY_MODULES)) == runtime.base.fingerprint(sorted(TINY_MODULES))
+        assert_same_weights(native, handle, runtime)
+        with pytest.raises(ValueError, match="not floating point"):
+            native.weight(handle, "model.position_ids")
+        load_both(native, handle, runtime, blob_for(folder, dyadic_levels, seed=2))
+        assert_same_weights(native, handle, runtime)
+    finally:
+        native.close(handle)
+
+
+def test_quantized_base_decodes_bit_exactly(native, tmp_path):
+    path = write_quantized(tmp_path / "base.safetensors")
+    runtime = DeviceRuntime(path)
+    handle = native.open(path)
+    try:
+        reference = read_quantized_base(path).dequantized_state_dict()
+        assert sorted(native.tensor_names(handle)) == sorted(reference)
+        for name, array in reference.items():
+            if np.issubdtype(array.dtype, np.floating):
+                assert np.array_equal(native.weight(handle, name), array), name
+        modules = ["model.layers.0.q_proj", "model.layers.1.q_proj", "model.layers.0.down_proj"]
+        assert native.fingerprint(handle, modules) == runtime.base.fingerprint(modules)
+        quantized_modules = {m: runtime.base.tensors[f"{m}.weight"].shape for m in modules}
+        load_both(native, handle, runtime, blob_for(runtime.base, dyadic_levels, modules=quantized_modules))
+        assert_same_weights(native, handle, runtime)
+        blob = load_both(native, handle, runtime, blob_for(runtime.base, normal_levels, seed=5, modules=quantized_modules))
+        assert_same_weights(native, handle, runtime, blob, exact=False)
+    finally:
+        native.close(handle)
+
+
+def test_swaps_restore_the_base_bit_exactly(native, tiny_base):
+    handle = native.open(tiny_base)
+    try:
+        names = [f"{m}.weight" for m in TINY_MODULES]
+        pristine = {n: native.weight(handle, n) for n in names}
+        blobs = [make_blob_bytes(tiny_base, seed=s, adapter_id=f"user-{s}") for s in (1, 2)]
+        first = native.load(handle, blobs[0])
+        assert first.adapter_id == b"user-1"
+        merged_a = {n: native.weight(handle, n) for n in names}
+        for _ in range(20):
+            native.load(handle, blobs[1])
+            native.load(handle, blobs[0])
+        assert all(np.array_equal(native.weight(handle, n), merged_a[n]) for n in names)
+        native.unload(handle)
+        assert all(native.weight(handle, n).tobytes() == pristine[n].tobytes() for n in names)
+    finally:
+        native.close(handle)
+
+
+# --- refusals: the same error kind as the numpy reader, file by file -------------------------------
+def _rewrite(data: bytes, mutate_meta=None, mutate_tensors=None) -> bytes:
+    header = parse_header(data, len(data), "x")
+    dtypes = {"U8": np.uint8, "F16": np.float16}
+    tensors = {n: np.frombuffer(data, np.uint8, i.end - i.start, i.start).view(dtypes[i.dtype]).copy()
+               for n, i in header.tensors.items()}
+    meta = dict(header.metadata)
+    if mutate_meta:
+        mutate_meta(meta)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    meta["payload_sha256"] = fmt.payload_digest(tensors, meta)
+    return serialize(tensors, meta)
+
+
+def _set(key, value):
+    return lambda m: m.update({key: value})
+
+
+def _table(edit):
+    def mutate(m):
+        table = json.loads(m["modules"])
+        edit(table)
+        m["modules"] = json.dumps(table)
+    return mutate
+
+
+def corrupt_blobs(base: Path) -> dict[str, bytes]:
+    good = make_blob_bytes(base)
+    header_len = 8 + struct.unpack("<Q", good[:8])[0]
+    cases = {f"cut{c}": good[:c] for c in (0, 5, 8, 100, len(good) - 1, len(good) - 37)}
+    for i, pos in enumerate(np.random.default_rng(0).integers(header_len, len(good), 8)):
+        flipped = bytearray(good)
+        flipped[pos] ^= 1 << (i % 8)
+        cases[f"payload_flip{i}"] = bytes(flipped)
+    for pos in range(8, header_len, 7):  # every 7th header byte: JSON, names, numbers, metadata values
+        flipped = bytearray(good)
+        flipped[pos] ^= 0x04
+        cases[f"header_flip{pos}"] = bytes(flipped)
+    cases["version"] = _rewrite(good, _set("format_version", "2"))
+    cases["version_padded"] = _rewrite(good, _set("format_version", " 1"))
+    cases["not_lowra"] = serialize({"w": np.zeros(3, np.float32)}, {"format": "pt"})
+    cases["missing_key"] = _rewrite(good, lambda m: m.pop("card"))
+    cases["bad_json"] = _rewrite(good, _set("scheme", '{"a": NaN}'))
+    cases["dup_key"] = _rewrite(good, _set("card", '{"a": 1, "a": 2}'))
+    cases["deep_json"] = _rewrite(good, _set("lora", "[" * 70 + "]" * 70))
+    cases["nan_level"] = _rewrite(good, mutate_tensors=lambda t: t["codebooks"].__setitem__(3, np.nan))
+    cases["descending"] = _rewrite(good, mutate_tensors=lambda t: t["codebooks"].__setitem__(
+        slice(0, 16), np.sort(t["codebooks"][:16])[::-1]))
+    cases["wrong_dtype"] = _rewrite(good, mutate_tensors=lambda t: t.__setitem__("codes", t["codes"].astype(np.float16)))
+    cases["extra_tensor"] = _rewrite(good, mutate_tensors=lambda t: t.update(extra=t.pop("widths")))
+    cases["table_in"] = _rewrite(good, _table(lambda t: t[0].__setitem__(2, t[0][2] + 8)))
+    cases["table_rank"] = _rewrite(good, _table(lambda t: t[0].__setitem__(3, 0)))
+    cases["table_float"] = _rewrite(good, _table(lambda t: t[0].__setitem__(1, 24.0)))
+    cases["table_bool"] = _rewrite(good, _table(lambda t: t[0].__setitem__(1, True)))
+    cases["table_name"] = _rewrite(good, _table(lambda t: t[0].__setitem__(0, "model..q")))
+    cases["table_unprintable"] = _rewrite(good, _table(lambda t: t[0].__setitem__(0, "model.q\u200b")))
+    cases["table_surrogate"] = _rewrite(good, lambda m: m.update(modules=m["modules"].replace(
+        "model.layers.0.self_attn.q_proj", "\\ud800", 1)))
+    cases["table_twice"] = _rewrite(good, _table(lambda t: t.append(list(t[0]))))
+    cases["widths_short"] = _rewrite(good, mutate_tensors=lambda t: t.__setitem__("widths", t["widths"][:-1]))
+    cases["wrong_base"] = make_blob_bytes(write_base(base.parent / "other", seed=9))
+    cases["missing_module"] = make_blob_bytes(base, modules={"model.layers.9.mlp.up_proj": (16, 16)})
+    cases["wrong_shape"] = make_blob_bytes(base, modules={"model.layers.0.self_attn.q_proj": (16, 24)})
+    cases["fingerprint"] = _rewrite(good, _set("base_fingerprint", "sha256:" + "0" * 64))
+    cases["signed"] = b"LOWRA\x00SG" + good
+    return cases
+
+
+def python_error(load) -> type[Exception] | None:
+    try:
+        load()
+    except LowraError as exc:
+        return type(exc)
+    return None
+
+
+# Where liblowra refuses by design what the Python runtime reads: JSON nested deeper than 64 levels (Python stops only
+# at its recursion limit). Signed files are refused by both here (UnsupportedFormatError; liblowra checks no
+# signatures yet, and the Python runtime's default policy pins no key).
+STRICTER = {"deep_json": BlobContentError}
+
+
+def test_corrupt_and_forged_blobs_are_refused_alike(native, tiny_base):
+    runtime = DeviceRuntime(tiny_base)
+    handle = native.open(tiny_base)
+    try:
+        native.load(handle, make_blob_bytes(tiny_base, seed=4, adapter_id="kept"))
+        for case, data in corrupt_blobs(tiny_base).items():
+            expected = STRICTER.get(case) or python_error(lambda data=data: runtime.load_user(data))
+            assert expected is not None, f"{case}: the numpy reader accepted it"
+            got = python_error(lambda data=data: native.load(handle, data))
+            assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
+            info = UserInfo()
+            assert native.lib.lowra_user_current(handle, info) == 0 and info.adapter_id == b"kept", case
+    finally:
+        native.close(handle)
+
+
+JSON_BYTES = b'"\\,:{}[]0123456789e.-+u tfnIN\x00\x1f\x7f\x80\xc3\xed\xf0\xffab'
+
+
+def test_mutated_headers_and_metadata_are_refused_alike(native, tiny_base):
+    """Random JSON-significant bytes written into the header, and into the JSON metadata values with the checksum
+    resealed (so the strict JSON parser, not the checksum, decides): the same error kind every time."""
+    runtime = DeviceRuntime(tiny_base)
+    handle = native.open(tiny_base)
+    good = make_blob_bytes(tiny_base)
+    header_len = 8 + struct.unpack("<Q", good[:8])[0]
+    rng = np.random.default_rng(11)
+    try:
+        for i in range(400):
+            if i % 2:
+                data = bytearray(good)
+                data[rng.integers(8, header_len)] = JSON_BYTES[rng.integers(len(JSON_BYTES))]
+            else:
+                key = ("modules", "lora", "card", "scheme")[i // 2 % 4]
+
+                def edit(meta, key=key):
+                    text = bytearray(meta[key].encode())
+                    text[rng.integers(len(text))] = JSON_BYTES[rng.integers(len(JSON_BYTES))]
+                    meta[key] = text.decode("utf-8", "replace")
+                data = _rewrite(good, edit)
+            data = bytes(data)
+            expected = python_error(lambda data=data: runtime.load_user(data))
+            got = python_error(lambda data=data: native.load(handle, data))
+            assert got is expected, f"mutation {i}: numpy {expected}, liblowra {got}: {native.lib.lowra_last_error()}"
+    finally:
+        native.close(handle)
+
+
+def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
+    good = write_quantized(tmp_path / "good.safetensors").read_bytes()
+    header = parse_header(good, len(good), "x")
+    dtypes = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "I64": np.int64}
+
+    def rewrite(name: str, meta_edit=None, tensor_edit=None, reseal=True) -> None:
+        tensors = {n: np.frombuffer(good, np.uint8, i.end - i.start, i.start).view(dtypes[i.dtype]).reshape(i.shape).copy()
+                   for n, i in header.tensors.items()}
+        meta = dict(header.metadata)
+        if meta_edit:
+            meta_edit(meta)
+        if tensor_edit:
+            tensor_edit(tensors)
+        if reseal:
+            meta["payload_sha256"] = fmt.payload_digest(tensors, meta)
+        cases[name] = serialize(tensors, meta)
+
+    cases: dict[str, bytes] = {"cut": good[:-3], "short": good[:5]}
+    flipped = bytearray(good)
+    flipped[header.tensors["model.norm.weight"].start] ^= 1
+    cases["flip_dense"] = bytes(flipped)
+    rewrite("version", _set("format_version", "2"))
+    rewrite("adapter", lambda m: m.update(format="lowra-adapter"))
+    rewrite("tampered_layer", tensor_edit=lambda t: t.__setitem__("model.layers.0.q_proj.codes",
+                                                                  t["model.layers.0.q_proj.codes"] ^ np.uint8(1)))
+    rewrite("inconsistent", _table(lambda t: t[0].__setitem__(2, t[0][2] + 1)))
+    rewrite("width_zero", tensor_edit=lambda t: t["model.layers.0.q_proj.widths"].fill(0))
+    rewrite("missing", tensor_edit=lambda t: t.pop("model.layers.1.q_proj.scales"))
+    rewrite("nan_dense", tensor_edit=lambda t: t["model.norm.weight"].__setitem__(0, np.inf))
+    rewrite("bad_alias", _set("aliases", '{"lm_head.bias": "model.embed_tokens.weight"}'))
+    rewrite("alias_target", _set("aliases", '{"lm_head.weight": "nothing.weight"}'))
+    rewrite("shadow", tensor_edit=lambda t: t.__setitem__("model.layers.0.q_proj.weight", np.zeros(2, np.float32)))
+    paths = {}
+    for name, data in cases.items():
+        paths[name] = tmp_path / f"{name}.safetensors"
+        paths[name].write_bytes(data)
+    paths["missing_file"] = tmp_path / "absent.safetensors"
+    paths["empty_folder"] = tmp_path / "empty"
+    paths["empty_folder"].mkdir()
+    return paths
+
+
+def test_corrupt_bases_are_refused_alike(native, tmp_path):
+    for case, path in corrupt_bases(tmp_path).items():
+        expected = python_error(lambda path=path: BaseWeights(path))
+        got = python_error(lambda path=path: native.close(native.open(path)))
+        assert expected is not None, f"{case}: the numpy reader accepted it"
+        assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
+
+
+# --- the example app ------------------------------------------------------------------------------
+def test_example_app_swaps_users(build_dir, tiny_base, tmp_path):
+    blobs = {}
+    for user, seed in (("alice", 1), ("bob", 2)):
+        blobs[user] = tmp_path / f"{user}.safetensors"
+        blobs[user].write_bytes(make_blob_bytes(tiny_base, seed=seed, adapter_id=user))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(blobs["bob"].read_bytes()[:-1])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    script = "\n".join([f"load {blobs['alice']}", f"sum {name}", f"load {blobs['bob']}", f"sum {name}",
+                        f"load {corrupt}", "user", "unload", f"sum {name}", "user", "quit"]) + "\n"
+    result = subprocess.run([str(build_dir / "lowra_chat"), str(tiny_base)], input=script, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    runtime = DeviceRuntime(tiny_base)
+    pristine = fmt.tensor_digest(runtime.weight(name))
+    assert lines[0].startswith("ok base")
+    assert lines[1].startswith("ok user alice modules 3")
+    assert lines[3].startswith("ok user bob")
+    assert lines[5].startswith("error 3 ") and "truncated" in lines[5]  # LOWRA_ERR_TRUNCATED
+    assert lines[6] == "ok user bob"  # the refused blob kept the previous user
+    assert lines[7] == "ok unloaded" and lines[8] == f"ok sum {name} {pristine}" and lines[9] == "ok user none"
+    assert lines[2].split()[-1] != pristine and lines[4].split()[-1] not in (pristine, lines[2].split()[-1])
