@@ -22,11 +22,12 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lowra.device_runtime.errors import OutputExistsError
 
@@ -39,6 +40,24 @@ def cache_dir(*parts: str) -> Path:
     env = os.environ.get(CACHE_ENV)
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "lowra"
     return root.joinpath(*parts)
+
+
+def build_cached(library: Path, command: Callable[[Path], list[str]], what: str, force: bool = False) -> Path:
+    """Run ``command(output)`` (a compiler line writing ``output``) unless ``library`` exists already; the output
+    goes to a temporary name renamed into place, so a concurrent or interrupted build never leaves half a library.
+    ``library`` should live in a :func:`cache_dir` folder named by a hash of the sources and the command."""
+    from lowra.device_runtime.errors import KernelLibraryError
+
+    if library.is_file() and not force:
+        return library
+    compiler = command(Path("OUT"))[0]
+    if shutil.which(compiler) is None:
+        raise KernelLibraryError(f"no C++ compiler {compiler!r} on PATH; {what} needs g++ (set CXX to another one)")
+    with atomic_file(library, overwrite=True) as tmp:
+        done = subprocess.run(command(tmp), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise KernelLibraryError(f"building {what} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return library
 
 
 def utc_now() -> str:

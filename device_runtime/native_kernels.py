@@ -15,8 +15,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +57,7 @@ def build_library(force: bool = False) -> Path:
     probe = compile_command(Path("OUT"))
     digest = hashlib.sha256(KERNEL_SOURCE.read_bytes() + KERNEL_HEADER.read_bytes() + "\0".join(probe).encode())
     library = _files.cache_dir("native", digest.hexdigest()[:16]) / LIBRARY_NAME
-    if library.is_file() and not force:
-        return library
-    if shutil.which(probe[0]) is None:
-        raise KernelLibraryError(
-            f"no C++ compiler {probe[0]!r} on PATH; the lowra low-bit kernels need g++ (set CXX to another one)"
-        )
-    with _files.atomic_file(library, overwrite=True) as tmp:
-        done = subprocess.run(compile_command(tmp), capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise KernelLibraryError(f"building {KERNEL_SOURCE.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return library
+    return _files.build_cached(library, compile_command, f"the lowra low-bit kernels ({KERNEL_SOURCE.name})", force)
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -71,21 +69,8 @@ def build_kernel_library(cache_dir: str | Path | None = None, force: bool = Fals
     probe = compile_command(KERNEL_SOURCE, Path("OUT"), et)
     key = hashlib.sha256(source + "\0".join(probe).encode() + version.encode()).hexdigest()[:16]
     folder = Path(cache_dir) if cache_dir is not None else _files.cache_dir("executorch_kernels", key)
-    library = folder / LIBRARY_NAME
-    if library.is_file() and not force:
-        return library
-    if shutil.which(probe[0]) is None:
-        raise KernelLibraryError(
-            f"no C++ compiler {probe[0]!r} on PATH; the lowra ExecuTorch kernels need g++ (set CXX to another one)"
-        )
-    # Compile to a temp name then rename: a concurrent or interrupted build never leaves a half-written .so.
-    with _files.atomic_file(library, overwrite=True) as tmp:
-        done = subprocess.run(compile_command(KERNEL_SOURCE, tmp, et), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise KernelLibraryError(
-                f"building {KERNEL_SOURCE.name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
-            )
-    return library
+    return _files.build_cached(folder / LIBRARY_NAME, lambda out: compile_command(KERNEL_SOURCE, out, et),
+                               f"the lowra ExecuTorch kernels ({KERNEL_SOURCE.name})", force)
 
 
 if __name__ == "__main__":
