@@ -367,11 +367,15 @@ def verify_payload(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], w
 
 def decode_json_metadata(meta: Mapping[str, str], json_keys: Sequence[str], what: str) -> dict[str, object]:
     """``meta`` with the values of ``json_keys`` decoded from JSON, strictly (no duplicate keys, no NaN/Infinity,
-    bounded nesting); a malformed one is a BlobContentError."""
+    bounded nesting, canonical spelling); a malformed one is a BlobContentError."""
     decoded: dict[str, object] = dict(meta)
     for key in json_keys:
         try:
             decoded[key] = strict_json(meta[key])
         except (ValueError, RecursionError) as exc:
             raise BlobContentError(f"{what}: metadata {key!r} is not valid JSON ({short(str(exc), 120)})") from None
+        # One spelling per value: what encode_metadata writes. Another spelling of the same value (spaces, key
+        # order, escapes) is a file no lowra writer made, so it is refused rather than silently normalized.
+        if encode_metadata({key: decoded[key]}, [key])[key] != meta[key]:
+            raise BlobContentError(f"{what}: metadata {key!r} is not in canonical JSON form (compact, sorted keys)")
     return decoded

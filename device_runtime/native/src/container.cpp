@@ -317,6 +317,9 @@ Json decode_json_metadata(const Header& header, const std::string& key, const st
   std::string reason;
   if (!parse_json(header.metadata.at(key), value, reason))
     fail(LOWRA_ERR_CONTENT, what + ": metadata '" + key + "' is not valid JSON (" + reason.substr(0, 120) + ")");
+  // One spelling per value, what lowra's writer makes: another spelling of the same value is refused, not normalized.
+  if (canonical_json(value) != header.metadata.at(key))
+    fail(LOWRA_ERR_CONTENT, what + ": metadata '" + key + "' is not in canonical JSON form (compact, sorted keys)");
   return value;
 }
 

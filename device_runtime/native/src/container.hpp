@@ -75,7 +75,7 @@ void check_envelope(const Header& header, const std::string& what, const std::st
                     const std::vector<std::string>& required, const std::string& not_this, const std::string& remedy);
 // container.verify_payload.
 void verify_payload(const Header& header, const uint8_t* data, const std::string& what, const std::string& remedy);
-// container.decode_json_metadata for one key (BlobContentError when it is not strict JSON).
+// container.decode_json_metadata for one key (BlobContentError when it is not strict JSON in canonical form).
 Json decode_json_metadata(const Header& header, const std::string& key, const std::string& what);
 
 }  // namespace lowra

@@ -1,5 +1,6 @@
 #include "json.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -227,11 +228,78 @@ class Parser {
       return true;
     }
     out.kind = Json::Kind::Int;
+    size_t digits = out.text.size() - (out.text[0] == '-' ? 1 : 0);
+    if (digits > kMaxIntDigits)
+      return fail("Exceeds the limit (" + std::to_string(kMaxIntDigits) + " digits) for integer string conversion: "
+                  "value has " + std::to_string(digits) + " digits");
     auto result = std::from_chars(first, last, out.integer);
     out.int_overflow = result.ec != std::errc();
     return true;
   }
 };
+
+// Python's float.__repr__, which json.dumps writes: the shortest digits that read back to `value` (std::to_chars
+// and Python both pick the closest such string), laid out as repr lays them out: "1e-05", "1.5e+16", "-0.0", "1.0",
+// "0.0001", "123.25". Exponent form when the decimal exponent is below -4 or at least 16, with at least two
+// exponent digits and no ".0" on a one-digit mantissa; otherwise fixed, with at least one digit after the point.
+void append_python_float(std::string& out, double value) {
+  char buf[64];
+  auto result = std::to_chars(buf, buf + sizeof buf, value, std::chars_format::scientific);
+  std::string_view text(buf, static_cast<size_t>(result.ptr - buf));  // "-1.2345e+02": mantissa, 'e', sign, digits
+  size_t e = text.find('e');
+  std::string digits;
+  for (char c : text.substr(0, e))
+    if (c >= '0' && c <= '9') digits += c;
+  int exponent = 0;
+  for (char c : text.substr(e + 2)) exponent = exponent * 10 + (c - '0');
+  if (text[e + 1] == '-') exponent = -exponent;
+  if (std::signbit(value)) out += '-';
+  if (exponent < -4 || exponent >= 16) {
+    out += digits[0];
+    if (digits.size() > 1) out += '.' + digits.substr(1);
+    std::snprintf(buf, sizeof buf, "e%c%02d", exponent < 0 ? '-' : '+', exponent < 0 ? -exponent : exponent);
+    out += buf;
+  } else if (exponent < 0) {
+    out += "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+  } else {
+    auto point = static_cast<size_t>(exponent) + 1;  // digits before the decimal point
+    if (digits.size() <= point) out += digits + std::string(point - digits.size(), '0') + ".0";
+    else out += digits.substr(0, point) + '.' + digits.substr(point);
+  }
+}
+
+void append_canonical(std::string& out, const Json& value) {
+  switch (value.kind) {
+    case Json::Kind::Null: out += "null"; return;
+    case Json::Kind::Bool: out += value.boolean ? "true" : "false"; return;
+    case Json::Kind::Int: out += value.text == "-0" ? "0" : value.text; return;  // JSON allows no other respelling
+    case Json::Kind::Float: append_python_float(out, value.number); return;
+    case Json::Kind::String: append_json_string(out, value.text); return;
+    case Json::Kind::Array:
+      out += '[';
+      for (size_t i = 0; i < value.items.size(); ++i) {
+        if (i) out += ',';
+        append_canonical(out, value.items[i]);
+      }
+      out += ']';
+      return;
+    case Json::Kind::Object: {
+      // WTF-8 bytes compare in code point order (surrogates included), which is how Python sorts str keys.
+      std::vector<const std::pair<std::string, Json>*> members;
+      for (const auto& m : value.members) members.push_back(&m);
+      std::sort(members.begin(), members.end(), [](const auto* a, const auto* b) { return a->first < b->first; });
+      out += '{';
+      for (size_t i = 0; i < members.size(); ++i) {
+        if (i) out += ',';
+        append_json_string(out, members[i]->first);
+        out += ':';
+        append_canonical(out, members[i]->second);
+      }
+      out += '}';
+      return;
+    }
+  }
+}
 
 }  // namespace
 
@@ -283,6 +351,12 @@ std::string Json::brief(size_t limit) const {
 bool parse_json(std::string_view text, Json& out, std::string& error) {
   out = Json{};
   return Parser(text).parse(out, error);
+}
+
+std::string canonical_json(const Json& value) {
+  std::string out;
+  append_canonical(out, value);
+  return out;
 }
 
 }  // namespace lowra

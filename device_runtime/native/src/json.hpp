@@ -3,8 +3,12 @@
 //
 // Refused: duplicate keys, NaN/Infinity/-Infinity, numbers that overflow to infinity, control characters inside
 // strings, invalid \u escapes, trailing garbage, and nesting deeper than kMaxJsonDepth (Python only stops at its
-// recursion limit; no lowra file nests more than 4 levels). Strings are WTF-8: a lone surrogate escape such as
-// "\ud800" is kept, as Python keeps it, and refused later by the name checks, as Python does.
+// recursion limit; no lowra file nests more than 4 levels), and integers of more than kMaxIntDigits digits (Python's
+// default int/str conversion limit). Strings are WTF-8: a lone surrogate escape such as "\ud800" is kept, as Python
+// keeps it, and refused later by the name checks, as Python does.
+//
+// canonical_json writes a parsed value back the one way lowra's writer spells it, so a reader can refuse every other
+// spelling of the same value (spaces, key order, escapes, number forms) as the Python reader does.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +20,7 @@
 namespace lowra {
 
 constexpr int kMaxJsonDepth = 64;
+constexpr size_t kMaxIntDigits = 4300;  // sys.int_info.default_max_str_digits: json.loads refuses longer integers
 
 struct Json {
   enum class Kind { Null, Bool, Int, Float, String, Array, Object };
@@ -44,5 +49,10 @@ struct Json {
 
 // Parse `text` (valid UTF-8) into `out`; on failure returns false and a one-line reason in `error`.
 bool parse_json(std::string_view text, Json& out, std::string& error);
+
+// `value` as container.encode_metadata writes it: json.dumps(value, separators=(",", ":"), sort_keys=True) with
+// ensure_ascii on, keys in code point order, integers as parsed (any size, "-0" as "0") and floats as Python's
+// repr() (shortest round-trip digits; exponent form below 1e-4 and from 1e16 on).
+std::string canonical_json(const Json& value);
 
 }  // namespace lowra

@@ -233,7 +233,7 @@ def test_inconsistent_layers_are_refused(tmp_path):
     path, lay, dense = write(tmp_path)
     modules = json.loads(parse_header(path.read_bytes(), path.stat().st_size, "t").metadata["modules"])
     modules[0][2] += 1  # one more input than its codes hold (same number of groups: 21 / 8 -> 3)
-    rewrite_metadata(path, modules=json.dumps(modules))
+    rewrite_metadata(path, modules=json.dumps(modules, separators=(",", ":")))
     with pytest.raises(BlobContentError, match="codes has .* entries, widths imply"):
         read_quantized_base(path)
 

@@ -80,8 +80,9 @@ def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) ->
     return struct.pack("<Q", len(header)) + header + b"".join(d for _, _, d in tensors.values())
 
 
-def write_quantized(path: Path, seed: int = 0) -> Path:
-    """A quantized base with mixed widths, grouped and ungrouped layers, a tied head and an int64 buffer."""
+def write_quantized(path: Path, seed: int = 0, report: dict | None = None) -> Path:
+    """A quantized base with mixed widths, grouped and ungrouped layers, a tied head and an int64 buffer (and
+    ``report`` as its report metadata)."""
     rng = np.random.default_rng(seed)
     layers = {}
     for name, (out, n_in), group in (("model.layers.0.q_proj", (6, 20), 8), ("model.layers.0.down_proj", (4, 37), 8),
@@ -95,7 +96,7 @@ def write_quantized(path: Path, seed: int = 0) -> Path:
         layers[name] = QuantizedWeight(out, n_in, group, widths, codes, books, scales)
     dense = {"model.embed_tokens.weight": (rng.standard_normal((6, 4)) * 3).astype(np.float16),
              "model.norm.weight": np.ones(4, np.float32), "model.position_ids": np.arange(5, dtype=np.int64)}
-    meta = {"source": "test", "group_size": 8, "scheme": {"method": "test"}, "report": {}, "created": CREATED,
+    meta = {"source": "test", "group_size": 8, "scheme": {"method": "test"}, "report": report or {}, "created": CREATED,
             "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
     return write_quantized_base(path, layers, dense, meta)
 
@@ -258,11 +259,16 @@ def _set(key, value):
     return lambda m: m.update({key: value})
 
 
+def canonical(value) -> str:
+    """A JSON metadata value as lowra's writer spells it (container.encode_metadata)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
 def _table(edit):
     def mutate(m):
         table = json.loads(m["modules"])
         edit(table)
-        m["modules"] = json.dumps(table)
+        m["modules"] = canonical(table)  # so the table checks decide, not the spelling check
     return mutate
 
 
@@ -285,6 +291,9 @@ def corrupt_blobs(base: Path) -> dict[str, bytes]:
     cases["bad_json"] = _rewrite(good, _set("scheme", '{"a": NaN}'))
     cases["dup_key"] = _rewrite(good, _set("card", '{"a": 1, "a": 2}'))
     cases["deep_json"] = _rewrite(good, _set("lora", "[" * 70 + "]" * 70))
+    cases["spaced_json"] = _rewrite(good, lambda m: m.update(modules=json.dumps(json.loads(m["modules"]))))
+    cases["unsorted_json"] = _rewrite(good, _set("card", '{"task":"test","data":1}'))
+    cases["long_int"] = _rewrite(good, _set("card", '{"n":' + "7" * 4301 + "}"))
     cases["nan_level"] = _rewrite(good, mutate_tensors=lambda t: t["codebooks"].__setitem__(3, np.nan))
     cases["descending"] = _rewrite(good, mutate_tensors=lambda t: t["codebooks"].__setitem__(
         slice(0, 16), np.sort(t["codebooks"][:16])[::-1]))
@@ -370,6 +379,72 @@ def test_mutated_headers_and_metadata_are_refused_alike(native, tiny_base):
         native.close(handle)
 
 
+# --- JSON metadata: one spelling per value, as lowra's writer spells it -----------------------------
+def every_kind_of_value() -> dict:
+    """JSON values of every kind lowra's writer may meet: floats of every magnitude and random bit patterns, ints
+    beyond int64 (up to Python's 4300-digit limit), strings with every escape, keys whose code point order is not
+    their UTF-16 order, lone surrogates, nesting. Insertion order is not sorted, so sort_keys matters."""
+    rng = np.random.default_rng(5)
+    floats = [float(x) for x in rng.integers(0, 2**64, 3000, dtype=np.uint64).view(np.float64) if np.isfinite(x)]
+    floats += [float(f"{m}e{e}") for e in range(-323, 308) for m in ("1", "1.5", "9.999999999999999")]
+    floats += [0.0, -0.0, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1e16, 1e15, 9999999999999998.0,
+               1e-4, 1e-5, 0.1, 1 / 3, 123.25, 2.0**53 + 2, 2.0**63, -2.5e-05]
+    floats += [float(np.float32(x)) for x in rng.standard_normal(300)] + [float(x) for x in rng.uniform(-1e6, 1e6, 300)]
+    keys = ["z", "", "a", "Z", "aa", "\\u00e9", "\u00e9", "\u65e5\u672c", "\U0001f600", "\uffff", "\ue000", "\x00",
+            "\x7f", "\ud800", 'q"\\/', "\U0010ffff"]
+    strings = ["plain", "\\b\\f\\n\\r\\t\\u0001", "\b\f\n\r\t\x01\x1f\x7f\x80", "\u2028\u00ff\u0100\ufeff",
+               "\U0001f600\U0010ffff", "\ud800", "\udfff", "\ud800\ud800", '"/\\']
+    ints = [0, -1, 7, 2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**100, -(10**4299)]  # the last has 4300 digits
+    return {"strings": strings, "floats": floats, "ints": ints,
+            "nested": {k: {k2: [i, k, {"deep": [[], {}, [None]]}] for i, k2 in enumerate(keys)} for k in keys},
+            "literals": [True, False, None, [], {}, [[]], {"": {}}]}
+
+
+# Spellings of a value that lowra's writer never makes, and what makes each one non-canonical.
+RESPELLED = {
+    '{"x":1.50}': "trailing zero", '{"x":1E5}': "capital E", '{"x":1e5}': "exponent below 16",
+    '{"x":1e16}': "exponent without sign", '{"x":1.0e+16}': "'.0' on a one-digit mantissa",
+    '{"x":0.00001}': "fixed below 1e-4", '{"x":100000000000000000.0}': "fixed from 1e16",
+    '{"x":2.5E-05}': "capital E", '{"x":1.7976931348623157e308}': "exponent without sign",
+    '{"x":4.9e-324}': "not the shortest digits", '{"x":1e-400}': "underflows to 0.0", '{"x":-0}': "int -0 is 0",
+    '{"x":0.10}': "trailing zero", '{"x":"\\u00E9"}': "capital hex", '{"x":"\u00e9"}': "raw non-ASCII",
+    '{"x":"\\/"}': "escaped slash", '{"x":"\\u0041"}': "escaped ASCII", '{"x":"\\uD83D\\uDE00"}': "capital hex",
+    '{"x":"\U0001f600"}': "raw astral", '{"x":"\\u000a"}': "long form of \\n", '{"x":[1, 2]}': "space",
+    '{"b":1,"a":2}': "unsorted", '{"z":2,"\\u00e9":1}': "sorted by escaped text, not by code point",
+    '{"\\ud83d\\ude00":2,"\\uffff":1}': "UTF-16 order, not code point order", ' {"x":1}': "leading space",
+    '{"x":1}\n': "trailing newline", '{ "x":1}': "space",
+}
+
+
+def test_json_metadata_is_read_only_in_canonical_form(native, tiny_base, tmp_path):
+    """Both readers accept exactly the spelling json.dumps(separators=(",", ":"), sort_keys=True) gives a value (the
+    card and a base's report hold every kind of value, so liblowra's spelling is checked against Python's value by
+    value) and refuse every other spelling of it with BlobContentError."""
+    runtime = DeviceRuntime(tiny_base)
+    handle = native.open(tiny_base)
+    good = make_blob_bytes(tiny_base)
+    value = every_kind_of_value()
+    spellings = {canonical(value): None, json.dumps(value, sort_keys=True): BlobContentError,
+                 json.dumps(value, separators=(",", ":")): BlobContentError,
+                 '{"x":' + "1" * 4300 + "}": None, '{"x":-' + "1" * 4301 + "}": BlobContentError}
+    for text in RESPELLED:
+        spellings[text] = BlobContentError
+        spellings[canonical(json.loads(text))] = None  # the same value, spelled as lowra writes it
+    try:
+        for text, expected in spellings.items():
+            data = _rewrite(good, _set("card", text))
+            why = RESPELLED.get(text, "canonical" if expected is None else "respelled")
+            got = python_error(lambda data=data: runtime.load_user(data))
+            assert got is expected, f"{text[:60]!r} ({why}): numpy raised {got}"
+            got = python_error(lambda data=data: native.load(handle, data))
+            assert got is expected, f"{text[:60]!r} ({why}): liblowra raised {got}: {native.lib.lowra_last_error()}"
+    finally:
+        native.close(handle)
+    base = write_quantized(tmp_path / "base.safetensors", report=value)
+    BaseWeights(base)
+    native.close(native.open(base))
+
+
 def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
     good = write_quantized(tmp_path / "good.safetensors").read_bytes()
     header = parse_header(good, len(good), "x")
@@ -399,8 +474,10 @@ def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
     rewrite("width_zero", tensor_edit=lambda t: t["model.layers.0.q_proj.widths"].fill(0))
     rewrite("missing", tensor_edit=lambda t: t.pop("model.layers.1.q_proj.scales"))
     rewrite("nan_dense", tensor_edit=lambda t: t["model.norm.weight"].__setitem__(0, np.inf))
-    rewrite("bad_alias", _set("aliases", '{"lm_head.bias": "model.embed_tokens.weight"}'))
-    rewrite("alias_target", _set("aliases", '{"lm_head.weight": "nothing.weight"}'))
+    rewrite("bad_alias", _set("aliases", '{"lm_head.bias":"model.embed_tokens.weight"}'))
+    rewrite("alias_target", _set("aliases", '{"lm_head.weight":"nothing.weight"}'))
+    rewrite("spaced_aliases", _set("aliases", '{"lm_head.weight": "model.embed_tokens.weight"}'))
+    rewrite("unsorted_report", _set("report", '{"total":{},"model.layers.0.q_proj":[]}'))
     rewrite("shadow", tensor_edit=lambda t: t.__setitem__("model.layers.0.q_proj.weight", np.zeros(2, np.float32)))
     paths = {}
     for name, data in cases.items():
