@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lowra.sdk.cli.fleet import cmd_fleet
 from lowra.sdk.cli.inspect_blob import cmd_inspect
 from lowra.sdk.cli.keys import (
     cmd_keys,
@@ -302,6 +303,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": cmd_eval,
     "sign": cmd_sign,
     "keys": cmd_keys,
+    "fleet": cmd_fleet,
 }
 
 

@@ -12,6 +12,7 @@ import re
 
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.cli.demo_config import DemoConfig
+from lowra.sdk.fleet.gate import GateConfig
 from lowra.sdk.quant.base.config import SENSITIVITIES, QuantizeConfig
 from lowra.sdk.quant.config import CompressConfig
 from lowra.sdk.training.config import TrainConfig
@@ -158,6 +159,66 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
                            "keeps it in its own key store; never ship it beside the blob.")
     a.add_argument("--out", required=True, help="key file to write")
     a.add_argument("--force", action="store_true", help="replace an existing key file")
+
+
+def _add_fleet(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fleet",
+        help="personalize many users on Ray: train, gate and register their adapters, resumably",
+        description="Train, compress, evaluate, gate and register an adapter for every user of a folder (or JSONL "
+        "manifest) on Ray, with the adapter registry (SQLite file or database URL) as the job's state: kill it at "
+        "any point and run the same command again. How-to and what resumes how: docs/FLEET.md.",
+    )
+    actions = p.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    a = actions.add_parser(
+        "train", help="train every queued user of the inputs",
+        description="Queue the users of --users (a folder of user folders, or a JSONL manifest of {\"path\": ...}) "
+        "and train every queued user: K users per step on each worker, then per user compress, evaluate held-out "
+        "loss (base, fp adapter, compressed), gate, write the blob under --out/blobs and register it. Writes "
+        "--out/report.md, report.json and report.png.",
+    )
+    a.add_argument("--users", required=True, metavar="DIR|MANIFEST.jsonl", help="the users' dataset folders")
+    a.add_argument("--registry", required=True, metavar="PATH_OR_URL",
+                   help="registry database: a SQLite file path, or a URL such as postgresql+psycopg://host/db")
+    a.add_argument("--out", required=True, help="folder for the blobs and the report")
+    g = a.add_argument_group("workers")
+    g.add_argument("--address", default=None, metavar="RAY_ADDR",
+                   help="join this Ray cluster (default: start Ray on this machine, no set-up)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: cores / threads; one per GPU on a GPU cluster)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per worker (default: what the cores allow; workers x threads <= cores)")
+    g.add_argument("--batch-users", type=int, default=4, metavar="K", help="users trained together (default 4)")
+    g.add_argument("--lease-seconds", type=float, default=600.0,
+                   help="how long a worker holds its users between heartbeats; a killed worker's users are "
+                   "retrained after it (default 600)")
+    gc = GateConfig()
+    g = a.add_argument_group("gate")
+    g.add_argument("--min-gain-over-base", type=float, default=gc.min_gain_over_base,
+                   help=f"share the compressed adapter must lower held-out loss by (default {gc.min_gain_over_base})")
+    g.add_argument("--min-gain-kept", type=float, default=gc.min_gain_kept,
+                   help=f"share of the fp adapter's gain it must keep (default {gc.min_gain_kept})")
+    g = a.add_argument_group("signing")
+    g.add_argument("--sign-key", default=None, metavar="KEY.pem", help="sign every blob (`lowra keys new`)")
+    g.add_argument("--user-id-from", default=None, choices=("dataset",),
+                   help="with --sign-key: each blob is signed for the user id of its dataset")
+    _add_base(a)
+    _add_lora_train(a)
+    _add_compress(a, bits_default=DemoConfig().bits)
+
+    a = actions.add_parser("status", help="counts by status, and every failed or gated-out user with its reason")
+    a.add_argument("--registry", required=True, metavar="PATH_OR_URL", help="registry database")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a = actions.add_parser("retry", help="queue failed (or the named) users again",
+                           description="Queue the named users again (failed, gated-out or retired ones), or every "
+                           "failed user when none is named; `lowra fleet train` then trains them.")
+    a.add_argument("--registry", required=True, metavar="PATH_OR_URL", help="registry database")
+    a.add_argument("users", nargs="*", metavar="USER", help="user ids (default: every failed user)")
+    a = actions.add_parser("retire", help="retire every adapter bound to an old base and queue its users",
+                           description="Mark every adapter trained against base OLD_FINGERPRINT retired and queue "
+                           "its users for retraining on the new base.")
+    a.add_argument("--registry", required=True, metavar="PATH_OR_URL", help="registry database")
+    a.add_argument("--base", required=True, metavar="OLD_FINGERPRINT", help="the retired base's fingerprint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,4 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_base(p, quantized=False)
     _add_compress(p, bits_default=dc.bits)
+
+    _add_fleet(sub)
     return parser

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Engine, ForeignKey, String, Text, TypeDecorator,
-                        UniqueConstraint, create_engine, event, func, inspect, select)
+                        Select, UniqueConstraint, create_engine, event, func, inspect, select)
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -567,18 +567,22 @@ class Registry:
     def status(self) -> FleetStatus:
         """How many users there are, by the status of their newest version, and how many have an active adapter."""
         with self._transaction() as session:
-            newest = (select(AdapterVersion.user_id, func.max(AdapterVersion.version).label("version"))
-                      .group_by(AdapterVersion.user_id).subquery())
-            rows = session.execute(
-                select(AdapterVersion.status, func.count()).join(newest, (AdapterVersion.user_id == newest.c.user_id)
-                                                                 & (AdapterVersion.version == newest.c.version))
-                .group_by(AdapterVersion.status)).all()
+            rows = session.execute(_newest(select(AdapterVersion.status, func.count()))
+                                   .group_by(AdapterVersion.status)).all()
             users = session.scalar(select(func.count()).select_from(User)) or 0
             serving = session.scalar(select(func.count(AdapterVersion.user_id.distinct()))
                                      .where(AdapterVersion.status == "active")) or 0
         latest = dict.fromkeys(STATUSES, 0)
         latest.update({status: count for status, count in rows})
         return FleetStatus(users=users, latest=latest, serving=serving)
+
+    def newest(self, statuses: tuple[str, ...] | None = None) -> list[VersionInfo]:
+        """Every user's newest version (only those in ``statuses`` when given), by user id, in one query."""
+        query = _newest(select(AdapterVersion)).order_by(AdapterVersion.user_id)
+        if statuses is not None:
+            query = query.where(AdapterVersion.status.in_(statuses))
+        with self._transaction() as session:
+            return [_info(session, version) for version in session.scalars(query).all()]
 
     def history(self, user_id: str) -> list[VersionInfo]:
         """Every version of a user, oldest first."""
@@ -591,6 +595,13 @@ class Registry:
 
 
 # ------------------------------------------------------------------------------------------------ internals
+def _newest(query: Select) -> Select:
+    """``query`` restricted to each user's newest version."""
+    newest = (select(AdapterVersion.user_id, func.max(AdapterVersion.version).label("version"))
+              .group_by(AdapterVersion.user_id).subquery())
+    return query.join(newest, (AdapterVersion.user_id == newest.c.user_id) & (AdapterVersion.version == newest.c.version))
+
+
 def _create_engine(url: str) -> Engine:
     try:
         if not url.startswith("sqlite"):
