@@ -261,7 +261,7 @@ def open_quantized_base(path: str | Path, policy: TrustPolicy) -> QuantizedBase:
             policy.check_unsigned(what)
             return read_quantized_base(path)
     body, claims = policy.open(path.read_bytes(), fmt=BASE_FORMAT, what=what)
-    base = parse_quantized_base(bytes(body), what)
+    base = parse_quantized_base(body, what)
     if (claims["subject"] != base.fingerprint or claims["base_fingerprint"] != base.fingerprint
             or claims["base_content"] != base.metadata["payload_sha256"]):
         raise BlobContentError(f"{what}: the signed claims describe another base than the file inside")

@@ -778,7 +778,7 @@ class Keys:
 
 def _opened(keys: Keys, data: bytes) -> tuple[signed.Envelope, bytes]:
     envelope = signed.open_envelope(data, raw_public_key(keys.trusted))
-    return envelope, signed.decrypt_payload(envelope, keys.aes)
+    return envelope, bytes(signed.decrypt_payload(envelope, keys.aes))
 
 
 DERIVED_CLAIMS = ("alg", "body_sha256", "body_bytes", "encryption")
@@ -815,9 +815,10 @@ def _sign_raw(key: ed25519.Ed25519PrivateKey, claims: bytes, payload: bytes, fla
     """An envelope built field by field (any claims bytes, flags or lengths), signed with ``key``: what
     :func:`signed.seal` refuses to make."""
     kid_bytes = bytes.fromhex(kid or signed.key_id(raw_public_key(key)))
-    prefix = signed.PREFIX.pack(signed.MAGIC, version, flags, kid_bytes, len(claims) if length is None else length)
-    prefix += claims
-    return prefix + key.sign(prefix + payload) + payload
+    prefix = signed.PREFIX.pack(signed.MAGIC, version, flags, kid_bytes, len(claims) if length is None else length,
+                                len(payload))
+    message = prefix + claims + payload
+    return message + key.sign(message)
 
 
 def signed_mutations(keys: Keys, inner: tuple[Mutation, ...]) -> tuple[Mutation, ...]:
@@ -825,7 +826,7 @@ def signed_mutations(keys: Keys, inner: tuple[Mutation, ...]) -> tuple[Mutation,
     place or re-signed, and every ``inner`` mutation of the body re-signed with the trusted key."""
 
     def prefix_field(rng: random.Random, data: bytes) -> bytes:
-        magic, version, flags, kid, length = signed.PREFIX.unpack_from(data)
+        magic, version, flags, kid, length, payload_len = signed.PREFIX.unpack_from(data)
         choice = rng.randrange(4)
         if choice == 0:
             length = _pick(rng, [0, 1, length - 1, length + 1, signed.MAX_CLAIMS_BYTES + 1, (1 << 32) - 1])
@@ -835,7 +836,7 @@ def signed_mutations(keys: Keys, inner: tuple[Mutation, ...]) -> tuple[Mutation,
             flags = _pick(rng, [flags ^ 1, 2, 0x8000, 0xFFFF])
         else:
             kid = bytes(a ^ b for a, b in zip(kid, rng.randbytes(16)))
-        return signed.PREFIX.pack(magic, version, flags, kid, length) + data[signed.PREFIX.size :]
+        return signed.PREFIX.pack(magic, version, flags, kid, length, payload_len) + data[signed.PREFIX.size :]
 
     def untrusted(rng: random.Random, data: bytes) -> bytes:
         return _reseal(keys, rng, data, key=keys.attacker)
@@ -851,10 +852,10 @@ def signed_mutations(keys: Keys, inner: tuple[Mutation, ...]) -> tuple[Mutation,
 
     def claims_in_place(rng: random.Random, data: bytes) -> bytes:
         (length,) = struct.unpack_from("<I", data, 28)
-        claims = data[32 : 32 + length]
+        claims = data[40 : 40 + length]
         edited = _pick(rng, [claims.replace(b'"alice"', b'"mally"'), claims.replace(b'"sequence":5', b'"sequence":9'),
                              claims.replace(b"2026-11-29", b"2099-11-29")])
-        return data[:32] + edited + data[32 + length :]
+        return data[:28] + struct.pack("<I", len(edited)) + data[32:40] + edited + data[40 + length :]
 
     def claims_resigned(rng: random.Random, data: bytes) -> bytes:
         edits = [

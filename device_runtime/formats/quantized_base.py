@@ -352,7 +352,7 @@ def read_quantized_base(path: str | Path, verify_checksum: bool = True) -> Quant
     return _from_tensors(header, tensors, path.stat().st_size, what, verify_checksum)
 
 
-def parse_quantized_base(data: bytes, what: str = "quantized base", verify_checksum: bool = True) -> QuantizedBase:
+def parse_quantized_base(data: bytes | memoryview, what: str = "quantized base", verify_checksum: bool = True) -> QuantizedBase:
     """The same checks as :func:`read_quantized_base` on a file's bytes already in memory (e.g. the body of a
     signed base after its signature was checked)."""
     header = parse_header(data, len(data), what, LIMITS)

@@ -4,17 +4,20 @@ A signed file wraps an inner lowra file (a v1 adapter blob or a quantized base, 
 check who made it *before parsing any JSON* of it. Layout, all integers little-endian:
 
     offset  size  field
-    0       8     magic ``b"LOWRA\\x00SG"`` (a plain safetensors file starts with its header length instead)
+    0       8     magic ``b"LOWRA\x00SG"`` (a plain safetensors file starts with its header length instead)
     8       2     envelope version (1)
     10      2     flags: bit 0 = the payload is encrypted; other bits must be 0
     12      16    key id: the first 16 bytes of sha256(raw 32-byte Ed25519 public key)
     28      4     C, the length of the claims (1 .. MAX_CLAIMS_BYTES)
-    32      C     claims: canonical JSON (sorted keys, no spaces, ASCII), see CLAIM_KEYS
-    32+C    64    Ed25519 signature over bytes [0, 32+C) followed by the payload
-    96+C    ...   payload to the end of the file: the inner file, or its AES-256-GCM ciphertext (16-byte tag last)
+    32      8     P, the length of the payload
+    40      C     claims: canonical JSON (sorted keys, no spaces, ASCII), see CLAIM_KEYS
+    40+C    P     payload: the inner file, or its AES-256-GCM ciphertext (16-byte tag last)
+    40+C+P  64    Ed25519 signature over bytes [0, 40+C+P): everything before it; the file ends here
 
-The signature covers every byte but itself, so nothing can be appended, cut or changed. The reader checks the
-magic, the lengths and the signature, and only then parses the claims (:func:`open_envelope`). Claims bind the
+The signature covers every byte but itself, so nothing can be appended, cut or changed; the lengths in the fixed
+prefix must add up to the file's size exactly, so a padded or cut file is refused before anything is hashed. The
+signed bytes are one contiguous range, verified in place (no copy of the payload). The reader checks the magic,
+the lengths and the signature, and only then parses the claims (:func:`open_envelope`). Claims bind the
 payload to its issuer's intent: which format and version, which adapter, user and device, which base, when it was
 issued and until when it is valid, and a per-user monotonic ``sequence`` that refuses replays and rollbacks.
 
@@ -51,7 +54,7 @@ ENVELOPE_VERSION = 1
 FLAG_ENCRYPTED = 0x1
 KEY_ID_BYTES = 16
 SIGNATURE_BYTES = 64
-PREFIX = struct.Struct("<8sHH16sI")  # magic, version, flags, key id, claims length
+PREFIX = struct.Struct("<8sHH16sIQ")  # magic, version, flags, key id, claims length, payload length
 MAX_CLAIMS_BYTES = 64 * 1024
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -151,23 +154,25 @@ def seal(body: bytes, claims: Mapping[str, Any], private_key: Any, aes_key: byte
     claims_bytes = canonical_json(full)
     if len(claims_bytes) > MAX_CLAIMS_BYTES:
         raise BlobContentError(f"claims take {len(claims_bytes)} bytes; at most {MAX_CLAIMS_BYTES}")
-    prefix = PREFIX.pack(MAGIC, ENVELOPE_VERSION, flags, bytes.fromhex(key_id(raw_public)), len(claims_bytes))
+    payload_len = len(body) + (TAG_BYTES if aes_key is not None else 0)
+    prefix = PREFIX.pack(MAGIC, ENVELOPE_VERSION, flags, bytes.fromhex(key_id(raw_public)), len(claims_bytes),
+                         payload_len)
     prefix += claims_bytes
     payload = AESGCM(aes_key).encrypt(nonce, body, prefix) if aes_key is not None else body
-    signature = private_key.sign(prefix + payload)
-    return prefix + signature + payload
+    signed = prefix + payload
+    return signed + private_key.sign(signed)
 
 
 def read_envelope_key_id(data: bytes | memoryview, what: str) -> str:
     """The key id a signed file names, from its fixed-size prefix (nothing else is read)."""
-    _, _, key, _ = _prefix(data, what)
-    return key
+    return _prefix(data, what)[2]
 
 
-def _prefix(data: bytes | memoryview, what: str) -> tuple[int, int, str, int]:
+def _prefix(data: bytes | memoryview, what: str) -> tuple[int, int, str, int, int]:
+    """(version, flags, key id, claims length, payload length), the lengths checked against the file's size."""
     if len(data) < PREFIX.size + SIGNATURE_BYTES:
         raise BlobTruncatedError(f"{what}: {len(data)} bytes is too short for a signed lowra file")
-    magic, version, flags, raw_key, claims_len = PREFIX.unpack_from(bytes(data[: PREFIX.size]))
+    magic, version, flags, raw_key, claims_len, payload_len = PREFIX.unpack_from(bytes(data[: PREFIX.size]))
     if magic != MAGIC:
         raise UnsupportedFormatError(f"{what}: not a signed lowra file (magic {magic!r}, expected {MAGIC!r})")
     if version != ENVELOPE_VERSION:
@@ -178,26 +183,29 @@ def _prefix(data: bytes | memoryview, what: str) -> tuple[int, int, str, int]:
         raise BlobContentError(f"{what}: unknown envelope flags {flags:#06x}; only bit 0 (encrypted) is defined")
     if not 1 <= claims_len <= MAX_CLAIMS_BYTES:
         raise BlobContentError(f"{what}: claims length {claims_len} outside 1..{MAX_CLAIMS_BYTES}")
-    if PREFIX.size + claims_len + SIGNATURE_BYTES > len(data):
-        raise BlobTruncatedError(f"{what}: the claims and signature end past the file's {len(data)} bytes")
-    return version, flags, raw_key.hex(), claims_len
+    expected = PREFIX.size + claims_len + payload_len + SIGNATURE_BYTES
+    if expected > len(data):
+        raise BlobTruncatedError(f"{what}: the prefix announces {expected} bytes but the file has {len(data)}; truncated")
+    if expected < len(data):
+        raise BlobContentError(f"{what}: {len(data) - expected} bytes follow the signature; trailing bytes are refused")
+    return version, flags, raw_key.hex(), claims_len, payload_len
 
 
 def read_unverified(data: bytes | memoryview, what: str = "signed file") -> Envelope:
     """A signed file's envelope *without* checking its signature: to show what a file says about itself (``lowra
     inspect`` without keys), never to trust it. Malformed envelopes are refused exactly as :func:`open_envelope`
     refuses them: lengths, flags, canonical claims, the payload length and the encryption flag agreeing."""
-    _, flags, key, claims_len = _prefix(data, what)
+    _, flags, key, claims_len, payload_len = _prefix(data, what)
     head = PREFIX.size + claims_len
     prefix = bytes(data[:head])
-    payload = memoryview(data)[head + SIGNATURE_BYTES :]
+    payload = memoryview(data)[head : head + payload_len]
     claims = _parse_claims(prefix[PREFIX.size :], what)
     encrypted = bool(flags & FLAG_ENCRYPTED)
     if encrypted != (claims["encryption"] is not None):
         raise BlobContentError(f"{what}: the encrypted flag and the claims' encryption entry disagree")
     expected_len = claims["body_bytes"] + (TAG_BYTES if encrypted else 0)
-    if len(payload) != expected_len:
-        raise BlobContentError(f"{what}: payload is {len(payload)} bytes, the claims say {expected_len}")
+    if payload_len != expected_len:
+        raise BlobContentError(f"{what}: payload is {payload_len} bytes, the claims say {expected_len}")
     return Envelope(key_id=key, claims=claims, payload=payload, encrypted=encrypted, signed_prefix=prefix)
 
 
@@ -208,14 +216,13 @@ def open_envelope(data: bytes | memoryview, public_key_raw: bytes, what: str = "
     is read; then the checks of :func:`read_unverified`.
     """
     ed25519, _, InvalidSignature, _ = _crypto()
-    _, _, key, claims_len = _prefix(data, what)
+    key = _prefix(data, what)[2]
     if key != key_id(public_key_raw):
         raise ForgedSignatureError(f"{what}: signed by key {key}, but the key given has id {key_id(public_key_raw)}")
-    head = PREFIX.size + claims_len
+    view = memoryview(data)
     try:
-        message = bytes(data[:head]) + bytes(memoryview(data)[head + SIGNATURE_BYTES :])
-        ed25519.Ed25519PublicKey.from_public_bytes(public_key_raw).verify(bytes(data[head : head + SIGNATURE_BYTES]),
-                                                                          message)
+        ed25519.Ed25519PublicKey.from_public_bytes(public_key_raw).verify(bytes(view[-SIGNATURE_BYTES:]),
+                                                                          view[:-SIGNATURE_BYTES])
     except InvalidSignature:
         raise ForgedSignatureError(
             f"{what}: the Ed25519 signature does not match key {key}; the file was modified after signing or "
@@ -265,14 +272,15 @@ def _is_hex(value: Any, n_bytes: int) -> bool:
     return True
 
 
-def decrypt_payload(envelope: Envelope, aes_key: bytes | None, what: str = "signed file") -> bytes:
-    """The inner file's bytes: the payload itself, or its decryption with ``aes_key`` (in memory only).
+def decrypt_payload(envelope: Envelope, aes_key: bytes | None, what: str = "signed file") -> bytes | memoryview:
+    """The inner file's bytes: a view of the payload itself (no copy), or its decryption with ``aes_key`` (in
+    memory only).
 
     A key whose check value differs is a DecryptionKeyError; a payload that fails authentication under the right key
     is a PayloadTamperedError. The plaintext must hash to the signed ``body_sha256``.
     """
     if not envelope.encrypted:
-        body = bytes(envelope.payload)
+        body: bytes | memoryview = envelope.payload
     else:
         _, AESGCM, _, InvalidTag = _crypto()
         enc = envelope.claims["encryption"]
@@ -284,7 +292,7 @@ def decrypt_payload(envelope: Envelope, aes_key: bytes | None, what: str = "sign
                 f"{enc['key_check']}); fetch this user's key from the app's key store"
             )
         try:
-            body = AESGCM(aes_key).decrypt(bytes.fromhex(enc["nonce"]), bytes(envelope.payload), envelope.signed_prefix)
+            body = AESGCM(aes_key).decrypt(bytes.fromhex(enc["nonce"]), envelope.payload, envelope.signed_prefix)
         except InvalidTag:
             raise PayloadTamperedError(
                 f"{what}: the encrypted payload fails authentication under the right key; it was tampered with"

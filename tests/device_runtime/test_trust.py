@@ -93,7 +93,7 @@ def test_recomputed_checksum_without_the_key_is_a_forgery(keys, blob):
     meta = dict(header.metadata)
     meta["payload_sha256"] = container.payload_digest(tensors, meta)
     forged_body = container.serialize(tensors, meta)
-    data[len(data) - len(blob):] = forged_body[: len(blob)]
+    data[len(data) - 64 - len(blob) : len(data) - 64] = forged_body[: len(blob)]  # the payload precedes the signature
     with pytest.raises(ForgedSignatureError, match="does not match key"):
         open_(policy(keys), bytes(data))
 
@@ -178,7 +178,8 @@ def test_encryption_wrong_key_and_tampering_are_distinct(keys, blob):
     envelope = signed.open_envelope(data, keyring([keys[3].public_path])[keys[3].key_id])
     tampered = bytearray(envelope.payload)
     tampered[5] ^= 1
-    resigned = envelope.signed_prefix + keys[1].sign(envelope.signed_prefix + bytes(tampered)) + bytes(tampered)
+    message = envelope.signed_prefix + bytes(tampered)
+    resigned = message + keys[1].sign(message)
     with pytest.raises(PayloadTamperedError, match="tampered"):
         open_(policy(keys), resigned, decryption_key=key)
 
@@ -273,13 +274,14 @@ def test_signed_layout_golden(tiny_base):
               "device_id": None, "base_fingerprint": "sha256:" + "0" * 64, "base_content": None,
               "issued_at": "2026-11-29T12:00:00+00:00", "expires_at": None, "sequence": 1}
     data = signed.seal(body, claims, key, aes_key=bytes(range(32, 64)), nonce=bytes(12))
-    magic, version, flags, kid, claims_len = struct.unpack_from("<8sHH16sI", data)
-    assert (magic, version, flags, claims_len) == (b"LOWRA\x00SG", 1, 1, len(data) - 32 - 64 - len(body) - 16)
+    magic, version, flags, kid, claims_len, payload_len = struct.unpack_from("<8sHH16sIQ", data)
+    assert (magic, version, flags, payload_len) == (b"LOWRA\x00SG", 1, 1, len(body) + 16)
+    assert len(data) == 40 + claims_len + payload_len + 64
     assert kid.hex() == hashlib.sha256(key.public_key().public_bytes_raw()).hexdigest()[:32]
-    assert data[32:33] == b"{" and data[32 + claims_len - 1 : 32 + claims_len] == b"}"
+    assert data[40:41] == b"{" and data[40 + claims_len - 1 : 40 + claims_len] == b"}"
     assert hashlib.sha256(body).hexdigest()[:16] == GOLDEN_BODY
     assert hashlib.sha256(data).hexdigest()[:16] == GOLDEN_SIGNED
 
 
 GOLDEN_BODY = "6625b6c2ffd80e28"
-GOLDEN_SIGNED = "57511a32324f764a"
+GOLDEN_SIGNED = "141389c74acf1a9e"
