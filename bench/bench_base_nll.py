@@ -11,6 +11,8 @@ Rows:
   output@b        calibrated codebooks; widths by expected output error sum_j E[x_j^2] dW_rj^2 (sensitivity none)
   fisher@b        the same times the layer's output Fisher (the default QuantizeConfig)
   fisher_rows@b   per-row Fisher (each output's own mean squared loss gradient) instead of the layer mean
+  gptq@b          fisher@b's widths and codebooks, rounded with error feedback against the calibration inputs'
+                  Hessian (QuantizeConfig(error_feedback=True), lowra.sdk.quant.base.gptq)
 Calibration: lowra.sdk.training.calibration's default set (sample users' train files + pydoc topics, never held-out).
 
     python bench/bench_base_nll.py                     # every row, table at the end (~20 min on 2 busy cores)
@@ -40,7 +42,7 @@ from lowra.sdk.training.eval import heldout_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (4.0, 3.0, 2.0)
-VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows")
+VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows", "gptq")
 DEFAULT_ROWS = ("fp",) + tuple(f"{v}@{b}" for v in VARIANTS for b in BITS)
 
 
@@ -94,19 +96,24 @@ class Plans:
             plan = plan_model(model, QuantizeConfig(calibration=None), progress=False, source="SmolLM2-135M")
             self.seconds["plan_weight"] = time.perf_counter() - t0
         else:
-            if self.calibration is None:
+            if self.calibration is None:  # with the input Hessians, which only the gptq rows use
                 t0 = time.perf_counter()
-                self.calibration = calibrate(model, QuantizeConfig(), self.base.tokenizer)
+                self.calibration = calibrate(model, QuantizeConfig(error_feedback=True), self.base.tokenizer)
                 self.seconds["calibration"] = time.perf_counter() - t0
-            sensitivity = "fisher" if variant == "fisher" else "none"
+            sensitivity = "fisher" if variant in ("fisher", "gptq") else "none"
             if variant in ("codebooks", "output", "fisher_rows") and "output" in self.plans:
                 plan = self.plans["output"]
+            elif variant == "gptq" and "fisher" in self.plans:
+                plan = self.plans["fisher"]
             else:
                 t0 = time.perf_counter()
-                plan = plan_model(model, QuantizeConfig(sensitivity=sensitivity), self.calibration, progress=False,
-                                  source="SmolLM2-135M")
+                plan = plan_model(model, QuantizeConfig(sensitivity=sensitivity, error_feedback=False),
+                                  self.calibration, progress=False, source="SmolLM2-135M")
                 self.seconds[f"plan_{variant}"] = time.perf_counter() - t0
-            if variant == "codebooks":
+            if variant == "gptq":
+                plan = replace(plan, config=replace(plan.config, error_feedback=True),
+                               hessians={n: self.calibration.input_hessian[n] for n in plan.names})
+            elif variant == "codebooks":
                 plan = WeightErrorWidths(**vars(plan), weight_distortion=weight_space_distortion(plan))
             elif variant == "fisher_rows":
                 fisher = np.concatenate([self.calibration.output_fisher[n].double().numpy() for n in plan.names])
@@ -127,8 +134,10 @@ def run_row(name: str, base, plans: Plans) -> dict:
         qb = plan.quantize(float(bits), progress=False)
         info["quantize_s"] = round(time.perf_counter() - t0, 1)
         report = qb.bits_report()
-        info.update(bits=float(report["effective_bits"]), mse_over_var=qb.report["total"]["mse_over_var"],
-                    output_error=qb.report["total"].get("output_error"), widths=qb.report["total"]["widths"])
+        total = qb.report["total"]
+        info.update(bits=float(report["effective_bits"]), mse_over_var=total["mse_over_var"],
+                    output_error=total.get("output_error"), widths=total["widths"],
+                    hessian_error={k: total[k] for k in ("output_error_nearest", "output_error_fed") if k in total})
         model = copy.deepcopy(base.model)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in qb.dequantized_state_dict().items()})
     else:

@@ -148,7 +148,8 @@ class Quantizers:
                 self.stats = calibration_stats(self.fp_model, self.tokenizer, self.dataset)
             # lowra-w is issue 3's calibration: 128 training examples, knapsack by output error (no sensitivity)
             stats = CalibrationStats(self.stats, source="bench: 128 training examples") if weighted else None
-            config = QuantizeConfig(bits=bits, calibration="default" if weighted else None, sensitivity="none")
+            config = QuantizeConfig(bits=bits, calibration="default" if weighted else None, sensitivity="none",
+                                    error_feedback=False)
             self.plans[weighted] = plan_model(self.fp_model, config, stats, progress=False, source="SmolLM2-135M")
         return self.plans[weighted].quantize(bits, progress=False)
 

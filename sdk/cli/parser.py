@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", default=qc.sensitivity, choices=SENSITIVITIES,
                    help="per-layer sensitivity weighting the output error: 'fisher' (mean squared loss gradient of "
                    f"the layer's outputs on the calibration text) or 'none' (default {qc.sensitivity})")
+    p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=qc.error_feedback,
+                   help="round each layer's columns against the calibration inputs, feeding each rounding error "
+                   "forward (GPTQ-style, with the rows' own codebooks); needs calibration (default on)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     _add_base(p, quantized=False)
 

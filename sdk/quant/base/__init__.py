@@ -30,10 +30,15 @@ Method (LowRA, arXiv 2502.08141, sections 4.1-4.2; numbers measured in bench/ben
    The budget is **effective bits per quantized parameter with every byte of the file counted** except the
    dense tensors' data (embeddings, norms; stored float16 and reported separately): codes, codebooks, scales,
    the 2-bit width map and the whole safetensors header with all metadata.
+4. **Round with error feedback** (``QuantizeConfig(error_feedback=True)``, calibrated only): with widths and
+   codebooks fixed, :mod:`.gptq` rounds each layer's columns in order against the calibration inputs' Hessian
+   E[x x^T] (recorded in memory only), feeding each column's rounding error to the columns not yet rounded
+   (GPTQ). Only codes change; the report carries each layer's output error with nearest and error-fed codes.
 
 Modules, one concern each: :mod:`.config` (QuantizeConfig, torch-free), :mod:`.fit` (one layer: normalize, histogram,
 Lloyd-Max, pack; ``quantize_weight``), :mod:`.plan` (every row scored, the assignment under the budget, the packed
 base), :mod:`.report` (the report in the file's header), :mod:`.apply` (``quantize_model``, ``record_input_stats``),
-:mod:`.cache` (``cached_quantized_base``), :mod:`.sensitivity` (``CalibrationStats``, the output Fisher). Baselines (NF, uniform, water-filling, MILP) live in
+:mod:`.cache` (``cached_quantized_base``), :mod:`.sensitivity` (``CalibrationStats``, the output Fisher), :mod:`.gptq`
+(error-feedback rounding). Baselines (NF, uniform, water-filling, MILP) live in
 :mod:`lowra.sdk.quant.baselines`. This package imports none of them, so importing the config never imports torch.
 """

@@ -207,15 +207,19 @@ class RowBatcher:
         return torch.cat(self.levels), torch.cat(self.sse)
 
 
-def assemble(prep: PreparedLayer, widths: np.ndarray, levels: Mapping[int, torch.Tensor]) -> QuantizedWeight:
-    """Pack a layer: ``levels[w]`` holds float16-exact levels [rows with width w, 2**w] in row order."""
+def assemble(
+    prep: PreparedLayer, widths: np.ndarray, levels: Mapping[int, torch.Tensor], codes: np.ndarray | None = None
+) -> QuantizedWeight:
+    """Pack a layer: ``levels[w]`` holds float16-exact levels [rows with width w, 2**w] in row order. ``codes``
+    (uint8 [out, in], each weight's index in its row's codebook) when rounding chose them, e.g. with error
+    feedback; by default every weight gets its nearest level."""
     out, n_in = prep.shape
     widths = np.asarray(widths, dtype=np.uint8)
     sizes = np.array([packed_bytes(n_in, int(w)) for w in CODED_WIDTHS], dtype=np.int64)
     code_sizes = sizes[np.searchsorted(CODED_WIDTHS, widths)]
     code_off = np.concatenate([[0], np.cumsum(code_sizes)])
     level_off = np.concatenate([[0], np.cumsum(1 << widths.astype(np.int64))])
-    codes = np.zeros(int(code_off[-1]), dtype=np.uint8)
+    code_bytes = np.zeros(int(code_off[-1]), dtype=np.uint8)
     codebooks = np.zeros(int(level_off[-1]), dtype=np.float16)
     for w in CODED_WIDTHS:
         rows = np.nonzero(widths == w)[0]
@@ -224,11 +228,14 @@ def assemble(prep: PreparedLayer, widths: np.ndarray, levels: Mapping[int, torch
         lv = levels[w]
         if lv.shape != (rows.size, 1 << w):
             raise ValueError(f"levels for width {w}: {tuple(lv.shape)}, expected {(rows.size, 1 << w)}")
-        idx = assign_codes(prep.values[torch.from_numpy(rows)], lv.to(prep.values.device)).cpu().numpy()
+        if codes is None:
+            idx = assign_codes(prep.values[torch.from_numpy(rows)], lv.to(prep.values.device)).cpu().numpy()
+        else:
+            idx = codes[rows]
         packed = pack_codes(idx, w)
-        codes[code_off[rows][:, None] + np.arange(packed.shape[1])[None, :]] = packed
+        code_bytes[code_off[rows][:, None] + np.arange(packed.shape[1])[None, :]] = packed
         codebooks[level_off[rows][:, None] + np.arange(1 << w)[None, :]] = lv.cpu().numpy().astype(np.float16)
-    qw = QuantizedWeight(out, n_in, prep.group_size, widths, codes, codebooks, prep.scales)
+    qw = QuantizedWeight(out, n_in, prep.group_size, widths, code_bytes, codebooks, prep.scales)
     qw.validate(f"layer {prep.name}")
     return qw
 

@@ -40,6 +40,7 @@ from lowra.sdk.quant.base.fit import (
     row_histogram,
     intra_op_threads,
 )
+from lowra.sdk.quant.base.gptq import round_with_error_feedback
 from lowra.sdk.quant.base.report import placeholder_report, report_json, report_round
 from lowra.sdk.quant.base.sensitivity import CalibrationStats
 
@@ -137,6 +138,7 @@ class QuantizePlan:
     shapes: list[tuple[int, int]]
     weights: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor]  # module -> E[x^2] per input (empty: uncalibrated)
+    hessians: dict[str, torch.Tensor]  # module -> E[x x^T] of its inputs [in, in] (empty: no error feedback)
     sensitivity: dict[str, float]  # module -> weight of its rows' distortions in the knapsack (1: uncalibrated)
     levels: dict[int, torch.Tensor]  # width -> float16-exact levels [all rows, 2**w]
     # float64 [all rows, 3]: SSE at widths 1, 2, 4, in weight space or (calibrated) weighted by E[x^2]: the
@@ -156,6 +158,11 @@ class QuantizePlan:
     @property
     def calibrated(self) -> bool:
         return bool(self.stats)
+
+    @property
+    def feeds_back(self) -> bool:
+        """Whether rows are rounded with error feedback (:mod:`.gptq`) instead of to their nearest levels."""
+        return self.config.feeds_back and bool(self.hessians)
 
     @property
     def n_params(self) -> int:
@@ -184,6 +191,7 @@ class QuantizePlan:
                 "weighted": self.calibrated, "hist_bins": HIST_BINS,
                 "calibration": self.calibration_source, "calibration_tokens": self.calibration_tokens,
                 "sensitivity": self.config.sensitivity if self.calibrated else "none",
+                "error_feedback": self.feeds_back,
                 "scale_dtype": "float16", "codebook_dtype": "float16", "dense_dtype": "float16",
             },
             "report": report,
@@ -193,7 +201,7 @@ class QuantizePlan:
     def fixed_bytes(self, bits: float, created: str) -> int:
         """Bytes that do not depend on the widths: the header (bounded above), scales and the width maps."""
         g = self.config.group_size
-        meta = self._metadata(bits, created, placeholder_report(self.shapes, self.calibrated))
+        meta = self._metadata(bits, created, placeholder_report(self.shapes, self.calibrated, self.feeds_back))
         table = [(n, o, i, g) for n, (o, i) in zip(self.names, self.shapes)]
         return header_bytes_bound(table, self.dense, meta) + sum(
             o * 2 * (-(-i // g) if g else 0) + (o + 3) // 4 for o, i in self.shapes
@@ -247,9 +255,10 @@ class QuantizePlan:
         levels, _ = refine(self, row_widths, progress)
         clock.lap("refitting")
 
-        weighted = self.calibrated
+        weighted, fed = self.calibrated, self.feeds_back
         layers: dict[str, QuantizedWeight] = {}
         module_rows, sse_total, energy_total, out_err, out_energy = [], 0.0, 0.0, 0.0, 0.0
+        fed_totals = np.zeros(3)  # output error with nearest rounding, with error feedback, output energy
         start = 0
         for name, (o, i) in tqdm(list(zip(self.names, self.shapes)), desc="packing", unit="layer", disable=not progress):
             prep = self.prepare(name)
@@ -259,7 +268,15 @@ class QuantizePlan:
                 rows = np.nonzero(w == width)[0]
                 if rows.size:
                     picked[width] = levels[width][start + torch.from_numpy(rows)]
-            qw = assemble(prep, w, picked)
+            if fed:
+                rounding = round_with_error_feedback(prep, w, picked, self.hessians[name])
+                qw = assemble(prep, w, picked, rounding.codes)
+                fed_totals += (rounding.error_nearest, rounding.error_fed, rounding.reference)
+                ref = max(rounding.reference, 1e-300)
+                fed_row = [report_round(rounding.error_nearest / ref), report_round(rounding.error_fed / ref)]
+            else:
+                qw = assemble(prep, w, picked)
+                fed_row = []
             layers[name] = qw
             W = prep.weight.cpu().numpy()
             err = W - qw.dequantize().astype(np.float64)
@@ -273,7 +290,7 @@ class QuantizePlan:
                 row += [report_round(e_out / max(e_ref, 1e-300)), report_round(float(ms.mean())),
                         report_round(self.sensitivity[name])]
                 out_err, out_energy = out_err + e_out, out_energy + e_ref
-            module_rows.append(row + [int(np.sum(w == 1)), int(np.sum(w == 2)), int(np.sum(w == 4))])
+            module_rows.append(row + fed_row + [int(np.sum(w == 1)), int(np.sum(w == 2)), int(np.sum(w == 4))])
             sse_total, energy_total = sse_total + sse, energy_total + energy
             start += o
         clock.lap("packing")
@@ -284,7 +301,10 @@ class QuantizePlan:
         }
         if weighted:
             total["output_error"] = report_round(out_err / max(out_energy, 1e-300))
-        metadata = self._metadata(bits, created, report_json(module_rows, total, weighted))
+        if fed:
+            total["output_error_nearest"] = report_round(fed_totals[0] / max(fed_totals[2], 1e-300))
+            total["output_error_fed"] = report_round(fed_totals[1] / max(fed_totals[2], 1e-300))
+        metadata = self._metadata(bits, created, report_json(module_rows, total, weighted, fed))
         file_bytes, header = serialized_size(layers, self.dense, metadata)
         effective = 8.0 * (file_bytes - sum(a.nbytes for a in self.dense.values())) / self.n_params
         if effective > bits + 1e-12:  # the header bound makes this unreachable; never hand out an over-budget base
@@ -335,6 +355,7 @@ def _plan_model(
     if not names:
         raise ConfigError("the model has no linear layers to quantize (targets matched nothing)")
     stats: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}
     sensitivity = dict.fromkeys(names, 1.0)
     if config.calibrated:
         missing = [n for n in names if calibration is None or n not in calibration.input_ms]
@@ -346,12 +367,21 @@ def _plan_model(
             )
         stats = {n: calibration.input_ms[n] for n in names}
         sensitivity = calibration.layer_sensitivity(names, config.sensitivity)
+    if config.feeds_back:
+        missing = [n for n in names if n not in calibration.input_hessian]
+        if missing:
+            raise ConfigError(
+                f"error feedback needs the input Hessian of every targeted module; missing {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {len(names)}). Record them with "
+                "calibrate(...) under a config with error_feedback=True, or use QuantizeConfig(error_feedback=False)"
+            )
+        hessians = {n: calibration.input_hessian[n] for n in names}
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight for n in names}
     grid = dict(scoring_grid or DECISION_GRID)
     plan = QuantizePlan(
         config=config, names=names, shapes=[(int(weights[n].shape[0]), int(weights[n].shape[1])) for n in names],
-        weights=weights, stats=stats, sensitivity=sensitivity, levels={}, distortion=np.zeros((0, len(CODED_WIDTHS))), dense={}, aliases={},
+        weights=weights, stats=stats, hessians=hessians, sensitivity=sensitivity, levels={}, distortion=np.zeros((0, len(CODED_WIDTHS))), dense={}, aliases={},
         source=source or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
         scoring_grid=grid, device=None if device is None else torch.device(device),
         calibration_source=calibration.source if config.calibrated else None,

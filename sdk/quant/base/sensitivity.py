@@ -93,11 +93,13 @@ def record_output_fisher(
 
 @dataclass
 class CalibrationStats:
-    """What calibration measured: E[x^2] per input of every linear, and (for ``sensitivity="fisher"``) the
-    empirical Fisher of its outputs. Recorded by :func:`lowra.sdk.quant.base.apply.calibrate`."""
+    """What calibration measured: E[x^2] per input of every linear, (for ``sensitivity="fisher"``) the empirical
+    Fisher of its outputs, and (for ``error_feedback``) the Hessian of its inputs, E[x x^T]. Recorded by
+    :func:`lowra.sdk.quant.base.apply.calibrate`; the Hessians stay in memory, never in the file."""
 
     input_ms: dict[str, torch.Tensor]  # module path -> float32 [in]
     output_fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> float32 [out]
+    input_hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> float32 [in, in]
     source: str = ""  # what text: "default", a folder, or a caller's own description
     tokens: int = 0  # calibration tokens the input statistics were recorded on
 

@@ -26,7 +26,7 @@ def constant_stats(value: float) -> CalibrationStats:
 
 def test_with_identical_statistics_the_cost_is_the_weight_error_times_a_constant():
     plain = plan_model(Toy(), QuantizeConfig(group_size=32, calibration=None), progress=False)
-    calibrated = plan_model(Toy(), QuantizeConfig(group_size=32, sensitivity="none"), constant_stats(3.0),
+    calibrated = plan_model(Toy(), QuantizeConfig(group_size=32, sensitivity="none", error_feedback=False), constant_stats(3.0),
                             progress=False)
     np.testing.assert_allclose(calibrated.knapsack_distortion(), 3.0 * plain.knapsack_distortion(), rtol=1e-9)
     costs = plain.row_costs()
@@ -43,7 +43,7 @@ def test_a_row_whose_inputs_never_fire_gets_the_fewest_bits():
         model.up.weight[:20, : n_in // 2] = 0  # rows 0-19 read only the second half of the inputs ...
     stats = constant_stats(1.0)
     stats.input_ms["up"][n_in // 2 :] = 0  # ... which never fire
-    config = QuantizeConfig(bits=2.5, group_size=32, sensitivity="none")
+    config = QuantizeConfig(bits=2.5, group_size=32, sensitivity="none", error_feedback=False)
     widths = quantize_model(model, config, calibration=stats, progress=False).layers["up"].widths
     assert np.all(widths[:20] == 1) and widths[20:].mean() > 1
     plain = quantize_model(model, QuantizeConfig(bits=2.5, group_size=32, calibration=None), progress=False)

@@ -225,7 +225,7 @@ def test_group_size_zero_and_partial_groups():
 
 def test_weighted_needs_statistics_and_uses_them():
     names = ["up", "down", "proj"]
-    calibrated = QuantizeConfig(bits=2.5, group_size=32, sensitivity="none")
+    calibrated = QuantizeConfig(bits=2.5, group_size=32, sensitivity="none", error_feedback=False)
     with pytest.raises(ConfigError, match="calibrated QuantizeConfig needs input statistics.*missing"):
         quantize_model(Toy(), calibrated, calibration=CalibrationStats({}), progress=False)
     with pytest.raises(ConfigError, match="calibration needs the model's tokenizer"):
