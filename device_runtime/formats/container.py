@@ -106,10 +106,31 @@ def _finite_float(text: str) -> float:
     return value
 
 
+MAX_JSON_DEPTH = 64  # no lowra file nests deeper than a few levels; liblowra applies the same limit
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether ``value`` nests lists/objects more than ``limit`` levels (iterative: no recursion of its own)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def strict_json(text: str) -> object:
-    """``json.loads`` that refuses duplicate keys, NaN/Infinity and numbers that overflow to infinity (raises
-    ValueError, or RecursionError on absurd nesting): what every lowra reader parses JSON with."""
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float)
+    """``json.loads`` that refuses duplicate keys, NaN/Infinity, numbers that overflow to infinity and nesting
+    deeper than MAX_JSON_DEPTH (raises ValueError, or RecursionError past the interpreter's limit, which also
+    bounds what absurd nesting can allocate): what every lowra reader parses JSON with."""
+    value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float)
+    if _too_deep(value, MAX_JSON_DEPTH):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 def check_name(name: object, what: str, field: str, max_bytes: int = 1024) -> str:
