@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lowra.sdk.cli.configs import compress_config, lora_config
 from lowra.sdk.cli.fleet import cmd_fleet
 from lowra.sdk.cli.inspect_blob import cmd_inspect
 from lowra.sdk.cli.keys import (
@@ -48,20 +49,6 @@ def _runtime_base(args: argparse.Namespace) -> Path:
     return resolve_base(args.base)
 
 
-def _lora_config(args: argparse.Namespace):
-    from lowra.sdk.adapters.config import LoraConfig
-    from lowra.sdk.targets import ALL_LINEAR
-
-    targets = ALL_LINEAR if args.targets == ALL_LINEAR else [t.strip() for t in args.targets.split(",") if t.strip()]
-    return LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets)
-
-
-def _compress_config(args: argparse.Namespace):
-    from lowra.sdk.quant.config import CompressConfig
-
-    return CompressConfig(bits=args.bits, weighted=not args.unweighted)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from lowra.sdk.adapters.peft_io import save_adapter
     from lowra.sdk.training.config import TrainConfig
@@ -72,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"{out} already exists and is not empty; pass --force to replace it")
     dataset = load_user_dataset(args.user)
-    lora = _lora_config(args)
+    lora = lora_config(args)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, max_len=args.max_len, seed=args.seed
     )
@@ -99,7 +86,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     signer = _signer(args)  # a bad key or claim is refused before minutes of compression
     adapter = load_adapter(args.adapter)
-    config = _compress_config(args)
+    config = compress_config(args)
     base_dir = _runtime_base(args)
     adapter_id = args.id or Path(args.adapter).resolve().name
     card: dict[str, object] = {"task": "", "adapter_folder": str(args.adapter)}

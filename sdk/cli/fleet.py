@@ -16,7 +16,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lowra.sdk.cli.commands import _compress_config, _lora_config
+    from lowra.sdk.cli.configs import compress_config, lora_config
     from lowra.sdk.fleet.gate import GateConfig
     from lowra.sdk.fleet.runner import CliBase, FleetSettings, run_fleet
     from lowra.sdk.training.config import TrainConfig
@@ -25,10 +25,10 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("--sign-key and --user-id-from dataset go together: a signed blob names the user it is "
                           "for, taken from each user's dataset")
     settings = FleetSettings(
-        registry=args.registry, out=args.out, base=CliBase(args.base, args.quantized_base), lora=_lora_config(args),
+        registry=args.registry, out=args.out, base=CliBase(args.base, args.quantized_base), lora=lora_config(args),
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, max_len=args.max_len,
                           seed=args.seed),
-        compress=_compress_config(args),
+        compress=compress_config(args),
         gate=GateConfig(min_gain_over_base=args.min_gain_over_base, min_gain_kept=args.min_gain_kept),
         batch_users=args.batch_users, lease_seconds=args.lease_seconds, sign_key=args.sign_key,
     )

@@ -8,16 +8,43 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lowra.device_runtime._files import atomic_file, atomic_write_bytes
-
 from lowra.sdk.fleet.registry import STATUSES, Registry
+from lowra.sdk.threads import ThreadPlan
 
-if TYPE_CHECKING:
-    from lowra.sdk.fleet.runner import FleetRun
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """What one worker did before it left."""
+
+    worker_id: str
+    completed: int = 0
+    failed: int = 0
+    dropped: int = 0  # results refused as stale (the worker's lease had run out and the user was reclaimed)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FleetRun:
+    """One run of ``lowra fleet train``: the users of its inputs, what the run itself did, and how fast."""
+
+    users: tuple[str, ...]
+    plan: ThreadPlan
+    device: str
+    seconds: float
+    finished_this_run: int  # versions that left queued/training during this run
+    workers: tuple[WorkerStats, ...]
+    restarts: int
+    input_failures: dict[str, str]
+
+    @property
+    def users_per_hour(self) -> float:
+        return 3600.0 * self.finished_this_run / self.seconds if self.seconds > 0 else 0.0
+
 
 SHIPPED = ("active",)
 EVALUATED = ("active", "gated_out", "trained", "retired")

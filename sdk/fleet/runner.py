@@ -29,9 +29,17 @@ from lowra.device_runtime._files import atomic_write_bytes
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.errors import ConfigError, DatasetError, LowraError
 from lowra.sdk.fleet.gate import GateConfig
-from lowra.sdk.fleet.registry import IN_FLIGHT, AdapterResult, Claim, Registry, StaleAttemptError, registry_url
+from lowra.sdk.fleet.registry import (
+    IN_FLIGHT,
+    AdapterResult,
+    Claim,
+    Registry,
+    StaleAttemptError,
+    registry_url,
+)
+from lowra.sdk.fleet.report import FleetRun, WorkerStats
 from lowra.sdk.quant.config import CompressConfig
-from lowra.sdk.threads import ThreadPlan, available_cores, plan_threads, thread_env
+from lowra.sdk.threads import available_cores, plan_threads, thread_env
 from lowra.sdk.training.config import TrainConfig
 
 BLOB_FOLDER = "blobs"
@@ -93,33 +101,6 @@ class FleetSettings:
             raise FileNotFoundError(f"--sign-key {self.sign_key} does not exist; make one with `lowra keys new`")
 
 
-@dataclass(frozen=True)
-class WorkerStats:
-    """What one worker did before it left."""
-
-    worker_id: str
-    completed: int = 0
-    failed: int = 0
-    dropped: int = 0  # results refused as stale (the worker's lease had run out and the user was reclaimed)
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class FleetRun:
-    """One run of ``lowra fleet train``: the users of its inputs, what the run itself did, and how fast."""
-
-    users: tuple[str, ...]
-    plan: ThreadPlan
-    device: str
-    seconds: float
-    finished_this_run: int  # versions that left queued/training during this run
-    workers: tuple[WorkerStats, ...]
-    restarts: int
-    input_failures: dict[str, str]
-
-    @property
-    def users_per_hour(self) -> float:
-        return 3600.0 * self.finished_this_run / self.seconds if self.seconds > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -272,7 +253,11 @@ class FleetWorker:
         return self._fingerprints[key]
 
     def _finish_user(self, claim: Claim, dataset: Any, result: Any, batch_size: int) -> str:
-        from lowra.sdk.adapters.model import delete_adapter, get_adapter_factors, set_active_adapters
+        from lowra.sdk.adapters.model import (
+            delete_adapter,
+            get_adapter_factors,
+            set_active_adapters,
+        )
         from lowra.sdk.cli.report import retained_gain
         from lowra.sdk.fleet.gate import gate_adapter
         from lowra.sdk.training.train import evaluate_loss
@@ -360,10 +345,9 @@ def run_fleet(users: str | os.PathLike[str], settings: FleetSettings, *, address
     The report (``report.md``, ``report.json``, ``report.png``) goes to ``settings.out``.
     """
     import ray
+    from lowra.sdk.fleet.report import write_fleet_report
     from ray.exceptions import RayActorError
     from tqdm.auto import tqdm
-
-    from lowra.sdk.fleet.report import write_fleet_report
 
     start = time.perf_counter()
     # Workers may run elsewhere (another cwd, another machine on a shared file system): absolute paths only.
