@@ -29,3 +29,19 @@ def test_no_import_cycles_between_modules():
             if chain and not any(_is_package(graph, m) for m in chain):
                 cycles.add(" -> ".join((module, *chain)))
     assert not cycles, "import cycles:\n" + "\n".join(sorted(cycles))
+
+
+def test_every_package_ships_in_the_wheel():
+    """Each folder with an __init__.py under the mapped folders is listed in pyproject's packages (a missing one
+    imports from a checkout and fails from an installed wheel: it happened to lowra.sdk.fleet)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for package, folder in config["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            found.add(".".join([package, *init.parent.relative_to(root / folder).parts]))
+    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
