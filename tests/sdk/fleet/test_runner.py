@@ -87,7 +87,7 @@ def attempts(db: Path) -> list[tuple[str, int, str | None, str]]:
                            "JOIN lowra_adapter_versions v ON v.id = a.version_id").fetchall()
 
 
-def wait_for(predicate, timeout: float = 60.0) -> None:
+def wait_for(predicate, timeout: float = 300.0) -> None:  # generous: a loaded CI machine is slow, a pass is not
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -158,7 +158,7 @@ def test_a_killed_driver_resumes_with_the_same_command(ray_address: str, tmp_pat
     done_before = sum(outcome == "completed" for *_, outcome, _ in attempts(tmp_path / "fleet.db"))
     assert done_before < len(GOOD_USERS)  # killed mid-run
 
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_each_user_trained_exactly_once(tmp_path)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
