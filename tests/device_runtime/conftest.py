@@ -30,20 +30,33 @@ def write_base(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def scaled_levels(scale: float):
+    """A codebook maker: ``2**w`` sorted normal draws times ``scale``, as float16."""
+    return lambda rng, w: np.sort(rng.standard_normal(1 << w) * scale).astype(np.float16)
+
+
+def random_channels(rng: np.random.Generator, entries, widths, levels_of):
+    """Widths, codes and codebooks of every channel of ``entries`` in blob order: component k of every module gets
+    ``widths[k % len(widths)]`` on both sides, random codes, and ``levels_of(rng, w)`` as its codebook (the one
+    random blob recipe the device, native and ONNX tests share; its draw order is what their golden values fix)."""
+    all_widths, codes, levels = [], [], []
+    for e in entries:
+        for length in (e.in_features, e.out_features):
+            for k in range(e.rank):
+                w = widths[k % len(widths)]
+                all_widths.append(w)
+                codes.append(rng.integers(0, 1 << w, length).astype(np.uint8) if w else np.zeros(0, np.uint8))
+                levels.append(levels_of(rng, w) if w else np.zeros(0, np.float16))
+    return np.array(all_widths, np.uint8), codes, levels
+
+
 def make_blob_bytes(base_dir: Path, seed: int = 1, rank: int = 4, widths: tuple[int, ...] = (4, 2, 1, 0),
                     adapter_id: str = "user-a", modules: dict | None = None) -> bytes:
     """A valid blob with random codes/levels; component k of every module gets widths[k] on both sides."""
     rng = np.random.default_rng(seed)
     modules = modules or TINY_MODULES
     entries = [fmt.ModuleEntry(m, o, i, rank) for m, (o, i) in modules.items()]
-    all_widths, codes, levels = [], [], []
-    for e in entries:
-        for length in (e.in_features, e.out_features):
-            for k in range(rank):
-                w = widths[k % len(widths)]
-                all_widths.append(w)
-                codes.append(rng.integers(0, 1 << w, length).astype(np.uint8) if w else np.zeros(0, np.uint8))
-                levels.append(np.sort(rng.standard_normal(1 << w) * 0.05).astype(np.float16) if w else np.zeros(0, np.float16))
+    all_widths, codes, levels = random_channels(rng, entries, widths, scaled_levels(0.05))
     base = BaseWeights(base_dir)
     fingerprint = base.fingerprint([e.name for e in entries]) if all(f"{e.name}.weight" in base.tensors for e in entries) else "sha256:" + "0" * 64
     meta = {
@@ -54,7 +67,7 @@ def make_blob_bytes(base_dir: Path, seed: int = 1, rank: int = 4, widths: tuple[
         "created": CREATED,
         "card": {"task": "test"},
     }
-    return fmt.build_blob_bytes(entries, np.array(all_widths, np.uint8), codes, levels, meta)
+    return fmt.build_blob_bytes(entries, all_widths, codes, levels, meta)
 
 
 @pytest.fixture

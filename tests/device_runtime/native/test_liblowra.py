@@ -17,7 +17,7 @@ from lowra.device_runtime.formats.quantized_base import read_quantized_base, wri
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
 
-from tests.device_runtime.conftest import CREATED, TINY_MODULES, make_blob_bytes, write_base
+from tests.device_runtime.conftest import CREATED, TINY_MODULES, make_blob_bytes, random_channels, write_base
 from tests.device_runtime.native.liblowra import Liblowra, UserInfo, build, missing_toolchain
 from tests.device_runtime.native.printable_table import TABLE, table_text
 
@@ -46,17 +46,10 @@ def blob_for(base: Path | BaseWeights, levels_of, seed: int = 0, rank: int = 4, 
     modules = modules or {n[: -len(".weight")]: a.shape for n, a in weights.tensors.items()
                           if n.endswith(".weight") and a.ndim == 2}
     entries = [fmt.ModuleEntry(m, o, i, rank) for m, (o, i) in modules.items()]
-    all_widths, codes, levels = [], [], []
-    for e in entries:
-        for length in (e.in_features, e.out_features):
-            for k in range(rank):
-                w = widths[k % len(widths)]
-                all_widths.append(w)
-                codes.append(rng.integers(0, 1 << w, length).astype(np.uint8) if w else np.zeros(0, np.uint8))
-                levels.append(levels_of(rng, w) if w else np.zeros(0, np.float16))
+    all_widths, codes, levels = random_channels(rng, entries, widths, levels_of)
     meta = {"adapter_id": adapter_id, "base_fingerprint": weights.fingerprint([e.name for e in entries]),
             "lora": {"rank": rank}, "scheme": {"method": "test"}, "created": CREATED, "card": {"task": "test"}}
-    return fmt.build_blob_bytes(entries, np.array(all_widths, np.uint8), codes, levels, meta)
+    return fmt.build_blob_bytes(entries, all_widths, codes, levels, meta)
 
 
 def dyadic_levels(rng: np.random.Generator, width: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from lowra.sdk.quant.baselines import uniform_quantize
 from lowra.sdk.workflow import apply_blob, model_fingerprint
 
 from tests.conftest import _build_tokenizer, build_tiny_model, run_with_blocked_imports
+from tests.device_runtime.conftest import random_channels, scaled_levels
 
 MIXED = np.array([1, 2, 4, 2, 2, 1, 4, 2] * 8, dtype=np.uint8)
 IDS = np.array([5, 17, 42, 99, 3, 250, 7, 8, 120, 64], dtype=np.int64)
@@ -74,18 +75,11 @@ def make_blob(model: torch.nn.Module, seed: int, modules: list[str], rank: int =
     rng = np.random.default_rng(seed)
     entries = [fmt.ModuleEntry(m, model.get_submodule(m).out_features, model.get_submodule(m).in_features, rank)
                for m in modules]
-    all_widths, codes, levels = [], [], []
-    for e in entries:
-        for length in (e.in_features, e.out_features):
-            for k in range(rank):
-                w = widths[k % len(widths)]
-                all_widths.append(w)
-                codes.append(rng.integers(0, 1 << w, length).astype(np.uint8) if w else np.zeros(0, np.uint8))
-                levels.append(np.sort(rng.standard_normal(1 << w) * 0.3).astype(np.float16) if w else np.zeros(0, np.float16))
+    all_widths, codes, levels = random_channels(rng, entries, widths, scaled_levels(0.3))
     meta = {"adapter_id": f"user-{seed}", "base_fingerprint": fingerprint or model_fingerprint(model, modules),
             "lora": {"rank": rank, "alpha": rank, "targets": [], "scaling": 1.0}, "scheme": {"method": "test"},
             "created": "2026-01-01T00:00:00+00:00", "card": {}}
-    return fmt.build_blob_bytes(entries, np.array(all_widths, np.uint8), codes, levels, meta)
+    return fmt.build_blob_bytes(entries, all_widths, codes, levels, meta)
 
 
 @pytest.fixture(scope="module")
