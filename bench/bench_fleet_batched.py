@@ -9,6 +9,9 @@ with them; compare the ratio, which is measured within one run.
     python bench/bench_fleet_batched.py --model tiny                     # the tests' 2-layer model, seconds
     python bench/bench_fleet_batched.py --model smollm2 --ks 4 8         # SmolLM2-135M, rank 16 all-linear
     python bench/bench_fleet_batched.py --threads 1                      # steadier beside other busy processes
+    python bench/bench_fleet_batched.py --model smollm2 --config-only DIR --device cuda --ks 4 8 16
+        # GPU device script: SmolLM2's shape and tokenizer from DIR (config.json + tokenizer files, no weights:
+        # random init, so step times are real but losses are not; 3.5 MB travels instead of 538 MB)
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ def main() -> None:
                         help="tokens per example (0 = 160, or 256 for the tiny model, whose small vocabulary "
                              "spells the samples in more tokens)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument("--config-only", default=None, metavar="DIR",
+                        help="with --model smollm2: build the model from DIR's config.json with random weights")
     args = parser.parse_args()
 
     import torch
@@ -58,8 +64,19 @@ def main() -> None:
     else:
         from lowra.sdk.base_model import load_base
 
-        base = load_base()
-        model, tokenizer = base.model, base.tokenizer
+        if args.config_only:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config_only))
+            model.eval().requires_grad_(False)
+            tokenizer = AutoTokenizer.from_pretrained(args.config_only, local_files_only=True)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        else:
+            base = load_base()
+            model, tokenizer = base.model, base.tokenizer
+    model.to(args.device)
     samples = [load_user_dataset(p) for p in sorted((ROOT / "samples" / "users").iterdir()) if p.is_dir()]
     lora = LoraConfig(rank=args.rank)
     max_len = args.max_len or (256 if args.model == "tiny" else 160)
@@ -72,25 +89,33 @@ def main() -> None:
         return {d.user_id: TrainConfig(steps=steps, batch_size=args.batch, max_len=max_len, seed=i)
                 for i, d in enumerate(datasets)}
 
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     def sequential(datasets: list, steps: int) -> float:
         cfg = configs(datasets, steps)
+        sync()
         start = time.perf_counter()
         for d in datasets:
             train_adapter(model, tokenizer, d, lora, cfg[d.user_id], adapter_name=d.user_id, progress=False)
+        sync()
         seconds = time.perf_counter() - start
         for d in datasets:
             delete_adapter(model, d.user_id)
         return seconds
 
     def batched(datasets: list, steps: int) -> float:
+        sync()
         start = time.perf_counter()
         train_users(model, tokenizer, datasets, lora, configs(datasets, steps), progress=False)
+        sync()
         seconds = time.perf_counter() - start
         for d in datasets:
             delete_adapter(model, d.user_id)
         return seconds
 
-    print(f"model {args.model}, rank {args.rank} all-linear, {args.steps} steps, batch {args.batch}/user, "
+    print(f"model {args.model}{' (random weights)' if args.config_only else ''} on {args.device}, rank {args.rank} all-linear, {args.steps} steps, batch {args.batch}/user, "
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load before: {_load()}")
     sequential(users(1), 1)
     batched(users(2), 1)

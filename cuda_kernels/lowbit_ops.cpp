@@ -2,10 +2,13 @@
 // lowra/sdk/quant/ops.py (defined once there; this file only registers TORCH_LIBRARY_IMPL(lowra, CUDA)).
 //
 // Matmul strategy (env LOWRA_CUDA_MATMUL, read per call so a benchmark can A/B in one process):
-//   "fused"   (default) batch 1 -> GEMV kernel; float16/bfloat16 -> fused WMMA kernels (weight decoded per tile in
-//             shared memory); float32 -> "chunked" (no fp32 tensor-core kernel here).
+//   "auto"    (default) batch 1 -> GEMV kernel; larger batches and every input gradient -> "chunked". Chosen from the
+//             H200 device check (docs/CUDA_KERNELS.md): at 512 tokens on 11008x4096 the chunked path ran 5.3x
+//             faster than the fused kernel, and a 7B-shaped LoRA step 0.90x bf16's time against 1.16x fused.
+//   "fused"   batch 1 -> GEMV kernel; float16/bfloat16 -> fused WMMA kernels (weight decoded per tile in shared
+//             memory); float32 -> "chunked" (no fp32 tensor-core kernel here).
 //   "chunked" decode at most kChunkBytes of rows at a time into a scratch buffer and multiply with cuBLAS (torch's
-//             mm): the whole weight never exists at once, but a chunk does in global memory.
+//             mm): the whole weight never exists at once, but a chunk does in global memory. Batch 1 too.
 #include <torch/library.h>
 
 // Per-op ATen headers instead of <ATen/ATen.h>: the same API, a third of the parse time (the CI syntax check).
@@ -100,12 +103,15 @@ Buffers make_buffers(const at::Tensor& codes, const at::Tensor& codebooks, const
   return b;
 }
 
-bool chunked_strategy() {
+enum class Strategy { kAuto, kFused, kChunked };
+
+Strategy matmul_strategy() {
   const char* value = std::getenv("LOWRA_CUDA_MATMUL");
-  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "fused") == 0) return false;
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) return Strategy::kAuto;
+  if (std::strcmp(value, "fused") == 0) return Strategy::kFused;
   TORCH_CHECK(std::strcmp(value, "chunked") == 0, "LOWRA_CUDA_MATMUL=", value,
-              " is not a strategy; expected 'fused' (default) or 'chunked'");
-  return true;
+              " is not a strategy; expected 'auto' (default), 'fused' or 'chunked'");
+  return Strategy::kChunked;
 }
 
 int64_t chunk_rows(const LowBitWeight& w, at::ScalarType dtype) {
@@ -157,15 +163,15 @@ at::Tensor lowbit_linear_cuda(const at::Tensor& x, const at::Tensor& codes, cons
   if (m == 0) return y.reshape(out_shape);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const void* bias_ptr = bias_t.defined() ? bias_t.data_ptr() : nullptr;
-  const bool chunked = chunked_strategy();
-  if (m == 1 && !chunked) {
+  const Strategy strategy = matmul_strategy();
+  if (m == 1 && strategy != Strategy::kChunked) {
     const cudaError_t err = lowra_cuda::launch_lowbit_gemv(w, x2d.data_ptr(), bias_ptr, y.data_ptr(), dtype, stream);
     if (err == cudaSuccess) return y.reshape(out_shape);
     // cudaErrorInvalidValue: in_features too wide for the GEMV's shared memory; use a GEMM path below.
     TORCH_CHECK(err == cudaErrorInvalidValue, "lowra CUDA kernel gemv failed: ", cudaGetErrorString(err));
     (void)cudaGetLastError();
   }
-  if (!chunked && dtype != Dtype::kFloat32) {
+  if (strategy == Strategy::kFused && dtype != Dtype::kFloat32) {
     check_cuda_ok(lowra_cuda::launch_lowbit_gemm(w, x2d.data_ptr(), m, bias_ptr, y.data_ptr(), dtype, stream),
                   "gemm");
     return y.reshape(out_shape);
@@ -203,7 +209,7 @@ at::Tensor lowbit_linear_grad_input_cuda(const at::Tensor& grad_out, const at::T
   out_shape.back() = in_features;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (m == 0) return at::empty(out_shape, grad_out.options());
-  if (!chunked_strategy() && dtype != Dtype::kFloat32) {
+  if (matmul_strategy() == Strategy::kFused && dtype != Dtype::kFloat32) {
     at::Tensor gx = at::empty({m, in_features}, grad_out.options());
     check_cuda_ok(lowra_cuda::launch_lowbit_gemm_grad_input(w, g2d.data_ptr(), m, gx.data_ptr(), dtype, stream),
                   "gemm_grad_input");

@@ -85,7 +85,7 @@ def test_quantize_codes_bit_exact(dtype: torch.dtype, out: int, inp: int, group_
     assert torch.equal(scales.cpu(), want_scales)
 
 
-@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("strategy", ["auto", "fused", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 5, 130])
 @pytest.mark.parametrize("out,inp,group_size", SHAPES)
@@ -106,6 +106,14 @@ def test_lowbit_linear_and_input_gradient(
     (grad_x,) = torch.autograd.grad(y, [x], grad)
     assert grad_x.dtype == dtype and grad_x.shape == x.shape
     assert relative_error(grad_x, grad.double() @ weight) <= TOL[dtype], (strategy, dtype, m)
+
+
+def test_unknown_matmul_strategy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWRA_CUDA_MATMUL", "fastest")
+    qw = make_weight(8, 64, 0)
+    x = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="'auto' \\(default\\), 'fused' or 'chunked'"):
+        torch.ops.lowra.lowbit_linear(x, *buffers(qw, "cuda"), None)
 
 
 def test_batched_input_keeps_leading_dims() -> None:
