@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,3 +148,20 @@ def thread_env(threads: int) -> dict[str, str]:
     OpenMP and MKL, and OpenMP threads that sleep at barriers instead of spinning (see the module docstring)."""
     _positive("threads", threads)
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def size_this_process(threads: int | None = None) -> int:
+    """Size this process's intra-op pool to the cores it may use (``lowra train``, ``quantize-base``, ``eval``...).
+
+    ``threads`` (``--threads``) wins; else an ``OMP_NUM_THREADS`` the user exported is kept; else the count is
+    :func:`available_cores`, not the machine's core count torch would take. Call it before torch is imported: OpenMP
+    reads the variables once; if torch is already imported its pool is resized too. Returns the thread count."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        count = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        count = available_cores(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(count)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)
+    return count

@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from lowra.device_runtime.errors import LowraError
 from lowra.sdk.cli.commands import COMMANDS, quiet_third_party_logs
 from lowra.sdk.cli.parser import build_parser
+from lowra.sdk.threads import size_this_process
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_third_party_logs()
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "fleet" and hasattr(args, "threads"):
+            size_this_process(args.threads)
         return COMMANDS[args.command](args)
     except (LowraError, FileExistsError, FileNotFoundError) as exc:
         command = " ".join(filter(None, (args.command, getattr(args, "keys_command", None))))

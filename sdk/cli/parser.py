@@ -38,7 +38,11 @@ pass a local Hugging Face causal-LM folder to use another model.
 """
 
 
-def _add_base(p: argparse.ArgumentParser, quantized: bool = True) -> None:
+def _add_base(p: argparse.ArgumentParser, quantized: bool = True, threads: bool = True) -> None:
+    if threads:
+        p.add_argument("--threads", type=int, default=None,
+                       help="intra-op threads (default: the cores this process may use: CPU affinity capped by the "
+                       "cgroup quota, or OMP_NUM_THREADS when exported)")
     p.add_argument(
         "--base",
         default=None,
@@ -202,7 +206,7 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sign-key", default=None, metavar="KEY.pem", help="sign every blob (`lowra keys new`)")
     g.add_argument("--user-id-from", default=None, choices=("dataset",),
                    help="with --sign-key: each blob is signed for the user id of its dataset")
-    _add_base(a)
+    _add_base(a, threads=False)  # the fleet sizes threads per worker (--workers/--threads above)
     _add_lora_train(a)
     _add_compress(a, bits_default=DemoConfig().bits)
 

@@ -94,3 +94,41 @@ def test_the_module_never_imports_torch() -> None:
                                       "print(plan_threads(available_cores()))")
     assert result.returncode == 0, result.stderr
     assert "ThreadPlan" in result.stdout
+
+
+def test_a_single_process_is_sized_by_threads_then_the_exported_variable_then_the_cores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from lowra.sdk.threads import size_this_process
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert size_this_process(None) == 1  # the user's export is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert size_this_process(None) == available_cores()
+        assert size_this_process(3) == 3 and torch.get_num_threads() == 3  # torch already imported: resized
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "3"
+        with pytest.raises(ConfigError, match=">= 1"):
+            size_this_process(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lowra_commands_size_threads_before_they_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    cli_main = importlib.import_module("lowra.sdk.cli.main")  # the package re-exports main(), hiding the module
+    seen: dict[str, str] = {}
+    monkeypatch.setitem(cli_main.COMMANDS, "train", lambda args: seen.update(omp=os.environ["OMP_NUM_THREADS"]) or 0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert cli_main.main(["train", "--user", "u", "--out", "o", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"omp": "1"}
+    assert cli_main.main(["train", "--user", "u", "--out", "o", "--threads", "0"]) == 2  # refused, with a message
