@@ -28,11 +28,11 @@ from lowra.sdk.training.data import UserDataset, collate, encode_example
 from lowra.sdk.training.train import (
     GRAD_CLIP,
     TrainResult,
+    answer_token_losses,
     batch_order,
     lr_factor,
     model_device,
     padding_id,
-    response_loss_sum,
 )
 
 __all__ = ["train_users"]
@@ -111,10 +111,18 @@ def _check_users(model: nn.Module, datasets: Sequence[UserDataset], lora: LoraCo
             raise DatasetError(f"dataset {uid!r} has no training examples")
 
 
-def _loss_sums(logits: Tensor, labels: Tensor, counts: Sequence[int]) -> list[tuple[Tensor, int]]:
-    """Per user (its ``counts[i]`` rows, in order): summed cross-entropy over answer tokens, and how many."""
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return [response_loss_sum(logits[s : s + c], labels[s : s + c]) for s, c in zip(starts, counts)]
+def _user_losses(model: nn.Module, batch: dict[str, Tensor], counts: Sequence[int]) -> list[Tensor]:
+    """Each user's mean cross-entropy over its own answer tokens (its ``counts[i]`` rows, in order).
+
+    One loss per token over the whole batch, then summed per user: slicing the logits per user instead costs a
+    zero-filled logits-sized gradient per user in the backward pass."""
+    losses, rows = answer_token_losses(model, batch)
+    user_of_row = torch.repeat_interleave(torch.arange(len(counts), device=rows.device),
+                                          torch.tensor(counts, device=rows.device))
+    users = user_of_row[rows]
+    sums = losses.new_zeros(len(counts)).index_add(0, users, losses)
+    n = torch.bincount(users, minlength=len(counts)).clamp_min(1)
+    return list((sums / n).unbind())
 
 
 def train_users(
@@ -167,8 +175,7 @@ def train_users(
                 counts = [run.config.batch_size for run in present]
                 batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
                 group.route(RowGroups.build([run.user_id for run in present], counts, batch["attention_mask"]))
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                losses = [total / max(n, 1) for total, n in _loss_sums(logits, batch["labels"], counts)]
+                losses = _user_losses(model, batch, counts)
                 for run in present:
                     run.optimizer.zero_grad(set_to_none=True)
                 # Each user's factors see only its own rows, so the sum's gradient is each user's own.

@@ -52,23 +52,44 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def response_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
-    """Summed cross-entropy over labelled (response) tokens of ``logits`` [rows, seq, vocab], and how many there
-    were (labels are shifted by one: position t predicts token t + 1)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return total, int((shift_labels != IGNORE_INDEX).sum())
+def answer_token_losses(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Cross-entropy (float32 ``[n]``) of every labelled answer token of ``batch``, and the row of each (``[n]``).
+
+    Only the answer positions reach the output head: a hook on ``model.get_output_embeddings()`` gathers them
+    from its input, so the head's matmul and the log-softmax run on ``n`` positions instead of rows x tokens (on
+    SmolLM2 the head is a 49,152-wide matmul, about a fifth of a training step's work, and most tokens are
+    prompt or padding). Whatever the model does after its head (soft-capping, scaling) still runs, on the gathered
+    logits. A model that never calls that module, or reshapes its output, gets full logits gathered afterwards;
+    the values are the same either way.
+    """
+    labels = batch["labels"][:, 1:]
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shape = batch["input_ids"].shape
+    gathered = False
+
+    def gather(module: nn.Module, args: tuple) -> tuple | None:
+        nonlocal gathered
+        hidden = args[0]
+        if gathered or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(shape):
+            return None
+        gathered = True
+        return (hidden[:, :-1][rows, cols], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather) if isinstance(head, nn.Module) else None
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not (gathered and logits.dim() == 2 and logits.shape[0] == rows.numel()):
+        logits = logits[:, :-1][rows, cols]
+    return F.cross_entropy(logits.float(), labels[rows, cols], reduction="none"), rows
 
 
 def _model_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return response_loss_sum(logits, batch["labels"])
+    losses, _ = answer_token_losses(model, batch)
+    return losses.sum(), int(losses.numel())
 
 
 def batch_order(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:

@@ -79,3 +79,31 @@ def test_evaluate_loss_is_token_weighted(tiny_model, tiny_tokenizer, tiny_user_d
     whole = evaluate_loss(tiny_model, tiny_tokenizer, ds.heldout, batch_size=8)
     one_by_one = evaluate_loss(tiny_model, tiny_tokenizer, ds.heldout, batch_size=1)
     assert whole == pytest.approx(one_by_one, rel=1e-5)
+
+
+def test_answer_losses_equal_the_full_logits_reference_and_the_head_sees_only_answers(
+        tiny_model, tiny_tokenizer, tiny_user_dir) -> None:
+    from torch.nn import functional as F
+
+    from lowra.sdk.training.data import IGNORE_INDEX, collate, encode_example
+    from lowra.sdk.training.train import answer_token_losses
+
+    ds = load_user_dataset(tiny_user_dir)
+    batch = collate([encode_example(tiny_tokenizer, ex, 96) for ex in ds.train[:5]], tiny_tokenizer.pad_token_id)
+    head_rows: list[int] = []
+    hook = tiny_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(out.reshape(-1, out.shape[-1]).shape[0]))
+    try:
+        losses, rows = answer_token_losses(tiny_model, batch)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="none").reshape(labels.shape)
+    mask = labels != IGNORE_INDEX
+    assert 0 < losses.numel() == int(mask.sum()) < labels.numel()  # prompts and padding are not answers
+    assert head_rows[0] == losses.numel()  # the head ran on the answer positions alone
+    torch.testing.assert_close(losses, reference[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows, mask.nonzero(as_tuple=True)[0])
