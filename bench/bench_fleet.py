@@ -225,12 +225,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-len", type=int, default=160)
+    parser.add_argument("--max-len", type=int, default=0,
+                        help="tokens per example (0 = 160, or 256 for the tiny model, whose small vocabulary "
+                             "spells the samples in more tokens)")
     parser.add_argument("--threads", type=int, default=None, help="override the sized thread count")
     parser.add_argument("--ray-workers", type=int, default=2, help="0 skips the Ray mode")
     parser.add_argument("--contention", action="store_true", help="step time idle vs beside 2 busy processes")
     parser.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.max_len = args.max_len or (256 if args.model == "tiny" else 160)
     if args.step_worker:
         _step_worker(args)
     elif args.contention:
