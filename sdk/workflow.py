@@ -24,8 +24,11 @@ from lowra.sdk.training.prompts import render_prompt
 def frozen_weight(layer: nn.Module, name: str = "") -> torch.Tensor:
     """The float32 weight a frozen base layer computes with: ``weight`` of an ``nn.Linear``, the decode of a
     low-bit layer (it stores no fp weight; its identity is what it decodes to, the same float32 the device runtime
-    decodes bit for bit)."""
-    weight = layer.dequantize() if hasattr(layer, "dequantize") else getattr(layer, "weight", None)
+    decodes bit for bit, with a recovered base's recovery adapter added)."""
+    if hasattr(layer, "effective_weight"):
+        weight = layer.effective_weight()
+    else:
+        weight = layer.dequantize() if hasattr(layer, "dequantize") else getattr(layer, "weight", None)
     if weight is None:
         raise ConfigError(f"module {name or type(layer).__name__!r} has neither a weight nor a dequantize()")
     return weight.detach().to(torch.float32)

@@ -13,7 +13,10 @@ ADAPTER_READS = (1,)
 # The quantized base file (docs/FORMAT.md, "Quantized base").
 BASE_FORMAT = "lowra-base"
 BASE_VERSION = 1
-BASE_READS = (1,)
+# A base that carries an accuracy-recovery adapter (``lowra recover``) is written as version 2, so a reader that
+# predates recovery refuses it instead of running the base without it; a plain base stays version 1.
+BASE_RECOVERY_VERSION = 2
+BASE_READS = (1, 2)
 
 # Bits a channel of an adapter may take; 0 drops the channel (decodes to zeros).
 ADAPTER_WIDTHS = (0, 1, 2, 4)

@@ -14,6 +14,13 @@ state-dict name; floating tensors as float16 to keep the file small (the quantiz
 reader accepts any dtype and widens floats to float32). Tied tensors are stored once and named in ``aliases``.
 
 ``__metadata__`` keys: see :data:`REQUIRED_METADATA`.
+
+Version 2 adds an accuracy-recovery adapter (``lowra recover``), part of the base: per module ``M`` it names,
+``recovery.M.lora_A`` float16 ``[rank, in]`` and ``recovery.M.lora_B`` float16 ``[out, rank]``, and the metadata key
+``recovery`` (JSON ``{"rank", "scaling", "modules": [...], "plain_fingerprint", "training": {...}}``). The layer's
+weight is ``decode(M) + scaling * B @ A`` everywhere (the SDK's training base, the device runtime's decoded base),
+and the fingerprint covers the recovery tensors, so adapters trained on a recovered base bind to it and never load
+on the plain one. A plain base stays version 1, byte for byte.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from lowra.device_runtime.formats.bitpack import decode_widths, encode_widths, p
 from lowra.device_runtime.formats.constants import (
     BASE_FORMAT as FORMAT_NAME,
     BASE_READS as SUPPORTED_VERSIONS,
+    BASE_RECOVERY_VERSION as RECOVERY_VERSION,
     BASE_VERSION as FORMAT_VERSION,
     CODED_WIDTHS,
 )
@@ -70,6 +78,10 @@ REQUIRED_METADATA = (
     "created",  # ISO-8601 UTC time of writing
 )
 JSON_METADATA = ("modules", "aliases", "scheme", "report")
+RECOVERY_KEY = "recovery"  # version 2 only
+RECOVERY_PREFIX = "recovery."
+RECOVERY_TENSORS = ("lora_A", "lora_B")
+MAX_RECOVERY_RANK = 1024
 # Written by write/build from the arguments; callers pass the others.
 DERIVED_METADATA = ("format", "format_version", "modules", "fingerprint", "payload_sha256")
 
@@ -84,13 +96,54 @@ def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, np.ndarray]:
     }
 
 
-def quantized_fingerprint(layers: Mapping[str, QuantizedWeight]) -> str:
+def recovery_delta(a: np.ndarray, b: np.ndarray, scaling: float) -> np.ndarray:
+    """``scaling * B @ A`` in float32, computed one way for every consumer: the runtime's decoded base and the
+    SDK's frozen weight (whose digests make the fingerprint an adapter binds to) must agree bit for bit."""
+    product = np.asarray(b, dtype=np.float32) @ np.asarray(a, dtype=np.float32)
+    return (np.float32(scaling) * product).astype(np.float32)
+
+
+@dataclass
+class Recovery:
+    """An accuracy-recovery adapter stored with a base: ``W_M = decode(M) + scaling * B_M @ A_M`` for each module.
+
+    ``factors[M] = (A [rank, in], B [out, rank])`` as float16 (the stored values are the adapter); ``info`` holds
+    the informative part of the ``recovery`` metadata (the plain base's fingerprint, how it was trained)."""
+
+    rank: int
+    scaling: float
+    factors: dict[str, tuple[np.ndarray, np.ndarray]]
+    info: dict[str, object] = field(default_factory=dict)
+
+    def delta(self, module: str) -> np.ndarray:
+        """``scaling * B @ A`` of one module, float32 ``[out, in]`` (:func:`recovery_delta`)."""
+        a, b = self.factors[module]
+        return recovery_delta(a, b, self.scaling)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, (a, b) in self.factors.items():
+            out[f"{RECOVERY_PREFIX}{name}.lora_A"] = np.ascontiguousarray(a, dtype="<f2")
+            out[f"{RECOVERY_PREFIX}{name}.lora_B"] = np.ascontiguousarray(b, dtype="<f2")
+        return out
+
+    def metadata(self) -> dict[str, object]:
+        return {**self.info, "rank": int(self.rank), "scaling": float(self.scaling), "modules": sorted(self.factors)}
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(a.size + b.size for a, b in self.factors.values()))
+
+
+def quantized_fingerprint(layers: Mapping[str, QuantizedWeight], recovery: Recovery | None = None) -> str:
     """Identity of the quantized weights, independent of metadata (report, time) and of the dense tensors.
 
     sha256 over the modules sorted by name; per module the UTF-8 line ``"{name}|[out, in]|{group_size}\\n"``,
     then for each of its tensors in the order codebooks, codes, scales, widths (as stored: widths 2-bit packed)
     ``"{tensor_name}|{numpy dtype str}|{shape list}|"`` followed by the raw little-endian bytes.
     An adapter trained against this base names this fingerprint; a bit flip in any code or level changes it.
+    With a recovery adapter (version 2) the line ``"recovery|{rank}|{scaling!r}\n"`` follows, then each recovery
+    tensor sorted by name, hashed the same way: the same layers with and without recovery are different bases.
     """
     h = hashlib.sha256()
     for name in sorted(layers):
@@ -99,6 +152,11 @@ def quantized_fingerprint(layers: Mapping[str, QuantizedWeight]) -> str:
         for tname, arr in sorted(layer_tensors(name, w).items()):
             h.update(f"{tname}|{arr.dtype.str}|{list(arr.shape)}|".encode())
             h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    if recovery is not None:
+        h.update(f"recovery|{int(recovery.rank)}|{float(recovery.scaling)!r}\n".encode())
+        for tname, arr in sorted(recovery.tensors().items()):
+            h.update(f"{tname}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+            h.update(arr.reshape(-1).view(np.uint8))
     return "sha256:" + h.hexdigest()
 
 
@@ -114,6 +172,7 @@ class QuantizedBase:
     header_bytes: int = 0
     aliases: dict[str, str] = field(default_factory=dict)
     claims: dict[str, object] | None = None  # the verified signed claims, when the file came signed
+    recovery: Recovery | None = None  # the accuracy-recovery adapter of a version-2 base
 
     @property
     def report(self) -> dict[str, object]:
@@ -145,7 +204,12 @@ class QuantizedBase:
             code_bits += w.code_bits()
         dense_bytes = self.dense_data_bytes()
         n_dense = int(sum(np.asarray(a).size for a in self.dense.values()))
-        quantized_bytes = self.file_bytes - dense_bytes
+        recovery_bytes = int(sum(a.nbytes for a in self.recovery.tensors().values())) if self.recovery else 0
+        quantized_bytes = self.file_bytes - dense_bytes - recovery_bytes
+        extra = {}
+        if self.recovery is not None:
+            extra = {"recovery_bytes": recovery_bytes, "recovery_bits": 8.0 * recovery_bytes / n,
+                     "effective_bits_with_recovery": 8.0 * (quantized_bytes + recovery_bytes) / n}
         return {
             "n_quantized_params": self.n_quantized_params,
             "n_dense_params": n_dense,
@@ -155,17 +219,21 @@ class QuantizedBase:
             "bytes": {**layer_bytes, "header_and_metadata": int(self.header_bytes), "dense": dense_bytes},
             "file_bits_per_model_param": 8.0 * self.file_bytes / max(n + n_dense, 1),
             "width_histogram": hist,
+            **extra,
         }
 
     def dequantized_state_dict(self) -> dict[str, np.ndarray]:
         """Every weight of the model as float32 numpy (what a runtime merges adapters into).
 
-        Quantized modules appear as ``"{module}.weight"``; tied tensors under every name (same array).
+        Quantized modules appear as ``"{module}.weight"`` (plus the recovery adapter's ``scaling * B @ A`` on a
+        version-2 base); tied tensors under every name (same array).
         Non-floating dense tensors keep their dtype.
         """
         out: dict[str, np.ndarray] = {}
         for name, w in self.layers.items():
             out[f"{name}.weight"] = w.dequantize()
+            if self.recovery is not None and name in self.recovery.factors:
+                out[f"{name}.weight"] += self.recovery.delta(name)
         for name, arr in self.dense.items():
             arr = np.asarray(arr)
             out[name] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else np.array(arr)
@@ -174,13 +242,13 @@ class QuantizedBase:
         return out
 
     def to_bytes(self) -> bytes:
-        return build_quantized_base_bytes(self.layers, self.dense, self._caller_metadata())
+        return build_quantized_base_bytes(self.layers, self.dense, self._caller_metadata(), recovery=self.recovery)
 
     def write(self, path: str | Path, overwrite: bool = False) -> Path:
         return atomic_write_bytes(path, self.to_bytes(), overwrite=overwrite)
 
     def _caller_metadata(self) -> dict[str, object]:
-        return {k: v for k, v in self.metadata.items() if k not in DERIVED_METADATA}
+        return {k: v for k, v in self.metadata.items() if k not in DERIVED_METADATA and k != RECOVERY_KEY}
 
 
 def _caller_fields(metadata: Mapping[str, object]) -> dict[str, str]:
@@ -196,13 +264,16 @@ def _modules_json(modules: Sequence[tuple[str, int, int, int]]) -> str:
 
 
 def _encode_metadata(
-    layers: Mapping[str, QuantizedWeight], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+    layers: Mapping[str, QuantizedWeight], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object],
+    recovery: Recovery | None = None,
 ) -> dict[str, str]:
-    meta = _caller_fields(metadata)
+    meta = _caller_fields({k: v for k, v in metadata.items() if k != RECOVERY_KEY})
     meta["format"] = FORMAT_NAME
-    meta["format_version"] = str(FORMAT_VERSION)
+    meta["format_version"] = str(FORMAT_VERSION if recovery is None else RECOVERY_VERSION)
     meta["modules"] = _modules_json([(n, w.out_features, w.in_features, w.group_size) for n, w in layers.items()])
-    meta["fingerprint"] = quantized_fingerprint(layers)
+    meta["fingerprint"] = quantized_fingerprint(layers, recovery)
+    if recovery is not None:
+        meta[RECOVERY_KEY] = encode_metadata({RECOVERY_KEY: recovery.metadata()}, [RECOVERY_KEY])[RECOVERY_KEY]
     missing = [k for k in REQUIRED_METADATA if k not in meta and k != "payload_sha256"]
     if missing:
         raise ValueError(f"quantized-base metadata lacks {missing}; every v1 file needs {list(REQUIRED_METADATA)}")
@@ -210,11 +281,15 @@ def _encode_metadata(
     return meta
 
 
-def _all_tensors(layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], aliases: Mapping[str, str]):
+def _all_tensors(layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], aliases: Mapping[str, str],
+                 recovery: Recovery | None = None):
     tensors: dict[str, np.ndarray] = {}
     for name, w in layers.items():
         w.validate(f"module {name!r}")
         tensors.update(layer_tensors(name, w))
+    if recovery is not None:
+        _check_recovery(recovery, layers, "recovery adapter")
+        tensors.update(recovery.tensors())
     for name, arr in dense.items():
         if name in tensors:
             raise BlobContentError(
@@ -234,12 +309,14 @@ def _all_tensors(layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.n
 
 
 def build_quantized_base_bytes(
-    layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+    layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object],
+    recovery: Recovery | None = None,
 ) -> bytes:
     """Serialize a quantized base. ``metadata`` needs source, group_size, scheme, report (created and aliases
-    default to now and {}); format, version, modules, fingerprint and checksum are derived here."""
-    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}))
-    return serialize(tensors, _encode_metadata(layers, tensors, metadata))
+    default to now and {}); format, version, modules, fingerprint and checksum are derived here. With ``recovery``
+    the file is version 2."""
+    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}), recovery)
+    return serialize(tensors, _encode_metadata(layers, tensors, metadata, recovery))
 
 
 def serialized_size(
@@ -309,6 +386,58 @@ def _module_table(value: object, what: str) -> list[tuple[str, int, int, int]]:
                 f"{what}: module {name!r} shape [{out_f}, {in_f}] / group {group} outside 1..{MAX_FEATURES}"
             )
     return table
+
+
+def _check_recovery(recovery: Recovery, layers: Mapping[str, QuantizedWeight], what: str) -> None:
+    """Rank in bounds, a finite positive scaling, factors of the module's shape, finite float16 values."""
+    rank, scaling = recovery.rank, recovery.scaling
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RECOVERY_RANK:
+        raise BlobContentError(f"{what}: rank {short(rank)} is not an integer in 1..{MAX_RECOVERY_RANK}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not (np.isfinite(scaling) and scaling > 0):
+        raise BlobContentError(f"{what}: scaling {short(scaling)} is not a finite number > 0")
+    if not recovery.factors:
+        raise BlobContentError(f"{what}: names no module; a recovery adapter covers at least one quantized layer")
+    for name, (a, b) in recovery.factors.items():
+        if name not in layers:
+            raise BlobContentError(f"{what}: module {name!r} is not a quantized layer of this base")
+        w = layers[name]
+        want = {"lora_A": (rank, w.in_features), "lora_B": (w.out_features, rank)}
+        for tname, arr in (("lora_A", a), ("lora_B", b)):
+            arr = np.asarray(arr)
+            if tuple(arr.shape) != want[tname] or not np.issubdtype(arr.dtype, np.floating):
+                raise BlobContentError(
+                    f"{what}: {RECOVERY_PREFIX}{name}.{tname} is {arr.dtype} {list(arr.shape)}, expected float16 "
+                    f"{list(want[tname])}"
+                )
+            if not np.all(np.isfinite(arr.astype(np.float16))):
+                raise BlobContentError(f"{what}: {RECOVERY_PREFIX}{name}.{tname} contains NaN or Inf (as float16)")
+
+
+def _read_recovery(value: object, tensors: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight],
+                   what: str) -> Recovery:
+    """The version-2 recovery adapter: its metadata object and exactly the tensors it names."""
+    if not isinstance(value, dict) or not {"rank", "scaling", "modules"} <= set(value):
+        raise BlobContentError(f"{what}: the recovery metadata must be an object with rank, scaling and modules")
+    modules = value["modules"]
+    if not isinstance(modules, list) or len(set(map(str, modules))) != len(modules) or not all(
+            isinstance(m, str) for m in modules):
+        raise BlobContentError(f"{what}: recovery modules must be a list of distinct module names")
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in modules:
+        pair = []
+        for tname in RECOVERY_TENSORS:
+            key = f"{RECOVERY_PREFIX}{name}.{tname}"
+            if key not in tensors:
+                raise BlobContentError(f"{what}: the recovery adapter names module {name!r} but lacks {key}")
+            arr = tensors[key]
+            if arr.dtype != DENSE_DTYPE:
+                raise BlobContentError(f"{what}: {key} is {arr.dtype}, expected float16")
+            pair.append(arr)
+        factors[name] = (pair[0], pair[1])
+    info = {k: v for k, v in value.items() if k not in ("rank", "scaling", "modules")}
+    recovery = Recovery(rank=value["rank"], scaling=value["scaling"], factors=factors, info=info)
+    _check_recovery(recovery, layers, f"{what}: recovery adapter")
+    return recovery
 
 
 def _check_dense(dense: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight], what: str) -> None:
@@ -395,8 +524,24 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
         weight.validate(f"{what}: module {name!r}")
         layers[name] = weight
     layer_names = {f"{n}.{t}" for n, *_ in modules for t in LAYER_TENSORS}
+    recovery = None
+    if meta["format_version"] == str(RECOVERY_VERSION):
+        if RECOVERY_KEY not in meta:
+            raise BlobContentError(f"{what}: a version-{RECOVERY_VERSION} base needs the {RECOVERY_KEY!r} metadata")
+        recovery = _read_recovery(decode_json_metadata(meta, [RECOVERY_KEY], what)[RECOVERY_KEY], tensors, layers,
+                                  what)
+        layer_names |= {k for k in tensors if k.startswith(RECOVERY_PREFIX)}
+        named = set(recovery.tensors())
+        stray = sorted(k for k in tensors if k.startswith(RECOVERY_PREFIX) and k not in named)
+        if stray:
+            raise BlobContentError(f"{what}: recovery tensors {stray[:3]} belong to no module the metadata names")
+    elif RECOVERY_KEY in meta or any(k.startswith(RECOVERY_PREFIX) for k in tensors):
+        raise BlobContentError(
+            f"{what}: a version-{FORMAT_VERSION} base carries recovery data; only version {RECOVERY_VERSION} may "
+            "(re-run `lowra recover`)"
+        )
     dense = {k: v for k, v in tensors.items() if k not in layer_names}
-    fingerprint = quantized_fingerprint(layers)
+    fingerprint = quantized_fingerprint(layers, recovery)
     if fingerprint != meta["fingerprint"]:
         raise ChecksumMismatchError(
             f"{what}: the quantized layers hash to {fingerprint[:23]}..., the file says {meta['fingerprint'][:23]}...; "
@@ -406,5 +551,5 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
     aliases = _alias_table(decoded["aliases"], dense, layers, what)
     return QuantizedBase(
         layers=layers, dense=dense, metadata=decoded, fingerprint=fingerprint,
-        file_bytes=file_bytes, header_bytes=header.header_bytes, aliases=aliases,
+        file_bytes=file_bytes, header_bytes=header.header_bytes, aliases=aliases, recovery=recovery,
     )

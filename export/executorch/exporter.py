@@ -345,6 +345,13 @@ def export_executorch(
             "the model has no LowBitLinear layers; quantize it first (sdk.quant.base.quantize_model, then "
             "sdk.quant.lowbit_linear.replace_linears) so the program carries the packed base"
         )
+    recovered = [name for name, layer in layers.items() if layer.recovery_A is not None]
+    if recovered:
+        raise ConfigError(
+            f"the base carries a recovery adapter ({len(recovered)} layers, e.g. {recovered[0]!r}; format version 2); "
+            "the ExecuTorch exporter does not apply it yet and would ship the base without it. Export the plain base, "
+            "or run the recovered base with DeviceRuntime"
+        )
     targets = linear_module_names(model, config.targets)
     missing = [t for t in targets if t not in layers]
     if missing:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quantized_base
+from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quantized_base, recovery_delta
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.sdk.errors import ConfigError
@@ -26,7 +26,7 @@ from lowra.sdk.quant import ops as _ops  # also registers torch.ops.lowra.*
 __all__ = ["LowBitLinear", "load_quantized_base", "lowbit_layers", "replace_linears"]
 
 # Floating buffers whose float16 values *are* the format: a model-wide ``.to(dtype)`` must not round them.
-_FORMAT_FLOAT_BUFFERS = ("codebooks", "scales")
+_FORMAT_FLOAT_BUFFERS = ("codebooks", "scales", "recovery_A", "recovery_B")
 
 
 def _row_offsets(widths: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
@@ -82,6 +82,10 @@ class LowBitLinear(nn.Module):
         self.register_buffer("row_code_offsets", code_offsets, persistent=False)
         self.register_buffer("row_level_offsets", level_offsets, persistent=False)
         self.register_buffer("bias", bias)
+        # The base's accuracy-recovery adapter (a version-2 base file, ``lowra recover``): part of the frozen base.
+        self.register_buffer("recovery_A", None)
+        self.register_buffer("recovery_B", None)
+        self.recovery_scaling = 0.0
         self._check()
         self.out_features = int(widths.shape[0])
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -153,19 +157,46 @@ class LowBitLinear(nn.Module):
             self.row_code_offsets, self.row_level_offsets, self.in_features, self.group_size,
         )  # fmt: skip
 
+    def set_recovery(self, a: Tensor, b: Tensor, scaling: float) -> None:
+        """Attach the base's recovery factors (float16 ``A [rank, in]``, ``B [out, rank]``): the layer then computes
+        ``x @ (decode + scaling * B @ A)^T + bias``, frozen like the rest of the base."""
+        rank = a.shape[0]
+        if a.shape != (rank, self.in_features) or b.shape != (self.out_features, rank):
+            raise ConfigError(
+                f"recovery factors {list(a.shape)} / {list(b.shape)} do not fit a [{self.out_features}, "
+                f"{self.in_features}] layer; expected [rank, {self.in_features}] and [{self.out_features}, rank]"
+            )
+        device = self.codes.device
+        self.recovery_A = a.detach().to(device=device, dtype=torch.float16).clone()
+        self.recovery_B = b.detach().to(device=device, dtype=torch.float16).clone()
+        self.recovery_scaling = float(scaling)
+
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.lowra.lowbit_linear(x, *self.packed(), self.bias)
+        y = torch.ops.lowra.lowbit_linear(x, *self.packed(), self.bias)
+        if self.recovery_A is None:
+            return y
+        low = torch.nn.functional.linear(x, self.recovery_A.to(x.dtype))
+        return y + torch.nn.functional.linear(low, self.recovery_B.to(x.dtype)) * self.recovery_scaling
 
     def dequantize(self) -> Tensor:
         """The decoded float32 weight ``[out, in]`` (a fresh tensor; the layer keeps only the packed buffers)."""
         return torch.ops.lowra.dequantize(*self.packed())
+
+    def effective_weight(self) -> Tensor:
+        """The float32 weight the layer computes with: the decode plus the recovery adapter's ``scaling * B @ A``,
+        bit for bit what the device runtime decodes from the same file (:func:`recovery_delta`)."""
+        weight = self.dequantize()
+        if self.recovery_A is None:
+            return weight
+        delta = recovery_delta(self.recovery_A.cpu().numpy(), self.recovery_B.cpu().numpy(), self.recovery_scaling)
+        return weight + torch.from_numpy(delta).to(weight.device)
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory: every buffer, including row offsets and the bias."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "LowBitLinear":
-        kept = {name: getattr(self, name) for name in _FORMAT_FLOAT_BUFFERS}
+        kept = {name: getattr(self, name) for name in _FORMAT_FLOAT_BUFFERS if getattr(self, name) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = getattr(self, name)
@@ -248,7 +279,8 @@ def load_quantized_base(model: nn.Module, quantized: str | Path | QuantizedBase)
 
     Every quantized layer becomes a :class:`LowBitLinear` and every dense tensor (embeddings, norms, head) takes
     the file's float16 value, so the torch model computes with exactly the weights the device runtime decodes from
-    the same file and adapters trained on it carry the file's fingerprint. Everything is checked against the
+    the same file and adapters trained on it carry the file's fingerprint. A version-2 file's recovery adapter is
+    attached to its layers (:meth:`LowBitLinear.set_recovery`) and is part of that base. Everything is checked against the
     model before anything changes: a file for another architecture leaves the model untouched.
     """
     qb = quantized if isinstance(quantized, QuantizedBase) else read_quantized_base(Path(quantized))
@@ -279,6 +311,12 @@ def load_quantized_base(model: nn.Module, quantized: str | Path | QuantizedBase)
                 f"{where}: dense tensor {name!r} is {list(np.shape(arr))}, the model's is {list(state[key].shape)}"
             )
     replace_linears(model, qb.layers)
+    if qb.recovery is not None:
+        modules = dict(model.named_modules())
+        for name, (a, b) in qb.recovery.factors.items():
+            layer = modules[name]
+            (layer.base if is_linear_wrapper(layer) else layer).set_recovery(
+                torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b)), qb.recovery.scaling)
     state = model.state_dict(keep_vars=True)
     for name, arr in dense.items():
         key = name if name in state else name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")

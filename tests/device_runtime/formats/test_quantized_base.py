@@ -221,8 +221,8 @@ def rewrite_metadata(path: Path, **changes) -> None:
 
 def test_other_format_and_future_version_are_refused(tmp_path):
     path, *_ = write(tmp_path)
-    rewrite_metadata(path, format_version="2")
-    with pytest.raises(UnsupportedFormatError, match="version '2' is not supported.*reads versions \\[1\\]"):
+    rewrite_metadata(path, format_version="3")
+    with pytest.raises(UnsupportedFormatError, match="version '3' is not supported.*reads versions \\[1, 2\\]"):
         read_quantized_base(path)
     rewrite_metadata(path, format="lowra-adapter", format_version="1")
     with pytest.raises(UnsupportedFormatError, match="not a lowra quantized base"):
@@ -297,3 +297,70 @@ def test_packed_row_sizes_match_format():
     # Row r takes ceil(in * w / 8) bytes: the layout QuantizedWeight and the adapter codec share.
     qw = example_layer()
     assert list(np.diff(qw.row_code_offsets)) == [packed_bytes(5, 1), packed_bytes(5, 2), packed_bytes(5, 4)] == [1, 2, 3]
+
+
+def recovery_for(lay: dict[str, QuantizedWeight], rank: int = 2, seed: int = 1) -> "Recovery":
+    from lowra.device_runtime.formats.quantized_base import Recovery
+
+    rng = np.random.default_rng(seed)
+    factors = {name: (rng.normal(size=(rank, w.in_features)).astype(np.float16),
+                      rng.normal(size=(w.out_features, rank)).astype(np.float16))
+               for name, w in list(lay.items())[:2]}
+    return Recovery(rank=rank, scaling=0.5, factors=factors, info={"plain_fingerprint": quantized_fingerprint(lay)})
+
+
+def test_a_recovered_base_is_version_2_round_trips_and_decodes_with_the_delta(tmp_path):
+    path, lay, dense = write(tmp_path)
+    plain = read_quantized_base(path)
+    recovered = plain.__class__(layers=plain.layers, dense=plain.dense, metadata=plain.metadata,
+                                fingerprint="", aliases=plain.aliases, recovery=recovery_for(lay))
+    out = recovered.write(tmp_path / "recovered.safetensors")
+    got = read_quantized_base(out)
+    assert parse_header(out.read_bytes(), out.stat().st_size, "t").metadata["format_version"] == "2"
+    assert got.recovery is not None and got.recovery.rank == 2 and got.recovery.scaling == 0.5
+    assert set(got.recovery.factors) == set(list(lay)[:2])
+    assert got.recovery.info["plain_fingerprint"] == plain.fingerprint
+    # The recovery is part of the base's identity; the plain base keeps its version-1 fingerprint and bytes.
+    assert got.fingerprint == quantized_fingerprint(lay, got.recovery) != plain.fingerprint == quantized_fingerprint(lay)
+    assert set(got.dense) == set(dense)  # recovery tensors are not dense model tensors
+    assert got.to_bytes() == out.read_bytes()
+    sd = got.dequantized_state_dict()
+    for name, qw in lay.items():
+        want = qw.dequantize()
+        if name in got.recovery.factors:
+            a, b = (x.astype(np.float64) for x in got.recovery.factors[name])
+            want = want + 0.5 * (b @ a)
+        np.testing.assert_allclose(sd[f"{name}.weight"], want, rtol=1e-5, atol=1e-5)
+    report = got.bits_report()
+    assert report["recovery_bytes"] == sum(a.nbytes + b.nbytes for a, b in got.recovery.factors.values())
+    assert report["effective_bits_with_recovery"] > report["effective_bits"]
+
+
+def test_recovery_data_is_checked(tmp_path):
+    from lowra.device_runtime.formats.quantized_base import Recovery, build_quantized_base_bytes
+
+    path, lay, dense = write(tmp_path)
+    meta = {**META, "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
+    good = recovery_for(lay)
+    name = next(iter(good.factors))
+    a, b = good.factors[name]
+    cases = {
+        "rank": Recovery(rank=0, scaling=0.5, factors=good.factors),
+        "scaling": Recovery(rank=2, scaling=float("nan"), factors=good.factors),
+        "shape": Recovery(rank=2, scaling=0.5, factors={name: (a[:, :-1], b)}),
+        "not a quantized layer": Recovery(rank=2, scaling=0.5, factors={"model.norm": (a, b)}),
+        "NaN": Recovery(rank=2, scaling=0.5, factors={name: (np.full_like(a, np.nan), b)}),
+    }
+    for why, recovery in cases.items():
+        with pytest.raises(BlobContentError):
+            build_quantized_base_bytes(lay, dense, meta, recovery=recovery)
+    # A version-1 file must not carry recovery data, and a version-2 one needs its metadata.
+    out = tmp_path / "r.safetensors"
+    out.write_bytes(build_quantized_base_bytes(lay, dense, meta, recovery=good))
+    rewrite_metadata(out, format_version="1")
+    with pytest.raises(BlobContentError, match="version-1 base carries recovery data"):
+        read_quantized_base(out)
+    rewrite_metadata(out, format_version="2", recovery=json.dumps({"modules": ["nope"], "rank": 2, "scaling": 0.5},
+                                                                    separators=(",", ":")))
+    with pytest.raises(BlobContentError, match="names module 'nope' but lacks"):
+        read_quantized_base(out)

@@ -1,0 +1,106 @@
+"""The accuracy-recovery adapter: distillation lowers the quantized model's divergence from the fp model, the adapter
+is stored in the base (version 2, its own fingerprint), and the SDK and the device runtime compute the same base."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowra.device_runtime.formats.container import parse_header
+from lowra.device_runtime.formats.quantized_base import read_quantized_base
+from lowra.device_runtime.runtime import BaseWeights
+from lowra.sdk.errors import ConfigError
+from lowra.sdk.quant.base.apply import quantize_model
+from lowra.sdk.quant.base.config import QuantizeConfig
+from lowra.sdk.quant.base.recovery import RecoveryConfig, _distillation_loss, recover_quantized_base
+from lowra.sdk.quant.lowbit_linear import load_quantized_base
+from lowra.sdk.training.calibration import calibration_batches
+from lowra.sdk.workflow import model_fingerprint
+
+from tests.conftest import build_tiny_model
+
+FAST = RecoveryConfig(rank=4, alpha=8.0, steps=40, learning_rate=1e-2, warmup_steps=2, batch_size=4, length=32,
+                      sequences=16)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("recovery")
+    plain = quantize_model(build_tiny_model(), QuantizeConfig(bits=6.0, group_size=0, calibration=None),
+                           progress=False, source="tiny")
+    plain_path = plain.write(folder / "plain.safetensors")
+    recovered = recover_quantized_base(build_tiny_model(), tiny_tokenizer, plain_path, folder / "recovered.safetensors",
+                                       FAST, progress=False)
+    assert recovered.recovery is not None
+    return plain_path, folder / "recovered.safetensors"
+
+
+def kl_to_fp(model: torch.nn.Module, tokenizer) -> float:
+    teacher = build_tiny_model()
+    batches = calibration_batches(tokenizer, sequences=8, length=32, batch_size=8, seed=99)  # other windows
+    with torch.no_grad():
+        return float(np.mean([float(_distillation_loss(model(**b).logits, teacher(**b).logits, 1.0)) for b in batches]))
+
+
+def test_distillation_brings_the_quantized_model_closer_to_fp(bases, tiny_tokenizer) -> None:
+    plain_path, recovered_path = bases
+    recovered = read_quantized_base(recovered_path)
+    training = recovered.recovery.info["training"]
+    assert training["kl_last"] < 0.8 * training["kl_first"]
+    plain_model, recovered_model = build_tiny_model(), build_tiny_model()
+    load_quantized_base(plain_model, plain_path)
+    load_quantized_base(recovered_model, recovered_path)
+    # Measured on windows the adapter was not trained on.
+    assert kl_to_fp(recovered_model, tiny_tokenizer) < 0.9 * kl_to_fp(plain_model, tiny_tokenizer)
+
+
+def test_the_recovered_base_is_a_version_2_file_and_another_base(bases) -> None:
+    plain_path, recovered_path = bases
+    plain, recovered = read_quantized_base(plain_path), read_quantized_base(recovered_path)
+    header = parse_header(recovered_path.read_bytes(), recovered_path.stat().st_size, "t")
+    assert header.metadata["format_version"] == "2"
+    assert recovered.recovery.info["plain_fingerprint"] == plain.fingerprint != recovered.fingerprint
+    assert set(recovered.recovery.factors) == set(plain.layers)
+    for name, qw in plain.layers.items():  # the low-bit layers are the plain base's, untouched
+        assert recovered.layers[name].codes.tobytes() == qw.codes.tobytes()
+    assert recovered.bits_report()["recovery_bits"] > 0
+
+
+def test_sdk_and_device_runtime_compute_the_same_recovered_base(bases, tiny_tokenizer) -> None:
+    _, recovered_path = bases
+    sdk_model = build_tiny_model()
+    load_quantized_base(sdk_model, recovered_path)
+    runtime = BaseWeights(recovered_path)
+    modules = list(read_quantized_base(recovered_path).layers)
+    # Bit-exact decoded weights: the fingerprint an adapter trained in the SDK binds to is the runtime's.
+    assert model_fingerprint(sdk_model, modules) == runtime.fingerprint(modules)
+    device_model = build_tiny_model()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in runtime.tensors.items()}
+    device_model.load_state_dict(state, strict=False)
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(sdk_model(input_ids=ids).logits, device_model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_recovered_base_is_not_recovered_again_and_exporters_refuse_it(bases, tiny_tokenizer, tmp_path) -> None:
+    _, recovered_path = bases
+    with pytest.raises(ConfigError, match="already carries a recovery adapter"):
+        recover_quantized_base(build_tiny_model(), tiny_tokenizer, recovered_path, tmp_path / "again", FAST,
+                               progress=False)
+    from lowra.export.executorch.exporter import export_executorch
+
+    model = build_tiny_model()
+    load_quantized_base(model, recovered_path)
+    with pytest.raises(ConfigError, match="recovery adapter.*does not apply it yet"):
+        export_executorch(model, tmp_path / "et")
+    assert not (tmp_path / "et").exists()
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"steps": 0}, {"length": 1}, {"learning_rate": 0.0},
+                                    {"temperature": float("nan")}, {"warmup_steps": 500}])
+def test_recovery_config_is_validated(kwargs) -> None:
+    with pytest.raises(ConfigError):
+        RecoveryConfig(**kwargs)
