@@ -233,6 +233,47 @@ def cmd_quantize_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    import copy
+
+    from lowra.sdk.base_model import load_base
+    from lowra.sdk.quant.base.config import RecoveryConfig
+    from lowra.sdk.quant.base.recovery import recover_quantized_base
+    from lowra.sdk.quant.lowbit_linear import load_quantized_base
+    from lowra.sdk.training.eval import heldout_nll
+
+    out, plain_path = Path(args.out), Path(args.quantized_base)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    if not plain_path.is_file():
+        raise FileNotFoundError(f"--quantized-base {plain_path} does not exist; write it with `lowra quantize-base`")
+    config = RecoveryConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, learning_rate=args.lr,
+                            batch_size=args.batch_size, length=args.length, sequences=args.sequences,
+                            seed=args.seed, source=args.text)
+    base = load_base(args.base)
+    recovered = recover_quantized_base(base.model, base.tokenizer, plain_path, out, config, overwrite=args.force)
+    r, rec = recovered.bits_report(), recovered.recovery
+    training = rec.info["training"]
+    print(f"wrote {out}: recovery adapter rank {rec.rank} on {len(rec.factors)} layers, {r['recovery_bytes']:,} "
+          f"bytes ({r['recovery_bits']:.3f} bits per quantized weight: {r['effective_bits']:.3f} -> "
+          f"{r['effective_bits_with_recovery']:.3f} effective bits with the adapter)")
+    print(f"KL to the fp base on the distillation text {training['kl_first']:.4f} -> {training['kl_last']:.4f} "
+          f"in {training['seconds']:.0f} s; fingerprint {recovered.fingerprint}")
+    if args.no_eval:
+        return 0
+    rows = [("fp base", heldout_nll(base.model, base.tokenizer, args.user))]
+    for label, path in (("plain low-bit base", plain_path), ("recovered base", out)):
+        model = copy.deepcopy(base.model)
+        load_quantized_base(model, path)
+        rows.append((label, heldout_nll(model, base.tokenizer, args.user)))
+        del model
+    print("held-out NLL per answer token (" + ("the users'" if args.user else "the sample users'") + " held-out answers):")
+    for label, result in rows:
+        print(f"  {label:20s} {result['nll']:.3f}  ({result['nll'] - rows[0][1]['nll']:+.3f} vs fp, "
+              f"{result['tokens']} tokens)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowra.sdk.cli.demo import run_demo
     from lowra.sdk.cli.demo_config import DemoConfig
@@ -260,7 +301,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = set(runtime.base.tensors) if args.quantized_base else set()
     load_weights_into(base.model, {n: runtime.weight(n) for n in sorted(names) if n in params})
     users = args.user or None
-    rows = [("base" + (" (quantized)" if args.quantized_base else ""), heldout_nll(base.model, base.tokenizer, users,
+    label = "base"
+    if args.quantized_base:
+        from lowra.device_runtime.formats.quantized_base import read_quantized_base
+
+        label += " (quantized + recovery)" if read_quantized_base(args.quantized_base).recovery else " (quantized)"
+    rows = [(label, heldout_nll(base.model, base.tokenizer, users,
                                                                                    max_len=args.max_len))]
     if args.blob:
         info = load(args.blob)
@@ -287,6 +333,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "demo": cmd_demo,
     "quantize-base": cmd_quantize_base,
+    "recover": cmd_recover,
     "eval": cmd_eval,
     "sign": cmd_sign,
     "keys": cmd_keys,

@@ -13,7 +13,7 @@ import re
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.cli.demo_config import DemoConfig
 from lowra.sdk.fleet.gate import GateConfig
-from lowra.sdk.quant.base.config import SENSITIVITIES, QuantizeConfig
+from lowra.sdk.quant.base.config import SENSITIVITIES, QuantizeConfig, RecoveryConfig
 from lowra.sdk.quant.config import CompressConfig
 from lowra.sdk.training.config import TrainConfig
 
@@ -347,6 +347,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=qc.error_feedback,
                    help="round each layer's columns against the calibration inputs, feeding each rounding error "
                    "forward (GPTQ-style, with the rows' own codebooks); needs calibration (default on)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    _add_base(p, quantized=False)
+
+    rc = RecoveryConfig()
+    p = sub.add_parser(
+        "recover",
+        help="train a low-bit base's accuracy-recovery adapter (distilled from the fp base) into a new base file",
+        description="Train one LoRA adapter on the quantized base so its next-token distribution matches the full-"
+        "precision --base (KL divergence on the calibration text), and write base + adapter as a new base file "
+        "(format version 2). The recovery adapter is then part of the base: train, compress, eval, merge and the "
+        "device runtime use it with that file, users' adapters bind to it, and a user swap never touches it. "
+        "Prints held-out NLL of the plain and the recovered base. docs/FORMAT.md (Quantized base, version 2).",
+    )
+    p.add_argument("--quantized-base", required=True, metavar="FILE",
+                   help="the plain base `lowra quantize-base` wrote from this --base")
+    p.add_argument("--out", required=True, help="file to write, e.g. out/base-2bit-recovered.safetensors")
+    p.add_argument("--steps", type=int, default=rc.steps, help=f"optimizer steps (default {rc.steps})")
+    p.add_argument("--rank", type=int, default=rc.rank, help=f"adapter rank (default {rc.rank})")
+    p.add_argument("--alpha", type=float, default=rc.alpha, help=f"LoRA alpha; scaling = alpha/rank (default {rc.alpha})")
+    p.add_argument("--lr", type=float, default=rc.learning_rate, help=f"peak learning rate (default {rc.learning_rate})")
+    p.add_argument("--batch-size", type=int, default=rc.batch_size,
+                   help=f"sequences per step (default {rc.batch_size})")
+    p.add_argument("--length", type=int, default=rc.length, help=f"tokens per sequence (default {rc.length})")
+    p.add_argument("--sequences", type=int, default=rc.sequences,
+                   help=f"distinct calibration windows, cycled through (default {rc.sequences})")
+    p.add_argument("--text", default=rc.source, metavar="default|DIR",
+                   help="distillation text: 'default' (sample users' training examples + pydoc topics) or a folder "
+                   "of .txt/.jsonl files")
+    p.add_argument("--seed", type=int, default=rc.seed, help="random seed")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out NLL of both bases")
+    p.add_argument("--user", action="append", default=None, metavar="DIR",
+                   help="user folder whose held-out answers the NLL is measured on (repeatable; default: the sample "
+                   "users)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     _add_base(p, quantized=False)
 

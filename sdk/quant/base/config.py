@@ -72,3 +72,35 @@ class QuantizeConfig:
     def feeds_back(self) -> bool:
         """Whether rounding uses error feedback: it needs the calibration inputs' Hessian."""
         return self.calibrated and self.error_feedback
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """How the recovery adapter is trained (defaults measured on SmolLM2-135M, docs/RESULTS.md)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    steps: int = 200
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    batch_size: int = 8
+    length: int = 128
+    sequences: int = 512
+    temperature: float = 1.0
+    seed: int = 0
+    source: str = DEFAULT_CALIBRATION
+
+    def __post_init__(self) -> None:
+        positive = {"rank": self.rank, "steps": self.steps, "batch_size": self.batch_size,
+                    "sequences": self.sequences}
+        bad = {k: v for k, v in positive.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ConfigError(f"recovery settings {bad} must be integers >= 1")
+        if not isinstance(self.length, int) or self.length < 2:
+            raise ConfigError(f"recovery sequence length must be an integer >= 2, got {self.length!r}")
+        for name in ("alpha", "learning_rate", "temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"recovery {name} must be a finite number > 0, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"recovery warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")

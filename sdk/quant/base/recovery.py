@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,45 +36,14 @@ from lowra.sdk.adapters.model import (
     set_active_adapters,
 )
 from lowra.sdk.errors import ConfigError
+from lowra.sdk.quant.base.config import RecoveryConfig
 from lowra.sdk.quant.lowbit_linear import load_quantized_base, lowbit_layers
-from lowra.sdk.training.calibration import DEFAULT_SOURCE, calibration_batches
+from lowra.sdk.training.calibration import calibration_batches
 from lowra.sdk.training.train import GRAD_CLIP, lr_factor
 
 __all__ = ["RecoveryConfig", "densify_lowbit", "recover_quantized_base", "train_recovery"]
 
 ADAPTER_NAME = "lowra_recovery"
-
-
-@dataclass(frozen=True)
-class RecoveryConfig:
-    """How the recovery adapter is trained (defaults measured on SmolLM2-135M, docs/RESULTS.md)."""
-
-    rank: int = 16
-    alpha: float = 32.0
-    steps: int = 200
-    learning_rate: float = 1e-3
-    warmup_steps: int = 10
-    batch_size: int = 8
-    length: int = 128
-    sequences: int = 512
-    temperature: float = 1.0
-    seed: int = 0
-    source: str = DEFAULT_SOURCE
-
-    def __post_init__(self) -> None:
-        positive = {"rank": self.rank, "steps": self.steps, "batch_size": self.batch_size,
-                    "sequences": self.sequences}
-        bad = {k: v for k, v in positive.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
-        if bad:
-            raise ConfigError(f"recovery settings {bad} must be integers >= 1")
-        if not isinstance(self.length, int) or self.length < 2:
-            raise ConfigError(f"recovery sequence length must be an integer >= 2, got {self.length!r}")
-        for name in ("alpha", "learning_rate", "temperature"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-                raise ConfigError(f"recovery {name} must be a finite number > 0, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"recovery warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps!r}")
 
 
 @torch.no_grad()
@@ -124,7 +93,8 @@ def train_recovery(
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
+    warmup = min(config.warmup_steps, config.steps // 2)  # a short run still reaches its peak rate
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, config.steps))
     teacher.eval()
     was_training = student.training
     student.train()

@@ -182,3 +182,37 @@ def test_cli_train_compress_generate_on_a_quantized_base(tmp_path, capsys, tiny_
     assert main(["train", "--user", str(tiny_user_dir), "--out", str(tmp_path / "a2"), *common[:2],
                  "--quantized-base", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, tiny_tokenizer, tiny_user_dir):
+    """`lowra recover` writes a version-2 base; a user's adapter trained on it binds to it (the recovery adapter is
+    part of the base, under the user's), the plain base refuses that blob, and `lowra eval` names the recovery."""
+    from lowra.device_runtime.errors import BaseMismatchError
+    from lowra.device_runtime.formats.quantized_base import read_quantized_base
+
+    base_dir = tmp_path / "tiny-base"
+    build_tiny_model().save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    plain, recovered = tmp_path / "plain.safetensors", tmp_path / "recovered.safetensors"
+    assert main(["quantize-base", "--base", str(base_dir), "--bits", "6", "--group-size", "0", "--calibration",
+                 "none", "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["recover", "--base", str(base_dir), "--quantized-base", str(plain), "--out", str(recovered),
+                 "--steps", "6", "--rank", "2", "--batch-size", "2", "--length", "16", "--sequences", "4",
+                 "--user", str(tiny_user_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "recovery adapter rank 2 on 14 layers" in out and "recovered base" in out and "plain low-bit base" in out
+    assert read_quantized_base(recovered).recovery.info["plain_fingerprint"] == read_quantized_base(plain).fingerprint
+    assert main(["recover", "--base", str(base_dir), "--quantized-base", str(plain), "--out", str(recovered)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    common = ["--base", str(base_dir), "--quantized-base", str(recovered)]
+    assert main(["train", "--user", str(tiny_user_dir), "--out", str(tmp_path / "adapter"), "--steps", "2",
+                 "--rank", "4", *common]) == 0
+    blob = tmp_path / "u.lowra"
+    assert main(["compress", "--adapter", str(tmp_path / "adapter"), "--bits", "8", "--out", str(blob), *common]) == 0
+    DeviceRuntime(recovered).load_user(blob.read_bytes())
+    with pytest.raises(BaseMismatchError):
+        DeviceRuntime(plain).load_user(blob.read_bytes())
+    capsys.readouterr()
+    assert main(["eval", "--user", str(tiny_user_dir), "--blob", str(blob), *common]) == 0
+    assert "base (quantized + recovery)" in capsys.readouterr().out

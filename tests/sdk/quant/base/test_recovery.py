@@ -100,7 +100,7 @@ def test_a_recovered_base_is_not_recovered_again_and_exporters_refuse_it(bases, 
 
 
 @pytest.mark.parametrize("kwargs", [{"rank": 0}, {"steps": 0}, {"length": 1}, {"learning_rate": 0.0},
-                                    {"temperature": float("nan")}, {"warmup_steps": 500}])
+                                    {"temperature": float("nan")}, {"warmup_steps": -1}])
 def test_recovery_config_is_validated(kwargs) -> None:
     with pytest.raises(ConfigError):
         RecoveryConfig(**kwargs)
