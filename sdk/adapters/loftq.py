@@ -30,7 +30,7 @@ from lowra.sdk.adapters.model import lora_layers
 from lowra.sdk.modules import is_linear
 from lowra.sdk.quant.lowbit_linear import LowBitLinear, replace_linears
 
-__all__ = ["LoftQResult", "loftq_init", "loftq_weight", "lowrank_factors"]
+__all__ = ["LoftQResult", "loftq_init", "loftq_weight", "lowrank_factors", "residual_init"]
 
 # Randomized SVD for layers much larger than the rank: extra columns sampled and power iterations. On SmolLM2's
 # NF2 residuals (flat spectra, the hard case) niter=4 leaves a rank-16 residual 0.2-0.3% above the exact SVD's.
@@ -192,3 +192,40 @@ def loftq_init(
         layer: LoraLinear = layers[path]
         layer.set_factors(adapter_name, result.lora_A, result.lora_B, lora.scaling)
     return results
+
+
+@torch.no_grad()
+def residual_init(
+    model: nn.Module, fp_weights: Mapping[str, Tensor], lora: LoraConfig, adapter_name: str = "default"
+) -> dict[str, tuple[float, float]]:
+    """Start adapter ``adapter_name`` on the residual of a *shared* low-bit base: LoftQ's factor step with Q fixed.
+
+    :func:`loftq_init` re-quantizes each base weight around its adapter, so every user would get its own base; a
+    fleet shares one base file. Here the base stays as it is and the factors start as the best rank-r
+    approximation of ``(W_fp - W_base) / scaling`` (``W_base`` with the base's recovery adapter, if any), so the
+    adapter's first step already undoes what a rank-r matrix can of the quantization error. ``fp_weights`` maps the
+    adapter's module paths to the full-precision weights the base was quantized from. Returns per layer the
+    relative residual ``|W_fp - W_base| / |W_fp|`` before and after the init.
+    """
+    layers = {p: l for p, l in lora_layers(model).items() if adapter_name in l.lora_A}
+    if not layers:
+        raise ConfigError(f"adapter {adapter_name!r} is on no layer of this model; call inject_lora first")
+    missing = [p for p in layers if p not in fp_weights]
+    if missing:
+        raise ConfigError(f"no full-precision weight for {missing[:3]}; pass the base the quantized one came from")
+    factors, norms = {}, {}
+    for path, layer in layers.items():
+        base = layer.base
+        q = base.effective_weight() if hasattr(base, "effective_weight") else base.weight
+        w = fp_weights[path].to(device=q.device, dtype=torch.float32)
+        if tuple(w.shape) != tuple(q.shape):
+            raise ConfigError(f"fp weight of {path!r} is {list(w.shape)}, the base layer's {list(q.shape)}")
+        residual = w - q.float()
+        a, b = lowrank_factors(residual / lora.scaling, lora.rank)
+        after = residual - lora.scaling * (b @ a)
+        scale = float(w.norm()) or 1.0
+        norms[path] = (float(residual.norm()) / scale, float(after.norm()) / scale)
+        factors[path] = (a, b)
+    for path, (a, b) in factors.items():
+        layers[path].set_factors(adapter_name, a, b, lora.scaling)
+    return norms

@@ -25,11 +25,19 @@ from lowra.sdk.cli.keys import (
 )
 
 
-def _load_base(args: argparse.Namespace):
-    """The torch base of --base, turned into the --quantized-base file's low-bit base when one is given."""
+def _load_base(args: argparse.Namespace, keep_fp_weights: bool = False):
+    """The torch base of --base, turned into the --quantized-base file's low-bit base when one is given.
+
+    ``keep_fp_weights``: also return the full-precision linear weights (``base.fp_weights``, by module path) from
+    before the low-bit base replaced them."""
     from lowra.sdk.base_model import load_base
 
     base = load_base(args.base)
+    if keep_fp_weights:
+        from lowra.sdk.modules import is_linear
+
+        base.fp_weights = {n: m.weight.detach().clone() for n, m in base.model.named_modules()
+                           if is_linear(m) and hasattr(m, "weight")}
     if getattr(args, "quantized_base", None):
         from lowra.sdk.quant.lowbit_linear import load_quantized_base
 
@@ -63,8 +71,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, max_len=args.max_len, seed=args.seed
     )
-    base = _load_base(args)
+    if args.loftq and not args.quantized_base:
+        from lowra.sdk.errors import ConfigError
+
+        raise ConfigError("--loftq starts the adapter on a low-bit base's quantization residual; it needs "
+                          "--quantized-base FILE (and the --base it was quantized from)")
+    base = _load_base(args, keep_fp_weights=args.loftq)
     base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, config.max_len)
+    if args.loftq:
+        import torch
+
+        from lowra.sdk.adapters.loftq import residual_init
+        from lowra.sdk.adapters.model import inject_lora
+
+        torch.manual_seed(config.seed)
+        inject_lora(base.model, lora, "default")
+        norms = residual_init(base.model, base.fp_weights, lora, "default")
+        before = sum(b for b, _ in norms.values()) / len(norms)
+        after = sum(a for _, a in norms.values()) / len(norms)
+        print(f"loftq init: relative residual of the base {before:.4f} -> {after:.4f} (mean over {len(norms)} layers)")
     result = train_adapter(base.model, base.tokenizer, dataset, lora, config)
     loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, config.max_len)
     save_adapter(

@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="user dataset folder, e.g. samples/users/terse_notes")
     p.add_argument("--out", required=True, help="adapter folder to write (adapter_config.json, adapter_model.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--loftq", action="store_true",
+                   help="with --quantized-base: start the adapter on the low-bit base's quantization residual (the "
+                   "best rank-r approximation of W_fp - W_base, LoftQ's factor step with the shared base held fixed) "
+                   "instead of B = 0")
     _add_base(p)
     _add_lora_train(p)
 

@@ -216,3 +216,24 @@ def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, ti
     capsys.readouterr()
     assert main(["eval", "--user", str(tiny_user_dir), "--blob", str(blob), *common]) == 0
     assert "base (quantized + recovery)" in capsys.readouterr().out
+
+
+def test_cli_train_loftq_starts_the_adapter_on_the_base_residual(tmp_path, capsys, tiny_tokenizer, tiny_user_dir):
+    import re
+
+    base_dir = tmp_path / "tiny-base"
+    build_tiny_model().save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    qfile = tmp_path / "q.safetensors"
+    assert main(["quantize-base", "--base", str(base_dir), "--bits", "6", "--group-size", "0", "--calibration",
+                 "none", "--out", str(qfile)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--user", str(tiny_user_dir), "--out", str(tmp_path / "a"), "--steps", "1", "--rank", "4",
+                 "--loftq", "--base", str(base_dir), "--quantized-base", str(qfile)]) == 0
+    before, after = map(float, re.search(r"relative residual of the base ([\d.]+) -> ([\d.]+)",
+                                         capsys.readouterr().out).groups())
+    assert 0 < after < before
+    assert main(["train", "--user", str(tiny_user_dir), "--out", str(tmp_path / "b"), "--loftq",
+                 "--base", str(base_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "--loftq" in err and "needs --quantized-base" in err
