@@ -13,6 +13,9 @@ Rows:
   fisher_rows@b   per-row Fisher (each output's own mean squared loss gradient) instead of the layer mean
   gptq@b          fisher@b's widths and codebooks, rounded with error feedback against the calibration inputs'
                   Hessian (QuantizeConfig(error_feedback=True), lowra.sdk.quant.base.gptq)
+  recovered@b     gptq@b (the default quantizer) plus its accuracy-recovery adapter (`lowra recover`: LoRA distilled
+                  from the fp model on the calibration text; --recovery-steps), stored in the base (format v2);
+                  the "+rec bits" column adds the adapter's float16 bytes per quantized weight
 Calibration: lowra.sdk.training.calibration's default set (sample users' train files + pydoc topics, never held-out).
 
     python bench/bench_base_nll.py                     # every row, table at the end (~20 min on 2 busy cores)
@@ -42,7 +45,7 @@ from lowra.sdk.training.eval import heldout_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (4.0, 3.0, 2.0)
-VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows", "gptq")
+VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows", "gptq", "recovered")
 DEFAULT_ROWS = ("fp",) + tuple(f"{v}@{b}" for v in VARIANTS for b in BITS)
 
 
@@ -124,15 +127,28 @@ class Plans:
         return plan
 
 
-def run_row(name: str, base, plans: Plans) -> dict:
+def run_row(name: str, base, plans: Plans, recovery_steps: int = 200) -> dict:
     info: dict = {"row": name}
     model = base.model
     if name != "fp":
         variant, bits = name.split("@")
-        plan = plans.get(variant)
+        plan = plans.get("gptq" if variant == "recovered" else variant)
         t0 = time.perf_counter()
         qb = plan.quantize(float(bits), progress=False)
         info["quantize_s"] = round(time.perf_counter() - t0, 1)
+        if variant == "recovered":
+            import tempfile
+
+            from lowra.sdk.quant.base.config import RecoveryConfig
+            from lowra.sdk.quant.base.recovery import recover_quantized_base
+
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                qb = recover_quantized_base(base.model, base.tokenizer, qb, Path(tmp) / "recovered.safetensors",
+                                            RecoveryConfig(steps=recovery_steps), progress=True)
+            info["recover_s"] = round(time.perf_counter() - t0, 1)
+            info["recovery"] = {k: qb.recovery.info["training"][k] for k in ("kl_first", "kl_last", "config")}
+            info["bits_with_recovery"] = float(qb.bits_report()["effective_bits_with_recovery"])
         report = qb.bits_report()
         total = qb.report["total"]
         info.update(bits=float(report["effective_bits"]), mse_over_var=total["mse_over_var"],
@@ -151,7 +167,8 @@ def run_row(name: str, base, plans: Plans) -> dict:
 
 def table(rows: list[dict]) -> str:
     fp = next((r["nll"] for r in rows if r["row"] == "fp"), None)
-    lines = [f"{'row':<16} {'bits':>6} {'MSE/var':>8} {'out.err':>8} {'rows 1/2/4-bit %':>17} {'NLL':>7} {'vs fp':>7}"]
+    lines = [f"{'row':<16} {'bits':>6} {'+rec bits':>9} {'MSE/var':>8} {'out.err':>8} {'rows 1/2/4-bit %':>17} "
+             f"{'NLL':>7} {'vs fp':>7}"]
     for r in sorted(rows, key=lambda r: (-r["bits"], VARIANTS.index(r["row"].split("@")[0]) if "@" in r["row"] else -1)):
         mix = "-"
         if "widths" in r:
@@ -160,7 +177,8 @@ def table(rows: list[dict]) -> str:
         mse = f"{r['mse_over_var']:8.4f}" if "mse_over_var" in r else f"{'-':>8}"
         out = f"{r['output_error']:8.4f}" if r.get("output_error") is not None else f"{'-':>8}"
         gap = f"{r['nll'] - fp:+7.3f}" if fp is not None else f"{'-':>7}"
-        lines.append(f"{r['row']:<16} {r['bits']:6.3f} {mse} {out} {mix:>17} {r['nll']:7.3f} {gap}")
+        rec = f"{r['bits_with_recovery']:9.3f}" if "bits_with_recovery" in r else f"{'-':>9}"
+        lines.append(f"{r['row']:<16} {r['bits']:6.3f} {rec} {mse} {out} {mix:>17} {r['nll']:7.3f} {gap}")
     return "\n".join(lines)
 
 
@@ -171,6 +189,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for forward passes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "base_nll", help="row cache + table")
     ap.add_argument("--fresh", action="store_true", help="recompute rows even if cached")
+    ap.add_argument("--recovery-steps", type=int, default=200, help="distillation steps of the recovered@b rows")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +202,7 @@ def main() -> None:
         if path.is_file() and not args.fresh:
             print(f"{name}: cached ({path})")
             continue
-        info = run_row(name, base, plans)
+        info = run_row(name, base, plans, args.recovery_steps)
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
         info["threads"] = args.threads
         info["plan_seconds"] = {k: round(v, 1) for k, v in plans.seconds.items()}

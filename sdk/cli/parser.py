@@ -28,6 +28,11 @@ typical flow:
   lowra generate --blob out/terse_notes/user.lowra --prompt "Lunch with Ana on Monday at noon."
   lowra demo     (all of the above for the three sample users, with a report)
 
+low-bit base (docs/FORMAT.md, Quantized base):
+  lowra quantize-base --bits 2 --out base-2bit.safetensors
+  lowra recover --quantized-base base-2bit.safetensors --out base-2bit-rec.safetensors
+  lowra eval --quantized-base base-2bit-rec.safetensors
+
 signing (docs/SECURITY.md):
   lowra keys new --dir keys --name server-2026
   lowra sign out/terse_notes/user.lowra --key keys/server-2026.key.pem --user-id terse_notes --out user.signed
