@@ -137,12 +137,19 @@ def _run(config: DemoConfig, datasets: list, out: Path, work: Path) -> dict[str,
     with _Phase("loading the base (a training copy and a copy for the device-merged weights)"):
         base = load_base(config.base)
         gen = load_base(config.base)  # a second, plain copy that receives the device-merged weights
+    train_config = TrainConfig(steps=config.steps)
+    fp_base_loss: dict[str, float] = {}
+    if config.base_bits is not None:
+        # The low-bit base's cost, shown beside each user's base loss: gen is still the full-precision model here.
+        with _Phase("held-out loss of the full-precision base (to compare the low-bit base with)") as phase:
+            fp_base_loss = {d.user_id: evaluate_loss(gen.model, gen.tokenizer, d.heldout, train_config.max_len)
+                            for d in datasets}
+            phase.result = ", ".join(f"{u} {v:.3f}" for u, v in fp_base_loss.items())
     base_info = _prepare_base(base, config.base_bits)
     runtime = DeviceRuntime(base_info["runtime_base"])
     # gen computes with exactly what the device runtime decodes: the low-bit base's weights, then each user's merge
     params = dict(gen.model.named_parameters())
     load_weights_into(gen.model, {n: runtime.weight(n) for n in runtime.base.tensors if n in params})
-    train_config = TrainConfig(steps=config.steps)
     rows: list[dict[str, object]] = []
     touched_ever: set[str] = set()
     fingerprint = None
@@ -153,6 +160,9 @@ def _run(config: DemoConfig, datasets: list, out: Path, work: Path) -> dict[str,
         with _Phase("held-out loss of the base") as phase:
             base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, train_config.max_len)
             phase.result = f"{base_loss:.3f}"
+            if uid in fp_base_loss:
+                phase.result += (f" (full-precision base {fp_base_loss[uid]:.3f}, "
+                                 f"{base_loss - fp_base_loss[uid]:+.3f} from {config.base_bits:g}-bit quantization)")
         with _Phase(f"training {train_config.steps} steps", bars=True) as phase:
             result = train_adapter(base.model, base.tokenizer, dataset, config.lora, train_config, adapter_name=uid)
             phase.result = f"last training loss {result.losses[-1]:.3f}" if result.losses else "done"
@@ -222,6 +232,7 @@ def _run(config: DemoConfig, datasets: list, out: Path, work: Path) -> dict[str,
         row = {
             "user": uid,
             "loss_base": base_loss,
+            "loss_base_fp": fp_base_loss.get(uid),
             "loss_fp": fp_loss,
             "loss_compressed": c_loss,
             "retained_gain": retained_gain(base_loss, fp_loss, c_loss),

@@ -37,12 +37,14 @@ def jsonable(value: object) -> object:
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
-    head = ("user", "loss base", "loss fp", "loss lowra", "gain kept", "PEFT fp16 B", "blob B", "smaller",
-            "eff. bits", "code bits", "merge ms")
+    head = ("user", "loss base", "fp32 base", "loss fp", "loss lowra", "gain kept", "PEFT fp16 B", "blob B",
+            "smaller", "eff. bits", "code bits", "merge ms")
     lines = [head]
     for r in rows:
+        fp_base = r.get("loss_base_fp")
         lines.append((
-            r["user"], f"{r['loss_base']:.3f}", f"{r['loss_fp']:.3f}", f"{r['loss_compressed']:.3f}",
+            r["user"], f"{r['loss_base']:.3f}", "-" if fp_base is None else f"{fp_base:.3f}", f"{r['loss_fp']:.3f}",
+            f"{r['loss_compressed']:.3f}",
             f"{100 * r['retained_gain']:.1f}%", f"{r['peft_fp16_bytes']:,}", f"{r['blob_bytes']:,}",
             f"{r['size_ratio']:.1f}x", f"{r['effective_bits']:.3f}", f"{r['code_bits']:.3f}", f"{r['load_ms']:.0f}",
         ))

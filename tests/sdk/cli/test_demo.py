@@ -71,6 +71,9 @@ def test_demo_on_the_tiny_model_shows_every_phase(tmp_path, monkeypatch, capsys,
         assert float(line.rsplit("(", 1)[1].removesuffix(" s)")) >= 0, line
     (row,) = report["users"]
     assert [s["budget"] for s in row["sweep"]] == [8.0, 16.0]
+    # The low-bit base's held-out loss is shown next to the full-precision base's, measured on the fp model.
+    (line,) = [line for line in printed.splitlines() if "held-out loss of the base" in line]
+    assert f"full-precision base {row['loss_base_fp']:.3f}" in line and row["loss_base_fp"] != row["loss_base"]
     assert row["max_abs_diff_device_vs_sdk"] < 1e-5
     for name in ("report.md", "report.json", "retained_gain.png", "tiny-user/tiny-user.lowra"):
         assert (out / name).is_file(), name
