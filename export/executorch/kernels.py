@@ -1,8 +1,9 @@
 """Build the native ExecuTorch kernel library of lowra's low-bit ops (``export/executorch/lowbit_kernels.cpp``).
 
 One g++ line against the headers and ``libexecutorch.so`` the executorch wheel ships (no CMake: the wheel's
-CMake config wants cmake >= 3.28). The result is cached under ``$LOWRA_CACHE/executorch_kernels/<hash>/`` where
-the hash covers the source, the compile command and the executorch version, so an edit or an upgrade rebuilds
+CMake config wants cmake >= 3.28), with lowra's low-bit CPU kernels (``device_runtime/native/kernels``) compiled
+in. The result is cached under ``$LOWRA_CACHE/executorch_kernels/<hash>/`` where the hash covers the sources, the
+compile command and the executorch version, so an edit or an upgrade rebuilds
 and an unchanged tree reuses the library (~1 s to build, instant to reuse).
 
 Documented one-liner (the tests run the same function)::
@@ -23,10 +24,12 @@ from pathlib import Path
 
 from lowra.device_runtime import _files
 from lowra.device_runtime.errors import KernelLibraryError
+from lowra.device_runtime.native_kernels import KERNEL_DIR as KERNEL_SOURCE_DIR
 
 __all__ = ["KERNEL_SOURCE", "LIBRARY_NAME", "build_kernel_library", "compile_command", "executorch_dir"]
 
 KERNEL_SOURCE = Path(__file__).parent / "lowbit_kernels.cpp"  # package data: ships with the wheel
+LOWBIT_SOURCE = KERNEL_SOURCE_DIR / "lowbit_gemv.cpp"
 LIBRARY_NAME = "liblowra_executorch_kernels.so"
 
 
@@ -54,7 +57,10 @@ def compile_command(source: Path, output: Path, et_dir: Path | None = None) -> l
         # hooks compile to a different ABI than libexecutorch.so.
         "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED",
         f"-I{et / 'include'}", f"-I{et / 'include' / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}",
-        str(source), "-o", str(output), f"-L{et / 'lib'}", "-lexecutorch", f"-Wl,-rpath,{et / 'lib'}",
+        # lowra's low-bit CPU kernels (the same source liblowra and lowra.device_runtime.native_kernels build).
+        f"-I{LOWBIT_SOURCE.parent}",
+        str(source), str(LOWBIT_SOURCE), "-o", str(output), f"-L{et / 'lib'}", "-lexecutorch",
+        f"-Wl,-rpath,{et / 'lib'}",
     ]  # fmt: skip
 
 
@@ -65,7 +71,8 @@ def build_kernel_library(cache_dir: str | Path | None = None, force: bool = Fals
         version = metadata.version("executorch")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    source = KERNEL_SOURCE.read_bytes()
+    sources = (KERNEL_SOURCE, LOWBIT_SOURCE, LOWBIT_SOURCE.with_name("lowbit_gemv.h"))
+    source = b"".join(path.read_bytes() for path in sources)
     probe = compile_command(KERNEL_SOURCE, Path("OUT"), et)
     key = hashlib.sha256(source + "\0".join(probe).encode() + version.encode()).hexdigest()[:16]
     folder = Path(cache_dir) if cache_dir is not None else _files.cache_dir("executorch_kernels", key)

@@ -11,19 +11,30 @@
 // the numpy reference's float32 arithmetic exactly (one float32 multiply per element), so dequantize.out is
 // bit-exact against QuantizedWeight.dequantize().
 //
-// lowbit_linear decodes one weight row at a time into a small buffer and takes its dot product with every
-// input row, so no [out, in] float32 weight ever exists (the point of a low-bit base on a device).
-// Rows are split across threads (LOWRA_ET_THREADS, default: hardware threads, at most 8).
+// lowbit_linear runs lowra's low-bit CPU kernels (device_runtime/native/kernels/lowbit_gemv.cpp, compiled into this
+// library): one token through the lookup-table GEMV over bit-planes, several tokens (prefill) through the blocked
+// GEMM that decodes each row once per call. The kernels read a repacked copy of the layer's codes (2-bit rows
+// bit-planar per byte), made once per layer on its first call and kept for the program's life: the working set is
+// the codes' bytes again, never a float32 weight. No [out, in] float32 weight ever exists (the point of a low-bit
+// base on a device). Threads: LOWRA_ET_THREADS (default: hardware threads, at most 8).
+// dequantize.out decodes rows in parallel, bit-exact against QuantizedWeight.dequantize().
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
+#include "lowbit_gemv.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 namespace lowra_et {
@@ -78,22 +89,6 @@ static void decode_row(const LowBitWeight& w, int64_t r, float* dst) {
       }
     }
   }
-}
-
-static float dot(const float* a, const float* b, int64_t n) {
-  // Eight independent partial sums: lets the compiler vectorize without -ffast-math.
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) {
-      acc[k] += a[i + k] * b[i + k];
-    }
-  }
-  float tail = 0;
-  for (; i < n; ++i) {
-    tail += a[i] * b[i];
-  }
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
 static int thread_count(int64_t work) {
@@ -186,6 +181,22 @@ Tensor& dequantize_out(
   return out;
 }
 
+// The kernels' copy of a layer's codes, repacked once (lowra_lowbit_repack) and kept for the program's life. Keyed by
+// the constant tensor's address, size and shape: a program's weights never move while it is loaded.
+static const uint8_t* repacked_codes(const LowBitWeight& w, int64_t n_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const uint8_t*, int64_t, int64_t, int64_t>, std::unique_ptr<std::vector<uint8_t>>> cache;
+  const auto key = std::make_tuple(w.codes, n_bytes, w.out_features, w.in_features);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    auto copy = std::make_unique<std::vector<uint8_t>>(w.codes, w.codes + n_bytes);
+    if (lowra_lowbit_repack(w.out_features, w.in_features, w.widths, copy->data()) != LOWRA_LOWBIT_OK) return nullptr;
+    it = cache.emplace(key, std::move(copy)).first;
+  }
+  return it->second->data();
+}
+
 Tensor& lowbit_linear_out(
     KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
     const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
@@ -218,16 +229,27 @@ Tensor& lowbit_linear_out(
   const float* xs = x.const_data_ptr<float>();
   float* ys = out.mutable_data_ptr<float>();
   const int64_t n_out = w.out_features;
-  parallel_rows(n_out, n_out * in_features * std::max<int64_t>(m, 1), [&](int64_t begin, int64_t end) {
-    std::vector<float> row(in_features);
-    for (int64_t r = begin; r < end; ++r) {
-      decode_row(w, r, row.data());
-      const float b = bias_data ? bias_data[r] : 0.0f;
-      for (int64_t i = 0; i < m; ++i) {
-        ys[i * n_out + r] = dot(xs + i * in_features, row.data(), in_features) + b;
-      }
+  if (m == 0) return out;
+  const uint8_t* codes_k = repacked_codes(w, codes.numel());
+  ET_KERNEL_CHECK_MSG(ctx, codes_k != nullptr, InvalidArgument, out, "lowra::lowbit_linear: could not repack the codes");
+  lowra_lowbit_layer layer;
+  layer.out_features = n_out;
+  layer.in_features = in_features;
+  layer.group_size = group_size;
+  layer.widths = w.widths;
+  layer.codes = codes_k;
+  layer.codebooks = reinterpret_cast<const uint16_t*>(w.codebooks);  // Half is the float16 bit pattern
+  layer.scales = group_size > 0 ? reinterpret_cast<const uint16_t*>(w.scales) : nullptr;
+  const int threads = thread_count(n_out * in_features * m);
+  const int status = m == 1 ? lowra_lowbit_gemv(&layer, xs, ys, threads, LOWRA_LOWBIT_ISA_AUTO)
+                            : lowra_lowbit_gemm(&layer, xs, m, ys, threads, LOWRA_LOWBIT_ISA_AUTO);
+  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::lowbit_linear: kernel failed: %s",
+                      lowra_lowbit_status_name(status));
+  if (bias_data != nullptr) {
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t r = 0; r < n_out; ++r) ys[i * n_out + r] += bias_data[r];
     }
-  });
+  }
   return out;
 }
 

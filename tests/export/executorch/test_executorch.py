@@ -54,8 +54,8 @@ WEIGHTS = [GOLDEN, random_weight(23, 37, 16, seed=3), random_weight(9, 70, 0, se
 
 
 @functools.cache
-def _decode_program(ops: str = "custom"):
-    """One ExecuTorch program over WEIGHTS returning, per weight, (decoded W, x @ W^T + bias) for x [4, in]."""
+def _decode_program(ops: str = "custom", tokens: int = 4):
+    """One ExecuTorch program over WEIGHTS returning, per weight, (decoded W, x @ W^T + bias) for x [tokens, in]."""
     import torch
     from executorch.exir import to_edge_transform_and_lower
 
@@ -81,9 +81,9 @@ def _decode_program(ops: str = "custom"):
     fix_empty_strides(module)
     if ops == "custom":
         load_kernel_library()
-    example = tuple(torch.randn(4, qw.in_features) for qw in WEIGHTS)
+    example = tuple(torch.randn(tokens, qw.in_features) for qw in WEIGHTS)
     program = to_edge_transform_and_lower(torch.export.export(module, example, strict=True)).to_executorch()
-    path = _ROOT / f"decode-{ops}.pte"
+    path = _ROOT / f"decode-{ops}-{tokens}.pte"
     path.write_bytes(program.buffer)
     return path, [b.numpy() for b in biases]
 
@@ -108,6 +108,17 @@ def test_kernel_library_builds_once_and_is_reused(tmp_path):
 
 def test_numpy_reference_matches_hand_computed_golden():
     assert np.array_equal(GOLDEN.dequantize(), GOLDEN_WEIGHT)
+
+
+def test_one_token_runs_the_lookup_table_gemv_within_float_rounding_of_the_reference():
+    """A single token goes through the bit-plane lookup-table GEMV (a different summation order than x @ W^T)."""
+    path, biases = _decode_program("custom", 1)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((1, qw.in_features)).astype(np.float32) for qw in WEIGHTS]
+    outputs = _run(path, xs)
+    for i, (qw, x, bias) in enumerate(zip(WEIGHTS, xs, biases)):
+        reference = x.astype(np.float64) @ qw.dequantize().T.astype(np.float64) + bias
+        np.testing.assert_allclose(outputs[2 * i + 1], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
 @pytest.mark.parametrize("ops", ["custom", "aten"])
