@@ -91,6 +91,29 @@ static void decode_row(const LowBitWeight& w, int64_t r, float* dst) {
   }
 }
 
+static float dot(const float* a, const float* b, int64_t n) {
+  // Eight independent partial sums: lets the compiler vectorize without -ffast-math.
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      acc[k] += a[i + k] * b[i + k];
+    }
+  }
+  float tail = 0;
+  for (; i < n; ++i) {
+    tail += a[i] * b[i];
+  }
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+// LOWRA_ET_LOWBIT=decode selects the previous kernel (decode a row into a buffer, dot it with every token), read
+// per call so one process can A/B the two (bench/bench_et_lowbit_op.py); anything else runs lowra's kernels.
+static bool decode_kernel_selected() {
+  const char* env = std::getenv("LOWRA_ET_LOWBIT");
+  return env != nullptr && std::strcmp(env, "decode") == 0;
+}
+
 static int thread_count(int64_t work) {
   static const int configured = [] {
     const char* env = std::getenv("LOWRA_ET_THREADS");
@@ -230,6 +253,17 @@ Tensor& lowbit_linear_out(
   float* ys = out.mutable_data_ptr<float>();
   const int64_t n_out = w.out_features;
   if (m == 0) return out;
+  if (decode_kernel_selected()) {
+    parallel_rows(n_out, n_out * in_features * m, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(in_features);
+      for (int64_t r = begin; r < end; ++r) {
+        decode_row(w, r, row.data());
+        const float b = bias_data ? bias_data[r] : 0.0f;
+        for (int64_t i = 0; i < m; ++i) ys[i * n_out + r] = dot(xs + i * in_features, row.data(), in_features) + b;
+      }
+    });
+    return out;
+  }
   const uint8_t* codes_k = repacked_codes(w, codes.numel());
   ET_KERNEL_CHECK_MSG(ctx, codes_k != nullptr, InvalidArgument, out, "lowra::lowbit_linear: could not repack the codes");
   lowra_lowbit_layer layer;
