@@ -13,6 +13,10 @@ Rows:
   fisher_rows@b   per-row Fisher (each output's own mean squared loss gradient) instead of the layer mean
   gptq@b          fisher@b's widths and codebooks, rounded with error feedback against the calibration inputs'
                   Hessian (QuantizeConfig(error_feedback=True), lowra.sdk.quant.base.gptq)
+  nf4             QLoRA NormalFloat-4 with absmax groups of 64 (4.25 bits; bitsandbytes' double quantization
+                  stores the scales in ~4.13)
+  q4_0            llama.cpp's Q4_0 rule: blocks of 32, d = (signed absmax) / -8 in float16, q = clamp(round(x / d)
+                  + 8, 0, 15), x' = (q - 8) d (4.5 bits)
   recovered@b     gptq@b (the default quantizer) plus its accuracy-recovery adapter (`lowra recover`: LoRA distilled
                   from the fp model on the calibration text; --recovery-steps), stored in the base (format v2);
                   the "+rec bits" column adds the adapter's float16 bytes per quantized weight
@@ -46,7 +50,7 @@ from lowra.sdk.training.eval import heldout_nll
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (4.0, 3.0, 2.0)
 VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows", "gptq", "recovered")
-DEFAULT_ROWS = ("fp",) + tuple(f"{v}@{b}" for v in VARIANTS for b in BITS)
+DEFAULT_ROWS = ("fp", "nf4", "q4_0") + tuple(f"{v}@{b}" for v in VARIANTS for b in BITS)
 
 
 @dataclass
@@ -127,10 +131,40 @@ class Plans:
         return plan
 
 
+def q4_0(weight: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q4_0 round trip of a float32 [out, in] weight (in a multiple of 32)."""
+    blocks = weight.reshape(weight.shape[0], -1, 32).astype(np.float32)
+    pick = np.abs(blocks).argmax(axis=2)[..., None]
+    d = (np.take_along_axis(blocks, pick, axis=2) / -8.0).astype(np.float16).astype(np.float32)
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.round(blocks * inv) + 8, 0, 15)
+    return ((q - 8) * d).reshape(weight.shape).astype(np.float32)
+
+
+def baseline_row(name: str, base) -> tuple[dict, object]:
+    """The nf4 / q4_0 rows: every linear the lowra rows quantize, round-tripped by the baseline's rule."""
+    from lowra.sdk.modules import linear_module_names
+    from lowra.sdk.quant.baselines import nf_quantize
+
+    model = copy.deepcopy(base.model)
+    n = 0
+    with torch.no_grad():
+        for path in linear_module_names(model):
+            layer = model.get_submodule(path)
+            w = layer.weight.detach().float()
+            decoded = nf_quantize(w, 4, 64, path).dequantize() if name == "nf4" else q4_0(w.numpy())
+            layer.weight.copy_(torch.from_numpy(np.asarray(decoded)))
+            n += w.numel()
+    return {"bits": 4.25 if name == "nf4" else 4.5, "n_params": n}, model
+
+
 def run_row(name: str, base, plans: Plans, recovery_steps: int = 200) -> dict:
     info: dict = {"row": name}
     model = base.model
-    if name != "fp":
+    if name in ("nf4", "q4_0"):
+        extra, model = baseline_row(name, base)
+        info.update(extra)
+    elif name != "fp":
         variant, bits = name.split("@")
         plan = plans.get("gptq" if variant == "recovered" else variant)
         t0 = time.perf_counter()
