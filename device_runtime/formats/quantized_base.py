@@ -96,11 +96,18 @@ def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, np.ndarray]:
     }
 
 
-def recovery_delta(a: np.ndarray, b: np.ndarray, scaling: float) -> np.ndarray:
-    """``scaling * B @ A`` in float32, computed one way for every consumer: the runtime's decoded base and the
-    SDK's frozen weight (whose digests make the fingerprint an adapter binds to) must agree bit for bit."""
-    product = np.asarray(b, dtype=np.float32) @ np.asarray(a, dtype=np.float32)
-    return (np.float32(scaling) * product).astype(np.float32)
+def recovered_weight(decoded: np.ndarray, a: np.ndarray, b: np.ndarray, scaling: float) -> np.ndarray:
+    """``decode + scaling * B @ A`` as float32, computed the one way every consumer must: the device runtime, the
+    SDK's frozen weight and a native runtime on another CPU all hash these bytes into the fingerprint an adapter
+    binds to, so no BLAS (whose summation order varies) may compute it.
+
+    In float64, no fused multiply-add: ``acc = sum over k = 0, 1, ... rank-1 of B[:, k] * A[k, :]`` (k ascending,
+    each product of two float16 values exact), then ``float32(decode + scaling * acc)`` (one rounding)."""
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    acc = np.zeros((b64.shape[0], a64.shape[1]), dtype=np.float64)
+    for k in range(a64.shape[0]):
+        acc += b64[:, k : k + 1] * a64[k : k + 1, :]
+    return (np.asarray(decoded, dtype=np.float64) + float(scaling) * acc).astype(np.float32)
 
 
 @dataclass
@@ -115,10 +122,10 @@ class Recovery:
     factors: dict[str, tuple[np.ndarray, np.ndarray]]
     info: dict[str, object] = field(default_factory=dict)
 
-    def delta(self, module: str) -> np.ndarray:
-        """``scaling * B @ A`` of one module, float32 ``[out, in]`` (:func:`recovery_delta`)."""
+    def apply(self, module: str, decoded: np.ndarray) -> np.ndarray:
+        """The module's weight with the adapter: :func:`recovered_weight` of its decoded float32 weight."""
         a, b = self.factors[module]
-        return recovery_delta(a, b, self.scaling)
+        return recovered_weight(decoded, a, b, self.scaling)
 
     def tensors(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -233,7 +240,7 @@ class QuantizedBase:
         for name, w in self.layers.items():
             out[f"{name}.weight"] = w.dequantize()
             if self.recovery is not None and name in self.recovery.factors:
-                out[f"{name}.weight"] += self.recovery.delta(name)
+                out[f"{name}.weight"] = self.recovery.apply(name, out[f"{name}.weight"])
         for name, arr in self.dense.items():
             arr = np.asarray(arr)
             out[name] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else np.array(arr)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quantized_base, recovery_delta
+from lowra.device_runtime.formats.quantized_base import QuantizedBase, read_quantized_base, recovered_weight
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.sdk.errors import ConfigError
@@ -184,12 +184,13 @@ class LowBitLinear(nn.Module):
 
     def effective_weight(self) -> Tensor:
         """The float32 weight the layer computes with: the decode plus the recovery adapter's ``scaling * B @ A``,
-        bit for bit what the device runtime decodes from the same file (:func:`recovery_delta`)."""
+        bit for bit what the device runtime decodes from the same file (:func:`recovered_weight`)."""
         weight = self.dequantize()
         if self.recovery_A is None:
             return weight
-        delta = recovery_delta(self.recovery_A.cpu().numpy(), self.recovery_B.cpu().numpy(), self.recovery_scaling)
-        return weight + torch.from_numpy(delta).to(weight.device)
+        merged = recovered_weight(weight.cpu().numpy(), self.recovery_A.cpu().numpy(), self.recovery_B.cpu().numpy(),
+                                  self.recovery_scaling)
+        return torch.from_numpy(merged).to(weight.device)
 
     def nbytes(self) -> int:
         """Bytes this layer holds in memory: every buffer, including row offsets and the bias."""

@@ -364,3 +364,20 @@ def test_recovery_data_is_checked(tmp_path):
                                                                     separators=(",", ":")))
     with pytest.raises(BlobContentError, match="names module 'nope' but lacks"):
         read_quantized_base(out)
+
+
+def test_recovered_weight_is_the_specified_float64_sum_bit_for_bit():
+    """FORMAT.md: float32(decode + s * sum_k B[:, k] A[k, :]) in float64, k ascending: the bytes every runtime hashes."""
+    from lowra.device_runtime.formats.quantized_base import recovered_weight
+
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((5, 9)) * 3).astype(np.float16)
+    b = (rng.standard_normal((4, 5)) * 1e-3).astype(np.float16)
+    decoded = rng.standard_normal((4, 9)).astype(np.float32)
+    got = recovered_weight(decoded, a, b, 0.375)
+    for i in range(4):
+        for j in range(9):
+            acc = 0.0
+            for k in range(5):
+                acc += float(b[i, k]) * float(a[k, j])
+            assert got[i, j].tobytes() == np.float32(float(decoded[i, j]) + 0.375 * acc).tobytes()
