@@ -205,19 +205,52 @@ Tensor& dequantize_out(
 }
 
 // The kernels' copy of a layer's codes, repacked once (lowra_lowbit_repack) and kept for the program's life. Keyed by
-// the constant tensor's address, size and shape: a program's weights never move while it is loaded.
-static const uint8_t* repacked_codes(const LowBitWeight& w, int64_t n_bytes) {
+// the constant tensors' addresses and sizes. A later program can be mapped where an unloaded one was, so each hit is
+// also checked against the layer's widths, codebooks and the first and last bytes of its codes (tens of KB per
+// call, against the megabytes the product reads): a different layer at the same address is repacked afresh.
+struct Repacked {
+  std::vector<uint8_t> codes;            // the kernels' layout
+  std::vector<uint8_t> widths;           // what the entry was made from
+  std::vector<uint8_t> codebook_bytes;
+  std::vector<uint8_t> head, tail;       // the first and last bytes of the original codes
+};
+
+static std::vector<uint8_t> copy_bytes(const void* p, size_t n) {
+  const auto* b = static_cast<const uint8_t*>(p);
+  return std::vector<uint8_t>(b, b + n);
+}
+
+static bool same_bytes(const std::vector<uint8_t>& saved, const void* p) {
+  return saved.empty() || std::memcmp(saved.data(), p, saved.size()) == 0;
+}
+
+static const uint8_t* repacked_codes(const LowBitWeight& w, int64_t n_bytes, int64_t n_levels) {
   static std::mutex mutex;
-  static std::map<std::tuple<const uint8_t*, int64_t, int64_t, int64_t>, std::unique_ptr<std::vector<uint8_t>>> cache;
+  static std::map<std::tuple<const uint8_t*, int64_t, int64_t, int64_t>, std::unique_ptr<Repacked>> cache;
   const auto key = std::make_tuple(w.codes, n_bytes, w.out_features, w.in_features);
+  const size_t edge = static_cast<size_t>(std::min<int64_t>(n_bytes, 64));
+  const size_t book_bytes = static_cast<size_t>(n_levels) * sizeof(Half);
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
-  if (it == cache.end()) {
-    auto copy = std::make_unique<std::vector<uint8_t>>(w.codes, w.codes + n_bytes);
-    if (lowra_lowbit_repack(w.out_features, w.in_features, w.widths, copy->data()) != LOWRA_LOWBIT_OK) return nullptr;
-    it = cache.emplace(key, std::move(copy)).first;
+  if (it != cache.end()) {
+    const Repacked& r = *it->second;
+    if (std::memcmp(r.widths.data(), w.widths, r.widths.size()) == 0 && r.codebook_bytes.size() == book_bytes &&
+        same_bytes(r.codebook_bytes, w.codebooks) && same_bytes(r.head, w.codes) &&
+        same_bytes(r.tail, w.codes + n_bytes - edge))
+      return r.codes.data();
+    cache.erase(it);
   }
-  return it->second->data();
+  auto entry = std::make_unique<Repacked>();
+  entry->codes = copy_bytes(w.codes, static_cast<size_t>(n_bytes));
+  if (lowra_lowbit_repack(w.out_features, w.in_features, w.widths, entry->codes.data()) != LOWRA_LOWBIT_OK)
+    return nullptr;
+  entry->widths = copy_bytes(w.widths, static_cast<size_t>(w.out_features));
+  entry->codebook_bytes = copy_bytes(w.codebooks, book_bytes);
+  entry->head = copy_bytes(w.codes, edge);
+  entry->tail = copy_bytes(w.codes + n_bytes - edge, edge);
+  const uint8_t* data = entry->codes.data();
+  cache.emplace(key, std::move(entry));
+  return data;
 }
 
 Tensor& lowbit_linear_out(
@@ -264,7 +297,7 @@ Tensor& lowbit_linear_out(
     });
     return out;
   }
-  const uint8_t* codes_k = repacked_codes(w, codes.numel());
+  const uint8_t* codes_k = repacked_codes(w, codes.numel(), codebooks.numel());
   ET_KERNEL_CHECK_MSG(ctx, codes_k != nullptr, InvalidArgument, out, "lowra::lowbit_linear: could not repack the codes");
   lowra_lowbit_layer layer;
   layer.out_features = n_out;
