@@ -25,19 +25,15 @@ from lowra.sdk.cli.keys import (
 )
 
 
-def _load_base(args: argparse.Namespace, keep_fp_weights: bool = False):
+def _load_base(args: argparse.Namespace, before_quantized: Callable[[Any], None] | None = None):
     """The torch base of --base, turned into the --quantized-base file's low-bit base when one is given.
 
-    ``keep_fp_weights``: also return the full-precision linear weights (``base.fp_weights``, by module path) from
-    before the low-bit base replaced them."""
+    ``before_quantized(base)`` sees the full-precision base before the low-bit layers replace its linears."""
     from lowra.sdk.base_model import load_base
 
     base = load_base(args.base)
-    if keep_fp_weights:
-        from lowra.sdk.modules import is_linear
-
-        base.fp_weights = {n: m.weight.detach().clone() for n, m in base.model.named_modules()
-                           if is_linear(m) and hasattr(m, "weight")}
+    if before_quantized is not None:
+        before_quantized(base)
     if getattr(args, "quantized_base", None):
         from lowra.sdk.quant.lowbit_linear import load_quantized_base
 
@@ -76,7 +72,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         raise ConfigError("--loftq starts the adapter on a low-bit base's quantization residual; it needs "
                           "--quantized-base FILE (and the --base it was quantized from)")
-    base = _load_base(args, keep_fp_weights=args.loftq)
+    fp_weights: dict[str, Any] = {}
+
+    def keep_fp_weights(fp_base: Any) -> None:
+        from lowra.sdk.modules import linear_module_names
+
+        fp_weights.update({n: fp_base.model.get_submodule(n).weight.detach().clone()
+                           for n in linear_module_names(fp_base.model)})
+
+    base = _load_base(args, keep_fp_weights if args.loftq else None)
     base_loss = evaluate_loss(base.model, base.tokenizer, dataset.heldout, config.max_len)
     if args.loftq:
         import torch
@@ -86,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.manual_seed(config.seed)
         inject_lora(base.model, lora, "default")
-        norms = residual_init(base.model, base.fp_weights, lora, "default")
+        norms = residual_init(base.model, fp_weights, lora, "default")
         before = sum(b for b, _ in norms.values()) / len(norms)
         after = sum(a for _, a in norms.values()) / len(norms)
         print(f"loftq init: relative residual of the base {before:.4f} -> {after:.4f} (mean over {len(norms)} layers)")
