@@ -459,7 +459,7 @@ def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
     flipped = bytearray(good)
     flipped[header.tensors["model.norm.weight"].start] ^= 1
     cases["flip_dense"] = bytes(flipped)
-    rewrite("version", _set("format_version", "2"))
+    rewrite("version", _set("format_version", "3"))  # 2 is a recovered base: Python reads it, liblowra does not yet
     rewrite("adapter", lambda m: m.update(format="lowra-adapter"))
     rewrite("tampered_layer", tensor_edit=lambda t: t.__setitem__("model.layers.0.q_proj.codes",
                                                                   t["model.layers.0.q_proj.codes"] ^ np.uint8(1)))
