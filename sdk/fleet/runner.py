@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from lowra.device_runtime._files import atomic_write_bytes
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.errors import ConfigError, DatasetError, LowraError
 from lowra.sdk.fleet.gate import GateConfig
+from lowra.sdk.fleet.memory import ModelShape, fit_workers, training_bytes_per_user, worker_bytes
 from lowra.sdk.fleet.registry import (
     IN_FLIGHT,
     AdapterResult,
@@ -53,6 +55,8 @@ class FleetError(LowraError):
 
 
 # A base source is a picklable zero-argument callable returning ``(model, tokenizer)``: each worker calls it once.
+# A source with a ``shape()`` method (returning a ModelShape) lets the driver size workers by memory before starting
+# them; without one the workers start unplanned.
 BaseSource = Callable[[], tuple[Any, Any]]
 
 
@@ -73,6 +77,12 @@ class CliBase:
 
             load_quantized_base(loaded.model, self.quantized_base)
         return loaded.model, loaded.tokenizer
+
+    def shape(self) -> ModelShape:
+        """The base's sizes from its config.json, without loading weights (the driver's memory plan)."""
+        from lowra.sdk.base_model import resolve_base
+
+        return ModelShape.from_folder(resolve_base(self.base))
 
 
 @dataclass(frozen=True)
@@ -329,6 +339,27 @@ def _start_ray(address: str | None, cores: int) -> bool:
     return True
 
 
+def _node_memory() -> list[int]:
+    """Ray's schedulable memory of every alive node, in bytes."""
+    import ray
+
+    return [int(node["Resources"].get("memory", 0)) for node in ray.nodes()
+            if node.get("Alive") and node["Resources"].get("CPU", 0) + node["Resources"].get("GPU", 0) > 0]
+
+
+def plan_memory(settings: FleetSettings, workers: int, node_memory: list[int]) -> tuple[int, int | None]:
+    """``(workers that fit, bytes to reserve per worker)``: each worker is a Ray actor with a ``memory`` reservation,
+    so Ray never places two where one fits, and the driver starts no more than the nodes hold. Base sources without
+    ``shape()`` are not planned (``(workers, None)``)."""
+    shape_of = getattr(settings.base, "shape", None)
+    if shape_of is None:
+        return workers, None
+    shape = shape_of()
+    per_user = training_bytes_per_user(shape, settings.train.batch_size, settings.train.max_len)
+    need = worker_bytes(shape, settings.batch_users, settings.train.batch_size, settings.train.max_len)
+    return fit_workers(workers, need, node_memory, batch_users=settings.batch_users, per_user=per_user), need
+
+
 def _in_flight(registry: Registry) -> int:
     latest = registry.status().latest
     return sum(latest[state] for state in IN_FLIGHT)
@@ -361,9 +392,15 @@ def run_fleet(users: str | os.PathLike[str], settings: FleetSettings, *, address
             resources = ray.cluster_resources()
             gpus = int(resources.get("GPU", 0))
             plan = plan_threads(int(resources.get("CPU", 1)), workers or (gpus or None), threads)
+            fitting, need = plan_memory(settings, plan.workers, _node_memory())
+            if fitting < plan.workers:
+                print(f"lowra fleet: {plan.workers} workers x ~{need / 2**30:.1f} GiB (K={settings.batch_users} "
+                      f"users each) do not fit in this cluster's memory; starting {fitting}", file=sys.stderr)
+                plan = replace(plan, workers=fitting)
             device = "cuda" if gpus else "cpu"
             actor = ray.remote(FleetWorker).options(
-                num_cpus=plan.threads, num_gpus=1 if gpus else 0, runtime_env={"env_vars": thread_env(plan.threads)})
+                num_cpus=plan.threads, num_gpus=1 if gpus else 0, runtime_env={"env_vars": thread_env(plan.threads)},
+                **({"memory": need} if need else {}))
 
             def spawn() -> Any:
                 return actor.remote(settings, plan.threads, device)

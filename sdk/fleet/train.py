@@ -23,6 +23,7 @@ from lowra.sdk.adapters.layer import check_adapter_name
 from lowra.sdk.adapters.model import adapter_names, adapter_parameters, inject_lora, lora_layers, set_active_adapters
 from lowra.sdk.errors import ConfigError, DatasetError
 from lowra.sdk.fleet.batched import RowGroups, grouped_lora
+from lowra.sdk.fleet.memory import GIB, ModelShape, activation_bytes, available_memory
 from lowra.sdk.training.config import TrainConfig
 from lowra.sdk.training.data import UserDataset, collate, encode_example
 from lowra.sdk.training.train import (
@@ -125,6 +126,28 @@ def _user_losses(model: nn.Module, batch: dict[str, Tensor], counts: Sequence[in
     return list((sums / n).unbind())
 
 
+def _check_memory(model: nn.Module, runs: list[_UserRun], device: torch.device) -> None:
+    """Refuse, before allocating anything, a batch of users whose step cannot fit in this machine's free memory
+    (an out-of-memory kill would take the whole process, and every other user of the batch, with it)."""
+    config = getattr(model, "config", None)
+    free = available_memory() if device.type == "cpu" else None
+    if free is None or config is None or not hasattr(config, "to_dict"):
+        return
+    try:
+        shape = ModelShape.from_config(config.to_dict())
+    except ConfigError:
+        return  # not a config this estimate knows: train unplanned
+    longest = max((len(ids) for run in runs for ids, _ in run.encoded), default=0)
+    rows = sum(min(run.config.batch_size, len(run.encoded)) for run in runs)
+    need = activation_bytes(shape, rows * longest)
+    if need > free:
+        per_user = need / max(1, len(runs))
+        raise ConfigError(
+            f"training {len(runs)} users at once needs ~{need / GIB:.1f} GiB of activations per step "
+            f"({rows} rows x {longest} tokens), but only {free / GIB:.1f} GiB of memory is available; train at most "
+            f"{max(1, int(free // per_user))} users at once (--batch-users), or lower --max-len / the batch size")
+
+
 def train_users(
     model: nn.Module,
     tokenizer: Any,
@@ -150,6 +173,7 @@ def train_users(
         for d in datasets
     ]
     device = model_device(model)
+    _check_memory(model, runs, device)
     pad_id = padding_id(tokenizer)
     layers = lora_layers(model)
     was_active = list(next(iter(layers.values())).active) if layers else []

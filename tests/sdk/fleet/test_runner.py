@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from lowra.device_runtime._files import file_sha256
 from lowra.device_runtime.formats.adapter import parse_blob
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.cli.main import main
+from lowra.sdk.errors import ConfigError
 from lowra.sdk.fleet.gate import GateConfig
+from lowra.sdk.fleet.memory import ModelShape
 from lowra.sdk.fleet.registry import Registry
 from lowra.sdk.fleet.runner import BLOB_FOLDER, FleetSettings, run_fleet
 from lowra.sdk.quant.config import CompressConfig
@@ -42,10 +45,25 @@ def tiny_base() -> tuple:
     return build_tiny_model(), _build_tokenizer()
 
 
-def fleet_settings(root: Path) -> FleetSettings:
+@dataclass(frozen=True)
+class ShapedTinyBase:
+    """tiny_base with a ``shape()``, so the driver plans memory and reserves it per Ray actor (as for CliBase);
+    ``layers`` overrides the layer count the plan sees (a huge one makes a worker that cannot fit)."""
+
+    layers: int | None = None
+
+    def __call__(self) -> tuple:
+        return tiny_base()
+
+    def shape(self) -> ModelShape:
+        shape = ModelShape.from_config(build_tiny_model().config.to_dict())
+        return shape if self.layers is None else replace(shape, layers=self.layers)
+
+
+def fleet_settings(root: Path, base=ShapedTinyBase()) -> FleetSettings:
     # bits=8: the tiny model's adapters are so small that a blob's header alone is ~3.6 bits/param.
     return FleetSettings(
-        registry=str(root / "fleet.db"), out=str(root / "out"), base=tiny_base, lora=LoraConfig(rank=4),
+        registry=str(root / "fleet.db"), out=str(root / "out"), base=base, lora=LoraConfig(rank=4),
         train=TrainConfig(steps=4, batch_size=4, learning_rate=1e-2, warmup_steps=1, max_len=48),
         compress=CompressConfig(bits=8.0), gate=GateConfig(min_gain_over_base=0.0, min_gain_kept=0.0),
         batch_users=2, lease_seconds=LEASE,
@@ -195,3 +213,13 @@ def test_fleet_status_and_the_parser_stay_torch_and_ray_free(tmp_path: Path) -> 
         blocked=("torch", "ray", "transformers"), args=("fleet", "status", "--registry", str(tmp_path / "fleet.db")))
     assert result.returncode == 0, result.stderr
     assert "0 users" in result.stdout
+
+
+def test_a_worker_that_cannot_fit_in_memory_is_refused_before_any_starts(ray_address: str, tmp_path: Path) -> None:
+    users = write_users(tmp_path)
+    huge = ShapedTinyBase(layers=10**9)  # the plan's activations per user exceed any node
+    with pytest.raises(ConfigError, match=r"one fleet worker training 2 users at once needs .*lower the training"):
+        run_fleet(users, fleet_settings(tmp_path, huge), workers=2, progress=False)
+    assert attempts(tmp_path / "fleet.db") == []  # nothing claimed: the users wait, queued, for a run that fits
+    with Registry(tmp_path / "fleet.db") as registry:
+        assert registry.status().latest["queued"] == len(GOOD_USERS)
