@@ -7,7 +7,9 @@ Default mode: N synthetic users derived deterministically from samples/ (:func:`
   and model load, which would only make sequential slower),
 - batched: ``train_users`` with K users per step, K in --ks,
 - Ray: ``lowra fleet train``'s ``run_fleet`` with --ray-workers workers, end to end (Ray start, one base load per
-  worker, train, compress, three held-out evaluations, gate, blob, registry), K = the largest of --ks.
+  worker, train, compress, three held-out evaluations, gate, blob, registry), K = --ray-k users per worker batch.
+  Before it the driver drops its own model and returns the memory to the system: the workers' memory plan
+  (lowra.sdk.fleet.memory) counts on what is free. A K whose batch cannot fit in memory is reported as refused.
 
 It prints users/hour of each (training only for the in-process modes; end to end for Ray, so the Ray column is a
 lower bound of its training throughput) and the held-out gain over the base, (base - fp) / base, as min / median /
@@ -26,6 +28,8 @@ issue's target: beside 2 busy processes a step costs <= 3x its idle time.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -81,6 +85,14 @@ def _base(model: str):
     return CliBase()
 
 
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise), so free memory means free."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def _spread(values: list[float]) -> str:
     return f"{min(values):+.3f} / {statistics.median(values):+.3f} / {max(values):+.3f}"
 
@@ -91,6 +103,7 @@ def throughput(args: argparse.Namespace) -> None:
     from lowra.sdk.adapters.config import LoraConfig
     from lowra.sdk.adapters.model import adapter_names, delete_adapter, set_active_adapters
     from lowra.sdk.fleet.gate import GateConfig
+    from lowra.sdk.errors import ConfigError
     from lowra.sdk.fleet.registry import Registry
     from lowra.sdk.fleet.runner import FleetSettings, run_fleet
     from lowra.sdk.fleet.train import train_users
@@ -145,21 +158,31 @@ def throughput(args: argparse.Namespace) -> None:
         start, fp = time.perf_counter(), {}
         for i in range(0, len(datasets), k):
             group = [replace(d, user_id=f"slot{j}") for j, d in enumerate(datasets[i:i + k])]
-            train_users(model, tokenizer, group, lora, config, progress=False)
+            try:
+                train_users(model, tokenizer, group, lora, config, progress=False)
+            except ConfigError as exc:  # the memory guard: this K does not fit on this machine
+                print(f"batched K={k}: refused: {exc}", flush=True)
+                break
             for slot, d in zip(group, datasets[i:i + k]):
                 fp[d.user_id] = loss(d, slot.user_id)
             for name in adapter_names(model):
                 delete_adapter(model, name)
-        show(f"batched K={k}", time.perf_counter() - start, fp)
+        if len(fp) == len(datasets):
+            show(f"batched K={k}", time.perf_counter() - start, fp)
+        for name in adapter_names(model):
+            delete_adapter(model, name)
     if args.ray_workers:
+        model = tokenizer = None  # the workers load their own; give this process's memory back first
+        gc.collect()
+        _trim_heap()
         settings = FleetSettings(
             registry=str(work / "fleet.db"), out=str(work / "out"), base=_base(args.model), lora=lora, train=config,
             compress=CompressConfig(bits=8.0 if args.model == "tiny" else 1.0),
-            gate=GateConfig(0.0, 0.0), batch_users=max(args.ks))
+            gate=GateConfig(0.0, 0.0), batch_users=args.ray_k)
         run = run_fleet(work / "users", settings, workers=args.ray_workers, progress=False)
         with Registry(settings.registry) as registry:
             fp = {u: registry.history(u)[-1].card["heldout_loss"]["fp_adapter"] for u in base}
-        show(f"Ray {run.plan.workers}x{run.plan.threads}t K={max(args.ks)} (end to end)", run.seconds, fp)
+        show(f"Ray {run.plan.workers}x{run.plan.threads}t K={args.ray_k} (end to end)", run.seconds, fp)
     print(f"load after: {_load()}; work folder {work}")
 
 
@@ -230,6 +253,7 @@ def main() -> None:
                              "spells the samples in more tokens)")
     parser.add_argument("--threads", type=int, default=None, help="override the sized thread count")
     parser.add_argument("--ray-workers", type=int, default=2, help="0 skips the Ray mode")
+    parser.add_argument("--ray-k", type=int, default=4, help="users per batch in each Ray worker")
     parser.add_argument("--contention", action="store_true", help="step time idle vs beside 2 busy processes")
     parser.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
