@@ -9,6 +9,8 @@ with them; compare the ratio, which is measured within one run.
     python bench/bench_fleet_batched.py --model tiny                     # the tests' 2-layer model, seconds
     python bench/bench_fleet_batched.py --model smollm2 --ks 4 8         # SmolLM2-135M, rank 16 all-linear
     python bench/bench_fleet_batched.py --threads 1                      # steadier beside other busy processes
+    python bench/bench_fleet_batched.py --model smollm2 --quantized-base FILE --ks 4 8
+        # on a low-bit base (`lowra quantize-base`): its decode is paid once per step, so once per K users batched
     python bench/bench_fleet_batched.py --model smollm2 --config-only DIR --device cuda --ks 4 8 16
         # GPU device script: SmolLM2's shape and tokenizer from DIR (config.json + tokenizer files, no weights:
         # random init, so step times are real but losses are not; 3.5 MB travels instead of 538 MB)
@@ -42,6 +44,8 @@ def main() -> None:
                              "spells the samples in more tokens)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument("--quantized-base", default=None, metavar="FILE",
+                        help="with --model smollm2: train on this low-bit base (as `lowra train --quantized-base`)")
     parser.add_argument("--config-only", default=None, metavar="DIR",
                         help="with --model smollm2: build the model from DIR's config.json with random weights")
     args = parser.parse_args()
@@ -76,6 +80,10 @@ def main() -> None:
         else:
             base = load_base()
             model, tokenizer = base.model, base.tokenizer
+        if args.quantized_base:
+            from lowra.sdk.quant.lowbit_linear import load_quantized_base
+
+            load_quantized_base(model, args.quantized_base)
     model.to(args.device)
     samples = [load_user_dataset(p) for p in sorted((ROOT / "samples" / "users").iterdir()) if p.is_dir()]
     lora = LoraConfig(rank=args.rank)
@@ -115,7 +123,8 @@ def main() -> None:
             delete_adapter(model, d.user_id)
         return seconds
 
-    print(f"model {args.model}{' (random weights)' if args.config_only else ''} on {args.device}, rank {args.rank} all-linear, {args.steps} steps, batch {args.batch}/user, "
+    kind = " (random weights)" if args.config_only else f" on {args.quantized_base}" if args.quantized_base else ""
+    print(f"model {args.model}{kind} on {args.device}, rank {args.rank} all-linear, {args.steps} steps, batch {args.batch}/user, "
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load before: {_load()}")
     sequential(users(1), 1)
     batched(users(2), 1)

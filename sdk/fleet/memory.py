@@ -2,30 +2,29 @@
 
 A worker holds the base once plus, while it trains a batch of K users, the activations autograd saves for the
 backward pass: every decoder layer keeps a few hidden-wide and intermediate-wide vectors per token of every user's
-micro-batch. That term dominates: on SmolLM2-135M (batch 4, max_len 160) a worker's peak RSS grows by 1.36-1.50 GB
-per user in the batch (measured with ``train_users`` at K = 1, 2, 4: 1.84 / 3.42 / 5.85 GB), while the fp32 base is
-0.43 GB. Two workers at K = 4 beside a driver that also holds a model do not fit in 24 GB, and Ray's memory monitor
-then kills a worker mid-batch; this module turns that into a plan made before any worker starts.
+micro-batch. That term dominates. Measured on SmolLM2-135M (batch 4, max_len 160): one ``train_users`` step peaks at
+1.84 / 3.42 / 5.85 GB RSS at K = 1 / 2 / 4 (1.36-1.50 GB per user), and a Ray fleet worker at K = 4 that has run
+several batches (training, compression, evaluation, allocator slack) holds 7.5-7.7 GiB; the fp32 base is 0.43 GB.
+Two such workers beside a driver that also held a model did not fit in 24 GB, and Ray's memory monitor killed one
+mid-batch; this module turns that into a plan made before any worker starts.
 
 The estimate is per token and layer, ``ACTIVATION_FLOATS_HIDDEN x hidden + ACTIVATION_FLOATS_INTERMEDIATE x
-intermediate`` float32 values (fitted to the measurement above: 1.44 GB per user predicted), times every token a
-batch can hold (``batch_size x max_len``, the padded worst case). It is deliberately an upper bound for shorter
+intermediate`` float32 values, times every token a batch can hold (``batch_size x max_len``, the padded worst case),
+fitted to the long-running worker above (7.8 GiB predicted at K = 4): an upper bound for one step, and for shorter
 examples. Torch-free: the driver plans from the model's ``config.json`` without loading weights.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lowra.sdk.errors import ConfigError
 
-ACTIVATION_FLOATS_HIDDEN = 14  # per token and layer: norms, q/k/v/o, residuals, LoRA inputs (hidden-wide)
-ACTIVATION_FLOATS_INTERMEDIATE = 7  # gate, up, activation, product, their LoRA paths (intermediate-wide)
-WORKER_OVERHEAD_BYTES = 400 * 2**20  # interpreter, torch, tokenizer, allocator slack: measured ~0.35-0.45 GB
-HEADROOM = 0.85  # plan at most this share of the memory available, for the driver and the page cache
+ACTIVATION_FLOATS_HIDDEN = 18  # per token and layer: norms, q/k/v/o, residuals, LoRA inputs (hidden-wide)
+ACTIVATION_FLOATS_INTERMEDIATE = 9  # gate, up, activation, product, their LoRA paths (intermediate-wide)
+WORKER_OVERHEAD_BYTES = 400 * 2**20  # interpreter, torch, tokenizer: measured ~0.35-0.45 GB
 GIB = 2**30
 
 
@@ -100,17 +99,18 @@ def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup_root: Path = 
 
 
 def fit_workers(wanted: int, need: int, node_memory: list[int], *, batch_users: int, per_user: int) -> int:
-    """How many of ``wanted`` workers of ``need`` bytes fit on nodes with ``node_memory`` bytes each (planned at
-    :data:`HEADROOM`). Refuses, naming the numbers and what to change, when not even one fits."""
-    fits = sum(math.floor(HEADROOM * free / need) for free in node_memory)
+    """How many of ``wanted`` workers of ``need`` bytes fit on nodes with ``node_memory`` bytes each (Ray's
+    schedulable ``memory``, which already leaves ~30% of a node to the object store and the system). Refuses, naming
+    the numbers and what to change, when not even one fits."""
+    fits = sum(free // need for free in node_memory)
     if fits >= 1:
         return min(wanted, fits)
     largest = max(node_memory, default=0)
-    spare = HEADROOM * largest - (need - batch_users * per_user)
+    spare = largest - (need - batch_users * per_user)
     max_k = int(spare // per_user) if per_user else 0
     hint = (f"use --batch-users {max_k}" if max_k >= 1
             else "lower the training batch size or --max-len, or use a machine with more memory")
     raise ConfigError(
         f"one fleet worker training {batch_users} users at once needs ~{need / GIB:.1f} GiB "
         f"({per_user / GIB:.2f} GiB of activations per user), but the most any node has available is "
-        f"{largest / GIB:.1f} GiB (planned at {HEADROOM:.0%}); {hint}")
+        f"{largest / GIB:.1f} GiB; {hint}")
