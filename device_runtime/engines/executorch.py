@@ -4,18 +4,17 @@ A model folder (written by ``lowra.export.executorch.export_executorch``; layout
 user mode, a shared program (``side.pte`` / ``merge.pte``) and a data template (``side.ptd`` / ``merge.ptd``),
 plus ``manifest.json``, ``tokenizer.json`` and, for custom-op programs, the native kernel library.
 
-Python's ``Runtime.load_program(pte, data_path=...)`` takes one ``.ptd``, so the engine writes one per user:
+The program runs on ExecuTorch's C++ runtime through lowra's small native runner
+(:mod:`lowra.device_runtime.executorch_native`, ctypes): no Python binding, no torch. A program takes one ``.ptd``,
+so the engine writes one per user:
 a copy of the template whose tensor byte ranges (recorded in the manifest) are overwritten with
 
 - ``mode="side"``: the blob's LoRA factors, zero-padded to the program's rank (zeros = the base);
 - ``mode="merge"``: ``base + up @ down`` for each adapted module (:func:`.runtime.merge_into`), where the
   pristine base is the template itself, memory-mapped read-only (so a swap never drifts).
 
-Everything here is numpy + ``tokenizers``. The one exception is the boundary with ExecuTorch's Python binding:
-executorch 1.5.1's ``executorch.runtime`` imports torch itself (its pybind module links libtorch) and accepts
-only ``torch.Tensor`` inputs, so :meth:`ExecutorchEngine._run` converts numpy arrays with ``torch.from_numpy``.
-A device app using the C++ runtime has no torch at all; the torch-free parts (manifest, data composition,
-fingerprint checks) are importable and testable with torch blocked.
+Everything here is numpy + ``tokenizers`` + that runner; the whole engine runs with torch blocked (a test proves
+it). ExecuTorch's own Python binding is not used: its module links libtorch and takes torch tensors only.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from lowra.device_runtime.engines.base import UserInfo, check_mode, serialized
 from lowra.device_runtime.trust import TrustPolicy, check_base_content, make_policy, open_blob
 from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer, generate
 from lowra.device_runtime.errors import BlobContentError, KernelLibraryError, LowraError, ProgramError
-from lowra.device_runtime.executorch_binding import executorch_runtime, register_kernel_library
+from lowra.device_runtime.executorch_native import NativeProgram, register_kernel_library
 from lowra.device_runtime.formats.constants import TOKENIZER_FILE, USER_MODES
 from lowra.device_runtime.formats.executorch_manifest import PTD_MAGIC, Manifest, tensor_view, verify_file
 from lowra.device_runtime.runtime import merge_into
@@ -115,8 +114,7 @@ class ExecutorchEngine:
         self._workdir = scratch_dir("executorch")
         self._templates: dict[str, np.ndarray] = {}
         self._verified: set[str] = set()
-        self._method: Any = None
-        self._program: Any = None
+        self._program: NativeProgram | None = None
         self._data_path: Path | None = None
         self.mode = mode
         self.user: UserInfo | None = None
@@ -153,25 +151,13 @@ class ExecutorchEngine:
         self.mode = mode
 
     def _load_program(self, pte: Path, ptd: Path) -> None:
-        runtime = executorch_runtime()
-        try:
-            program = runtime.load_program(pte, data_path=ptd)
-            method = program.load_method("forward")
-        except Exception as exc:  # the binding raises RuntimeError/ValueError with an ExecuTorch error code
-            text = str(exc)
-            if "Missing operator" in text or "0x14" in text.lower() or "operator" in text.lower():
-                raise KernelLibraryError(
-                    f"ExecuTorch cannot run {pte.name}: an operator has no kernel ({text}). Custom-op programs need "
-                    "lowra's kernel library loaded (python -m lowra.export.executorch.kernels)"
-                ) from exc
-            raise ProgramError(
-                f"ExecuTorch refused {pte.name} with data {ptd.name}: {text}. The program or its data is corrupted "
-                "or they come from different exports; re-export or copy the folder again"
-            ) from exc
-        previous = self._data_path
-        self._program, self._method, self._data_path = program, method, ptd
-        if previous is not None and previous != ptd:
-            previous.unlink(missing_ok=True)
+        program = NativeProgram(pte, ptd, self.manifest.vocab_size)
+        previous, previous_path = self._program, self._data_path
+        self._program, self._data_path = program, ptd
+        if previous is not None:
+            previous.close()
+        if previous_path is not None and previous_path != ptd:
+            previous_path.unlink(missing_ok=True)
 
     # -- users ---------------------------------------------------------------------------------------------
     @serialized
@@ -211,13 +197,7 @@ class ExecutorchEngine:
 
     # -- compute -------------------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, start: int) -> np.ndarray:
-        # The ExecuTorch Python binding takes torch tensors only (it links libtorch; see the module docstring).
-        import torch
-
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
-        positions = np.arange(start, start + ids.shape[1], dtype=np.int64)
-        out = self._method.execute([torch.from_numpy(ids), torch.from_numpy(positions)])
-        return out[0].numpy()[0]
+        return self._program.forward(ids, start)
 
     @serialized
     def logits(self, ids: np.ndarray | list[int]) -> np.ndarray:
@@ -225,7 +205,7 @@ class ExecutorchEngine:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not 1 <= ids.size < self.max_seq_len:
             raise LowraError(f"{ids.size} tokens; this program takes 1..{self.max_seq_len - 1} at once")
-        return self._run(ids, 0).copy()
+        return self._run(ids, 0)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -251,7 +231,9 @@ class ExecutorchEngine:
 
     @serialized
     def close(self) -> None:
-        self._method = self._program = None
+        if self._program is not None:
+            self._program.close()
+            self._program = None
         self._templates.clear()
         shutil.rmtree(self._workdir, ignore_errors=True)
 

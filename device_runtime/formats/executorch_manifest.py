@@ -67,6 +67,15 @@ class Manifest:
         return {m: list(entry["shape"]) for m, entry in self.data["modules"].items()}
 
     @property
+    def vocab_size(self) -> int:
+        """Width of the program's logits (the engine sizes its output buffer with it)."""
+        value = self.data.get("vocab_size")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1 << 24:
+            raise ProgramError(f"{self.folder / MANIFEST_FILE} has vocab_size {value!r}; expected a positive integer "
+                               "(re-export the model folder)")
+        return value
+
+    @property
     def prompt_template(self) -> str:
         return prompt_template_of(self.data, str(self.folder / MANIFEST_FILE), ProgramError)
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lowra.device_runtime import formats as fmt
 from lowra.device_runtime._files import atomic_write_bytes, file_sha256
 from lowra.device_runtime.errors import ConfigError
-from lowra.device_runtime.executorch_binding import register_kernel_library
+from lowra.device_runtime.executorch_native import register_kernel_library
 from lowra.device_runtime.formats.constants import CODED_WIDTHS, USER_MODES
 from lowra.device_runtime.formats.executorch_manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY

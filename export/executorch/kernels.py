@@ -16,14 +16,13 @@ Nothing here imports torch: a device build script can call :func:`build_kernel_l
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 from importlib import metadata
 from pathlib import Path
 
 from lowra.device_runtime import _files
-from lowra.device_runtime.errors import KernelLibraryError
+from lowra.device_runtime.executorch_native import et_compile_flags, executorch_dir
 from lowra.device_runtime.native_kernels import KERNEL_DIR as KERNEL_SOURCE_DIR
 
 __all__ = ["KERNEL_SOURCE", "LIBRARY_NAME", "build_kernel_library", "compile_command", "executorch_dir"]
@@ -33,30 +32,10 @@ LOWBIT_SOURCE = KERNEL_SOURCE_DIR / "lowbit_gemv.cpp"
 LIBRARY_NAME = "liblowra_executorch_kernels.so"
 
 
-def executorch_dir() -> Path:
-    """The installed executorch package folder (holds ``include/`` and ``lib/libexecutorch.so``)."""
-    spec = importlib.util.find_spec("executorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise KernelLibraryError(
-            "the executorch package is not installed; the kernel library is built against its headers and "
-            "libexecutorch.so. Install the export extra (`pip install -e .[export]`)"
-        )
-    root = Path(list(spec.submodule_search_locations)[0])
-    if not (root / "lib" / "libexecutorch.so").is_file() or not (root / "include" / "executorch").is_dir():
-        raise KernelLibraryError(
-            f"{root} lacks lib/libexecutorch.so or include/executorch; expected the executorch pip wheel (>= 1.5)"
-        )
-    return root
-
-
 def compile_command(source: Path, output: Path, et_dir: Path | None = None) -> list[str]:
     et = et_dir or executorch_dir()
     return [
-        os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-pthread",
-        # The wheel's headers are built with these two macros; without them Half/BFloat16 and the event-tracer
-        # hooks compile to a different ABI than libexecutorch.so.
-        "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED",
-        f"-I{et / 'include'}", f"-I{et / 'include' / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}",
+        os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", *et_compile_flags(et),
         # lowra's low-bit CPU kernels (the same source liblowra and lowra.device_runtime.native_kernels build).
         f"-I{LOWBIT_SOURCE.parent}",
         str(source), str(LOWBIT_SOURCE), "-o", str(output), f"-L{et / 'lib'}", "-lexecutorch",

@@ -1,15 +1,18 @@
-// lowra_chat: the command-line app that links liblowra. It opens a base, then swaps users on commands read from
-// stdin, one per line; generation comes with the ExecuTorch step (issue 14), so for now it proves the app side:
-// open, load, swap, unload, and read weights, built and run in CI.
+// lowra_chat: the command-line app that links liblowra. It opens a base or an exported model folder, then swaps
+// users and generates on commands read from stdin, one per line; built and run in CI.
 //
-//   lowra_chat BASE            BASE: a quantized base file or a Hugging Face model folder
-//   load FILE                  verify FILE against the base and merge it (replaces the current user)
+//   lowra_chat BASE            BASE: a quantized base file or a Hugging Face model folder (weights only)
+//   lowra_chat MODEL [MODE]    MODEL: an ExecuTorch model folder (manifest.json), MODE side (default) or merge;
+//                              needs liblowra_program (built when CMake finds the ExecuTorch runtime)
+//   load FILE                  verify FILE against the base and apply it (replaces the current user)
 //   unload                     back to the pristine base
-//   sum NAME                   sha256 of the tensor NAME as the model sees it now (formats.tensor_digest)
+//   generate N ID ID ...       (MODEL) up to N greedy tokens after the prompt's token ids: "ok tokens ID ID ..."
+//   sum NAME                   (BASE) sha256 of the tensor NAME as the model sees it now (formats.tensor_digest)
 //   user                       the active user, or "none"
 //   quit                       (or end of input)
 //
-// Every reply is one line: "ok ...", or "error <code> <message>" (a refused blob keeps the previous user).
+// The app owns tokenization: prompts and replies are token ids. Every reply is one line: "ok ...", or
+// "error <code> <message>" (a refused blob keeps the previous user).
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -18,6 +21,12 @@
 #include <vector>
 
 #include "lowra.h"
+#ifdef LOWRA_WITH_PROGRAM
+#include <sstream>
+#include <sys/stat.h>
+
+#include "lowra_model.h"
+#endif
 
 namespace {
 
@@ -30,12 +39,92 @@ bool read_file(const std::string& path, std::vector<uint8_t>& out) {
 
 void report_error(lowra_status status) { std::printf("error %d %s\n", static_cast<int>(status), lowra_last_error()); }
 
+#ifdef LOWRA_WITH_PROGRAM
+bool is_model_folder(const std::string& path) {
+  struct stat info {};
+  return ::stat((path + "/manifest.json").c_str(), &info) == 0;
+}
+
+void report_program_error(lowra_status status) {
+  std::printf("error %d %s\n", static_cast<int>(status), lowra_program_last_error());
+}
+
+int run_model(const std::string& folder, const std::string& mode) {
+  lowra_model* model = nullptr;
+  lowra_status status = lowra_model_open(folder.c_str(), mode.c_str(), 1, &model);
+  if (status != LOWRA_OK) {
+    report_program_error(status);
+    return 1;
+  }
+  std::printf("ok model %s mode %s vocab %zu positions %zu\n", folder.c_str(), mode.c_str(),
+              lowra_model_vocab_size(model), lowra_model_max_seq_len(model));
+  std::string line, current = "none";
+  while (std::getline(std::cin, line)) {
+    std::istringstream words(line);
+    std::string command;
+    words >> command;
+    if (command == "load") {
+      std::string path;
+      std::getline(words >> std::ws, path);
+      std::vector<uint8_t> blob;
+      lowra_user_info info;
+      if (!read_file(path, blob)) {
+        std::printf("error %d cannot read %s\n", static_cast<int>(LOWRA_ERR_IO), path.c_str());
+      } else if ((status = lowra_model_user_load(model, blob.data(), blob.size(), &info)) != LOWRA_OK) {
+        report_program_error(status);
+      } else {
+        current = info.adapter_id;
+        std::printf("ok user %s modules %zu bits %.3f load_ms %.2f\n", info.adapter_id, info.n_modules,
+                    info.effective_bits, info.load_ms);
+      }
+    } else if (command == "unload") {
+      if ((status = lowra_model_user_unload(model)) != LOWRA_OK) report_program_error(status);
+      else std::printf("ok unloaded\n"), current = "none";
+    } else if (command == "generate") {
+      size_t max_new = 0;
+      std::vector<int64_t> prompt;
+      int64_t id;
+      words >> max_new;
+      while (words >> id) prompt.push_back(id);
+      std::vector<int64_t> out(max_new);
+      size_t n_out = 0;
+      status = max_new == 0 || prompt.empty()
+                   ? LOWRA_ERR_ARGUMENT
+                   : lowra_model_generate(model, prompt.data(), prompt.size(), max_new, nullptr, 0, out.data(), &n_out);
+      if (max_new == 0 || prompt.empty()) {
+        std::printf("error %d usage: generate N ID [ID ...]\n", static_cast<int>(LOWRA_ERR_ARGUMENT));
+      } else if (status != LOWRA_OK) {
+        report_program_error(status);
+      } else {
+        std::printf("ok tokens");
+        for (size_t i = 0; i < n_out; ++i) std::printf(" %lld", static_cast<long long>(out[i]));
+        std::printf("\n");
+      }
+    } else if (command == "user") {
+      std::printf("ok user %s\n", current.c_str());
+    } else if (command == "quit") {
+      break;
+    } else if (!command.empty()) {
+      std::printf("error %d unknown command '%s'; expected load FILE, unload, generate N IDS, user or quit\n",
+                  static_cast<int>(LOWRA_ERR_ARGUMENT), command.c_str());
+    }
+    std::fflush(stdout);
+  }
+  lowra_model_close(model);
+  return 0;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef LOWRA_WITH_PROGRAM
+  if ((argc == 2 || argc == 3) && is_model_folder(argv[1])) return run_model(argv[1], argc == 3 ? argv[2] : "side");
+#endif
   if (argc != 2) {
-    std::fprintf(stderr, "usage: %s BASE  (then commands on stdin: load FILE | unload | sum NAME | user | quit)\n",
-                 argv[0]);
+    std::fprintf(stderr, "usage: %s BASE  (then commands on stdin: load FILE | unload | sum NAME | user | quit)\n"
+                         "       %s MODEL_FOLDER [side|merge]  (load FILE | unload | generate N IDS | user | quit)\n",
+                 argv[0], argv[0]);
     return 2;
   }
   lowra_base* base = nullptr;

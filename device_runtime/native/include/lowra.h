@@ -40,7 +40,9 @@ typedef enum lowra_status {
   LOWRA_ERR_BASE_NOT_FOUND = 8,     /* the base path or its weights file does not exist (BaseNotFoundError) */
   LOWRA_ERR_IO = 9,                 /* the operating system refused a read or a mapping */
   LOWRA_ERR_NO_USER = 10,           /* an operation needs a loaded user and none is */
-  LOWRA_ERR_INTERNAL = 11           /* out of memory or a bug: the message says which */
+  LOWRA_ERR_INTERNAL = 11,          /* out of memory or a bug: the message says which */
+  LOWRA_ERR_PROGRAM = 12,           /* ExecuTorch refused a program or its data (ProgramError; lowra_program.h) */
+  LOWRA_ERR_KERNEL = 13             /* a program's operator has no kernel loaded (KernelLibraryError) */
 } lowra_status;
 
 typedef struct lowra_base lowra_base; /* a base model's weights, the pristine copy, plus at most one active user */

@@ -27,12 +27,6 @@ struct Layer {
   int64_t n_groups() const { return group == 0 ? 0 : (in + group - 1) / group; }
 };
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-
 const char* numpy_name(const std::string& dtype) {
   static const std::map<std::string, const char*> names = {
       {"F64", "float64"}, {"F32", "float32"}, {"F16", "float16"}, {"I64", "int64"}, {"I32", "int32"},

@@ -12,6 +12,7 @@
 #include "unicode.hpp"
 
 namespace lowra {
+
 namespace {
 
 // docs/FORMAT.md "Signed files": the first 8 bytes of a signed envelope.
@@ -22,12 +23,6 @@ bool is_signed(const uint8_t* data, uint64_t size) { return size >= 8 && std::me
 [[noreturn]] void refuse_signed(const std::string& what) {
   fail(LOWRA_ERR_UNSUPPORTED_FORMAT, what + " is a signed file (format v2); liblowra does not check signatures yet. "
                                             "Load its unsigned body, or use the Python runtime with a TrustPolicy");
-}
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
 }
 
 // A Hugging Face model folder's model.safetensors: every tensor, F16/BF16/F64 floats widened to float32.
@@ -85,35 +80,35 @@ const std::string& Runtime::digest(const std::string& tensor_name) {
   return digests_[tensor_name] = float32_digest(t.values->data(), t.values->size());
 }
 
-std::string Runtime::fingerprint(const std::vector<std::string>& modules) {
+std::string base_fingerprint(const std::vector<std::string>& modules, const std::string& where,
+                             const ShapeOf& shape_of, const DigestOf& digest_of) {
   std::vector<std::string> missing;
   for (const auto& m : modules)
-    if (!tensors_.find(m + ".weight")) missing.push_back(m + ".weight");
+    if (!shape_of(m)) missing.push_back(m + ".weight");
   if (!missing.empty())
-    fail(LOWRA_ERR_BASE_MISMATCH, "the adapter targets " + std::to_string(missing.size()) + " module(s) the base at " +
-                                      path_ + " does not have (first: " + short_repr(missing[0], 1 << 20) +
+    fail(LOWRA_ERR_BASE_MISMATCH, "the adapter targets " + std::to_string(missing.size()) + " module(s) " + where +
+                                      " does not have (first: " + short_repr(missing[0], 1 << 20) +
                                       "); it was trained for another base model");
   std::vector<std::string> sorted = modules;
   std::sort(sorted.begin(), sorted.end());
   sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
   Sha256 h;  // formats.base_fingerprint: sorted "module|[shape]|sha256(float32 weight)" lines
-  for (const auto& m : sorted)
-    h.update(m + "|" + shape_text(tensors_.find(m + ".weight")->shape) + "|" + digest(m + ".weight") + "\n");
+  for (const auto& m : sorted) h.update(m + "|" + shape_text(*shape_of(m)) + "|" + digest_of(m) + "\n");
   return "sha256:" + h.hex();
 }
 
-void Runtime::check_binding(const Blob& blob) {
-  // formats.check_base_binding, as DeviceRuntime._check_binding calls it.
-  const std::string where = "the loaded base at " + path_;
+void check_base_binding(const Blob& blob, const std::string& where, const ShapeOf& shape_of,
+                        const DigestOf& digest_of) {
+  // formats.check_base_binding: every module known, every shape equal, then the fingerprint.
   std::vector<std::string> unknown;
   for (const auto& m : blob.modules)
-    if (!tensors_.find(m.name + ".weight")) unknown.push_back(m.name);
+    if (!shape_of(m.name)) unknown.push_back(m.name);
   if (!unknown.empty())
     fail(LOWRA_ERR_BASE_MISMATCH, "adapter " + short_repr(blob.adapter_id, 1 << 20) + " targets " +
                                       std::to_string(unknown.size()) + " module(s) " + where + " does not have (first: " +
                                       short_repr(unknown[0], 1 << 20) + "); it was trained for another base model");
   for (const auto& m : blob.modules) {
-    const auto& shape = tensors_.find(m.name + ".weight")->shape;
+    const auto& shape = *shape_of(m.name);
     if (shape != std::vector<int64_t>{m.out_features, m.in_features})
       fail(LOWRA_ERR_CONTENT, "adapter module " + m.name + " is [" + std::to_string(m.out_features) + ", " +
                                   std::to_string(m.in_features) + "] but the base weight is " + shape_text(shape) +
@@ -121,7 +116,7 @@ void Runtime::check_binding(const Blob& blob) {
   }
   std::vector<std::string> names;
   for (const auto& m : blob.modules) names.push_back(m.name);
-  std::string expected = fingerprint(names);
+  std::string expected = base_fingerprint(names, where, shape_of, digest_of);
   if (blob.base_fingerprint != expected)
     fail(LOWRA_ERR_BASE_MISMATCH, "adapter " + short_repr(blob.adapter_id, 1 << 20) + " was trained against base " +
                                       blob.base_fingerprint.substr(0, 23) + "..., but " + where + " is " +
@@ -129,11 +124,34 @@ void Runtime::check_binding(const Blob& blob) {
                                       "adapter for this base");
 }
 
-void Runtime::load_user(const uint8_t* data, size_t size) {
-  auto start = std::chrono::steady_clock::now();
+ShapeOf Runtime::shape_of() const {
+  return [this](const std::string& module) -> const std::vector<int64_t>* {
+    const Tensor* t = tensors_.find(module + ".weight");
+    return t ? &t->shape : nullptr;
+  };
+}
+
+DigestOf Runtime::digest_of() {
+  return [this](const std::string& module) { return digest(module + ".weight"); };
+}
+
+std::string Runtime::fingerprint(const std::vector<std::string>& modules) {
+  return base_fingerprint(modules, "the base at " + path_, shape_of(), digest_of());
+}
+
+void Runtime::check_binding(const Blob& blob) {
+  check_base_binding(blob, "the loaded base at " + path_, shape_of(), digest_of());
+}
+
+void check_blob_size(const uint8_t* data, size_t size) {
   if (size > kMaxBlobFileBytes)
     fail(LOWRA_ERR_BLOB, "blob of " + std::to_string(size) + " bytes is larger than any adapter blob can be");
   if (is_signed(data, size)) refuse_signed("blob");
+}
+
+void Runtime::load_user(const uint8_t* data, size_t size) {
+  auto start = std::chrono::steady_clock::now();
+  check_blob_size(data, size);
   Blob blob = parse_blob(data, size, "blob");
   check_binding(blob);
   auto user = std::make_unique<UserState>();

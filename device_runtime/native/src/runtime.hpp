@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -22,6 +24,20 @@ struct UserState {
   std::vector<std::string> modules;                            // the modules whose weights the user changes
   std::unordered_map<std::string, std::vector<float>> merged;  // "<module>.weight" -> pristine + up @ down
 };
+
+// A base's adaptable modules as a blob's binding sees them: module -> [out, in] (null when the base lacks it), and
+// module -> "sha256:..." of its float32 weight (formats.tensor_digest).
+using ShapeOf = std::function<const std::vector<int64_t>*(const std::string& module)>;
+using DigestOf = std::function<std::string(const std::string& module)>;
+
+// formats.base_fingerprint over `modules`; `where` names the base in messages ("the base at PATH").
+std::string base_fingerprint(const std::vector<std::string>& modules, const std::string& where,
+                             const ShapeOf& shape_of, const DigestOf& digest_of);
+// formats.check_base_binding: the blob's modules exist in the base with its shapes, and its fingerprint matches.
+void check_base_binding(const Blob& blob, const std::string& where, const ShapeOf& shape_of,
+                        const DigestOf& digest_of);
+// The checks before parsing a blob: not larger than any blob can be, not a signed envelope (not read yet).
+void check_blob_size(const uint8_t* data, size_t size);
 
 class Runtime {
  public:
@@ -47,6 +63,8 @@ class Runtime {
   std::unique_ptr<UserState> user_;
 
   const std::string& digest(const std::string& tensor_name);
+  ShapeOf shape_of() const;
+  DigestOf digest_of();
   void check_binding(const Blob& blob);
 };
 

@@ -9,6 +9,13 @@
 
 namespace lowra {
 
+// "[2, 3]": a shape as Python prints a list (messages and fingerprint lines).
+inline std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
 struct Tensor {
   std::vector<int64_t> shape;
   // Floating point in the Python reference (exposed by lowra_weight); other tensors (int64 ids, a quantized

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,10 +139,10 @@ def test_aten_fallback_matches_eager():
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-def test_blob_for_another_base_is_refused(engine, tmp_path):
+def other_base_blob(folder: Path) -> Path:
+    """A valid blob for a tiny low-bit model of the same architecture with other weights (another base)."""
     import torch
 
-    from lowra.device_runtime.errors import BaseMismatchError
     from lowra.sdk.modules import linear_module_names
     from lowra.sdk.quant.config import CompressConfig
     from lowra.sdk.adapters.config import LoraConfig
@@ -159,7 +160,13 @@ def test_blob_for_another_base_is_refused(engine, tmp_path):
                    torch.randn(other.get_submodule(n).out_features, RANK)) for n in names}
     adapter = compress_factors(factors, LoraConfig(rank=RANK, alpha=8.0), CompressConfig(bits=8.0, weighted=False),
                                adapter_id="stranger", base_fingerprint=model_fingerprint(other, names))
-    path = adapter.write(tmp_path / "stranger.lowra")
+    return adapter.write(folder / "stranger.lowra")
+
+
+def test_blob_for_another_base_is_refused(engine, tmp_path):
+    from lowra.device_runtime.errors import BaseMismatchError
+
+    path = other_base_blob(tmp_path)
     before = engine.logits(IDS)
     with pytest.raises(BaseMismatchError, match="trained against base"):
         engine.load_user(path)
@@ -204,11 +211,37 @@ def test_corrupted_program_is_refused():
         ExecutorchEngine(folder, verify=False)
 
 
-def test_data_composition_runs_without_torch():
-    """Manifest, fingerprint check and the per-user .ptd composition are numpy-only (torch import blocked).
+def test_the_engine_runs_without_torch_or_the_executorch_binding(tmp_path):
+    """The whole engine (manifest, verification, native program runner, users, generation) in an interpreter where
+    importing torch or executorch raises: its logits are the eager model's, as in the tests above."""
+    folder, (blob, _) = exported(), user_blobs()
+    out = tmp_path / "logits.npz"
+    done = run_with_blocked_imports(f"""
+        import numpy as np
+        from lowra.device_runtime.engines.executorch import ExecutorchEngine
+        from lowra.device_runtime.engines.generation import GenerationConfig
+        ids = np.array({IDS.tolist()!r}, dtype=np.int64)
+        engine = ExecutorchEngine({str(folder)!r})
+        base = engine.logits(ids)
+        engine.load_user({str(blob)!r}, mode="side")
+        side = engine.logits(ids)
+        tokens = engine.generate_ids(ids, GenerationConfig(max_new_tokens=4))
+        engine.load_user({str(blob)!r}, mode="merge")
+        merge = engine.logits(ids)
+        engine.close()
+        np.savez({str(out)!r}, base=base, side=side, merge=merge, tokens=np.array(tokens))
+        print("ok")
+    """, blocked=("torch", "executorch"))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    got = np.load(out)
+    assert np.abs(got["base"] - _eager_logits(None)).max() < LOGIT_TOL
+    for mode in ("side", "merge"):
+        assert np.abs(got[mode] - _eager_logits(1)).max() < LOGIT_TOL, mode
+    assert got["tokens"].tolist() == _eager_greedy(1, 4)
 
-    The program itself cannot run there: executorch 1.5.1's Python binding imports torch (it links libtorch).
-    """
+
+def test_data_composition_runs_without_torch():
+    """Manifest, fingerprint check and the per-user .ptd composition are numpy-only (torch import blocked)."""
     folder, (blob, _) = exported(), user_blobs()
     done = run_with_blocked_imports(f"""
         import numpy as np

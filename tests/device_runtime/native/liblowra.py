@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from lowra.device_runtime.errors import (
     BlobError,
     BlobTruncatedError,
     ChecksumMismatchError,
+    KernelLibraryError,
     LowraError,
+    ProgramError,
     UnsupportedFormatError,
 )
 
@@ -38,6 +41,8 @@ ERRORS: dict[int, type[Exception]] = {
     9: OSError,
     10: LowraError,
     11: RuntimeError,
+    12: ProgramError,
+    13: KernelLibraryError,
 }
 
 
@@ -53,7 +58,8 @@ def missing_toolchain() -> str | None:
 
 def build(build_dir: Path) -> Path:
     """Configure and build the CMake project (Release, both cores) into ``build_dir``; returns it."""
-    subprocess.run(["cmake", "-S", str(NATIVE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"],
+    subprocess.run(["cmake", "-S", str(NATIVE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DPython3_EXECUTABLE={sys.executable}"],
                    check=True, capture_output=True, text=True)
     subprocess.run(["cmake", "--build", str(build_dir), "-j", "2"], check=True, capture_output=True, text=True)
     return build_dir
@@ -136,3 +142,59 @@ class Liblowra:
 
     def tensor_names(self, base: ctypes.c_void_p) -> list[str]:
         return [self.lib.lowra_tensor_name(base, i).decode() for i in range(self.lib.lowra_tensor_count(base))]
+
+
+class Model:
+    """liblowra_program's model-folder API (include/lowra_model.h) through ctypes, one handle per instance."""
+
+    def __init__(self, library: Path, folder: Path, mode: str = "side", verify: bool = True):
+        lib = self.lib = ctypes.CDLL(str(library))
+        handle, size = ctypes.c_void_p, ctypes.c_size_t
+        i64p = ctypes.POINTER(ctypes.c_int64)
+        lib.lowra_program_last_error.restype = ctypes.c_char_p
+        lib.lowra_model_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(handle)]
+        lib.lowra_model_close.argtypes = [handle]
+        lib.lowra_model_close.restype = None
+        lib.lowra_model_user_load.argtypes = [handle, ctypes.c_char_p, size, ctypes.POINTER(UserInfo)]
+        lib.lowra_model_user_unload.argtypes = [handle]
+        lib.lowra_model_forward.argtypes = [handle, i64p, size, ctypes.c_int64, ctypes.POINTER(ctypes.c_float), size,
+                                            ctypes.POINTER(size)]
+        lib.lowra_model_generate.argtypes = [handle, i64p, size, size, i64p, size, i64p, ctypes.POINTER(size)]
+        lib.lowra_model_vocab_size.argtypes = [handle]
+        lib.lowra_model_vocab_size.restype = size
+        self.handle = handle()
+        self._check(lib.lowra_model_open(str(folder).encode(), mode.encode(), int(verify), ctypes.byref(self.handle)))
+        self.vocab = lib.lowra_model_vocab_size(self.handle)
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            raise ERRORS[status](self.lib.lowra_program_last_error().decode("utf-8", "replace"))
+
+    def load(self, blob: bytes) -> UserInfo:
+        info = UserInfo()
+        self._check(self.lib.lowra_model_user_load(self.handle, blob, len(blob), ctypes.byref(info)))
+        return info
+
+    def unload(self) -> None:
+        self._check(self.lib.lowra_model_user_unload(self.handle))
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.empty((ids.size, self.vocab), dtype=np.float32)
+        vocab = ctypes.c_size_t()
+        i64p, fp = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
+        self._check(self.lib.lowra_model_forward(self.handle, ids.ctypes.data_as(i64p), ids.size, 0,
+                                                 out.ctypes.data_as(fp), out.size, ctypes.byref(vocab)))
+        return out
+
+    def generate(self, ids: np.ndarray, max_new: int) -> list[int]:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.zeros(max_new, dtype=np.int64)
+        n_out = ctypes.c_size_t()
+        i64p = ctypes.POINTER(ctypes.c_int64)
+        self._check(self.lib.lowra_model_generate(self.handle, ids.ctypes.data_as(i64p), ids.size, max_new, None, 0,
+                                                  out.ctypes.data_as(i64p), ctypes.byref(n_out)))
+        return out[: n_out.value].tolist()
+
+    def close(self) -> None:
+        self.lib.lowra_model_close(self.handle)

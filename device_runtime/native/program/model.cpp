@@ -1,0 +1,394 @@
+// lowra_model (include/lowra_model.h): an exported ExecuTorch model folder with swappable users, natively.
+//
+// What the Python ExecutorchEngine does, in C++: the manifest (docs/FORMAT.md "ExecuTorch model folder") names the
+// programs, their .ptd data templates and, per adaptable module, the base weight's digest and the byte range of each
+// user tensor in the template. A user is a copy of the template with those ranges rewritten (side: the blob's
+// factors zero-padded to the program's rank; merge: base + up @ down with liblowra's merge_into), handed to the
+// program through a BufferDataLoader, so no file is written and the .pte is shared by every user.
+#include "lowra_model.h"
+
+#include <dlfcn.h>
+
+#include <executorch/extension/data_loader/buffer_data_loader.h>
+#include <executorch/extension/data_loader/mmap_data_loader.h>
+#include <executorch/extension/module/module.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../src/adapter.hpp"
+#include "../src/error.hpp"
+#include "../src/json.hpp"
+#include "../src/mapped_file.hpp"
+#include "../src/runtime.hpp"
+#include "../src/sha256.hpp"
+#include "program_internal.hpp"
+
+namespace {
+
+using executorch::extension::BufferDataLoader;
+using executorch::extension::MmapDataLoader;
+using executorch::extension::module::Module;
+using lowra::fail;
+
+constexpr const char* kFormat = "lowra-executorch";
+constexpr int64_t kFormatVersion = 1;
+constexpr size_t kMaxManifestBytes = 64u << 20;
+
+struct TensorRange {
+  std::string module, role;  // role: "down" / "up" (side) or "weight" (merge)
+  uint64_t offset = 0, nbytes = 0;
+  std::vector<int64_t> shape;
+};
+
+struct ModuleInfo {
+  std::vector<int64_t> shape;  // [out, in]
+  std::string digest;          // "sha256:..." of the decoded float32 base weight
+};
+
+std::string read_text(const std::string& path, const std::string& what) {
+  if (lowra::path_kind(path) != lowra::PathKind::File)
+    fail(LOWRA_ERR_BASE_NOT_FOUND, what + " " + path + " does not exist; expected a folder written by "
+                                                       "lowra.export.executorch.export_executorch");
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  std::string text = buffer.str();
+  if (!in.good() && !in.eof()) fail(LOWRA_ERR_IO, "cannot read " + path);
+  if (text.size() > kMaxManifestBytes) fail(LOWRA_ERR_PROGRAM, path + " is larger than any lowra manifest");
+  return text;
+}
+
+const lowra::Json& member(const lowra::Json& object, const char* key, const std::string& where) {
+  const lowra::Json* value = object.is_object() ? object.find(key) : nullptr;
+  if (value == nullptr) fail(LOWRA_ERR_PROGRAM, where + " has no '" + key + "'; re-export the model folder");
+  return *value;
+}
+
+std::string string_of(const lowra::Json& object, const char* key, const std::string& where) {
+  const lowra::Json& value = member(object, key, where);
+  if (!value.is_string()) fail(LOWRA_ERR_PROGRAM, where + ": '" + key + "' is " + value.type_name() + ", expected a string");
+  return value.text;
+}
+
+int64_t int_of(const lowra::Json& object, const char* key, const std::string& where, int64_t low, int64_t high) {
+  const lowra::Json& value = member(object, key, where);
+  if (!value.int_in(low, high))
+    fail(LOWRA_ERR_PROGRAM, where + ": '" + key + "' is " + value.brief() + ", expected an integer in [" +
+                                std::to_string(low) + ", " + std::to_string(high) + "]");
+  return value.integer;
+}
+
+std::vector<int64_t> shape_of(const lowra::Json& object, const std::string& where) {
+  const lowra::Json& value = member(object, "shape", where);
+  std::vector<int64_t> shape;
+  if (value.is_array() && value.items.size() == 2)
+    for (const auto& d : value.items)
+      if (d.int_in(1, int64_t{1} << 31)) shape.push_back(d.integer);
+  if (shape.size() != 2) fail(LOWRA_ERR_PROGRAM, where + ": shape is " + value.brief() + ", expected [rows, cols]");
+  return shape;
+}
+
+// A file of the folder against the manifest's sha256 (hashed through a read-only mapping).
+void verify_file(const std::string& path, const std::string& expected, const std::string& what) {
+  lowra::MappedFile mapped(path, what + " " + path + " is missing; copy the whole model folder");
+  lowra::Sha256 h;
+  h.update(mapped.data(), mapped.size());
+  if (h.hex() != expected)
+    fail(LOWRA_ERR_CHECKSUM, what + " " + path + " does not match the manifest (sha256 " + h.hex().substr(0, 16) +
+                                 "..., expected " + expected.substr(0, 16) + "...): the folder is corrupted or mixed "
+                                 "from two exports; copy it again or re-export");
+}
+
+double ms_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+template <typename F>
+lowra_status guarded(F&& body) {
+  try {
+    body();
+    return lowra_program_detail::ok();
+  } catch (const lowra::Error& e) {
+    return lowra_program_detail::fail(e.status(), e.what());
+  } catch (const std::bad_alloc&) {
+    return lowra_program_detail::fail(LOWRA_ERR_INTERNAL, "out of memory");
+  } catch (const std::exception& e) {
+    return lowra_program_detail::fail(LOWRA_ERR_INTERNAL, std::string("internal error: ") + e.what());
+  }
+}
+
+struct UserState {
+  std::string adapter_id, base_fingerprint;
+  size_t n_modules = 0, file_bytes = 0;
+  double effective_bits = 0, load_ms = 0, apply_ms = 0;
+};
+
+}  // namespace
+
+struct lowra_model {
+  std::string folder, mode, program_path;
+  int64_t max_seq_len = 0, rank = 0, vocab_size = 0;
+  std::map<std::string, ModuleInfo> modules;
+  std::vector<TensorRange> ranges;
+  std::unique_ptr<lowra::MappedFile> tmpl;  // the pristine data template, never written
+  // The active program and the data it reads (kept alive together; replaced together on a swap).
+  std::vector<uint8_t> data;
+  std::unique_ptr<Module> module;
+  std::unique_ptr<UserState> user;
+
+  // A copy of the template with the user's tensors written (factors empty = the base).
+  std::vector<uint8_t> compose(const lowra::Blob* blob) const {
+    std::vector<uint8_t> out(tmpl->data(), tmpl->data() + tmpl->size());
+    std::map<std::string, lowra::Factors> factors;
+    if (blob != nullptr)
+      for (size_t i = 0; i < blob->modules.size(); ++i) factors[blob->modules[i].name] = lowra::decode_factors(*blob, i);
+    for (const TensorRange& r : ranges) {
+      float* target = reinterpret_cast<float*>(out.data() + r.offset);
+      auto it = factors.find(r.module);
+      const lowra::Factors* f = it == factors.end() ? nullptr : &it->second;
+      const int64_t rows = r.shape[0], cols = r.shape[1];
+      if (mode == "side") {
+        std::fill(target, target + rows * cols, 0.0f);
+        if (f == nullptr || f->kept == 0) continue;
+        if (r.role == "down") {  // [rank, in] <- down [kept, in]
+          std::copy(f->down.begin(), f->down.end(), target);
+        } else {  // [out, rank] <- up [out, kept]
+          for (int64_t row = 0; row < rows; ++row)
+            std::copy(f->up.begin() + row * f->kept, f->up.begin() + (row + 1) * f->kept, target + row * cols);
+        }
+      } else if (f != nullptr) {
+        const float* pristine = reinterpret_cast<const float*>(tmpl->data() + r.offset);
+        lowra::merge_into(target, pristine, f->up.data(), f->down.data(), rows, f->kept, cols);
+      }
+    }
+    return out;
+  }
+
+  // Load the program over `next` and make both active; on failure nothing changes.
+  void activate(std::vector<uint8_t> next) {
+    auto loader = MmapDataLoader::from(program_path.c_str());
+    if (!loader.ok()) fail(LOWRA_ERR_PROGRAM, "cannot map the program " + program_path);
+    auto program_loader = std::make_unique<MmapDataLoader>(std::move(loader.get()));
+    auto data_loader = std::make_unique<BufferDataLoader>(next.data(), next.size());
+    auto fresh = std::make_unique<Module>(std::move(program_loader), nullptr, nullptr, nullptr, std::move(data_loader));
+    const lowra_status status = lowra_program_detail::load_forward(*fresh, program_path);
+    if (status != LOWRA_OK) throw lowra::Error(status, lowra_program_detail::last_error());
+    module.reset();  // the old program reads the old data: drop it first
+    module = std::move(fresh);
+    data = std::move(next);  // the vector's heap buffer (what the loader points at) moves with it
+  }
+};
+
+namespace {
+
+void read_manifest(lowra_model& m, bool verify) {
+  const std::string path = m.folder + "/manifest.json";
+  lowra::Json manifest;
+  std::string error;
+  if (!lowra::parse_json(read_text(path, "manifest"), manifest, error))
+    fail(LOWRA_ERR_PROGRAM, path + " is not valid JSON (" + error + "); re-export the model");
+  if (!manifest.is_object()) fail(LOWRA_ERR_PROGRAM, path + " is not a JSON object; re-export the model");
+  const lowra::Json* format = manifest.find("format");
+  const lowra::Json* version = manifest.find("format_version");
+  if (format == nullptr || !format->is_string() || format->text != kFormat || version == nullptr ||
+      !version->int_in(kFormatVersion, kFormatVersion))
+    fail(LOWRA_ERR_UNSUPPORTED_FORMAT, path + ": format " + (format ? format->brief() : "missing") + " version " +
+                                           (version ? version->brief() : "missing") + "; this runtime reads '" +
+                                           kFormat + "' version 1. Re-export the model or upgrade lowra");
+  m.max_seq_len = int_of(manifest, "max_seq_len", path, 2, 1 << 20);
+  m.rank = int_of(manifest, "rank", path, 1, 1 << 16);
+  m.vocab_size = int_of(manifest, "vocab_size", path, 1, 1 << 24);
+  const lowra::Json& modules = member(manifest, "modules", path);
+  if (!modules.is_object()) fail(LOWRA_ERR_PROGRAM, path + ": 'modules' is not an object");
+  for (const auto& [name, entry] : modules.members)
+    m.modules[name] = ModuleInfo{shape_of(entry, path + " module " + name), string_of(entry, "digest", path)};
+
+  // Kernels for custom-op programs: loaded once per process, into the runtime the programs run on.
+  const std::string ops = string_of(manifest, "ops", path);
+  if (ops == "custom") {
+    const std::string library = m.folder + "/" + string_of(manifest, "kernel_library", path);
+    if (verify) verify_file(library, string_of(manifest, "kernel_library_sha256", path), "kernel library");
+    if (!lowra_program_detail::has_operator("lowra::lowbit_linear.out")) {
+      if (dlopen(library.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr)  // never closed: kernels stay registered
+        fail(LOWRA_ERR_KERNEL, "cannot load the kernel library " + library + ": " + dlerror());
+      if (!lowra_program_detail::has_operator("lowra::lowbit_linear.out"))
+        fail(LOWRA_ERR_KERNEL, library + " loaded but registers no lowra::lowbit_linear.out; rebuild it");
+    }
+  } else if (ops != "aten") {
+    fail(LOWRA_ERR_PROGRAM, path + ": ops is '" + ops + "', expected 'custom' or 'aten'");
+  }
+
+  const lowra::Json& programs = member(manifest, "programs", path);
+  const lowra::Json* program = programs.is_object() ? programs.find(m.mode) : nullptr;
+  if (program == nullptr)
+    fail(LOWRA_ERR_PROGRAM, m.folder + " has no '" + m.mode + "' program; re-export with that mode");
+  const std::string where = path + " programs." + m.mode;
+  m.program_path = m.folder + "/" + string_of(*program, "program", where);
+  const std::string data_path = m.folder + "/" + string_of(*program, "data", where);
+  if (verify) {
+    verify_file(m.program_path, string_of(*program, "program_sha256", where), m.mode + " program");
+    verify_file(data_path, string_of(*program, "data_sha256", where), m.mode + " data template");
+  }
+  m.tmpl = std::make_unique<lowra::MappedFile>(data_path, "data template " + data_path + " is missing");
+  const lowra::Json& tensors = member(*program, "tensors", where);
+  if (!tensors.is_object()) fail(LOWRA_ERR_PROGRAM, where + ": 'tensors' is not an object");
+  for (const auto& [key, entry] : tensors.members) {
+    const size_t colon = key.rfind(':');
+    TensorRange r;
+    r.module = key.substr(0, colon == std::string::npos ? 0 : colon);
+    r.role = colon == std::string::npos ? "" : key.substr(colon + 1);
+    r.shape = shape_of(entry, where + " tensor " + key);
+    r.offset = static_cast<uint64_t>(int_of(entry, "offset", where, 0, int64_t{1} << 50));
+    r.nbytes = static_cast<uint64_t>(int_of(entry, "nbytes", where, 0, int64_t{1} << 50));
+    auto module = m.modules.find(r.module);
+    const bool side = m.mode == "side";
+    const bool role_ok = side ? (r.role == "down" || r.role == "up") : r.role == "weight";
+    if (module == m.modules.end() || !role_ok)
+      fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " names no adaptable module and role of this mode");
+    const auto& base = module->second.shape;
+    const std::vector<int64_t> want = !side ? base : r.role == "down" ? std::vector<int64_t>{m.rank, base[1]}
+                                                                      : std::vector<int64_t>{base[0], m.rank};
+    if (r.shape != want || r.nbytes != static_cast<uint64_t>(4 * want[0] * want[1]) || r.offset % 4 != 0 ||
+        r.offset + r.nbytes > m.tmpl->size())
+      fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " (" + lowra::shape_text(r.shape) + ", bytes " +
+                                  std::to_string(r.offset) + "+" + std::to_string(r.nbytes) + ") does not fit the " +
+                                  std::to_string(m.tmpl->size()) + "-byte data template or the base shape " +
+                                  lowra::shape_text(want) + "; re-export or copy the folder again");
+    m.ranges.push_back(std::move(r));
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+lowra_status lowra_model_open(const char* folder, const char* mode, int verify, lowra_model** out) {
+  if (out == nullptr || folder == nullptr || mode == nullptr)
+    return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_open: folder, mode and out must not be null");
+  *out = nullptr;
+  const std::string mode_text = mode;
+  if (mode_text != "side" && mode_text != "merge")
+    return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "mode '" + mode_text + "' is unknown; expected 'side' or "
+                                                          "'merge'");
+  return guarded([&] {
+    auto model = std::make_unique<lowra_model>();
+    model->folder = folder;
+    model->mode = mode_text;
+    read_manifest(*model, verify != 0);
+    model->activate(model->compose(nullptr));
+    *out = model.release();
+  });
+}
+
+void lowra_model_close(lowra_model* model) { delete model; }
+
+lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size_t blob_size, lowra_user_info* info) {
+  if (model == nullptr || blob == nullptr)
+    return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_user_load: model and blob must not be null");
+  return guarded([&] {
+    const auto start = std::chrono::steady_clock::now();
+    lowra::check_blob_size(blob, blob_size);
+    lowra::Blob parsed = lowra::parse_blob(blob, blob_size, "blob");
+    const auto shape_lookup = [model](const std::string& name) -> const std::vector<int64_t>* {
+      auto it = model->modules.find(name);
+      return it == model->modules.end() ? nullptr : &it->second.shape;
+    };
+    const auto digest_lookup = [model](const std::string& name) { return model->modules.at(name).digest; };
+    lowra::check_base_binding(parsed, "the program at " + model->folder, shape_lookup, digest_lookup);
+    if (model->mode == "side") {
+      for (size_t i = 0; i < parsed.modules.size(); ++i) {
+        const int64_t kept = lowra::decode_factors(parsed, i).kept;
+        if (kept > model->rank)
+          fail(LOWRA_ERR_CONTENT, "adapter '" + parsed.adapter_id + "' keeps " + std::to_string(kept) +
+                                      " components in " + parsed.modules[i].name + "; the side-branch program has "
+                                      "rank " + std::to_string(model->rank) + ". Use mode 'merge' or export with "
+                                      "rank >= " + std::to_string(kept));
+      }
+    }
+    const auto apply = std::chrono::steady_clock::now();
+    model->activate(model->compose(&parsed));
+    auto user = std::make_unique<UserState>();
+    user->adapter_id = parsed.adapter_id;
+    user->base_fingerprint = parsed.base_fingerprint;
+    user->n_modules = parsed.modules.size();
+    user->file_bytes = parsed.file_bytes;
+    user->effective_bits = 8.0 * static_cast<double>(parsed.file_bytes) /
+                           static_cast<double>(std::max<int64_t>(parsed.n_params, 1));
+    user->apply_ms = ms_since(apply);
+    user->load_ms = ms_since(start);
+    model->user = std::move(user);
+    if (info != nullptr) {
+      const UserState& u = *model->user;
+      *info = lowra_user_info{u.adapter_id.c_str(), u.base_fingerprint.c_str(), u.n_modules, u.file_bytes,
+                              u.effective_bits, u.load_ms, u.apply_ms};
+    }
+  });
+}
+
+lowra_status lowra_model_user_unload(lowra_model* model) {
+  if (model == nullptr) return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_user_unload: null model");
+  return guarded([&] {
+    model->activate(model->compose(nullptr));
+    model->user.reset();
+  });
+}
+
+lowra_status lowra_model_forward(lowra_model* model, const int64_t* ids, size_t n, int64_t start, float* logits,
+                                 size_t capacity, size_t* vocab) {
+  if (model == nullptr) return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_forward: null model");
+  if (start + static_cast<int64_t>(n) > model->max_seq_len)
+    return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, std::to_string(n) + " tokens at position " +
+                                                              std::to_string(start) + " pass the program's " +
+                                                              std::to_string(model->max_seq_len) + " positions");
+  try {
+    return lowra_program_detail::forward(*model->module, ids, n, start, logits, capacity, vocab);
+  } catch (const std::exception& e) {
+    return lowra_program_detail::fail(LOWRA_ERR_INTERNAL, std::string("internal error: ") + e.what());
+  }
+}
+
+lowra_status lowra_model_generate(lowra_model* model, const int64_t* prompt, size_t n, size_t max_new,
+                                  const int64_t* stop, size_t n_stop, int64_t* out, size_t* n_out) {
+  if (model == nullptr || prompt == nullptr || out == nullptr || n_out == nullptr || n == 0 || max_new == 0 ||
+      (stop == nullptr && n_stop != 0))
+    return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_generate: null argument, empty prompt or "
+                                                          "max_new 0");
+  *n_out = 0;
+  if (n >= static_cast<size_t>(model->max_seq_len))
+    return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "prompt of " + std::to_string(n) + " tokens does not fit "
+                                                          "the program's " + std::to_string(model->max_seq_len) +
+                                                          " positions");
+  const size_t budget = std::min(max_new, static_cast<size_t>(model->max_seq_len) - n);
+  std::vector<float> logits(n * static_cast<size_t>(model->vocab_size));
+  size_t vocab = 0;
+  auto argmax_row = [&](size_t row) {
+    const float* r = logits.data() + row * vocab;
+    return static_cast<int64_t>(std::max_element(r, r + vocab) - r);
+  };
+  lowra_status status = lowra_model_forward(model, prompt, n, 0, logits.data(), logits.size(), &vocab);
+  if (status != LOWRA_OK) return status;
+  int64_t token = argmax_row(n - 1);
+  int64_t position = static_cast<int64_t>(n);
+  while (std::find(stop, stop + n_stop, token) == stop + n_stop) {
+    out[(*n_out)++] = token;
+    if (*n_out >= budget) break;
+    status = lowra_model_forward(model, &token, 1, position, logits.data(), logits.size(), &vocab);
+    if (status != LOWRA_OK) return status;
+    token = argmax_row(0);
+    ++position;
+  }
+  return lowra_program_detail::ok();
+}
+
+size_t lowra_model_vocab_size(const lowra_model* model) { return model ? static_cast<size_t>(model->vocab_size) : 0; }
+size_t lowra_model_max_seq_len(const lowra_model* model) { return model ? static_cast<size_t>(model->max_seq_len) : 0; }
+
+}  // extern "C"

@@ -1,0 +1,129 @@
+"""liblowra_program (CMake, on the executorch wheel's C++ runtime) on an exported model folder, against the Python
+ExecutorchEngine: the same logits (side branch bit for bit: the same bytes reach the same program; merge within
+float32 summation order), the same greedy tokens, bit-exact swaps back to the base, and the same refusals. Then the
+example app, lowra_chat, generating and swapping users from token ids."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lowra.device_runtime.errors import BaseMismatchError, BlobTruncatedError, ChecksumMismatchError
+
+from tests.device_runtime.native.liblowra import Model, build, missing_toolchain
+from tests.export.executorch.test_executorch_artifacts import (
+    MAX_SEQ_LEN,
+    copy_folder,
+    exported,
+    requires_executorch,
+    user_blobs,
+)
+
+pytestmark = requires_executorch
+IDS = np.array([5, 17, 42, 7, 99, 123, 64, 250, 11], dtype=np.int64)
+MERGE_TOL = 1e-5  # merge_into's k-sum order (liblowra's loop vs numpy's BLAS); the side branch is exact
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory) -> Path:
+    reason = missing_toolchain()
+    if reason:
+        pytest.skip(f"cannot build liblowra: {reason}")
+    folder = build(tmp_path_factory.mktemp("liblowra-program-build"))
+    assert (folder / "liblowra_program.so").is_file(), "CMake did not find the executorch wheel's runtime"
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from lowra.device_runtime.engines.executorch import ExecutorchEngine
+
+    eng = ExecutorchEngine(exported())
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize("mode", ["side", "merge"])
+def test_logits_and_tokens_equal_the_python_engine_and_swaps_are_exact(build_dir, engine, mode):
+    from lowra.device_runtime.engines.generation import GenerationConfig
+
+    model = Model(build_dir / "liblowra_program.so", exported(), mode)
+    try:
+        base_logits = model.logits(IDS)
+        engine.load_user(user_blobs()[0], mode=mode)  # the engine's program of this mode, then its base
+        engine.unload_user()
+        assert np.array_equal(base_logits, engine.logits(IDS))
+        n = MAX_SEQ_LEN - IDS.size - 1
+        base_tokens = model.generate(IDS, n)
+        assert base_tokens == engine.generate_ids(IDS, GenerationConfig(max_new_tokens=n))
+        for i, blob in enumerate(user_blobs(), start=1):
+            info = model.load(blob.read_bytes())
+            assert info.adapter_id.decode() == f"user{i}" and info.n_modules > 0
+            engine.load_user(blob, mode=mode)
+            got, want = model.logits(IDS), engine.logits(IDS)
+            if mode == "side":
+                assert np.array_equal(got, want)
+            else:
+                assert np.abs(got - want).max() < MERGE_TOL
+            assert np.abs(got - base_logits).max() > 1e-2  # the user really changes the output
+            assert model.generate(IDS, n) == engine.generate_ids(IDS, GenerationConfig(max_new_tokens=n))
+        model.unload()
+        assert np.array_equal(model.logits(IDS), base_logits)
+        assert model.generate(IDS, n) == base_tokens
+    finally:
+        model.close()
+
+
+def test_refusals_keep_the_active_user(build_dir, tmp_path):
+    from tests.device_runtime.engines.test_executorch import other_base_blob
+
+    model = Model(build_dir / "liblowra_program.so", exported(), "side")
+    try:
+        blob = user_blobs()[0].read_bytes()
+        model.load(blob)
+        user_logits = model.logits(IDS)
+        with pytest.raises(BlobTruncatedError):
+            model.load(blob[:-1])
+        with pytest.raises(BaseMismatchError, match="was trained against base"):
+            model.load(other_base_blob(tmp_path).read_bytes())
+        assert np.array_equal(model.logits(IDS), user_logits)
+    finally:
+        model.close()
+    folder = copy_folder(exported(), "native-corrupt")
+    data = bytearray((folder / "side.ptd").read_bytes())
+    data[-1] ^= 1
+    (folder / "side.ptd").write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match="side data template"):
+        Model(build_dir / "liblowra_program.so", folder, "side")
+
+
+def test_lowra_chat_generates_and_swaps_users_from_token_ids(build_dir, engine, tmp_path):
+    from lowra.device_runtime.engines.generation import GenerationConfig
+
+    first, second = user_blobs()
+    corrupt = tmp_path / "corrupt.lowra"
+    corrupt.write_bytes(second.read_bytes()[:-1])
+    prompt = " ".join(str(i) for i in IDS)
+    script = "\n".join([f"generate 6 {prompt}", f"load {first}", f"generate 6 {prompt}", f"load {corrupt}", "user",
+                        "unload", f"generate 6 {prompt}", "user", "quit"]) + "\n"
+    result = subprocess.run([str(build_dir / "lowra_chat"), str(exported()), "side"], input=script,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+
+    def tokens(user):
+        if user is None:
+            engine.unload_user()
+        else:
+            engine.load_user(user, mode="side")
+        return "ok tokens " + " ".join(str(t) for t in engine.generate_ids(IDS, GenerationConfig(max_new_tokens=6)))
+
+    assert lines[0].startswith("ok model") and "vocab 300" in lines[0]
+    assert lines[1] == tokens(None)
+    assert lines[2].startswith("ok user user1")
+    assert lines[3] == tokens(first) and lines[3] != lines[1]
+    assert lines[4].startswith("error 3 ") and "truncated" in lines[4]
+    assert lines[5] == "ok user user1"  # the refused blob kept the previous user
+    assert lines[6] == "ok unloaded" and lines[7] == lines[1] and lines[8] == "ok user none"
