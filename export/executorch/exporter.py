@@ -112,6 +112,11 @@ class AtenLowBitLinear(nn.Module):
             self.register_buffer("inverse_order", torch.argsort(rows_in_order))
         self.register_buffer("scales", layer.scales.clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.float().clone())
+        # A recovered base's accuracy-recovery adapter (format version 2): float16 constants, applied as LowBitLinear
+        # applies it, a low-rank term beside the decoded weight.
+        self.register_buffer("recovery_A", None if layer.recovery_A is None else layer.recovery_A.clone())
+        self.register_buffer("recovery_B", None if layer.recovery_B is None else layer.recovery_B.clone())
+        self.recovery_scaling = layer.recovery_scaling
 
     def decode(self) -> Tensor:
         blocks = []
@@ -130,7 +135,10 @@ class AtenLowBitLinear(nn.Module):
         return weight
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.decode(), self.bias)
+        y = F.linear(x, self.decode(), self.bias)
+        if self.recovery_A is None:
+            return y
+        return y + F.linear(F.linear(x, self.recovery_A.float()), self.recovery_B.float()) * self.recovery_scaling
 
 
 class SideBranchLinear(nn.Module):
@@ -238,7 +246,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
     generator = torch.Generator().manual_seed(0)
     for path, layer in lowbit_layers(model).items():
         if mode == "merge" and path in targets:
-            _replace(model, path, MergedLinear(layer.dequantize(), layer.bias))
+            # The weight a blob binds to and merges onto: the decode plus a recovery adapter's term, if any.
+            _replace(model, path, MergedLinear(layer.effective_weight(), layer.bias))
             user_modules[f"model.{path}.weight"] = (path, "weight")
             continue
         packed: nn.Module = AtenLowBitLinear(layer) if config.ops == "aten" else layer
@@ -345,13 +354,6 @@ def export_executorch(
             "the model has no LowBitLinear layers; quantize it first (sdk.quant.base.quantize_model, then "
             "sdk.quant.lowbit_linear.replace_linears) so the program carries the packed base"
         )
-    recovered = [name for name, layer in layers.items() if layer.recovery_A is not None]
-    if recovered:
-        raise ConfigError(
-            f"the base carries a recovery adapter ({len(recovered)} layers, e.g. {recovered[0]!r}; format version 2); "
-            "the ExecuTorch exporter does not apply it yet and would ship the base without it. Export the plain base, "
-            "or run the recovered base with DeviceRuntime"
-        )
     targets = linear_module_names(model, config.targets)
     missing = [t for t in targets if t not in layers]
     if missing:
@@ -364,7 +366,7 @@ def export_executorch(
         shutil.copyfile(library, out / LIBRARY_NAME)
     digests, shapes = {}, {}
     for name in targets:
-        weight = layers[name].dequantize().detach().cpu().contiguous().numpy()
+        weight = layers[name].effective_weight().detach().cpu().contiguous().numpy()
         digests[name], shapes[name] = fmt.tensor_digest(weight), list(weight.shape)
     packed_bytes = {k: 0 for k in ("codes", "codebooks", "scales", "widths")}
     for layer in layers.values():

@@ -79,7 +79,7 @@ void decode_channel(const Blob& blob, int64_t channel, float* out, int64_t strid
 
 Blob parse_blob(const uint8_t* data, size_t size, const std::string& what) {
   Header header = parse_header(data, size, what, kBlobLimits);
-  check_envelope(header, what, "lowra-adapter",
+  check_envelope(header, what, "lowra-adapter", {"1"},
                  {"format", "format_version", "adapter_id", "base_fingerprint", "lora", "modules", "scheme",
                   "payload_sha256", "created", "card"},
                  "this is not a lowra adapter blob", "re-export the adapter");

@@ -283,7 +283,8 @@ std::string payload_digest(const Header& header, const uint8_t* data) {
 }
 
 void check_envelope(const Header& header, const std::string& what, const std::string& format_name,
-                    const std::vector<std::string>& required, const std::string& not_this, const std::string& remedy) {
+                    const std::vector<std::string>& reads, const std::vector<std::string>& required,
+                    const std::string& not_this, const std::string& remedy) {
   auto get = [&](const std::string& key) -> const std::string* {
     auto it = header.metadata.find(key);
     return it == header.metadata.end() ? nullptr : &it->second;
@@ -293,10 +294,14 @@ void check_envelope(const Header& header, const std::string& what, const std::st
     fail(LOWRA_ERR_UNSUPPORTED_FORMAT, what + ": format is " + (format ? short_repr(*format, 1 << 20) : "None") +
                                            ", expected '" + format_name + "'; " + not_this);
   const std::string* version = get("format_version");
-  if (!version || *version != "1")  // exactly "1", not " 1", "01" or "+1"
+  // Exactly as written ("1", not " 1", "01" or "+1").
+  if (!version || std::find(reads.begin(), reads.end(), *version) == reads.end()) {
+    std::string known;
+    for (size_t i = 0; i < reads.size(); ++i) known += (i ? ", " : "") + reads[i];
     fail(LOWRA_ERR_UNSUPPORTED_FORMAT, what + ": format version " + (version ? short_repr(*version, 1 << 20) : "None") +
-                                           " is not supported; this runtime reads versions [1]. Upgrade lowra on the "
-                                           "device or " + remedy);
+                                           " is not supported; this runtime reads versions [" + known +
+                                           "]. Upgrade lowra on the device or " + remedy);
+  }
   std::string missing;
   for (const auto& key : required)
     if (!get(key)) missing += (missing.empty() ? "'" : ", '") + key + "'";

@@ -70,9 +70,11 @@ std::vector<ModuleRow> module_entries(const Json& value, const std::string& what
 
 // container.payload_digest over every tensor of `header` (bytes at `data`) and every metadata entry but itself.
 std::string payload_digest(const Header& header, const uint8_t* data);
-// container.check_envelope: the format name, a version this reader knows, and the required keys.
+// container.check_envelope: the format name, a version this reader knows (`reads`, spelled exactly), and the
+// required keys.
 void check_envelope(const Header& header, const std::string& what, const std::string& format_name,
-                    const std::vector<std::string>& required, const std::string& not_this, const std::string& remedy);
+                    const std::vector<std::string>& reads, const std::vector<std::string>& required,
+                    const std::string& not_this, const std::string& remedy);
 // container.verify_payload.
 void verify_payload(const Header& header, const uint8_t* data, const std::string& what, const std::string& remedy);
 // container.decode_json_metadata for one key (BlobContentError when it is not strict JSON in canonical form).

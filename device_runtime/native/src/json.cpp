@@ -238,35 +238,6 @@ class Parser {
   }
 };
 
-// Python's float.__repr__, which json.dumps writes: the shortest digits that read back to `value` (std::to_chars
-// and Python both pick the closest such string), laid out as repr lays them out: "1e-05", "1.5e+16", "-0.0", "1.0",
-// "0.0001", "123.25". Exponent form when the decimal exponent is below -4 or at least 16, with at least two
-// exponent digits and no ".0" on a one-digit mantissa; otherwise fixed, with at least one digit after the point.
-void append_python_float(std::string& out, double value) {
-  char buf[64];
-  auto result = std::to_chars(buf, buf + sizeof buf, value, std::chars_format::scientific);
-  std::string_view text(buf, static_cast<size_t>(result.ptr - buf));  // "-1.2345e+02": mantissa, 'e', sign, digits
-  size_t e = text.find('e');
-  std::string digits;
-  for (char c : text.substr(0, e))
-    if (c >= '0' && c <= '9') digits += c;
-  int exponent = 0;
-  for (char c : text.substr(e + 2)) exponent = exponent * 10 + (c - '0');
-  if (text[e + 1] == '-') exponent = -exponent;
-  if (std::signbit(value)) out += '-';
-  if (exponent < -4 || exponent >= 16) {
-    out += digits[0];
-    if (digits.size() > 1) out += '.' + digits.substr(1);
-    std::snprintf(buf, sizeof buf, "e%c%02d", exponent < 0 ? '-' : '+', exponent < 0 ? -exponent : exponent);
-    out += buf;
-  } else if (exponent < 0) {
-    out += "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
-  } else {
-    auto point = static_cast<size_t>(exponent) + 1;  // digits before the decimal point
-    if (digits.size() <= point) out += digits + std::string(point - digits.size(), '0') + ".0";
-    else out += digits.substr(0, point) + '.' + digits.substr(point);
-  }
-}
 
 void append_canonical(std::string& out, const Json& value) {
   switch (value.kind) {
@@ -351,6 +322,36 @@ std::string Json::brief(size_t limit) const {
 bool parse_json(std::string_view text, Json& out, std::string& error) {
   out = Json{};
   return Parser(text).parse(out, error);
+}
+
+// Python's float.__repr__, which json.dumps writes: the shortest digits that read back to `value` (std::to_chars
+// and Python both pick the closest such string), laid out as repr lays them out: "1e-05", "1.5e+16", "-0.0", "1.0",
+// "0.0001", "123.25". Exponent form when the decimal exponent is below -4 or at least 16, with at least two
+// exponent digits and no ".0" on a one-digit mantissa; otherwise fixed, with at least one digit after the point.
+void append_python_float(std::string& out, double value) {
+  char buf[64];
+  auto result = std::to_chars(buf, buf + sizeof buf, value, std::chars_format::scientific);
+  std::string_view text(buf, static_cast<size_t>(result.ptr - buf));  // "-1.2345e+02": mantissa, 'e', sign, digits
+  size_t e = text.find('e');
+  std::string digits;
+  for (char c : text.substr(0, e))
+    if (c >= '0' && c <= '9') digits += c;
+  int exponent = 0;
+  for (char c : text.substr(e + 2)) exponent = exponent * 10 + (c - '0');
+  if (text[e + 1] == '-') exponent = -exponent;
+  if (std::signbit(value)) out += '-';
+  if (exponent < -4 || exponent >= 16) {
+    out += digits[0];
+    if (digits.size() > 1) out += '.' + digits.substr(1);
+    std::snprintf(buf, sizeof buf, "e%c%02d", exponent < 0 ? '-' : '+', exponent < 0 ? -exponent : exponent);
+    out += buf;
+  } else if (exponent < 0) {
+    out += "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+  } else {
+    auto point = static_cast<size_t>(exponent) + 1;  // digits before the decimal point
+    if (digits.size() <= point) out += digits + std::string(point - digits.size(), '0') + ".0";
+    else out += digits.substr(0, point) + '.' + digits.substr(point);
+  }
 }
 
 std::string canonical_json(const Json& value) {

@@ -55,4 +55,7 @@ bool parse_json(std::string_view text, Json& out, std::string& error);
 // repr() (shortest round-trip digits; exponent form below 1e-4 and from 1e16 on).
 std::string canonical_json(const Json& value);
 
+// Python's repr of a float ("1.0", "1e-05", "0.0001"), appended to `out`.
+void append_python_float(std::string& out, double value);
+
 }  // namespace lowra

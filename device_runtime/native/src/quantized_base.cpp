@@ -4,9 +4,11 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 
 #include "container.hpp"
 #include "error.hpp"
+#include "json.hpp"
 #include "sha256.hpp"
 #include "unicode.hpp"
 
@@ -107,9 +109,22 @@ void validate_layer(const Layer& layer, const uint8_t* data, const std::string& 
   }
 }
 
+// A version-2 base's accuracy-recovery adapter (docs/FORMAT.md "Version 2"): per module, float16 A [rank, in] and
+// B [out, rank]; the layer's weight is float32(decode + scaling * sum_k B[:, k] A[k, :]).
+struct Recovery {
+  int64_t rank = 0;
+  double scaling = 0;
+  std::map<std::string, std::pair<const TensorInfo*, const TensorInfo*>> factors;  // module -> (lora_A, lora_B)
+};
+
+constexpr const char* kRecoveryKey = "recovery";
+constexpr const char* kRecoveryPrefix = "recovery.";
+constexpr int64_t kMaxRecoveryRank = 1024;
+
 // quantized_fingerprint: the modules sorted by name, each its line and its four tensors as stored (widths
-// re-encoded from the decoded widths, so padding bits do not count).
-std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_t* data) {
+// re-encoded from the decoded widths, so padding bits do not count); with a recovery adapter, its line and its
+// tensors sorted by name.
+std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_t* data, const Recovery* recovery) {
   std::sort(layers.begin(), layers.end(), [](const Layer* a, const Layer* b) { return a->name < b->name; });
   Sha256 h;
   for (const Layer* layer : layers) {
@@ -132,7 +147,103 @@ std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_
       }
     }
   }
+  if (recovery != nullptr) {
+    std::string line = "recovery|" + std::to_string(recovery->rank) + "|";
+    append_python_float(line, recovery->scaling);
+    h.update(line + "\n");
+    std::map<std::string, const TensorInfo*> sorted;
+    for (const auto& [module, pair] : recovery->factors) {
+      sorted[pair.first->name] = pair.first;
+      sorted[pair.second->name] = pair.second;
+    }
+    for (const auto& [name, info] : sorted) {
+      h.update(name + "|" + numpy_dtype_str(info->dtype) + "|" + shape_text(info->shape) + "|");
+      h.update(data + info->start, info->end - info->start);
+    }
+  }
   return "sha256:" + h.hex();
+}
+
+// formats.quantized_base._read_recovery then _check_recovery, in their order and with their refusals.
+Recovery read_recovery(const Json& value, const Header& header, const std::map<std::string, size_t>& layer_index,
+                       const std::vector<Layer>& layers, const uint8_t* data, const std::string& what) {
+  const Json* rank = value.is_object() ? value.find("rank") : nullptr;
+  const Json* scaling = value.is_object() ? value.find("scaling") : nullptr;
+  const Json* modules = value.is_object() ? value.find("modules") : nullptr;
+  if (!rank || !scaling || !modules)
+    fail(LOWRA_ERR_CONTENT, what + ": the recovery metadata must be an object with rank, scaling and modules");
+  std::map<std::string, bool> seen;
+  bool distinct = modules->is_array();
+  if (distinct)
+    for (const Json& m : modules->items) distinct = distinct && m.is_string() && seen.emplace(m.text, true).second;
+  if (!distinct) fail(LOWRA_ERR_CONTENT, what + ": recovery modules must be a list of distinct module names");
+  Recovery recovery;
+  for (const Json& m : modules->items) {
+    const TensorInfo* pair[2];
+    int t = 0;
+    for (const char* tname : {"lora_A", "lora_B"}) {
+      const std::string key = kRecoveryPrefix + m.text + "." + tname;
+      const TensorInfo* info = header.find(key);
+      if (!info) fail(LOWRA_ERR_CONTENT, what + ": the recovery adapter names module " + short_repr(m.text, 1 << 20) +
+                                             " but lacks " + key);
+      if (info->dtype != "F16")
+        fail(LOWRA_ERR_CONTENT, what + ": " + key + " is " + numpy_name(info->dtype) + ", expected float16");
+      pair[t++] = info;
+    }
+    recovery.factors[m.text] = {pair[0], pair[1]};
+  }
+  const std::string where = what + ": recovery adapter";
+  if (!rank->int_in(1, kMaxRecoveryRank))
+    fail(LOWRA_ERR_CONTENT, where + ": rank " + rank->brief() + " is not an integer in 1.." +
+                                std::to_string(kMaxRecoveryRank));
+  recovery.rank = rank->integer;
+  const bool number = (scaling->is_int() && !scaling->int_overflow) || scaling->kind == Json::Kind::Float;
+  recovery.scaling = scaling->is_int() ? static_cast<double>(scaling->integer) : scaling->number;
+  if (!number || !std::isfinite(recovery.scaling) || !(recovery.scaling > 0))
+    fail(LOWRA_ERR_CONTENT, where + ": scaling " + scaling->brief() + " is not a finite number > 0");
+  if (recovery.factors.empty())
+    fail(LOWRA_ERR_CONTENT, where + ": names no module; a recovery adapter covers at least one quantized layer");
+  for (const Json& m : modules->items) {  // in the metadata's order, as Python iterates its dict
+    auto it = layer_index.find(m.text);
+    if (it == layer_index.end())
+      fail(LOWRA_ERR_CONTENT, where + ": module " + short_repr(m.text, 1 << 20) + " is not a quantized layer of this base");
+    const Layer& layer = layers[it->second];
+    const auto& [a, b] = recovery.factors.at(m.text);
+    const std::pair<const TensorInfo*, std::vector<int64_t>> wants[2] = {{a, {recovery.rank, layer.in}},
+                                                                         {b, {layer.out, recovery.rank}}};
+    for (const auto& [info, want] : wants) {
+      if (info->shape != want)
+        fail(LOWRA_ERR_CONTENT, where + ": " + info->name + " is float16 " + shape_text(info->shape) +
+                                    ", expected float16 " + shape_text(want));
+      if (!all_finite(info->dtype, data + info->start, info->numel()))
+        fail(LOWRA_ERR_CONTENT, where + ": " + info->name + " contains NaN or Inf (as float16)");
+    }
+  }
+  return recovery;
+}
+
+// recovered_weight: float32(decode + scaling * acc), acc = sum over k ascending of B[:, k] * A[k, :] in float64
+// (each product of two float16 values is exact; no fused multiply-add: built with -ffp-contract=off).
+void apply_recovery(std::vector<float>& weight, const Layer& layer, const Recovery& recovery, const uint8_t* data) {
+  const auto& [a_info, b_info] = recovery.factors.at(layer.name);
+  const int64_t rank = recovery.rank, in = layer.in;
+  std::vector<float> a(a_info->numel()), b(b_info->numel());
+  to_float32("F16", data + a_info->start, a.size(), a.data(), true);
+  to_float32("F16", data + b_info->start, b.size(), b.data(), true);
+  std::vector<double> acc(static_cast<size_t>(in));
+  for (int64_t r = 0; r < layer.out; ++r) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t k = 0; k < rank; ++k) {
+      const double bk = b[r * rank + k];
+      const float* a_row = a.data() + k * in;
+      for (int64_t c = 0; c < in; ++c) acc[c] += bk * static_cast<double>(a_row[c]);
+    }
+    float* row = weight.data() + r * in;
+    for (int64_t c = 0; c < in; ++c) {
+      const double scaled = recovery.scaling * acc[c];
+      row[c] = static_cast<float>(static_cast<double>(row[c]) + scaled);
+    }
+  }
 }
 
 // QuantizedWeight.dequantize: W[r, j] = codebook_r[code[r, j]] * scale[r, j // group_size] in float32.
@@ -166,7 +277,7 @@ std::vector<float> dequantize(const Layer& layer, const uint8_t* data) {
 
 std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out) {
   Header header = parse_header(data, size, what, kBaseLimits);
-  check_envelope(header, what, "lowra-base",
+  check_envelope(header, what, "lowra-base", {"1", "2"},
                  {"format", "format_version", "modules", "group_size", "aliases", "source", "scheme", "report",
                   "fingerprint", "payload_sha256", "created"},
                  "this is not a lowra quantized base (an adapter blob says 'lowra-adapter'; a plain model folder is "
@@ -214,12 +325,39 @@ std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::s
     layer_index[m.name] = layers.size();
     layers.push_back(std::move(layer));
   }
+  std::unique_ptr<Recovery> recovery;
+  const bool has_recovery_key = header.metadata.count(kRecoveryKey) != 0;
+  const bool has_recovery_tensor = std::any_of(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& t) {
+    return t.name.rfind(kRecoveryPrefix, 0) == 0;
+  });
+  if (header.metadata.at("format_version") == "2") {
+    if (!has_recovery_key)
+      fail(LOWRA_ERR_CONTENT, what + ": a version-2 base needs the '" + kRecoveryKey + "' metadata");
+    recovery = std::make_unique<Recovery>(
+        read_recovery(decode_json_metadata(header, kRecoveryKey, what), header, layer_index, layers, data, what));
+    std::vector<std::string> stray;
+    for (const auto& t : header.tensors) {
+      if (t.name.rfind(kRecoveryPrefix, 0) != 0) continue;
+      layer_tensor_names[t.name] = true;
+      const std::string rest = t.name.substr(std::string(kRecoveryPrefix).size());
+      const size_t dot = rest.rfind('.');
+      const std::string module = dot == std::string::npos ? "" : rest.substr(0, dot);
+      const std::string tname = dot == std::string::npos ? "" : rest.substr(dot + 1);
+      if (!recovery->factors.count(module) || (tname != "lora_A" && tname != "lora_B")) stray.push_back(t.name);
+    }
+    if (!stray.empty())
+      fail(LOWRA_ERR_CONTENT, what + ": recovery tensors ['" + stray[0] + "'" + (stray.size() > 1 ? ", ..." : "") +
+                                  "] belong to no module the metadata names");
+  } else if (has_recovery_key || has_recovery_tensor) {
+    fail(LOWRA_ERR_CONTENT, what + ": a version-1 base carries recovery data; only version 2 may (re-run `lowra "
+                                   "recover`)");
+  }
   std::vector<const TensorInfo*> dense;
   for (const auto& t : header.tensors)
     if (!layer_tensor_names.count(t.name)) dense.push_back(&t);
   std::vector<const Layer*> layer_ptrs;
   for (const auto& l : layers) layer_ptrs.push_back(&l);
-  std::string fingerprint = quantized_fingerprint(layer_ptrs, data);
+  std::string fingerprint = quantized_fingerprint(layer_ptrs, data, recovery.get());
   const std::string& stored = header.metadata.at("fingerprint");
   if (fingerprint != stored)
     fail(LOWRA_ERR_CHECKSUM, what + ": the quantized layers hash to " + fingerprint.substr(0, 23) + "..., the file says " +
@@ -254,7 +392,9 @@ std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::s
   for (const Layer& layer : layers) {
     Tensor t;
     t.shape = {layer.out, layer.in};
-    t.values = std::make_shared<const std::vector<float>>(dequantize(layer, data));
+    std::vector<float> weight = dequantize(layer, data);
+    if (recovery && recovery->factors.count(layer.name)) apply_recovery(weight, layer, *recovery, data);
+    t.values = std::make_shared<const std::vector<float>>(std::move(weight));
     out.add(layer.name + ".weight", std::move(t));
   }
   for (const TensorInfo* info : dense) {

@@ -459,7 +459,7 @@ def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
     flipped = bytearray(good)
     flipped[header.tensors["model.norm.weight"].start] ^= 1
     cases["flip_dense"] = bytes(flipped)
-    rewrite("version", _set("format_version", "3"))  # 2 is a recovered base: Python reads it, liblowra does not yet
+    rewrite("version", _set("format_version", "3"))  # neither reader knows version 3
     rewrite("adapter", lambda m: m.update(format="lowra-adapter"))
     rewrite("tampered_layer", tensor_edit=lambda t: t.__setitem__("model.layers.0.q_proj.codes",
                                                                   t["model.layers.0.q_proj.codes"] ^ np.uint8(1)))
@@ -480,6 +480,92 @@ def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
     paths["empty_folder"] = tmp_path / "empty"
     paths["empty_folder"].mkdir()
     return paths
+
+
+def write_recovered(path: Path, scaling: float = 0.375) -> Path:
+    """write_quantized's base with an accuracy-recovery adapter on two of its layers (format version 2)."""
+    from lowra.device_runtime.formats.quantized_base import Recovery
+
+    plain = read_quantized_base(write_quantized(path.with_name("plain-" + path.name)))
+    rng = np.random.default_rng(3)
+    factors = {name: ((rng.standard_normal((3, w.in_features)) * 2).astype(np.float16),
+                      (rng.standard_normal((w.out_features, 3)) * 0.01).astype(np.float16))
+               for name, w in list(plain.layers.items())[:2]}
+    recovered = plain.__class__(layers=plain.layers, dense=plain.dense, metadata=plain.metadata, fingerprint="",
+                                aliases=plain.aliases, recovery=Recovery(rank=3, scaling=scaling, factors=factors))
+    return recovered.write(path)
+
+
+@pytest.mark.parametrize("scaling", [0.375, 2.0, 1e-05])  # repr spellings in the fingerprint: "0.375", "2.0", "1e-05"
+def test_recovered_base_decodes_bit_exactly_and_binds_users(native, tmp_path, scaling):
+    path = write_recovered(tmp_path / "recovered.safetensors", scaling)
+    runtime = DeviceRuntime(path)
+    handle = native.open(path)
+    try:
+        reference = read_quantized_base(path).dequantized_state_dict()
+        assert sorted(native.tensor_names(handle)) == sorted(reference)  # recovery factors are not model tensors
+        for name, array in reference.items():
+            if np.issubdtype(array.dtype, np.floating):
+                assert np.array_equal(native.weight(handle, name), array), name
+        plain = read_quantized_base(tmp_path / "plain-recovered.safetensors").dequantized_state_dict()
+        assert not np.array_equal(reference["model.layers.0.q_proj.weight"], plain["model.layers.0.q_proj.weight"])
+        modules = ["model.layers.0.q_proj", "model.layers.1.q_proj", "model.layers.0.down_proj"]
+        assert native.fingerprint(handle, modules) == runtime.base.fingerprint(modules)
+        shapes = {m: runtime.base.tensors[f"{m}.weight"].shape for m in modules}
+        load_both(native, handle, runtime, blob_for(runtime.base, dyadic_levels, modules=shapes))
+        assert_same_weights(native, handle, runtime)
+        native.unload(handle)  # a swap back restores the recovered weights, never the plain decode
+        assert np.array_equal(native.weight(handle, "model.layers.0.q_proj.weight"),
+                              reference["model.layers.0.q_proj.weight"])
+    finally:
+        native.close(handle)
+
+
+def test_corrupt_recovered_bases_are_refused_alike(native, tmp_path):
+    good = write_recovered(tmp_path / "good.safetensors").read_bytes()
+    header = parse_header(good, len(good), "x")
+    dtypes = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "I64": np.int64}
+    recovery = json.loads(header.metadata["recovery"])
+    a_name = f"recovery.{recovery['modules'][0]}.lora_A"
+    cases: dict[str, bytes] = {}
+
+    def rewrite(name: str, meta_edit=None, tensor_edit=None) -> None:
+        tensors = {n: np.frombuffer(good, np.uint8, i.end - i.start, i.start).view(dtypes[i.dtype]).reshape(i.shape).copy()
+                   for n, i in header.tensors.items()}
+        meta = dict(header.metadata)
+        if meta_edit:
+            meta_edit(meta)
+        if tensor_edit:
+            tensor_edit(tensors)
+        meta["payload_sha256"] = fmt.payload_digest(tensors, meta)
+        cases[name] = serialize(tensors, meta)
+
+    def recovery_meta(**edit):
+        return _set("recovery", json.dumps({**recovery, **edit}, separators=(",", ":"), sort_keys=True))
+
+    rewrite("as_version_1", _set("format_version", "1"))
+    rewrite("no_metadata", lambda m: m.pop("recovery"))
+    rewrite("rank_0", recovery_meta(rank=0))
+    rewrite("rank_float", recovery_meta(rank=3.0))
+    rewrite("scaling_negative", recovery_meta(scaling=-0.5))
+    rewrite("scaling_text", recovery_meta(scaling="0.5"))
+    rewrite("unknown_module", recovery_meta(modules=[*recovery["modules"], "model.norm"]))
+    rewrite("repeated_module", recovery_meta(modules=[recovery["modules"][0]] * 2))
+    rewrite("no_modules", recovery_meta(modules=[]))
+    rewrite("missing_tensor", tensor_edit=lambda t: t.pop(a_name))
+    rewrite("float32_tensor", tensor_edit=lambda t: t.__setitem__(a_name, t[a_name].astype(np.float32)))
+    rewrite("wrong_shape", tensor_edit=lambda t: t.__setitem__(a_name, t[a_name][:, :-1].copy()))
+    rewrite("nan_factor", tensor_edit=lambda t: t[a_name].__setitem__((0, 0), np.nan))
+    rewrite("stray_tensor", tensor_edit=lambda t: t.__setitem__("recovery.model.norm.lora_A", np.zeros(2, np.float16)))
+    rewrite("tampered_factor", tensor_edit=lambda t: t[a_name].__setitem__((0, 0), t[a_name][0, 0] + 1))
+    rewrite("scaling_changed", recovery_meta(scaling=0.5))  # valid, but not the adapter the fingerprint covers
+    for case, data in cases.items():
+        path = tmp_path / f"{case}.safetensors"
+        path.write_bytes(data)
+        expected = python_error(lambda path=path: BaseWeights(path))
+        got = python_error(lambda path=path: native.close(native.open(path)))
+        assert expected is not None, f"{case}: the numpy reader accepted it"
+        assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
 
 
 def test_corrupt_bases_are_refused_alike(native, tmp_path):

@@ -20,6 +20,7 @@ from lowra.sdk.training.calibration import calibration_batches
 from lowra.sdk.workflow import model_fingerprint
 
 from tests.conftest import build_tiny_model
+from tests.export.executorch.test_executorch_artifacts import requires_executorch
 
 FAST = RecoveryConfig(rank=4, alpha=8.0, steps=40, learning_rate=1e-2, warmup_steps=2, batch_size=4, length=32,
                       sequences=16)
@@ -85,18 +86,58 @@ def test_sdk_and_device_runtime_compute_the_same_recovered_base(bases, tiny_toke
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_a_recovered_base_is_not_recovered_again_and_exporters_refuse_it(bases, tiny_tokenizer, tmp_path) -> None:
+def test_a_recovered_base_is_not_recovered_again(bases, tiny_tokenizer, tmp_path) -> None:
     _, recovered_path = bases
     with pytest.raises(ConfigError, match="already carries a recovery adapter"):
         recover_quantized_base(build_tiny_model(), tiny_tokenizer, recovered_path, tmp_path / "again", FAST,
                                progress=False)
-    from lowra.export.executorch.exporter import export_executorch
 
-    model = build_tiny_model()
-    load_quantized_base(model, recovered_path)
-    with pytest.raises(ConfigError, match="recovery adapter.*does not apply it yet"):
-        export_executorch(model, tmp_path / "et")
-    assert not (tmp_path / "et").exists()
+
+@requires_executorch
+def test_the_executorch_export_of_a_recovered_base_computes_it_and_binds_its_users(bases, tmp_path) -> None:
+    """Both programs apply the recovery adapter (side: the low-rank term beside the packed op; merge: the recovered
+    weight as data), and the manifest's digests are the recovered weights, so blobs bind to the recovered base."""
+    from lowra.device_runtime.engines.executorch import ExecutorchEngine
+    from lowra.device_runtime.errors import BaseMismatchError
+    from lowra.export.executorch import ExecutorchExportConfig, export_executorch
+    from lowra.sdk.adapters.config import LoraConfig
+    from lowra.sdk.modules import linear_module_names
+    from lowra.sdk.quant.config import CompressConfig
+    from lowra.sdk.workflow import compress_factors
+
+    plain_path, recovered_path = bases
+    models = {}
+    for name, path in (("plain", plain_path), ("recovered", recovered_path)):
+        models[name] = build_tiny_model()
+        load_quantized_base(models[name], path)
+    folder = export_executorch(models["recovered"], tmp_path / "et", ExecutorchExportConfig(max_seq_len=16, rank=4))
+    assert folder["modules"]
+    ids = np.array([5, 17, 42, 9, 100, 3], dtype=np.int64)
+    with torch.no_grad():
+        want = models["recovered"](input_ids=torch.from_numpy(ids)[None]).logits[0].numpy()
+        plain = models["plain"](input_ids=torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert np.abs(want - plain).max() > 1e-3  # the recovery adapter changes the output: the check below is not vacuous
+    engine = ExecutorchEngine(tmp_path / "et")
+    try:
+        names = linear_module_names(models["recovered"])
+        rng = torch.Generator().manual_seed(0)
+        factors = {n: (torch.randn(4, models["recovered"].get_submodule(n).in_features, generator=rng) * 0.1,
+                       torch.randn(models["recovered"].get_submodule(n).out_features, 4, generator=rng) * 0.1)
+                   for n in names}
+        blobs = {}
+        for name, model in models.items():
+            adapter = compress_factors(factors, LoraConfig(rank=4, alpha=8.0), CompressConfig(bits=8.0, weighted=False),
+                                       adapter_id=f"on-{name}", base_fingerprint=model_fingerprint(model, names))
+            blobs[name] = adapter.write(tmp_path / f"{name}.lowra")
+        for mode in ("side", "merge"):
+            engine.load_user(blobs["recovered"], mode=mode)
+            engine.unload_user()
+            assert np.abs(engine.logits(ids) - want).max() < 1e-4, mode
+            with pytest.raises(BaseMismatchError):
+                engine.load_user(blobs["plain"], mode=mode)
+            assert engine.load_user(blobs["recovered"], mode=mode).adapter_id == "on-recovered"
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("kwargs", [{"rank": 0}, {"steps": 0}, {"length": 1}, {"learning_rate": 0.0},
