@@ -39,6 +39,7 @@ from lowra.device_runtime.errors import (
     UnsupportedFormatError,
 )
 from lowra.device_runtime.formats import onnx_manifest
+from lowra.device_runtime.formats.quantized_base import recovered_weight
 from lowra.device_runtime.formats.constants import USER_MODES
 from lowra.device_runtime.formats.manifest import prompt_template_of
 
@@ -279,6 +280,10 @@ class OnnxEngine:
             data = np.memmap(self.model_dir / self.manifest["weights"], dtype=np.uint8, mode="r")
             tensors = {f"{m}.weight": onnx_manifest.quantized_weight_from_groups(data, spec, where).dequantize()
                        for m, spec in self.manifest["quantized_modules"].items()}
+            if "recovery" in self.manifest:  # a recovered base: its adapter is part of every decoded weight
+                recovery = self.manifest["recovery"]
+                for m, (a, b) in onnx_manifest.recovery_factors(data, recovery, where).items():
+                    tensors[f"{m}.weight"] = recovered_weight(tensors[f"{m}.weight"], a, b, float(recovery["scaling"]))
             base = BaseWeights.from_arrays(tensors, self.model_dir)
             for name in tensors:
                 module = name[: -len(".weight")]

@@ -29,6 +29,9 @@ MERGE_PLACEHOLDER = "supplied-by-the-runtime-at-session-creation.bin"
 LORA_DOWN = "lora.{module}.down_t"  # [in, rank]: LoRA A transposed, so the graph multiplies x @ down_t @ up_t
 LORA_UP = "lora.{module}.up_t"  # [rank, out]: LoRA B transposed, scaling folded in (as in the blob)
 ADAPTER_VERSION = 1
+# A recovered base's (quantized base format version 2) accuracy-recovery factors in the low-bit graph, float16,
+# transposed: A_t [in, rank], B_t [rank, out]. The manifest's "recovery" locates them in weights.bin.
+RECOVERY_TENSOR = "recovery.{module}.{factor}"
 # How each tensor of a width group (manifest ``quantized_modules[m]["groups"]``) is read from weights.bin.
 GROUP_TENSOR_DTYPES = {"rows": "<i4", "codes": "u1", "codebooks": "<f2", "scales": "<f2"}
 
@@ -141,3 +144,22 @@ def write_adapter_file(params: Mapping[str, np.ndarray], model_version: int, out
     with atomic_file(out_path, overwrite=overwrite) as tmp:
         adapter.export_adapter(str(tmp))
     return Path(out_path)
+
+
+def recovery_factors(data: np.ndarray, recovery: Mapping[str, Any], what: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Module -> (A [rank, in], B [out, rank]) float16 of the manifest's ``recovery`` entry, read from weights.bin's
+    bytes ``data`` (the factors of ``formats.quantized_base.recovered_weight``)."""
+    out = {}
+    rank = int(recovery["rank"])
+    for module, entry in recovery["modules"].items():
+        pair = []
+        for factor in ("A_t", "B_t"):
+            spec = entry[factor]
+            offset, length, shape = int(spec["offset"]), int(spec["length"]), [int(d) for d in spec["shape"]]
+            if (spec.get("dtype") != "float16" or len(shape) != 2 or length != 2 * shape[0] * shape[1]
+                    or offset + length > data.size or rank not in (shape[1] if factor == "A_t" else shape[0],)):
+                raise OnnxModelError(f"{what}: the recovery factor {factor} of {module} is described as {spec}, which "
+                                     "does not fit weights.bin or the rank; re-export the model")
+            pair.append(data[offset : offset + length].view("<f2").reshape(shape).T)
+        out[module] = (pair[0], pair[1])
+    return out

@@ -34,17 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base = load_base(args.base)
     qbase = read_quantized_base(args.quantized)
-    if qbase.recovery is not None:
-        from lowra.device_runtime.errors import ConfigError
-
-        raise ConfigError(
-            f"{args.quantized} carries a recovery adapter (format version 2); the ONNX exporter does not apply it yet "
-            "and would ship the base without it. Export the plain base (the file `lowra recover` started from), or "
-            "run the recovered base with DeviceRuntime"
-        )
     manifest = export_onnx(base.model, qbase.layers, base.tokenizer, args.out,
                            OnnxExportConfig(matmulnbits=args.matmulnbits, dense_dtype=args.dense_dtype,
-                                            max_positions=args.max_positions), overwrite=args.overwrite)
+                                            max_positions=args.max_positions), overwrite=args.overwrite,
+                           recovery=qbase.recovery)
     for blob in args.adapter:
         path = write_onnx_adapter(args.out, blob, Path(args.out) / (Path(blob).stem + ".onnx_adapter"))
         print(f"wrote {path}")

@@ -2,13 +2,13 @@
 with every linear quantized (low-bit + LoRA inputs), merged (float32 supplied at session creation) or dense."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lowra.device_runtime.formats.onnx_manifest import LORA_DOWN, LORA_UP, MERGE_PLACEHOLDER
+from lowra.device_runtime.formats.onnx_manifest import LORA_DOWN, LORA_UP, MERGE_PLACEHOLDER, RECOVERY_TENSOR
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.export.onnx.config import LOWRA_DOMAIN, MS_DOMAIN, OPSET, OnnxExportConfig
 from lowra.export.onnx.graph import ExportState, Graph
@@ -42,10 +42,25 @@ def _linear(st: ExportState, x: str, module: str, quantized: Mapping[str, Quanti
         g.inputs.append(helper.make_tensor_value_info(down, TensorProto.FLOAT, [qw.in_features, rank]))
         g.inputs.append(helper.make_tensor_value_info(up, TensorProto.FLOAT, [rank, qw.out_features]))
         lora_inputs.append((module, qw.in_features, qw.out_features))
+        if st.recovery is not None and module in st.recovery.factors:
+            y = g.node("Add", [y, _recovery_term(st, x, module)], f"{module}.recovered")
         delta = g.node("MatMul", [g.node("MatMul", [x, down], f"{module}.lora_h"), up], f"{module}.lora_y")
         return g.node("Add", [y, delta], f"{module}.out")
     return g.node("Gemm", [x, g.init(f"{module}.weight", dense_weights[f"{module}.weight"].astype(np.float32))],
                   f"{module}.y", transB=1)
+
+
+def _recovery_term(st: ExportState, x: str, module: str) -> str:
+    """A recovered base's ``scaling * (x @ A^T) @ B^T`` beside the low-bit op (the merge graph gets the recovered
+    weight itself). The factors stay float16, stored transposed (``A_t`` [in, rank], ``B_t`` [rank, out]) under the
+    names :data:`RECOVERY_TENSOR` gives, which the manifest locates in weights.bin for the engine's merge decode."""
+    g = st.graph
+    a, b = st.recovery.factors[module]
+    a_t = g.init(RECOVERY_TENSOR.format(module=module, factor="A_t"), np.ascontiguousarray(np.asarray(a).T))
+    b_t = g.init(RECOVERY_TENSOR.format(module=module, factor="B_t"), np.ascontiguousarray(np.asarray(b).T))
+    h = g.node("MatMul", [x, g.node("Cast", [a_t], to=TensorProto.FLOAT)], f"{module}.recovery_h")
+    low = g.node("MatMul", [h, g.node("Cast", [b_t], to=TensorProto.FLOAT)], f"{module}.recovery_low")
+    return g.node("Mul", [low, g.const(np.float32(st.recovery.scaling), "recovery_scaling")], f"{module}.recovery_y")
 
 
 def _dense(st: ExportState, name: str, arr: np.ndarray) -> str:
@@ -64,8 +79,9 @@ def _rms_norm(st: ExportState, x: str, weight: str, eps: float) -> str:
 
 
 def build_graph(shape: LlamaShape, quantized: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray],
-           config: OnnxExportConfig, merge: bool) -> tuple[onnx.ModelProto, ExportState, list[tuple[str, int, int]]]:
-    st = ExportState(config=config, graph=Graph(), merge=merge)
+           config: OnnxExportConfig, merge: bool, recovery: Any = None,
+           ) -> tuple[onnx.ModelProto, ExportState, list[tuple[str, int, int]]]:
+    st = ExportState(config=config, graph=Graph(), merge=merge, recovery=recovery)
     g = st.graph
     lora_inputs: list[tuple[str, int, int]] = []
     H, KV, D = shape.heads, shape.kv_heads, shape.head_dim

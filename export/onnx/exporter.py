@@ -49,12 +49,14 @@ from lowra.device_runtime.formats.onnx_manifest import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
     MERGE_GRAPH,
+    RECOVERY_TENSOR,
     WEIGHTS_NAME,
     blob_adapter_parameters,
     model_version_of,
     read_manifest,
     write_adapter_file,
 )
+from lowra.device_runtime.formats.quantized_base import Recovery, recovered_weight
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.export.onnx.config import LOWRA_DOMAIN, MS_DOMAIN, OPSET, OnnxExportConfig
 from lowra.export.onnx.decoder import build_graph
@@ -82,6 +84,7 @@ def export_onnx(
     out_dir: str | Path,
     config: OnnxExportConfig | None = None,
     overwrite: bool = False,
+    recovery: Recovery | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX model directory for ``model`` (a transformers Llama-family causal LM, fp32) whose linear
     layers named in ``quantized`` use the low-bit base. Modules not in ``quantized`` stay float32 (with an empty
@@ -89,6 +92,10 @@ def export_onnx(
 
     The directory is built in a sibling temp folder and renamed into place (``atomic_dir``), so a crash never
     leaves a half written model under ``out_dir``; an existing non-empty ``out_dir`` needs ``overwrite``.
+
+    ``recovery`` (a version-2 base's accuracy-recovery adapter, ``QuantizedBase.recovery``) is part of the base: the
+    low-bit graph adds its low-rank term beside each low-bit op, the merge graph receives the recovered weights, and
+    the digests blobs bind to are those of the recovered weights (``recovered_weight``).
     """
     config = config or OnnxExportConfig()
     shape = LlamaShape.from_config(model.config)
@@ -104,7 +111,9 @@ def export_onnx(
     max_positions = min(config.max_positions or shape.max_positions, shape.max_positions)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        lowbit, st, lora_inputs = build_graph(shape, quantized, dense, config, merge=False)
+        if recovery is not None and not set(recovery.factors) <= set(quantized):
+            raise ConfigError("the recovery adapter covers modules that are not quantized linears of this export")
+        lowbit, st, lora_inputs = build_graph(shape, quantized, dense, config, merge=False, recovery=recovery)
         merged = build_graph(shape, quantized, dense, config, merge=True)[0] if quantized else None
         data = ExternalData(tmp / WEIGHTS_NAME)
         data.externalize(lowbit)
@@ -116,7 +125,7 @@ def export_onnx(
         if merged is not None:
             onnx.save_model(merged, tmp / MERGE_GRAPH)
         template = save_tokenizer(tokenizer, tmp)
-        digests = {m: fmt.tensor_digest(qw.dequantize()) for m, qw in quantized.items()}
+        digests = {m: fmt.tensor_digest(_base_weight(qw, m, recovery)) for m, qw in quantized.items()}
         for i in range(shape.layers):
             for m in linear_names(i):
                 if m not in quantized:
@@ -142,8 +151,23 @@ def export_onnx(
             "dense_dtype": config.dense_dtype,
             PROMPT_TEMPLATE_KEY: template,
         }
+        if recovery is not None:
+            manifest["recovery"] = {
+                "rank": int(recovery.rank), "scaling": float(recovery.scaling),
+                "modules": {m: {f: tensor_entry(lowbit, RECOVERY_TENSOR.format(module=m, factor=f))
+                                for f in ("A_t", "B_t")} for m in sorted(recovery.factors)},
+            }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
+
+
+def _base_weight(qw: QuantizedWeight, module: str, recovery: Recovery | None) -> np.ndarray:
+    """The float32 weight a blob binds to: the decode, plus the recovery adapter's term where it has one."""
+    weight = qw.dequantize()
+    if recovery is None or module not in recovery.factors:
+        return weight
+    a, b = recovery.factors[module]
+    return recovered_weight(weight, a, b, recovery.scaling)
 
 
 def _quantized_modules(st: ExportState, data: ExternalData, lowbit: onnx.ModelProto) -> dict[str, Any]:

@@ -25,7 +25,9 @@ class ExternalData:
         for t in model.graph.initializer:
             if t.data_location == TensorProto.EXTERNAL:
                 continue  # a merge placeholder
-            if len(t.raw_data) <= INLINE_LIMIT and not t.name.endswith((".codes", ".codebooks", ".scales")):
+            # Tensors the manifest locates go to weights.bin whatever their size.
+            located = t.name.endswith((".codes", ".codebooks", ".scales")) or t.name.startswith("recovery.")
+            if len(t.raw_data) <= INLINE_LIMIT and not located:
                 continue
             if t.name not in self.entries:
                 pad = (-self.fh.tell()) % ALIGN

@@ -71,3 +71,4 @@ class ExportState:
     module_tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
     matmulnbits_groups: int = 0
     function_groups: int = 0
+    recovery: Any = None  # a version-2 base's formats.quantized_base.Recovery: its term is part of the low-bit graph

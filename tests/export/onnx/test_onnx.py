@@ -228,6 +228,38 @@ def test_grouped_scales_and_matmulnbits_paths(tmp_path):
     assert np.abs(engine.logits(ids) - eager_logits(reference(mixed), ids)).max() < 1e-3
 
 
+def test_a_recovered_base_exports_with_its_recovery_adapter(tmp_path):
+    """A version-2 base: the low-bit graph adds the recovery term beside each low-bit op, the merge graph gets the
+    recovered weights (decoded by the engine as formats.quantized_base.recovered_weight), and users bind to the
+    recovered weights: the eager model with the recovery set is the reference in both modes."""
+    from lowra.device_runtime.formats.quantized_base import Recovery
+
+    quantized = quantize()
+    rng = np.random.default_rng(4)
+    factors = {m: ((rng.standard_normal((3, qw.in_features)) * 0.5).astype(np.float16),
+                   (rng.standard_normal((qw.out_features, 3)) * 0.5).astype(np.float16))
+               for m, qw in list(quantized.items())[::2]}  # every other linear: covered and uncovered layers both
+    recovery = Recovery(rank=3, scaling=0.75, factors=factors)
+    manifest = export_onnx(build_tiny_model(), quantized, _build_tokenizer(), tmp_path / "model", recovery=recovery)
+    assert set(manifest["recovery"]["modules"]) == set(factors)
+    ref = reference(quantized)
+    plain_blob = make_blob(ref, 1, list(factors))
+    for m, (a, b) in factors.items():
+        ref.get_submodule(m).set_recovery(torch.from_numpy(a), torch.from_numpy(b), 0.75)
+    assert np.abs(eager_logits(ref, IDS) - eager_logits(reference(quantized), IDS)).max() > 0.1
+    engine = OnnxEngine(tmp_path / "model", threads=1)
+    assert np.abs(engine.logits(IDS) - eager_logits(ref, IDS)).max() < TOL
+    blob = tmp_path / "user.lowra"
+    blob.write_bytes(make_blob(ref, 2, list(factors)))  # bound to the recovered weights (effective_weight)
+    adapted = copy.deepcopy(ref)
+    apply_blob(adapted, fmt.read_blob(blob), "user")
+    for mode in ("side", "merge"):
+        engine.load_user(blob, mode=mode)
+        assert np.abs(engine.logits(IDS) - eager_logits(adapted, IDS)).max() < TOL, mode
+        with pytest.raises(BaseMismatchError):
+            engine.load_user(plain_blob, mode=mode)  # bound to the plain decode: another base
+
+
 def test_fp32_export_of_the_same_model(tmp_path):
     model = reference(quantize())
     dense = build_tiny_model()
