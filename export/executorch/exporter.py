@@ -265,7 +265,7 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
 
 
 def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> tuple[Path, Path]:
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
 
     tag = program.mode  # -> {mode}.ptd
@@ -290,7 +290,13 @@ def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> 
         with torch.no_grad():
             exported = torch.export.export(unlifted, (), example, dynamic_shapes=shapes, strict=False)
         partitioners = [XnnpackPartitioner()]
-    edge = to_edge_transform_and_lower(exported, partitioner=partitioners)
+    # Keep aten.linear whole: decomposed, every call of a linear on a weight the program does not constant-fold (the
+    # users' factors, the merge weights, the tied head) copies the transposed weight first (permute_copy: ~50% of a
+    # SmolLM2 decode step, measured with ETDump), where the runtime's linear.out multiplies by W^T in place.
+    keep = [torch.ops.aten.linear.default]
+    edge = to_edge_transform_and_lower(
+        exported, partitioner=partitioners,
+        compile_config=EdgeCompileConfig(preserve_ops=keep, _core_aten_ops_exception_list=keep))
     placeholder_to_fqn = dict(edge.exported_program().graph_signature.inputs_to_buffers)
 
     def external(node: torch.fx.Node) -> str | None:

@@ -142,3 +142,30 @@ def test_program_holds_packed_codes_not_fp32_weights_and_user_data_is_separate()
     fp32_linears = sum(w.out_features * w.in_features * 4 for w in layers.values())
     assert merge["data_bytes"] >= fp32_linears  # merge at load keeps the adapted weights dense
     assert manifest["packed_base_bytes"]["codes"] == sum(w.codes.size for w in layers.values())
+
+
+def _operator_calls(pte: Path) -> dict[str, int]:
+    """How many instructions of the program's method call each operator (from the serialized program)."""
+    from collections import Counter
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    plan = getattr(program, "program", program).execution_plan[0]
+    names = [op.name + (f".{op.overload}" if op.overload else "") for op in plan.operators]
+    return Counter(names[ins.instr_args.op_index] for chain in plan.chains for ins in chain.instructions
+                   if hasattr(ins.instr_args, "op_index"))
+
+
+def test_linears_run_as_linear_out_without_copying_a_transposed_weight():
+    """aten.linear is kept whole: the side branches, the merge weights and the head multiply by W^T in place
+    (ETDump on SmolLM2 showed permute_copy of those weights taking half of a decode step when it was decomposed).
+    The permute_copy calls left are the attention's: the same number in both programs, although the side program has
+    twice the linears (decomposed, each of them would add one)."""
+    folder = exported()
+    _, layers = lowbit_tiny()
+    side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
+    assert side["lowra::lowbit_linear.out"] == len(layers)
+    assert side["aten::linear.out"] == 2 * len(layers) + 1  # down and up of every module, and the head
+    assert merge["aten::linear.out"] == len(layers) + 1  # every merged weight, and the head
+    assert side["aten::permute_copy.out"] == merge["aten::permute_copy.out"]
