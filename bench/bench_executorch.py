@@ -41,6 +41,9 @@ def main() -> int:
     parser.add_argument("--skip-aten", action="store_true")
     parser.add_argument("--only-export", action="store_true")
     parser.add_argument("--xnnpack", action="store_true", help="delegate to XNNPACK (lowering takes ~2.5x longer)")
+    parser.add_argument("--kernel-library", default=None,
+                        help="run the custom-op programs with this kernel library instead of the folder's (e.g. a "
+                             "rebuilt one: python -m lowra.export.executorch.kernels)")
     args = parser.parse_args()
     _threads(args.threads)
 
@@ -129,6 +132,9 @@ def main() -> int:
     report["sizes"] = sizes
     report["blob_bytes"] = [p.stat().st_size for p in blobs]
 
+    def library(ops: str) -> str | None:
+        return args.kernel_library if ops == "custom" else None
+
     # ---- accuracy: logits vs eager, greedy tokens
     tokenizer = loaded.tokenizer
     ids = np.asarray(tokenizer(PROMPT, add_special_tokens=False)["input_ids"], dtype=np.int64)
@@ -152,7 +158,7 @@ def main() -> int:
     no_eos = GenerationConfig(max_new_tokens=args.tokens)
     for ops, modes in variants:
         for mode in modes:
-            engine = ExecutorchEngine(folders[ops], mode=mode)
+            engine = ExecutorchEngine(folders[ops], mode=mode, kernel_library=library(ops))
             for who, (ref_logits, ref_tokens) in references.items():
                 if who == "base":
                     engine.unload_user()
@@ -168,8 +174,8 @@ def main() -> int:
     report["accuracy"] = accuracy
 
     # ---- decode speed (fill the cache with the prompt, then time one-token steps)
-    def et_decode_rate(folder: Path, mode: str) -> float:
-        engine = ExecutorchEngine(folder, mode=mode)
+    def et_decode_rate(folder: Path, mode: str, ops: str) -> float:
+        engine = ExecutorchEngine(folder, mode=mode, kernel_library=library(ops))
         engine.logits(ids)
         pos, token, steps = ids.size, int(ids[-1]), args.tokens
         t0 = time.perf_counter()
@@ -190,7 +196,7 @@ def main() -> int:
     speed = {}
     for ops, modes in variants:
         for mode in modes:
-            speed[f"executorch {ops}/{mode}"] = et_decode_rate(folders[ops], mode)
+            speed[f"executorch {ops}/{mode}"] = et_decode_rate(folders[ops], mode, ops)
     speed["eager torch low-bit (lowra::lowbit_linear reference)"] = eager_rate(model)
     speed["eager torch fp32"] = eager_rate(fp32_model)
     report["decode_tokens_per_s"] = speed
@@ -199,7 +205,7 @@ def main() -> int:
 
     # ---- user load time
     loads = {}
-    engine = ExecutorchEngine(folders["custom"], mode="side")
+    engine = ExecutorchEngine(folders["custom"], mode="side", kernel_library=library("custom"))
     for mode in ("side", "merge"):
         times = []
         for rep in range(3):

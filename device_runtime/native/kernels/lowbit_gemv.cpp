@@ -33,11 +33,17 @@
 //
 // Threads: work is cut into fixed tasks (8-row blocks, 4-row tiles) before the split, and the split only assigns
 // whole tasks, so every output is computed by the same instructions whatever the thread count: bit-identical.
+// The threads are a pool started once per process (a decode step calls the kernels ~200 times: starting threads per
+// call cost more than the work it split); between calls a worker spins briefly, then sleeps.
 
 #include "lowbit_gemv.h"
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <new>
 #include <system_error>
 #include <thread>
@@ -144,8 +150,86 @@ int resolve_isa(int isa, bool& use_avx2) {
   return LOWRA_LOWBIT_OK;
 }
 
-// Runs fn(part, begin, end) over contiguous task ranges of about equal cost, one range per thread. A thread that
-// cannot be started runs inline: the ranges, hence the results, stay the same.
+// A process-wide pool of worker threads. run(parts, body) calls body(p) once for every p in [0, parts): the caller
+// takes parts too, so a pool that cannot grow (or is busy with another caller's job) still finishes the work inline.
+// Which thread runs a part never changes what the part computes.
+class WorkerPool {
+ public:
+  static WorkerPool& instance() {
+    static WorkerPool* pool = new WorkerPool();  // never destroyed: workers may outlive static destruction
+    return *pool;
+  }
+
+  void run(int parts, const std::function<void(int)>& body) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (parts <= 1 || !busy.owns_lock()) {  // one part, or another thread's job in flight: no waiting on it
+      for (int p = 0; p < parts; ++p) body(p);
+      return;
+    }
+    grow(parts - 1);
+    body_ = &body;
+    parts_.store(parts);
+    pending_.store(parts);
+    next_.store(0);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    drain();
+    while (pending_.load() != 0) pause();  // the workers' last parts: the same order of work as the caller's
+  }
+
+ private:
+  static void pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  // Take unclaimed parts of the current job until none is left.
+  void drain() {
+    for (int p = next_.fetch_add(1); p < parts_.load(); p = next_.fetch_add(1)) {
+      (*body_)(p);
+      pending_.fetch_sub(1);
+    }
+  }
+
+  void grow(int workers) {
+    while (static_cast<int>(threads_.size()) < std::min(workers, 7)) {
+      try {
+        threads_.emplace_back([this] { loop(); });
+      } catch (const std::system_error&) {
+        return;  // no more threads: the caller drains the rest
+      }
+    }
+  }
+
+  void loop() {
+    uint64_t seen = generation_.load();
+    for (;;) {
+      for (int spin = 0; spin < 20000 && generation_.load() == seen; ++spin) pause();  // ~20-50 us
+      if (generation_.load() == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+      }
+      seen = generation_.load();
+      drain();
+    }
+  }
+
+  std::mutex busy_;   // one job at a time
+  std::mutex mutex_;  // with wake_: sleeping workers
+  std::condition_variable wake_;
+  std::vector<std::thread> threads_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> parts_{0}, next_{0}, pending_{0};
+  const std::function<void(int)>* body_ = nullptr;
+};
+
+// Runs fn(part, begin, end) over contiguous task ranges of about equal cost, one range per part.
 template <class Fn>
 void parallel_ranges(const std::vector<int64_t>& cost, int parts, const Fn& fn) {
   const size_t n = cost.size();
@@ -160,17 +244,8 @@ void parallel_ranges(const std::vector<int64_t>& cost, int parts, const Fn& fn) 
     while (t < n && done + cost[t] / 2 < target) done += cost[t++];
     bounds[p] = t;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(parts);
-  for (int p = 1; p < parts; ++p) {
-    try {
-      pool.emplace_back([&fn, p, &bounds] { fn(p, bounds[p], bounds[p + 1]); });
-    } catch (const std::system_error&) {
-      fn(p, bounds[p], bounds[p + 1]);
-    }
-  }
-  fn(0, bounds[0], bounds[1]);
-  for (auto& th : pool) th.join();
+  const std::function<void(int)> body = [&fn, &bounds](int p) { fn(p, bounds[p], bounds[p + 1]); };
+  WorkerPool::instance().run(parts, body);
 }
 
 // ------------------------------------------------------------------------------------------------ GEMV scratch
