@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -204,16 +205,28 @@ Tensor& dequantize_out(
   return out;
 }
 
-// The kernels' copy of a layer's codes, repacked once (lowra_lowbit_repack) and kept for the program's life. Keyed by
-// the constant tensors' addresses and sizes. A later program can be mapped where an unloaded one was, so each hit is
-// also checked against the layer's widths, codebooks and the first and last bytes of its codes (tens of KB per
-// call, against the megabytes the product reads): a different layer at the same address is repacked afresh.
+// The kernels' copy of a layer's codes, repacked once (lowra_lowbit_repack) and stored once per layer *content*: a
+// user swap loads the program again at new addresses, and a cache keyed by address alone kept one more copy of every
+// layer per swap. Every call looks its constants' address up first; a hit is checked against the layer's widths,
+// codebooks and first and last code bytes (tens of KB per call, against the megabytes the product reads), as a later
+// program can be mapped where an unloaded one was. An address not seen yet is looked up by content (sizes plus a
+// hash of those bytes, then a hash of all the codes: ~20 MB per swap on SmolLM2) and shares the copy when equal;
+// anything else is repacked afresh.
 struct Repacked {
   std::vector<uint8_t> codes;            // the kernels' layout
   std::vector<uint8_t> widths;           // what the entry was made from
   std::vector<uint8_t> codebook_bytes;
   std::vector<uint8_t> head, tail;       // the first and last bytes of the original codes
+  uint64_t digest = 0;                   // hash of all the original codes
 };
+
+// FNV-1a, 64 bits: a cache key and a change check, not a security boundary (the program file's sha256 is checked
+// against its manifest before it loads).
+static uint64_t fnv1a(const void* p, size_t n, uint64_t h = 1469598103934665603ull) {
+  const auto* b = static_cast<const uint8_t*>(p);
+  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
 
 static std::vector<uint8_t> copy_bytes(const void* p, size_t n) {
   const auto* b = static_cast<const uint8_t*>(p);
@@ -226,19 +239,30 @@ static bool same_bytes(const std::vector<uint8_t>& saved, const void* p) {
 
 static const uint8_t* repacked_codes(const LowBitWeight& w, int64_t n_bytes, int64_t n_levels) {
   static std::mutex mutex;
-  static std::map<std::tuple<const uint8_t*, int64_t, int64_t, int64_t>, std::unique_ptr<Repacked>> cache;
-  const auto key = std::make_tuple(w.codes, n_bytes, w.out_features, w.in_features);
+  // By content (the copies), and by address (the fast path of every call after the first at that address).
+  static std::map<std::tuple<int64_t, int64_t, int64_t, uint64_t>, std::unique_ptr<Repacked>> by_content;
+  static std::map<std::tuple<const uint8_t*, int64_t, int64_t, int64_t>, Repacked*> by_address;
   const size_t edge = static_cast<size_t>(std::min<int64_t>(n_bytes, 64));
   const size_t book_bytes = static_cast<size_t>(n_levels) * sizeof(Half);
+  auto matches = [&](const Repacked& r) {
+    return std::memcmp(r.widths.data(), w.widths, r.widths.size()) == 0 && r.codebook_bytes.size() == book_bytes &&
+           same_bytes(r.codebook_bytes, w.codebooks) && same_bytes(r.head, w.codes) &&
+           same_bytes(r.tail, w.codes + n_bytes - edge);
+  };
+  const auto address = std::make_tuple(w.codes, n_bytes, w.out_features, w.in_features);
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) {
-    const Repacked& r = *it->second;
-    if (std::memcmp(r.widths.data(), w.widths, r.widths.size()) == 0 && r.codebook_bytes.size() == book_bytes &&
-        same_bytes(r.codebook_bytes, w.codebooks) && same_bytes(r.head, w.codes) &&
-        same_bytes(r.tail, w.codes + n_bytes - edge))
-      return r.codes.data();
-    cache.erase(it);
+  auto seen = by_address.find(address);
+  if (seen != by_address.end() && matches(*seen->second)) return seen->second->codes.data();
+  uint64_t shape_hash = fnv1a(w.widths, static_cast<size_t>(w.out_features));
+  shape_hash = fnv1a(w.codebooks, book_bytes, shape_hash);
+  shape_hash = fnv1a(w.codes, edge, shape_hash);
+  shape_hash = fnv1a(w.codes + n_bytes - edge, edge, shape_hash);
+  const auto key = std::make_tuple(n_bytes, w.out_features, w.in_features, shape_hash);
+  const uint64_t digest = fnv1a(w.codes, static_cast<size_t>(n_bytes));
+  auto it = by_content.find(key);
+  if (it != by_content.end() && it->second->digest == digest && matches(*it->second)) {
+    by_address[address] = it->second.get();  // the same layer, mapped at another address (a reloaded program)
+    return it->second->codes.data();
   }
   auto entry = std::make_unique<Repacked>();
   entry->codes = copy_bytes(w.codes, static_cast<size_t>(n_bytes));
@@ -248,9 +272,16 @@ static const uint8_t* repacked_codes(const LowBitWeight& w, int64_t n_bytes, int
   entry->codebook_bytes = copy_bytes(w.codebooks, book_bytes);
   entry->head = copy_bytes(w.codes, edge);
   entry->tail = copy_bytes(w.codes + n_bytes - edge, edge);
-  const uint8_t* data = entry->codes.data();
-  cache.emplace(key, std::move(entry));
-  return data;
+  entry->digest = digest;
+  Repacked* raw = entry.get();
+  if (it != by_content.end()) {  // a different layer under the same key: it replaces the old copy
+    for (auto a = by_address.begin(); a != by_address.end();) a = a->second == it->second.get() ? by_address.erase(a) : std::next(a);
+    it->second = std::move(entry);
+  } else {
+    by_content.emplace(key, std::move(entry));
+  }
+  by_address[address] = raw;
+  return raw->codes.data();
 }
 
 Tensor& lowbit_linear_out(
