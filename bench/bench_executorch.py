@@ -174,8 +174,10 @@ def main() -> int:
     report["accuracy"] = accuracy
 
     # ---- decode speed (fill the cache with the prompt, then time one-token steps)
-    def et_decode_rate(folder: Path, mode: str, ops: str) -> float:
+    def et_decode_rate(folder: Path, mode: str, ops: str, blob: Path | None = None) -> float:
         engine = ExecutorchEngine(folder, mode=mode, kernel_library=library(ops))
+        if blob is not None:
+            engine.load_user(blob, mode=mode)
         engine.logits(ids)
         pos, token, steps = ids.size, int(ids[-1]), args.tokens
         t0 = time.perf_counter()
@@ -197,6 +199,15 @@ def main() -> int:
     for ops, modes in variants:
         for mode in modes:
             speed[f"executorch {ops}/{mode}"] = et_decode_rate(folders[ops], mode, ops)
+    # With a user's adapter vs without, side branch, alternating (the target: >= 0.9x).
+    with_user = {"base": [], "user1": []}
+    for _ in range(3):
+        with_user["base"].append(et_decode_rate(folders["custom"], "side", "custom"))
+        with_user["user1"].append(et_decode_rate(folders["custom"], "side", "custom", blobs[0]))
+    report["decode_side_with_user"] = {k: float(np.median(v)) for k, v in with_user.items()}
+    print(f"decode side, median of 3 alternating: base {report['decode_side_with_user']['base']:.2f} tok/s, with "
+          f"user1 {report['decode_side_with_user']['user1']:.2f} "
+          f"({report['decode_side_with_user']['user1'] / report['decode_side_with_user']['base']:.2f}x)", flush=True)
     speed["eager torch low-bit (lowra::lowbit_linear reference)"] = eager_rate(model)
     speed["eager torch fp32"] = eager_rate(fp32_model)
     report["decode_tokens_per_s"] = speed
@@ -213,6 +224,18 @@ def main() -> int:
                 times.append(engine.load_user(path, mode=mode).load_ms)
         loads[mode] = {"median_ms": float(np.median(times)), "compose_ms": engine.user.apply_ms}
         print(f"load user ({mode}): median {loads[mode]['median_ms']:.0f} ms", flush=True)
+    # Merge at load against a plain copy of the weights it touches (the target: <= 1.5x).
+    merge_info = json.loads((folders["custom"] / "manifest.json").read_text())["programs"]["merge"]
+    template = np.memmap(folders["custom"] / merge_info["data"], dtype=np.uint8, mode="r")
+    copies = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for entry in merge_info["tensors"].values():
+            np.array(template[entry["offset"]: entry["offset"] + entry["nbytes"]])
+        copies.append((time.perf_counter() - t0) * 1e3)
+    loads["merge_copy_ms"] = float(np.median(copies))
+    print(f"copy of the merged weights: {loads['merge_copy_ms']:.0f} ms; merge load / copy = "
+          f"{loads['merge']['median_ms'] / loads['merge_copy_ms']:.2f}x", flush=True)
     engine.close()
     report["user_load"] = loads
     out = work / "report.json"
