@@ -144,12 +144,9 @@ struct lowra_model {
   std::unique_ptr<Module> module;
   std::unique_ptr<UserState> user;
 
-  // A copy of the template with the user's tensors written (factors empty = the base).
-  std::vector<uint8_t> compose(const lowra::Blob* blob) const {
+  // A copy of the template with the user's tensors written (module -> decoded factors; empty = the base).
+  std::vector<uint8_t> compose(const std::map<std::string, lowra::Factors>& factors = {}) const {
     std::vector<uint8_t> out(tmpl->data(), tmpl->data() + tmpl->size());
-    std::map<std::string, lowra::Factors> factors;
-    if (blob != nullptr)
-      for (size_t i = 0; i < blob->modules.size(); ++i) factors[blob->modules[i].name] = lowra::decode_factors(*blob, i);
     for (const TensorRange& r : ranges) {
       float* target = reinterpret_cast<float*>(out.data() + r.offset);
       auto it = factors.find(r.module);
@@ -283,7 +280,7 @@ lowra_status lowra_model_open(const char* folder, const char* mode, int verify, 
     model->folder = folder;
     model->mode = mode_text;
     read_manifest(*model, verify != 0);
-    model->activate(model->compose(nullptr));
+    model->activate(model->compose());
     *out = model.release();
   });
 }
@@ -303,18 +300,17 @@ lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size
     };
     const auto digest_lookup = [model](const std::string& name) { return model->modules.at(name).digest; };
     lowra::check_base_binding(parsed, "the program at " + model->folder, shape_lookup, digest_lookup);
-    if (model->mode == "side") {
-      for (size_t i = 0; i < parsed.modules.size(); ++i) {
-        const int64_t kept = lowra::decode_factors(parsed, i).kept;
-        if (kept > model->rank)
-          fail(LOWRA_ERR_CONTENT, "adapter '" + parsed.adapter_id + "' keeps " + std::to_string(kept) +
-                                      " components in " + parsed.modules[i].name + "; the side-branch program has "
-                                      "rank " + std::to_string(model->rank) + ". Use mode 'merge' or export with "
-                                      "rank >= " + std::to_string(kept));
-      }
+    std::map<std::string, lowra::Factors> factors;
+    for (size_t i = 0; i < parsed.modules.size(); ++i) {
+      const int64_t kept = (factors[parsed.modules[i].name] = lowra::decode_factors(parsed, i)).kept;
+      if (model->mode == "side" && kept > model->rank)
+        fail(LOWRA_ERR_CONTENT, "adapter '" + parsed.adapter_id + "' keeps " + std::to_string(kept) +
+                                    " components in " + parsed.modules[i].name + "; the side-branch program has "
+                                    "rank " + std::to_string(model->rank) + ". Use mode 'merge' or export with "
+                                    "rank >= " + std::to_string(kept));
     }
     const auto apply = std::chrono::steady_clock::now();
-    model->activate(model->compose(&parsed));
+    model->activate(model->compose(factors));
     auto user = std::make_unique<UserState>();
     user->adapter_id = parsed.adapter_id;
     user->base_fingerprint = parsed.base_fingerprint;
@@ -336,7 +332,7 @@ lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size
 lowra_status lowra_model_user_unload(lowra_model* model) {
   if (model == nullptr) return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_user_unload: null model");
   return guarded([&] {
-    model->activate(model->compose(nullptr));
+    model->activate(model->compose());
     model->user.reset();
   });
 }

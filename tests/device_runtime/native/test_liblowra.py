@@ -438,8 +438,9 @@ def test_json_metadata_is_read_only_in_canonical_form(native, tiny_base, tmp_pat
     native.close(native.open(base))
 
 
-def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
-    good = write_quantized(tmp_path / "good.safetensors").read_bytes()
+def rewriter(good: bytes, cases: dict[str, bytes]):
+    """``rewrite(name, meta_edit, tensor_edit, reseal)``: store in ``cases[name]`` a copy of the file ``good`` with its
+    metadata and tensors edited, the payload checksum recomputed unless ``reseal`` is False."""
     header = parse_header(good, len(good), "x")
     dtypes = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "I64": np.int64}
 
@@ -455,7 +456,14 @@ def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
             meta["payload_sha256"] = fmt.payload_digest(tensors, meta)
         cases[name] = serialize(tensors, meta)
 
+    return rewrite
+
+
+def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
+    good = write_quantized(tmp_path / "good.safetensors").read_bytes()
+    header = parse_header(good, len(good), "x")
     cases: dict[str, bytes] = {"cut": good[:-3], "short": good[:5]}
+    rewrite = rewriter(good, cases)
     flipped = bytearray(good)
     flipped[header.tensors["model.norm.weight"].start] ^= 1
     cases["flip_dense"] = bytes(flipped)
@@ -523,22 +531,10 @@ def test_recovered_base_decodes_bit_exactly_and_binds_users(native, tmp_path, sc
 
 def test_corrupt_recovered_bases_are_refused_alike(native, tmp_path):
     good = write_recovered(tmp_path / "good.safetensors").read_bytes()
-    header = parse_header(good, len(good), "x")
-    dtypes = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "I64": np.int64}
-    recovery = json.loads(header.metadata["recovery"])
+    recovery = json.loads(parse_header(good, len(good), "x").metadata["recovery"])
     a_name = f"recovery.{recovery['modules'][0]}.lora_A"
     cases: dict[str, bytes] = {}
-
-    def rewrite(name: str, meta_edit=None, tensor_edit=None) -> None:
-        tensors = {n: np.frombuffer(good, np.uint8, i.end - i.start, i.start).view(dtypes[i.dtype]).reshape(i.shape).copy()
-                   for n, i in header.tensors.items()}
-        meta = dict(header.metadata)
-        if meta_edit:
-            meta_edit(meta)
-        if tensor_edit:
-            tensor_edit(tensors)
-        meta["payload_sha256"] = fmt.payload_digest(tensors, meta)
-        cases[name] = serialize(tensors, meta)
+    rewrite = rewriter(good, cases)
 
     def recovery_meta(**edit):
         return _set("recovery", json.dumps({**recovery, **edit}, separators=(",", ":"), sort_keys=True))
