@@ -20,6 +20,10 @@ Rows:
   recovered@b     gptq@b (the default quantizer) plus its accuracy-recovery adapter (`lowra recover`: LoRA distilled
                   from the fp model on the calibration text; --recovery-steps), stored in the base (format v2);
                   the "+rec bits" column adds the adapter's float16 bytes per quantized weight
+  initialized@b   the same recovery adapter used the other way: the base is gptq@b *without* it, and each user's
+                  adapter (with --adapter-steps) starts from the recovery factors instead of LoRA's zero init, so the
+                  user's blob carries recovery + user (the recovered@b row's users train a fresh adapter stacked on
+                  base + recovery). Shares the recovered@b row's adapter when both run in one invocation.
 Calibration: lowra.sdk.training.calibration's default set (sample users' train files + pydoc topics, never held-out).
 
 --adapter-steps N adds the "after a user adapter" column: each sample user's LoRA adapter trained on the row's base
@@ -46,6 +50,7 @@ import numpy as np
 import torch
 
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.sdk.adapters.model import delete_adapter, set_adapter_factors
 from lowra.sdk.base_model import load_base
 from lowra.sdk.quant.base.apply import calibrate
 from lowra.sdk.quant.base.config import QuantizeConfig
@@ -55,7 +60,7 @@ from lowra.sdk.training.eval import heldout_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (4.0, 3.0, 2.0)
-VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows", "gptq", "recovered")
+VARIANTS = ("weight", "codebooks", "output", "fisher", "fisher_rows", "gptq", "recovered", "initialized")
 DEFAULT_ROWS = ("fp", "nf4", "q4_0") + tuple(f"{v}@{b}" for v in VARIANTS for b in BITS)
 
 
@@ -99,6 +104,7 @@ class Plans:
 
     def __init__(self, base) -> None:
         self.base, self.plans, self.calibration, self.seconds = base, {}, None, {}
+        self.recovered: dict[str, tuple[object, dict]] = {}  # bits -> (recovered base, its timing/KL info)
 
     def get(self, variant: str) -> QuantizePlan:
         if variant in self.plans:
@@ -164,10 +170,12 @@ def baseline_row(name: str, base) -> tuple[dict, object]:
     return {"bits": 4.25 if name == "nf4" else 4.5, "n_params": n}, model
 
 
-def adapter_nll(model, tokenizer, steps: int) -> dict:
-    """Each sample user's held-out NLL with its own adapter, trained on ``model`` as `lowra demo` trains it."""
+def adapter_nll(model, tokenizer, steps: int, init=None) -> dict:
+    """Each sample user's held-out NLL with its own adapter, trained on ``model`` as `lowra demo` trains it.
+
+    ``init``: a base's :class:`Recovery`; each user's adapter then starts from its factors and scaling (the
+    "initialized" rows) instead of LoRA's zero init."""
     from lowra.sdk.adapters.config import LoraConfig
-    from lowra.sdk.adapters.model import delete_adapter
     from lowra.sdk.training.config import TrainConfig
     from lowra.sdk.training.data import load_user_dataset
     from lowra.sdk.training.eval import sample_user_dirs
@@ -175,59 +183,86 @@ def adapter_nll(model, tokenizer, steps: int) -> dict:
 
     users, total, tokens = {}, 0.0, 0
     t0 = time.perf_counter()
+    lora = LoraConfig()
+    if init is not None:  # the recovery adapter's shape and strength, so its factors are the starting point
+        lora = LoraConfig(rank=init.rank, alpha=init.scaling * init.rank)
     for folder in sample_user_dirs():
         dataset = load_user_dataset(folder)
-        train_adapter(model, tokenizer, dataset, LoraConfig(), TrainConfig(steps=steps), adapter_name="bench",
+        if init is not None:
+            factors = {name: (torch.from_numpy(np.array(a, dtype=np.float32)),
+                              torch.from_numpy(np.array(b, dtype=np.float32))) for name, (a, b) in init.factors.items()}
+            set_adapter_factors(model, "bench", factors, init.scaling)
+        train_adapter(model, tokenizer, dataset, lora, TrainConfig(steps=steps), adapter_name="bench",
                       progress=False)
         result = heldout_nll(model, tokenizer, users=[folder])
         delete_adapter(model, "bench")
         users[dataset.user_id] = result["nll"]
         total, tokens = total + result["nll"] * result["tokens"], tokens + result["tokens"]
-    return {"nll": total / tokens, "users": users, "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"nll": total / tokens, "users": users, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+            "init": "recovery" if init is not None else "zero"}
+
+
+def recovered_base(base, plans: Plans, bits: str, recovery_steps: int):
+    """gptq@bits plus its recovery adapter, trained once per invocation and shared by the recovered/initialized rows."""
+    if bits not in plans.recovered:
+        import tempfile
+
+        from lowra.sdk.quant.base.config import RecoveryConfig
+        from lowra.sdk.quant.base.recovery import recover_quantized_base
+
+        qb = plans.get("gptq").quantize(float(bits), progress=False)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            qb = recover_quantized_base(base.model, base.tokenizer, qb, Path(tmp) / "recovered.safetensors",
+                                        RecoveryConfig(steps=recovery_steps), progress=True)
+        info = {"recover_s": round(time.perf_counter() - t0, 1),
+                "recovery": {k: qb.recovery.info["training"][k] for k in ("kl_first", "kl_last", "config")},
+                "bits_with_recovery": float(qb.bits_report()["effective_bits_with_recovery"])}
+        plans.recovered[bits] = (qb, info)
+    return plans.recovered[bits]
 
 
 def run_row(name: str, base, plans: Plans, recovery_steps: int = 200, adapter_steps: int = 0) -> dict:
     info: dict = {"row": name}
-    model = base.model
+    model, init = base.model, None
     if name in ("nf4", "q4_0"):
         extra, model = baseline_row(name, base)
         info.update(extra)
     elif name != "fp":
         variant, bits = name.split("@")
-        plan = plans.get("gptq" if variant == "recovered" else variant)
         t0 = time.perf_counter()
-        qb = plan.quantize(float(bits), progress=False)
-        info["quantize_s"] = round(time.perf_counter() - t0, 1)
-        if variant == "recovered":
-            import tempfile
-
-            from lowra.sdk.quant.base.config import RecoveryConfig
-            from lowra.sdk.quant.base.recovery import recover_quantized_base
-
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                qb = recover_quantized_base(base.model, base.tokenizer, qb, Path(tmp) / "recovered.safetensors",
-                                            RecoveryConfig(steps=recovery_steps), progress=True)
-            info["recover_s"] = round(time.perf_counter() - t0, 1)
-            info["recovery"] = {k: qb.recovery.info["training"][k] for k in ("kl_first", "kl_last", "config")}
-            info["bits_with_recovery"] = float(qb.bits_report()["effective_bits_with_recovery"])
+        if variant in ("recovered", "initialized"):
+            qb, extra = recovered_base(base, plans, bits, recovery_steps)
+            info.update(extra)
+        else:
+            qb = plans.get(variant).quantize(float(bits), progress=False)
+            info["quantize_s"] = round(time.perf_counter() - t0, 1)
         report = qb.bits_report()
         total = qb.report["total"]
         info.update(bits=float(report["effective_bits"]), mse_over_var=total["mse_over_var"],
                     output_error=total.get("output_error"), widths=total["widths"],
                     hessian_error={k: total[k] for k in ("output_error_nearest", "output_error_fed") if k in total})
         model = copy.deepcopy(base.model)
+        init = None
+        if variant == "initialized":  # the plain base; the recovery adapter becomes each user's starting point
+            init, qb = qb.recovery, replace(qb, recovery=None)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in qb.dequantized_state_dict().items()})
+        if init is not None:
+            factors = {n: (torch.from_numpy(np.array(a, dtype=np.float32)), torch.from_numpy(np.array(b, dtype=np.float32)))
+                       for n, (a, b) in init.factors.items()}
+            set_adapter_factors(model, "bench", factors, init.scaling)  # the base NLL column: base + recovery
     else:
         info["bits"] = 32.0
     t0 = time.perf_counter()
     result = heldout_nll(model, base.tokenizer)
     info.update(nll=result["nll"], tokens=result["tokens"], users={k: v["nll"] for k, v in result["users"].items()})
     info["eval_s"] = round(time.perf_counter() - t0, 1)
+    if init is not None:
+        delete_adapter(model, "bench")
     if adapter_steps:
         if model is base.model:
             model = copy.deepcopy(base.model)  # adapters are injected: keep the shared fp model clean
-        info["adapter"] = adapter_nll(model, base.tokenizer, adapter_steps)
+        info["adapter"] = adapter_nll(model, base.tokenizer, adapter_steps, init)
     return info
 
 

@@ -41,6 +41,9 @@ def main() -> int:
     parser.add_argument("--skip-aten", action="store_true")
     parser.add_argument("--only-export", action="store_true")
     parser.add_argument("--xnnpack", action="store_true", help="delegate to XNNPACK (lowering takes ~2.5x longer)")
+    parser.add_argument("--embeddings", choices=("auto", "float32"), default="auto",
+                        help="the programs' embedding/head: auto = float16 (the base file's values), float32 = the "
+                             "previous layout (exported to a folder of its own, custom-f32emb)")
     parser.add_argument("--kernel-library", default=None,
                         help="run the custom-op programs with this kernel library instead of the folder's (e.g. a "
                              "rebuilt one: python -m lowra.export.executorch.kernels)")
@@ -61,7 +64,7 @@ def main() -> int:
     from lowra.sdk.quant.config import CompressConfig
     from lowra.sdk.adapters.config import LoraConfig
     from lowra.sdk.adapters.model import set_active_adapters
-    from lowra.sdk.quant.lowbit_linear import replace_linears
+    from lowra.sdk.quant.lowbit_linear import load_quantized_base
     from lowra.sdk.quant.base.apply import quantize_model
     from lowra.sdk.quant.base.config import QuantizeConfig
     from lowra.sdk.workflow import apply_blob, compress_factors, model_fingerprint
@@ -78,7 +81,7 @@ def main() -> int:
     qbase = read_quantized_base(base_file)
     report["quantized_base_file_bytes"] = base_file.stat().st_size
     model = load_base().model
-    replace_linears(model, qbase.layers)
+    load_quantized_base(model, qbase)  # the base file's model: low-bit linears and its float16 dense tensors
     names = linear_module_names(model)
     print(f"base ready in {time.perf_counter() - t:.1f}s ({len(names)} low-bit linears)", flush=True)
 
@@ -105,14 +108,15 @@ def main() -> int:
     print(f"users: {[p.stat().st_size for p in blobs]} bytes", flush=True)
 
     # ---- exports
-    suffix = "-xnnpack" if args.xnnpack else ""
+    suffix = ("-xnnpack" if args.xnnpack else "") + ("-f32emb" if args.embeddings == "float32" else "")
     folders = {"custom": work / f"custom{suffix}", "aten": work / f"aten{suffix}"}
     variants = [("custom", ("side", "merge"))] + ([] if args.skip_aten else [("aten", ("side",))])
     for ops, modes in variants:
         folder = folders[ops]
         if not (folder / "manifest.json").is_file():
             t = time.perf_counter()
-            config = ExecutorchExportConfig(ops=ops, modes=modes, max_seq_len=args.max_seq_len, xnnpack=args.xnnpack)
+            config = ExecutorchExportConfig(ops=ops, modes=modes, max_seq_len=args.max_seq_len, xnnpack=args.xnnpack,
+                                            embeddings=args.embeddings if ops == "custom" else "auto")
             export_executorch(model, folder, config,
                               tokenizer=loaded.path / "tokenizer.json", source="smollm2-135m-instruct")
             report[f"export_s_{ops}"] = round(time.perf_counter() - t, 1)

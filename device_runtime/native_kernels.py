@@ -72,10 +72,12 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_lowbit_repack.argtypes = [i64, i64, ptr, ptr]
     lib.lowra_lowbit_gemv.argtypes = [ctypes.POINTER(_Layer), ptr, ptr, c_int, c_int]
     lib.lowra_lowbit_gemm.argtypes = [ctypes.POINTER(_Layer), ptr, i64, ptr, c_int, c_int]
+    lib.lowra_f16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_lowbit_isa_available.argtypes = [c_int]
     lib.lowra_lowbit_status_name.argtypes = [c_int]
     lib.lowra_lowbit_status_name.restype = ctypes.c_char_p
-    for name in ("lowra_lowbit_repack", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_lowbit_isa_available"):
+    for name in ("lowra_lowbit_repack", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm",
+                 "lowra_lowbit_isa_available"):
         getattr(lib, name).restype = c_int
     return lib
 
@@ -158,3 +160,23 @@ class PackedLinear:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
         return threads
+
+
+def f16_gemm(weight: np.ndarray, x: np.ndarray, threads: int = 1, isa: str = "auto") -> np.ndarray:
+    """``x @ weight.T`` for a float16 ``weight`` [out, in] and float32 ``x`` [n_tokens, in] -> float32 [n_tokens, out].
+
+    The kernel of a model folder's float16 embedding/head (``lowra_f16_gemm``): the weight is converted in registers,
+    never copied to float32; float32 sums in a fixed order per row (any thread count gives the same bits).
+    """
+    weight = np.asarray(weight)
+    if weight.dtype != np.float16 or weight.ndim != 2:
+        raise ConfigError(f"weight is {weight.dtype} with shape {list(weight.shape)}; expected a float16 [out, in] matrix")
+    weight = np.ascontiguousarray(weight)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != weight.shape[1] or x.shape[0] < 1:
+        raise ConfigError(f"input has shape {list(x.shape)}, expected [n_tokens >= 1, {weight.shape[1]}]")
+    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    status = load_library().lowra_f16_gemm(_pointer(weight), weight.shape[0], weight.shape[1], _pointer(x), x.shape[0],
+                                           _pointer(y), PackedLinear._threads(threads), _isa_code(isa))
+    _check(status, "lowra_f16_gemm")
+    return y

@@ -9,6 +9,10 @@ What one call of :func:`export_executorch` writes into a model folder (read by
 - ``merge.pte`` + ``merge.ptd``: the adaptable linears are dense float32 weights held in the ``.ptd`` (the
   template holds the decoded base); merge-at-load writes ``base + up @ down`` there. Linears nobody adapts
   stay packed in the ``.pte``.
+- Both programs hold the token embedding and the output head (one tensor when they are tied) in float16 with the
+  custom ops (``embeddings``: a base file's dense tensors are float16 already, so this is exact for a model loaded
+  from one); the head runs ``lowra::f16_linear``, which converts in registers. That is half the bytes of float32,
+  and the largest tensor of a small model (SmolLM2: 49,152 x 576).
 - ``manifest.json``: sizes, sha256 of every file, per-module base digests (so a blob's base fingerprint is
   checked without decoding the base), and where each named tensor lives in each ``.ptd`` template.
 - ``liblowra_executorch_kernels.so`` (custom ops only): the native kernels, copied from the build cache.
@@ -43,7 +47,12 @@ from lowra.device_runtime._files import atomic_write_bytes, file_sha256
 from lowra.device_runtime.errors import ConfigError
 from lowra.device_runtime.executorch_native import register_kernel_library
 from lowra.device_runtime.formats.constants import CODED_WIDTHS, USER_MODES
-from lowra.device_runtime.formats.executorch_manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from lowra.device_runtime.formats.executorch_manifest import (
+    EMBEDDING_DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+)
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
 from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
 from lowra.export.tokenizer import save_tokenizer
@@ -67,10 +76,19 @@ class ExecutorchExportConfig:
     # and the portable + optimized kernels already compute the same logits (docs/RESULTS.md, ExecuTorch).
     xnnpack: bool = False
     kernel_library: str | None = None  # a prebuilt .so; None builds (or reuses) the cached one
+    # Token embedding + output head: "float16" (custom ops only; values rounded to float16), "float32", or "auto":
+    # float16 with the custom ops when every value is a float16 already (a model loaded from a base file), else
+    # float32 with a warning.
+    embeddings: str = "auto"
 
     def __post_init__(self) -> None:
         if self.ops not in OPS:
             raise ConfigError(f"ops={self.ops!r}; expected one of {OPS} (custom kernels or the core-ATen fallback)")
+        if self.embeddings not in ("auto", *EMBEDDING_DTYPES):
+            raise ConfigError(f"embeddings={self.embeddings!r}; expected 'auto' or one of {EMBEDDING_DTYPES}")
+        if self.embeddings == "float16" and self.ops != "custom":
+            raise ConfigError("embeddings='float16' needs ops='custom' (the head's lowra::f16_linear kernel); the "
+                              "core-ATen fallback keeps them in float32")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ConfigError(f"modes={list(self.modes)}; expected a non-empty subset of {MODES}")
@@ -166,6 +184,58 @@ class MergedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class HalfEmbedding(nn.Module):
+    """A token embedding stored in float16, looked up and widened to float32 (exact: float16 -> float32)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids, self.weight).float()
+
+
+class HalfLinear(nn.Module):
+    """An output head stored in float16: ``lowra::f16_linear`` multiplies by it without a float32 copy."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.lowra.f16_linear(x, self.weight, self.bias)
+
+
+def embedding_dtype(model: nn.Module, config: ExecutorchExportConfig) -> str:
+    """What ``config.embeddings`` means for this model: "float16" or "float32" (see ExecutorchExportConfig)."""
+    if config.embeddings != "auto":
+        return config.embeddings
+    if config.ops != "custom":
+        return "float32"
+    tensors = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    if all(torch.equal(t.detach().to(torch.float16).float(), t.detach().float()) for t in tensors):
+        return "float16"
+    import warnings
+
+    warnings.warn(
+        "the token embedding / output head hold values that are not float16, so the programs keep them in float32 "
+        "(twice the bytes). Load the model from its base file (sdk.quant.lowbit_linear.load_quantized_base: dense "
+        "tensors are float16 there) or pass embeddings='float16' to round them", stacklevel=3)
+    return "float32"
+
+
+def _half_embeddings(model: nn.Module) -> None:
+    """Swap the embedding and the head for float16 modules, sharing one tensor when the model ties them."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    table = embed.weight.detach().to(torch.float16).contiguous()
+    model.set_input_embeddings(HalfEmbedding(table))
+    if head is not None:
+        head_weight = table if tied else head.weight.detach().to(torch.float16).contiguous()
+        model.set_output_embeddings(HalfLinear(head_weight, head.bias))
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def load_kernel_library(path: str | Path | None = None) -> Path:
     """Build (or reuse) the native kernels and register them with the in-process ExecuTorch runtime."""
@@ -236,7 +306,8 @@ class _Program:
     user_modules: dict[str, tuple[str, str]] = field(default_factory=dict)  # fqn -> (module path, tensor role)
 
 
-def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, targets: list[str]) -> _Program:
+def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, targets: list[str],
+                   embeddings: str = "float32") -> _Program:
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
@@ -257,6 +328,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
             user_modules[f"model.{path}.lora_down"] = (path, "down")
             user_modules[f"model.{path}.lora_up"] = (path, "up")
         _replace(model, path, packed)
+    if embeddings == "float16":
+        _half_embeddings(model)
     fix_empty_strides(model)
     wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=config.max_seq_len)
     wrapper.eval()
@@ -379,8 +452,9 @@ def export_executorch(
         for name in packed_bytes:
             packed_bytes[name] += getattr(layer, name).numel() * getattr(layer, name).element_size()
     programs: dict[str, Any] = {}
+    embeddings = embedding_dtype(model, config)
     for mode in config.modes:
-        program = _build_program(model, config, mode, targets)
+        program = _build_program(model, config, mode, targets, embeddings)
         pte, ptd = _lower(program, config, out)
         programs[mode] = {
             "program": pte.name, "data": ptd.name, "program_sha256": file_sha256(pte), "data_sha256": file_sha256(ptd),
@@ -393,6 +467,7 @@ def export_executorch(
         "format_version": FORMAT_VERSION,
         "ops": config.ops,
         "xnnpack": config.xnnpack,
+        "embeddings": embeddings,
         "kernel_library": LIBRARY_NAME if library is not None else None,
         "kernel_library_sha256": file_sha256(out / LIBRARY_NAME) if library is not None else None,
         "max_seq_len": config.max_seq_len,
@@ -423,16 +498,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8, help="side-branch rank (largest kept rank a blob may have)")
     parser.add_argument("--xnnpack", action="store_true")
+    parser.add_argument("--embeddings", choices=("auto", *EMBEDDING_DTYPES), default="auto",
+                        help="token embedding / output head storage (auto: float16 with the custom ops; the base file "
+                             "stores them in float16)")
     args = parser.parse_args(argv)
 
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
     from lowra.sdk.base_model import load_base
-    from lowra.sdk.quant.lowbit_linear import replace_linears
+    from lowra.sdk.quant.lowbit_linear import load_quantized_base
 
     base = load_base(args.base)
-    replace_linears(base.model, read_quantized_base(args.quantized).layers)
+    # The base file's model: its low-bit linears (with a recovery adapter, if any) and its float16 dense tensors.
+    load_quantized_base(base.model, read_quantized_base(args.quantized))
     config = ExecutorchExportConfig(ops=args.ops, modes=tuple(args.modes), max_seq_len=args.max_seq_len,
-                                    rank=args.rank, xnnpack=args.xnnpack)
+                                    rank=args.rank, xnnpack=args.xnnpack, embeddings=args.embeddings)
     manifest = export_executorch(base.model, args.out, config, tokenizer=base.tokenizer,
                                  source=str(args.quantized))
     for mode, program in manifest["programs"].items():

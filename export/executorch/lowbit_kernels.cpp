@@ -1,9 +1,10 @@
-// Native ExecuTorch kernels for lowra's low-bit ops: lowra::dequantize.out and lowra::lowbit_linear.out.
+// Native ExecuTorch kernels for lowra's ops: lowra::dequantize.out, lowra::lowbit_linear.out, lowra::f16_linear.out.
 //
-// Schemas (sdk/ops.py is the source of truth):
+// Schemas (sdk/quant/ops.py is the source of truth):
 //   dequantize.out(Tensor codes, Tensor codebooks, Tensor scales, Tensor widths, Tensor row_code_offsets,
 //                  Tensor row_level_offsets, int in_features, int group_size, *, Tensor(a!) out) -> Tensor(a!)
 //   lowbit_linear.out(Tensor x, <same buffers>, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
+//   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
 //
 // Layout (device_runtime/quantized_weight.py): row r has widths[r] in {1, 2, 4} bits per element, its codes
 // start at byte row_code_offsets[r] packed LSB-first, its 2**w float16 levels start at row_level_offsets[r];
@@ -359,7 +360,50 @@ Tensor& lowbit_linear_out(
   return out;
 }
 
+// x [..., K] @ float32(weight [N, K])^T (+ bias): the program's float16 embedding / output head, converted in
+// registers by lowra_f16_gemm (never a float32 copy of the weight).
+Tensor& f16_linear_out(
+    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(
+      ctx, weight.scalar_type() == ScalarType::Half && weight.dim() == 2, InvalidArgument, out,
+      "lowra::f16_linear: weight must be float16 [out, in]");
+  const int64_t n_out = weight.size(0), in_features = weight.size(1);
+  ET_KERNEL_CHECK_MSG(
+      ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features,
+      InvalidArgument, out, "lowra::f16_linear: x must be float32 [..., %lld]", static_cast<long long>(in_features));
+  const float* bias_data = nullptr;
+  if (bias.has_value()) {
+    ET_KERNEL_CHECK_MSG(
+        ctx, bias->scalar_type() == ScalarType::Float && bias->numel() == n_out, InvalidArgument, out,
+        "lowra::f16_linear: bias must be float32 [out_features]");
+    bias_data = bias->const_data_ptr<float>();
+  }
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  for (ssize_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<SizesType>(n_out);
+  ET_KERNEL_CHECK(
+      ctx,
+      executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok &&
+          out.scalar_type() == ScalarType::Float,
+      InvalidArgument, out);
+  const int64_t m = x.numel() / in_features;
+  if (m == 0) return out;
+  float* ys = out.mutable_data_ptr<float>();
+  const int status = lowra_f16_gemm(reinterpret_cast<const uint16_t*>(weight.const_data_ptr<Half>()), n_out,
+                                    in_features, x.const_data_ptr<float>(), m, ys, thread_count(n_out * in_features * m),
+                                    LOWRA_LOWBIT_ISA_AUTO);
+  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::f16_linear: kernel failed: %s",
+                      lowra_lowbit_status_name(status));
+  if (bias_data != nullptr) {
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t r = 0; r < n_out; ++r) ys[i * n_out + r] += bias_data[r];
+    }
+  }
+  return out;
+}
+
 }  // namespace lowra_et
 
+EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_out);

@@ -9,6 +9,9 @@ width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax sc
   backward for ``x`` only (the buffers are a frozen base; LoRA trains beside it).
 - ``lowra::lowbit_linear_grad_input(grad_out, <same buffers>) -> Tensor``: ``grad_out @ dequantize(...)``, the
   backward of ``lowbit_linear`` for ``x`` (its own op so a device can fuse it; CUDA decodes tile by tile).
+- ``lowra::f16_linear(x, weight, bias?) -> Tensor``: ``x @ float32(weight)^T (+ bias)`` for a dense float16
+  ``weight`` [out, in]: how an exported program multiplies by a model's float16 embedding/output head without a
+  float32 copy (the native kernel converts in registers; docs/FORMAT.md, ExecuTorch model folder).
 - ``lowra::quantize_codes(weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes)
   -> (codes, scales)``: the encode for given codebooks (float32 arithmetic: float16 group absmax, value / scale,
   code = number of level midpoints strictly below the value), packed in the same layout.
@@ -36,6 +39,7 @@ __all__ = [
     "LowBitArgs",
     "check_buffers",
     "dequantize_reference",
+    "f16_linear_reference",
     "lowbit_linear_grad_input_reference",
     "lowbit_linear_reference",
     "native_kernels",
@@ -102,6 +106,9 @@ _LIB.define("quantize_codes" + QUANTIZE_CODES_SCHEMA)
 # the native ExecuTorch kernels (lowra.export, export/kernels/) implement exactly these two schemas.
 _LIB.define(f"dequantize.out({_BUFFERS}, *, Tensor(a!) out) -> Tensor(a!)")
 _LIB.define(f"lowbit_linear.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
+F16_LINEAR_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+_LIB.define("f16_linear" + F16_LINEAR_SCHEMA)
+_LIB.define("f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
 
 # The tensor fields of LowBitArgs, in its order (autograd saves and restores them in this order).
 _DTYPES = {
@@ -375,6 +382,31 @@ _LIB.impl("dequantize.out", _dequantize_out, "CompositeExplicitAutograd")
 _LIB.impl("lowbit_linear.out", _lowbit_linear_out, "CompositeExplicitAutograd")
 
 
+def _check_f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if weight.dtype != torch.float16 or weight.dim() != 2:
+        raise ConfigError(f"f16_linear weight is {weight.dtype} {list(weight.shape)}; expected a float16 [out, in] matrix")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.dtype != torch.float32:
+        raise ConfigError(f"f16_linear input is {x.dtype} {list(x.shape)}; expected float32 [..., {weight.shape[1]}]")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.shape[0],)):
+        raise ConfigError(f"f16_linear bias is {bias.dtype} {list(bias.shape)}; expected float32 [{weight.shape[0]}]")
+
+
+def f16_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ float32(weight)^T (+ bias)``: float16 -> float32 is exact, so this is the float32 linear of the values."""
+    _check_f16_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight.float(), bias)
+
+
+def _f16_linear_out(x: Tensor, weight: Tensor, bias: Tensor | None, *, out: Tensor) -> Tensor:
+    result = f16_linear_reference(x, weight, bias)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+_LIB.impl("f16_linear", f16_linear_reference, "CompositeExplicitAutograd")
+_LIB.impl("f16_linear.out", _f16_linear_out, "CompositeExplicitAutograd")
+
+
 # ------------------------------------------------------------------------------------------------ fake kernels
 @torch.library.register_fake(f"{NAMESPACE}::dequantize", lib=_LIB)
 def _dequantize_fake(*packed: Any) -> Tensor:
@@ -395,6 +427,12 @@ def _lowbit_linear_grad_input_fake(grad_out: Tensor, *packed: Any) -> Tensor:
     args = LowBitArgs(*packed)
     _check_grad_out(grad_out, check_buffers(args))
     return grad_out.new_empty((*grad_out.shape[:-1], args.in_features))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::f16_linear", lib=_LIB)
+def _f16_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    _check_f16_linear(x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize_codes", lib=_LIB)

@@ -39,6 +39,7 @@
 #include "lowbit_gemv.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -757,6 +758,98 @@ int gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, floa
   return LOWRA_LOWBIT_OK;
 }
 
+// ------------------------------------------------------------------------------------------------ float16 GEMM
+constexpr int kHalfRows = 4;    // rows of one float16 tile
+constexpr int kHalfTokens = 2;  // tokens per pass over a tile: 8 accumulators + 4 rows + 2 inputs fit 16 ymm
+
+// Every row's sum, for every token: 8 strided partial sums over the whole multiples of 8 (fused multiply-adds),
+// combined pairwise, then the tail in order. The scalar and AVX2 paths round in this same order (std::fma is one
+// instruction on AArch64 and on x86 with FMA; a library call elsewhere, where only the fallback path uses it).
+float half_row_dot_scalar(const uint16_t* w, const float* x, int64_t in) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t body = in / 8 * 8;
+  for (int64_t k = 0; k < body; k += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] = std::fma(half_to_float(w[k + l]), x[k + l], acc[l]);
+  }
+  float sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+  for (int64_t k = body; k < in; ++k) sum = std::fma(half_to_float(w[k]), x[k], sum);
+  return sum;
+}
+
+void half_rows_scalar(const uint16_t* w, int64_t in, const float* x, int64_t m, int64_t out, float* y, int64_t begin,
+                      int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t t = 0; t < m; ++t) y[t * out + r] = half_row_dot_scalar(w + r * in, x + t * in, in);
+  }
+}
+
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+// (a0+a4 + a2+a6) + (a1+a5 + a3+a7): the scalar path's order.
+LOWRA_AVX2_FN inline float half_sum(__m256 v) {
+  const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // a0+a4 .. a3+a7
+  const __m128 quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));                       // (a0+a4)+(a2+a6), ...
+  return _mm_cvtss_f32(_mm_add_ss(quad, _mm_movehdup_ps(quad)));
+}
+
+LOWRA_AVX2_FN void half_rows_avx2(const uint16_t* w, int64_t in, const float* x, int64_t m, int64_t out, float* y,
+                                  int64_t begin, int64_t end) {
+  const int64_t body = in / 8 * 8;
+  int64_t r0 = begin;
+  for (; r0 + kHalfRows <= end; r0 += kHalfRows) {
+    const uint16_t* rows[kHalfRows];
+    for (int i = 0; i < kHalfRows; ++i) rows[i] = w + (r0 + i) * in;
+    for (int64_t t0 = 0; t0 < m; t0 += kHalfTokens) {
+      const int tokens = static_cast<int>(std::min<int64_t>(kHalfTokens, m - t0));
+      const float* xs[kHalfTokens];
+      for (int t = 0; t < kHalfTokens; ++t) xs[t] = x + (t0 + std::min(t, tokens - 1)) * in;
+      __m256 acc[kHalfRows][kHalfTokens];
+      for (auto& row : acc) {
+        for (auto& a : row) a = _mm256_setzero_ps();
+      }
+      for (int64_t k = 0; k < body; k += 8) {
+        const __m256 x0 = _mm256_loadu_ps(xs[0] + k), x1 = _mm256_loadu_ps(xs[1] + k);
+        for (int i = 0; i < kHalfRows; ++i) {
+          const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + k)));
+          acc[i][0] = _mm256_fmadd_ps(wv, x0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(wv, x1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < kHalfRows; ++i) {
+        for (int t = 0; t < tokens; ++t) {
+          float sum = half_sum(acc[i][t]);
+          for (int64_t k = body; k < in; ++k) sum = std::fma(half_to_float(rows[i][k]), xs[t][k], sum);
+          y[(t0 + t) * out + r0 + i] = sum;
+        }
+      }
+    }
+  }
+  half_rows_scalar(w, in, x, m, out, y, r0, end);  // the last < 4 rows: the same order of additions
+}
+#endif
+
+int f16_gemm(const uint16_t* weight, int64_t out, int64_t in, const float* x, int64_t m, float* y, int threads,
+             int isa) {
+  bool avx2 = false;
+  if (!weight || !x || !y || out <= 0 || in <= 0 || m <= 0 || threads < 1) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (int status = resolve_isa(isa, avx2)) return status;
+  // Parts of whole row tiles, at least ~64k multiply-adds each (below that a hand-off costs more than it saves).
+  const int64_t tiles = ceil_div(out, kHalfRows);
+  const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 16) / (kHalfRows * in * m));
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles / min_tiles)));
+  const std::function<void(int)> body = [&](int p) {
+    const int64_t begin = tiles * p / parts * kHalfRows, end = std::min(out, tiles * (p + 1) / parts * kHalfRows);
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (avx2) {
+      half_rows_avx2(weight, in, x, m, out, y, begin, end);
+      return;
+    }
+#endif
+    half_rows_scalar(weight, in, x, m, out, y, begin, end);
+  };
+  WorkerPool::instance().run(parts, body);
+  return LOWRA_LOWBIT_OK;
+}
+
 // 2-bit byte of the file (element k's code at bits 2k, 2k+1) -> bit-planar byte (b0 at bit k, b1 at bit 4 + k).
 uint8_t planar_byte(unsigned byte) {
   unsigned out = 0;
@@ -797,6 +890,15 @@ int lowra_lowbit_gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n
                       int isa) {
   try {
     return gemm(layer, x, n_tokens, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_f16_gemm(const uint16_t* weight, int64_t out_features, int64_t in_features, const float* x, int64_t n_tokens,
+                   float* y, int threads, int isa) {
+  try {
+    return f16_gemm(weight, out_features, in_features, x, n_tokens, y, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }

@@ -61,6 +61,12 @@ int lowra_lowbit_gemv(const lowra_lowbit_layer* layer, const float* x, float* y,
 int lowra_lowbit_gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads,
                       int isa);
 
+/* y[n_tokens, out_features] = x[n_tokens, in_features] W^T for a dense float16 weight W [out_features, in_features]
+ * (a model's tied embedding / output head, stored once in float16): each row is converted to float32 in registers
+ * while it is multiplied, never expanded in memory; accumulated in float32. Each row's sum has a fixed order, so
+ * results do not depend on the thread count. */
+int lowra_f16_gemm(const uint16_t* weight, int64_t out_features, int64_t in_features, const float* x, int64_t n_tokens,
+                   float* y, int threads, int isa);
 /* 1 when lowra_lowbit_gemv/gemm accept this isa on this CPU (AUTO and SCALAR always do), else 0. */
 int lowra_lowbit_isa_available(int isa);
 

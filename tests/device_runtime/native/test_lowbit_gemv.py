@@ -14,6 +14,7 @@ from lowra.device_runtime.errors import ConfigError
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.device_runtime.native_kernels import (
     PackedLinear,
+    f16_gemm,
     isa_available,
     load_library,
 )
@@ -122,3 +123,28 @@ def test_the_c_abi_refuses_a_width_outside_1_2_4() -> None:
     assert lib.lowra_lowbit_status_name(status) == b"row width not in {1, 2, 4}"
     assert lib.lowra_lowbit_gemv(None, None, None, 1, 0) == 1  # null pointers: invalid argument, no crash
     assert ctypes.sizeof(ctypes.c_int) == 4
+
+
+# ------------------------------------------------------------------------------------------------ float16 GEMM
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("out", "inputs", "tokens"), [(203, 576, 1), (203, 576, 5), (7, 13, 3), (4, 8, 2), (1, 1, 1)])
+def test_f16_gemm_matches_float64_and_is_the_same_on_every_path(out: int, inputs: int, tokens: int, isa: str) -> None:
+    rng = np.random.default_rng(out * inputs + tokens)
+    weight = (rng.standard_normal((out, inputs)) * 0.1).astype(np.float16)
+    x = rng.standard_normal((tokens, inputs)).astype(np.float32)
+    reference = x.astype(np.float64) @ weight.astype(np.float64).T
+    got = f16_gemm(weight, x, isa=isa)
+    assert got.dtype == np.float32 and got.shape == (tokens, out)
+    assert_close(got, reference, rel=1e-5)
+    assert np.array_equal(got, f16_gemm(weight, x, threads=3, isa=isa))  # rows are split, sums are not
+    assert np.array_equal(got[-1:], f16_gemm(weight, x[-1:], isa=isa))  # a token's row does not depend on the others
+    if isa == "avx2":
+        assert np.array_equal(got, f16_gemm(weight, x, isa="scalar"))  # the same order of additions
+
+
+def test_f16_gemm_refuses_what_it_cannot_multiply() -> None:
+    with pytest.raises(ConfigError, match=r"expected a float16 \[out, in\] matrix"):
+        f16_gemm(np.zeros((2, 3), dtype=np.float32), np.zeros((1, 3), dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"expected \[n_tokens >= 1, 3\]"):
+        f16_gemm(np.zeros((2, 3), dtype=np.float16), np.zeros((1, 4), dtype=np.float32))
+    assert load_library().lowra_f16_gemm(None, 1, 1, None, 1, None, 1, 0) == 1  # null pointers: invalid argument

@@ -61,6 +61,9 @@ def lowbit_tiny():
         weight = model.get_submodule(name).weight.detach()
         layers[name] = quantize_weight(weight, mixed_widths(weight.shape[0], i), group_size=GROUP_SIZE, name=name)
     replace_linears(model, layers)
+    with torch.no_grad():  # float16 values, as a base file stores dense tensors: the programs keep them in float16
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            module.weight.copy_(module.weight.half().float())
     torch.manual_seed(0)
     return model, layers
 
@@ -166,6 +169,44 @@ def test_linears_run_as_linear_out_without_copying_a_transposed_weight():
     _, layers = lowbit_tiny()
     side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
     assert side["lowra::lowbit_linear.out"] == len(layers)
-    assert side["aten::linear.out"] == 2 * len(layers) + 1  # down and up of every module, and the head
-    assert merge["aten::linear.out"] == len(layers) + 1  # every merged weight, and the head
+    assert side["aten::linear.out"] == 2 * len(layers)  # down and up of every module
+    assert merge["aten::linear.out"] == len(layers)  # every merged weight
+    assert side["lowra::f16_linear.out"] == merge["lowra::f16_linear.out"] == 1  # the float16 head
     assert side["aten::permute_copy.out"] == merge["aten::permute_copy.out"]
+
+
+def test_embedding_and_head_are_stored_once_in_float16():
+    """A model whose embedding/head values are float16 (as loaded from a base file) keeps them in float16: the
+    programs hold those bytes and no float32 copy of them, and the manifest says so."""
+    import json
+
+    import torch
+
+    folder = exported()
+    model, _ = lowbit_tiny()
+    assert json.loads((folder / "manifest.json").read_text())["embeddings"] == "float16"
+    for mode in ("side", "merge"):
+        pte = (folder / f"{mode}.pte").read_bytes()
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            weight = module.weight.detach()
+            assert weight.to(torch.float16).numpy().tobytes() in pte, mode
+            assert weight[:4].float().numpy().tobytes() not in pte, mode
+
+
+@requires_executorch
+def test_embeddings_choice_is_checked_and_auto_keeps_float32_when_rounding_would_change_the_model():
+    import warnings
+
+    from lowra.export.executorch import ExecutorchExportConfig
+    from lowra.export.executorch.exporter import embedding_dtype
+
+    with pytest.raises(Exception, match="embeddings='float16' needs ops='custom'"):
+        ExecutorchExportConfig(ops="aten", embeddings="float16")
+    with pytest.raises(Exception, match="expected 'auto' or one of"):
+        ExecutorchExportConfig(embeddings="int8")
+    assert embedding_dtype(lowbit_tiny()[0], ExecutorchExportConfig(ops="aten")) == "float32"
+    with pytest.warns(UserWarning, match="not float16, so the programs keep them in float32"):
+        assert embedding_dtype(tiny_llama(), ExecutorchExportConfig()) == "float32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert embedding_dtype(tiny_llama(), ExecutorchExportConfig(embeddings="float16")) == "float16"
