@@ -13,6 +13,8 @@ What one call of :func:`export_executorch` writes into a model folder (read by
   custom ops (``embeddings``: a base file's dense tensors are float16 already, so this is exact for a model loaded
   from one); the head runs ``lowra::f16_linear``, which converts in registers. That is half the bytes of float32,
   and the largest tensor of a small model (SmolLM2: 49,152 x 576).
+- With the custom ops, each layer's attention is one ``lowra::attention`` call that reads the KV cache in place
+  (:mod:`.attention`; ``fused_attention``).
 - ``manifest.json``: sizes, sha256 of every file, per-module base digests (so a blob's base fingerprint is
   checked without decoding the base), and where each named tensor lives in each ``.ptd`` template.
 - ``liblowra_executorch_kernels.so`` (custom ops only): the native kernels, copied from the build cache.
@@ -54,6 +56,7 @@ from lowra.device_runtime.formats.executorch_manifest import (
     MANIFEST_FILE,
 )
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
+from lowra.export.executorch.attention import use_lowra_attention
 from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
 from lowra.export.tokenizer import save_tokenizer
 from lowra.sdk.modules import linear_module_names
@@ -80,6 +83,9 @@ class ExecutorchExportConfig:
     # float16 with the custom ops when every value is a float16 already (a model loaded from a base file), else
     # float32 with a warning.
     embeddings: str = "auto"
+    # Custom ops only: attention as one lowra::attention call per layer reading the KV cache in place (see
+    # export/executorch/attention.py) instead of transformers' sdpa lowered to copies, matmuls and a softmax.
+    fused_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.ops not in OPS:
@@ -330,6 +336,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
         _replace(model, path, packed)
     if embeddings == "float16":
         _half_embeddings(model)
+    if config.ops == "custom" and config.fused_attention:
+        use_lowra_attention(model)
     fix_empty_strides(model)
     wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=config.max_seq_len)
     wrapper.eval()
@@ -468,6 +476,7 @@ def export_executorch(
         "ops": config.ops,
         "xnnpack": config.xnnpack,
         "embeddings": embeddings,
+        "attention": "lowra" if config.ops == "custom" and config.fused_attention else "sdpa",
         "kernel_library": LIBRARY_NAME if library is not None else None,
         "kernel_library_sha256": file_sha256(out / LIBRARY_NAME) if library is not None else None,
         "max_seq_len": config.max_seq_len,

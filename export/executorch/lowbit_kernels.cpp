@@ -5,6 +5,9 @@
 //                  Tensor row_level_offsets, int in_features, int group_size, *, Tensor(a!) out) -> Tensor(a!)
 //   lowbit_linear.out(Tensor x, <same buffers>, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
 //   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
+//   attention.out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, *, Tensor(a!) out) -> Tensor(a!)
+//     (export/executorch/attention.py: q [B, H, Q, D], k = v [B, KV, S, D], mask bool/float [B|1, H|1, Q, S] or
+//     none = causal from the top left when Q > 1; out [B, Q, H, D])
 //
 // Layout (device_runtime/quantized_weight.py): row r has widths[r] in {1, 2, 4} bits per element, its codes
 // start at byte row_code_offsets[r] packed LSB-first, its 2**w float16 levels start at row_level_offsets[r];
@@ -27,10 +30,12 @@
 #include "lowbit_gemv.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -402,8 +407,91 @@ Tensor& f16_linear_out(
   return out;
 }
 
+// softmax(scale * q k^T + mask) v straight from the KV cache: no transposed copy of the keys, no repeated heads for
+// grouped-query attention, output in the [B, Q, H, D] layout the output projection reads. Masked keys are skipped
+// (a static cache is mostly empty while the sequence is short).
+Tensor& attention_out(
+    KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+    double scale, Tensor& out) {
+  const bool shapes_ok = q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.scalar_type() == ScalarType::Float &&
+      k.scalar_type() == ScalarType::Float && v.scalar_type() == ScalarType::Float && k.size(0) == q.size(0) &&
+      v.size(0) == q.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2) && k.size(3) == q.size(3) &&
+      v.size(3) == q.size(3) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0;
+  ET_KERNEL_CHECK_MSG(ctx, shapes_ok, InvalidArgument, out,
+                      "lowra::attention: expected float32 q [B, H, Q, D], k = v [B, KV, S, D], H a multiple of KV");
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
+  const bool* mask_bool = nullptr;
+  const float* mask_add = nullptr;
+  int64_t mask_b = 0, mask_h = 0;  // strides of the mask's batch and head dimensions (0: broadcast)
+  if (mask.has_value()) {
+    const Tensor& m = *mask;
+    const bool mask_ok = m.dim() == 4 && (m.size(0) == 1 || m.size(0) == B) && (m.size(1) == 1 || m.size(1) == H) &&
+        m.size(2) == Q && m.size(3) == S &&
+        (m.scalar_type() == ScalarType::Bool || m.scalar_type() == ScalarType::Float);
+    ET_KERNEL_CHECK_MSG(ctx, mask_ok, InvalidArgument, out,
+                        "lowra::attention: mask must be bool or float32 [1|B, 1|H, Q, S]");
+    if (m.scalar_type() == ScalarType::Bool) mask_bool = m.const_data_ptr<bool>();
+    else mask_add = m.const_data_ptr<float>();
+    mask_h = m.size(1) == 1 ? 0 : Q * S;
+    mask_b = m.size(0) == 1 ? 0 : m.size(1) * Q * S;
+  }
+  const SizesType sizes[4] = {static_cast<SizesType>(B), static_cast<SizesType>(Q), static_cast<SizesType>(H),
+                              static_cast<SizesType>(D)};
+  ET_KERNEL_CHECK(
+      ctx, executorch::runtime::resize_tensor(out, {sizes, 4}) == Error::Ok && out.scalar_type() == ScalarType::Float,
+      InvalidArgument, out);
+  const float* qs = q.const_data_ptr<float>();
+  const float* ks = k.const_data_ptr<float>();
+  const float* vs = v.const_data_ptr<float>();
+  float* os = out.mutable_data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t group = H / KV;
+  const bool causal = !mask.has_value() && Q > 1;
+  std::vector<float> scores(static_cast<size_t>(S));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* kh = ks + (b * KV + h / group) * S * D;
+      const float* vh = vs + (b * KV + h / group) * S * D;
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qi = qs + ((b * H + h) * Q + i) * D;
+        const int64_t mask_row = b * mask_b + h * mask_h + i * S;
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < S; ++j) {
+          float add = 0.0f;
+          if (mask_bool != nullptr) {
+            if (!mask_bool[mask_row + j]) { scores[j] = -std::numeric_limits<float>::infinity(); continue; }
+          } else if (mask_add != nullptr) {
+            add = mask_add[mask_row + j];
+            if (add == -std::numeric_limits<float>::infinity()) { scores[j] = add; continue; }
+          } else if (causal && j > i) {
+            scores[j] = -std::numeric_limits<float>::infinity();
+            continue;
+          }
+          scores[j] = dot(qi, kh + j * D, D) * fscale + add;
+          best = std::max(best, scores[j]);
+        }
+        float* oi = os + ((b * Q + i) * H + h) * D;
+        std::fill(oi, oi + D, 0.0f);
+        if (best == -std::numeric_limits<float>::infinity()) continue;  // every key masked: zeros
+        float total = 0.0f;
+        for (int64_t j = 0; j < S; ++j) {
+          if (scores[j] == -std::numeric_limits<float>::infinity()) continue;
+          const float p = std::exp(scores[j] - best);
+          total += p;
+          const float* vj = vh + j * D;
+          for (int64_t d = 0; d < D; ++d) oi[d] += p * vj[d];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace lowra_et
 
+EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_out);

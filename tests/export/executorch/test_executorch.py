@@ -145,3 +145,52 @@ def test_aten_fallback_program_has_no_custom_op():
     path, _ = _decode_program("aten")
     assert b"lowra::" not in path.read_bytes()
     assert b"lowra::" in _decode_program("custom")[0].read_bytes()
+
+
+def test_attention_and_float16_linear_kernels_match_their_references():
+    """lowra::attention.out (grouped-query heads, bool / float / no mask, a fully masked row) and lowra::f16_linear.out
+    in a program, against the torch references the exporter traces (float32 sums in another order)."""
+    import torch
+    from executorch.exir import to_edge_transform_and_lower
+
+    from lowra.export.executorch import load_kernel_library
+    from lowra.export.executorch.attention import attention_reference
+    from lowra.sdk.quant.ops import f16_linear_reference
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(37, 20, generator=g) * 0.2).half()
+    bias = torch.randn(37, generator=g)
+
+    class Calls(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("weight", weight)
+            self.register_buffer("bias", bias)
+
+        def forward(self, q, k, v, bool_mask, float_mask, q1, x):
+            return (torch.ops.lowra.attention(q, k, v, bool_mask, 0.3),
+                    torch.ops.lowra.attention(q, k, v, float_mask, 0.25),
+                    torch.ops.lowra.attention(q, k, v, None, 0.125),  # causal from the top left: Q > 1
+                    torch.ops.lowra.attention(q1, k, v, None, 0.5),  # one query, no mask: every key
+                    torch.ops.lowra.f16_linear(x, self.weight, self.bias),
+                    torch.ops.lowra.f16_linear(x, self.weight, None))
+
+    q, k, v = torch.randn(1, 6, 5, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
+    bool_mask = torch.rand(1, 1, 5, 7, generator=g) > 0.4
+    bool_mask[0, 0, 2] = False  # a query that sees no key: zeros
+    float_mask = torch.randn(1, 6, 5, 7, generator=g)
+    float_mask[..., 3] = float("-inf")
+    inputs = (q, k, v, bool_mask, float_mask, torch.randn(1, 6, 1, 8, generator=g), torch.randn(3, 20, generator=g))
+    load_kernel_library()
+    program = to_edge_transform_and_lower(torch.export.export(Calls(), inputs, strict=True)).to_executorch()
+    path = _ROOT / "attention-f16.pte"
+    path.write_bytes(program.buffer)
+    got = _run(path, [t.numpy() for t in inputs])
+    want = [attention_reference(q, k, v, bool_mask, 0.3), attention_reference(q, k, v, float_mask, 0.25),
+            attention_reference(q, k, v, None, 0.125), attention_reference(inputs[5], k, v, None, 0.5),
+            f16_linear_reference(inputs[6], weight, bias), f16_linear_reference(inputs[6], weight, None)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == tuple(b.shape), i
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6, err_msg=str(i))
+    assert not got[0][0, 2].any()  # the fully masked query row
+    assert got[0].shape == (1, 5, 6, 8)  # [B, Q, H, D]: the layout the output projection reads

@@ -163,8 +163,8 @@ def _operator_calls(pte: Path) -> dict[str, int]:
 def test_linears_run_as_linear_out_without_copying_a_transposed_weight():
     """aten.linear is kept whole: the side branches, the merge weights and the head multiply by W^T in place
     (ETDump on SmolLM2 showed permute_copy of those weights taking half of a decode step when it was decomposed).
-    The permute_copy calls left are the attention's: the same number in both programs, although the side program has
-    twice the linears (decomposed, each of them would add one)."""
+    The permute_copy calls left are the q/k/v head transposes: the same number in both programs, although the side
+    program has twice the linears (decomposed, each of them would add one)."""
     folder = exported()
     _, layers = lowbit_tiny()
     side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
@@ -173,6 +173,10 @@ def test_linears_run_as_linear_out_without_copying_a_transposed_weight():
     assert merge["aten::linear.out"] == len(layers)  # every merged weight
     assert side["lowra::f16_linear.out"] == merge["lowra::f16_linear.out"] == 1  # the float16 head
     assert side["aten::permute_copy.out"] == merge["aten::permute_copy.out"]
+    # Attention is one lowra::attention per layer: no matmuls over a transposed key cache, no separate softmax.
+    n_layers = len(lowbit_tiny()[0].model.layers)
+    assert side["lowra::attention.out"] == merge["lowra::attention.out"] == n_layers
+    assert side["aten::bmm.out"] == 0 and side["aten::_softmax.out"] == 0
 
 
 def test_embedding_and_head_are_stored_once_in_float16():
