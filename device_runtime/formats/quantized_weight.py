@@ -25,6 +25,34 @@ from lowra.device_runtime.formats.bitpack import packed_bytes, unpack_codes
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
 
 
+def _planar_bytes() -> np.ndarray:
+    """File byte of four 2-bit codes (element k at bits 2k, 2k+1) -> the kernels' byte (bit 0 of element k at bit k,
+    bit 1 at bit 4 + k)."""
+    byte = np.arange(256)
+    out = np.zeros(256, dtype=np.int64)
+    for k in range(4):
+        out |= ((byte >> (2 * k)) & 1) << k | ((byte >> (2 * k + 1)) & 1) << (4 + k)
+    return out.astype(np.uint8)
+
+
+# The native kernels' layout of the codes (device_runtime/native/kernels/lowbit_gemv.h, lowra_lowbit_repack): 2-bit
+# rows bit-planar within each byte, so each nibble indexes the 16-entry tables of four inputs; 1- and 4-bit rows as in
+# the file. An exported program stores its codes this way (lowra::lowbit_linear_planar) so the kernels read them in
+# place. These two tables are that layout's definition for every Python writer and reader.
+PLANAR_BYTE = _planar_bytes()
+FILE_BYTE = np.argsort(PLANAR_BYTE).astype(np.uint8)  # the inverse permutation
+
+
+def kernel_layout_codes(codes: np.ndarray, widths: np.ndarray, in_features: int, to_kernel: bool = True) -> np.ndarray:
+    """A copy of rows-concatenated ``codes`` with every 2-bit row's bytes in the kernels' layout (``to_kernel``) or
+    back in the file's (``to_kernel=False``)."""
+    sizes = (in_features * widths.astype(np.int64) + 7) // 8
+    two_bit = np.repeat(widths == 2, sizes)
+    out = np.array(codes, dtype=np.uint8, copy=True)
+    out[two_bit] = (PLANAR_BYTE if to_kernel else FILE_BYTE)[out[two_bit]]
+    return out
+
+
 @dataclass
 class QuantizedWeight:
     out_features: int

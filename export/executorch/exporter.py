@@ -56,11 +56,12 @@ from lowra.device_runtime.formats.executorch_manifest import (
     MANIFEST_FILE,
 )
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
+from lowra.device_runtime.formats.quantized_weight import kernel_layout_codes
 from lowra.export.executorch.attention import use_lowra_attention
 from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
 from lowra.export.tokenizer import save_tokenizer
 from lowra.sdk.modules import linear_module_names
-from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers
+from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers, with_recovery
 
 
 OPS = ("custom", "aten")
@@ -159,10 +160,30 @@ class AtenLowBitLinear(nn.Module):
         return weight
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.decode(), self.bias)
-        if self.recovery_A is None:
-            return y
-        return y + F.linear(F.linear(x, self.recovery_A.float()), self.recovery_B.float()) * self.recovery_scaling
+        return with_recovery(x, F.linear(x, self.decode(), self.bias), self.recovery_A, self.recovery_B,
+                             self.recovery_scaling)
+
+
+class PlanarLowBitLinear(nn.Module):
+    """A LowBitLinear whose codes are stored in the native kernels' layout (``lowra::lowbit_linear_planar``): the
+    kernels multiply by the program's constants in place, with no repacked copy made at run time."""
+
+    def __init__(self, layer: LowBitLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        codes = kernel_layout_codes(layer.codes.cpu().numpy(), layer.widths.cpu().numpy(), layer.in_features)
+        self.register_buffer("codes", torch.from_numpy(codes))
+        for name in ("codebooks", "scales", "widths", "row_code_offsets", "row_level_offsets", "bias", "recovery_A",
+                     "recovery_B"):
+            value = getattr(layer, name)
+            self.register_buffer(name, None if value is None else value.clone())
+        self.recovery_scaling = layer.recovery_scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.lowra.lowbit_linear_planar(
+            x, self.codes, self.codebooks, self.scales, self.widths, self.row_code_offsets, self.row_level_offsets,
+            self.in_features, self.group_size, self.bias)
+        return with_recovery(x, y, self.recovery_A, self.recovery_B, self.recovery_scaling)
 
 
 class SideBranchLinear(nn.Module):
@@ -327,7 +348,7 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
             _replace(model, path, MergedLinear(layer.effective_weight(), layer.bias))
             user_modules[f"model.{path}.weight"] = (path, "weight")
             continue
-        packed: nn.Module = AtenLowBitLinear(layer) if config.ops == "aten" else layer
+        packed: nn.Module = AtenLowBitLinear(layer) if config.ops == "aten" else PlanarLowBitLinear(layer)
         if mode == "side" and path in targets:
             down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
             packed = SideBranchLinear(packed, config.rank, down, up)

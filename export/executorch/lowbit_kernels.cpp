@@ -4,6 +4,7 @@
 //   dequantize.out(Tensor codes, Tensor codebooks, Tensor scales, Tensor widths, Tensor row_code_offsets,
 //                  Tensor row_level_offsets, int in_features, int group_size, *, Tensor(a!) out) -> Tensor(a!)
 //   lowbit_linear.out(Tensor x, <same buffers>, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
+//   lowbit_linear_planar.out(<the same>): codes already in the kernels' layout (what the exporter writes)
 //   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
 //   attention.out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, *, Tensor(a!) out) -> Tensor(a!)
 //     (export/executorch/attention.py: q [B, H, Q, D], k = v [B, KV, S, D], mask bool/float [B|1, H|1, Q, S] or
@@ -298,10 +299,12 @@ static const uint8_t* repacked_codes(const LowBitWeight& w, int64_t n_bytes, int
   return raw->codes.data();
 }
 
-Tensor& lowbit_linear_out(
+// planar: the program stores the codes in the kernels' layout already (lowbit_linear_planar), so they are read in
+// place; otherwise (lowbit_linear) they are in the file's layout and a repacked copy is made once per layer.
+static Tensor& lowbit_linear_impl(
     KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
     const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
-    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out) {
+    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out, bool planar) {
   LowBitWeight w;
   ET_KERNEL_CHECK(
       ctx,
@@ -331,7 +334,7 @@ Tensor& lowbit_linear_out(
   float* ys = out.mutable_data_ptr<float>();
   const int64_t n_out = w.out_features;
   if (m == 0) return out;
-  if (decode_kernel_selected()) {
+  if (decode_kernel_selected() && !planar) {
     parallel_rows(n_out, n_out * in_features * m, [&](int64_t begin, int64_t end) {
       std::vector<float> row(in_features);
       for (int64_t r = begin; r < end; ++r) {
@@ -342,7 +345,7 @@ Tensor& lowbit_linear_out(
     });
     return out;
   }
-  const uint8_t* codes_k = repacked_codes(w, codes.numel(), codebooks.numel());
+  const uint8_t* codes_k = planar ? w.codes : repacked_codes(w, codes.numel(), codebooks.numel());
   ET_KERNEL_CHECK_MSG(ctx, codes_k != nullptr, InvalidArgument, out, "lowra::lowbit_linear: could not repack the codes");
   lowra_lowbit_layer layer;
   layer.out_features = n_out;
@@ -489,8 +492,25 @@ Tensor& attention_out(
   return out;
 }
 
+Tensor& lowbit_linear_out(
+    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
+    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out) {
+  return lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
+                            group_size, bias, out, false);
+}
+
+Tensor& lowbit_linear_planar_out(
+    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
+    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out) {
+  return lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
+                            group_size, bias, out, true);
+}
+
 }  // namespace lowra_et
 
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_planar_out);
 EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);

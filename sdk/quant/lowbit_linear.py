@@ -37,6 +37,14 @@ def _row_offsets(widths: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
     return code_offsets, level_offsets
 
 
+def with_recovery(x: Tensor, y: Tensor, a: Tensor | None, b: Tensor | None, scaling: float) -> Tensor:
+    """``y`` plus a recovery adapter's term ``scaling * (x @ A^T) @ B^T`` (``y`` itself when there is none)."""
+    if a is None:
+        return y
+    low = torch.nn.functional.linear(x, a.to(x.dtype))
+    return y + torch.nn.functional.linear(low, b.to(x.dtype)) * scaling
+
+
 @register_linear
 class LowBitLinear(nn.Module):
     """``y = x @ W^T + bias`` with ``W`` kept as per-row 1/2/4-bit codes, codebooks and group scales.
@@ -173,10 +181,7 @@ class LowBitLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.ops.lowra.lowbit_linear(x, *self.packed(), self.bias)
-        if self.recovery_A is None:
-            return y
-        low = torch.nn.functional.linear(x, self.recovery_A.to(x.dtype))
-        return y + torch.nn.functional.linear(low, self.recovery_B.to(x.dtype)) * self.recovery_scaling
+        return with_recovery(x, y, self.recovery_A, self.recovery_B, self.recovery_scaling)
 
     def dequantize(self) -> Tensor:
         """The decoded float32 weight ``[out, in]`` (a fresh tensor; the layer keeps only the packed buffers)."""

@@ -9,6 +9,9 @@ width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax sc
   backward for ``x`` only (the buffers are a frozen base; LoRA trains beside it).
 - ``lowra::lowbit_linear_grad_input(grad_out, <same buffers>) -> Tensor``: ``grad_out @ dequantize(...)``, the
   backward of ``lowbit_linear`` for ``x`` (its own op so a device can fuse it; CUDA decodes tile by tile).
+- ``lowra::lowbit_linear_planar(x, <same buffers>, bias?) -> Tensor``: ``lowbit_linear`` with the codes in the native
+  kernels' layout (2-bit rows bit-planar per byte: :func:`lowra.device_runtime.formats.quantized_weight.
+  kernel_layout_codes`), as an exported program stores them so the kernels read them in place.
 - ``lowra::f16_linear(x, weight, bias?) -> Tensor``: ``x @ float32(weight)^T (+ bias)`` for a dense float16
   ``weight`` [out, in]: how an exported program multiplies by a model's float16 embedding/output head without a
   float32 copy (the native kernel converts in registers; docs/FORMAT.md, ExecuTorch model folder).
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.device_runtime.formats.quantized_weight import FILE_BYTE
 from lowra.sdk.errors import ConfigError
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "check_buffers",
     "dequantize_reference",
     "f16_linear_reference",
+    "lowbit_linear_planar_reference",
     "lowbit_linear_grad_input_reference",
     "lowbit_linear_reference",
     "native_kernels",
@@ -106,6 +111,8 @@ _LIB.define("quantize_codes" + QUANTIZE_CODES_SCHEMA)
 # the native ExecuTorch kernels (lowra.export, export/kernels/) implement exactly these two schemas.
 _LIB.define(f"dequantize.out({_BUFFERS}, *, Tensor(a!) out) -> Tensor(a!)")
 _LIB.define(f"lowbit_linear.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.define("lowbit_linear_planar" + LOWBIT_LINEAR_SCHEMA)
+_LIB.define(f"lowbit_linear_planar.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
 F16_LINEAR_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
 _LIB.define("f16_linear" + F16_LINEAR_SCHEMA)
 _LIB.define("f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
@@ -382,6 +389,28 @@ _LIB.impl("dequantize.out", _dequantize_out, "CompositeExplicitAutograd")
 _LIB.impl("lowbit_linear.out", _lowbit_linear_out, "CompositeExplicitAutograd")
 
 
+def lowbit_linear_planar_reference(x: Tensor, *packed_and_bias: Any) -> Tensor:
+    """``lowbit_linear`` of codes in the kernels' layout: the 2-bit rows' bytes are mapped back, then the reference."""
+    *packed, bias = packed_and_bias
+    args = LowBitArgs(*packed)
+    check_buffers(args)
+    sizes = args.row_code_offsets[1:] - args.row_code_offsets[:-1]
+    two_bit = torch.repeat_interleave(args.widths == 2, sizes)
+    table = torch.from_numpy(FILE_BYTE).to(args.codes.device)
+    codes = torch.where(two_bit, table[args.codes.long()], args.codes)
+    return lowbit_linear_reference(x, *args._replace(codes=codes), bias)
+
+
+def _lowbit_linear_planar_out(*args: Any, out: Tensor) -> Tensor:
+    result = lowbit_linear_planar_reference(*args)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+_LIB.impl("lowbit_linear_planar", lowbit_linear_planar_reference, "CompositeExplicitAutograd")
+_LIB.impl("lowbit_linear_planar.out", _lowbit_linear_planar_out, "CompositeExplicitAutograd")
+
+
 def _check_f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if weight.dtype != torch.float16 or weight.dim() != 2:
         raise ConfigError(f"f16_linear weight is {weight.dtype} {list(weight.shape)}; expected a float16 [out, in] matrix")
@@ -420,6 +449,9 @@ def _lowbit_linear_fake(x: Tensor, *packed_and_bias: Any) -> Tensor:
     out_features = check_buffers(args)
     _check_input(x, args.in_features)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_planar", _lowbit_linear_fake, lib=_LIB)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_grad_input", lib=_LIB)

@@ -148,3 +148,15 @@ def test_f16_gemm_refuses_what_it_cannot_multiply() -> None:
     with pytest.raises(ConfigError, match=r"expected \[n_tokens >= 1, 3\]"):
         f16_gemm(np.zeros((2, 3), dtype=np.float16), np.zeros((1, 4), dtype=np.float32))
     assert load_library().lowra_f16_gemm(None, 1, 1, None, 1, None, 1, 0) == 1  # null pointers: invalid argument
+
+
+def test_kernel_layout_codes_is_the_c_repack_and_inverts() -> None:
+    """The Python definition of the kernels' code layout (what exported programs store) equals lowra_lowbit_repack,
+    and maps back to the file's bytes."""
+    from lowra.device_runtime.formats.quantized_weight import kernel_layout_codes
+
+    weight = random_weight(60, 77, 0, (1, 2, 4), seed=11)
+    planar = kernel_layout_codes(weight.codes, weight.widths, weight.in_features)
+    assert np.array_equal(planar, PackedLinear(weight)._codes)
+    assert not np.array_equal(planar, weight.codes)  # 2-bit rows changed
+    assert np.array_equal(kernel_layout_codes(planar, weight.widths, weight.in_features, to_kernel=False), weight.codes)

@@ -194,3 +194,44 @@ def test_attention_and_float16_linear_kernels_match_their_references():
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6, err_msg=str(i))
     assert not got[0][0, 2].any()  # the fully masked query row
     assert got[0].shape == (1, 5, 6, 8)  # [B, Q, H, D]: the layout the output projection reads
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_planar_codes_program_matches_the_reference(tokens):
+    """lowra::lowbit_linear_planar.out (codes stored in the kernels' layout by the exporter, read in place) equals the
+    float64 product with the numpy decode, for one token (lookup-table GEMV) and a prompt (blocked GEMM)."""
+    import torch
+    from executorch.exir import to_edge_transform_and_lower
+
+    from lowra.device_runtime.formats.quantized_weight import kernel_layout_codes
+    from lowra.export.executorch import fix_empty_strides, load_kernel_library
+    from lowra.export.executorch.exporter import PlanarLowBitLinear
+    from lowra.sdk.quant.lowbit_linear import LowBitLinear
+
+    biases = [torch.linspace(-1, 1, qw.out_features) for qw in WEIGHTS]
+    layers = [PlanarLowBitLinear(LowBitLinear.from_quantized(qw, bias=b)) for qw, b in zip(WEIGHTS, biases)]
+    for layer, qw in zip(layers, WEIGHTS):
+        assert np.array_equal(layer.codes.numpy(), kernel_layout_codes(qw.codes, qw.widths, qw.in_features))
+
+    class Planar(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(layers)
+
+        def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(layer(x) for layer, x in zip(self.layers, xs))
+
+    rng = np.random.default_rng(tokens)
+    xs = [rng.standard_normal((tokens, qw.in_features)).astype(np.float32) for qw in WEIGHTS]
+    module = Planar()
+    fix_empty_strides(module)
+    eager = [y.numpy() for y in module(*(torch.from_numpy(x) for x in xs))]  # the torch reference of the op
+    load_kernel_library()
+    program = to_edge_transform_and_lower(torch.export.export(module, tuple(torch.from_numpy(x) for x in xs),
+                                                              strict=True)).to_executorch()
+    path = _ROOT / f"planar-{tokens}.pte"
+    path.write_bytes(program.buffer)
+    for got, want, qw, x, bias in zip(_run(path, xs), eager, WEIGHTS, xs, biases):
+        reference = x.astype(np.float64) @ qw.dequantize().T.astype(np.float64) + bias.numpy()
+        for y in (got, want):
+            np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())

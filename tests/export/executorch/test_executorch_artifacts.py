@@ -135,8 +135,11 @@ def test_program_holds_packed_codes_not_fp32_weights_and_user_data_is_separate()
     manifest = json.loads((folder / "manifest.json").read_text())
     model, layers = lowbit_tiny()
     pte = (folder / "side.pte").read_bytes()
+    from lowra.device_runtime.formats.quantized_weight import kernel_layout_codes
+
     for name, qw in layers.items():
-        assert qw.codes.tobytes() in pte, name  # the packed codes as they are
+        # the packed codes, in the kernels' layout (2-bit rows bit-planar per byte: the same bytes, reordered bits)
+        assert kernel_layout_codes(qw.codes, qw.widths, qw.in_features).tobytes() in pte, name
         assert qw.dequantize()[0].tobytes() not in pte, name  # no decoded float32 row anywhere
     side, merge = manifest["programs"]["side"], manifest["programs"]["merge"]
     n_factor_floats = sum(RANK * (w.in_features + w.out_features) for w in layers.values())
@@ -168,7 +171,7 @@ def test_linears_run_as_linear_out_without_copying_a_transposed_weight():
     folder = exported()
     _, layers = lowbit_tiny()
     side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
-    assert side["lowra::lowbit_linear.out"] == len(layers)
+    assert side["lowra::lowbit_linear_planar.out"] == len(layers) and side["lowra::lowbit_linear.out"] == 0
     assert side["aten::linear.out"] == 2 * len(layers)  # down and up of every module
     assert merge["aten::linear.out"] == len(layers)  # every merged weight
     assert side["lowra::f16_linear.out"] == merge["lowra::f16_linear.out"] == 1  # the float16 head
