@@ -157,7 +157,11 @@ def main() -> int:
 
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(str(folders[0] / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
+    from lowra.device_runtime.formats.executorch_manifest import Manifest
+
+    # The prompt as an app sends it: the folder's chat template around the user's text (SmolLM2: 40 tokens).
+    text = Manifest.read(folders[0]).prompt_template.format(prompt=PROMPT)
+    ids = Tokenizer.from_file(str(folders[0] / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     load = os.getloadavg()[0]
     print(f"{len(folders)} folder(s), mode {args.mode}, {args.threads} threads, prompt {len(ids)} tokens, "
           f"{args.tokens} decode tokens, {args.rounds} rounds; load average {load:.2f}", flush=True)

@@ -21,7 +21,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PTD_MAGIC = b"FT01"  # flatbuffer file identifier of ExecuTorch's FlatTensor (.ptd) files, at bytes 4..8
 # The operators a custom-op program calls, which its kernel library must register.
-KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::lowbit_linear_planar.out", "lowra::dequantize.out",
+KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::lowbit_linear_planar.out", "lowra::lowbit_linear_planar_lora.out",
+              "lowra::dequantize.out",
               "lowra::f16_linear.out", "lowra::attention.out")
 EMBEDDING_DTYPES = ("float16", "float32")  # how a program stores the token embedding and output head
 

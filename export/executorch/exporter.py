@@ -179,11 +179,29 @@ class PlanarLowBitLinear(nn.Module):
             self.register_buffer(name, None if value is None else value.clone())
         self.recovery_scaling = layer.recovery_scaling
 
+    def packed(self) -> tuple:
+        return (self.codes, self.codebooks, self.scales, self.widths, self.row_code_offsets, self.row_level_offsets,
+                self.in_features, self.group_size, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.lowra.lowbit_linear_planar(
-            x, self.codes, self.codebooks, self.scales, self.widths, self.row_code_offsets, self.row_level_offsets,
-            self.in_features, self.group_size, self.bias)
+        y = torch.ops.lowra.lowbit_linear_planar(x, *self.packed())
         return with_recovery(x, y, self.recovery_A, self.recovery_B, self.recovery_scaling)
+
+
+class PlanarSideBranchLinear(nn.Module):
+    """:class:`SideBranchLinear` over a :class:`PlanarLowBitLinear` in one op call (``lowra::lowbit_linear_planar_lora``):
+    the user's factors are program data under the same names (``lora_down`` [rank, in], ``lora_up`` [out, rank])."""
+
+    def __init__(self, base: PlanarLowBitLinear, down: Tensor, up: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_down", down.float().contiguous())
+        self.register_buffer("lora_up", up.float().contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.base
+        y = torch.ops.lowra.lowbit_linear_planar_lora(x, *b.packed(), self.lora_down, self.lora_up)
+        return with_recovery(x, y, b.recovery_A, b.recovery_B, b.recovery_scaling)
 
 
 class SideBranchLinear(nn.Module):
@@ -351,7 +369,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
         packed: nn.Module = AtenLowBitLinear(layer) if config.ops == "aten" else PlanarLowBitLinear(layer)
         if mode == "side" and path in targets:
             down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
-            packed = SideBranchLinear(packed, config.rank, down, up)
+            packed = (PlanarSideBranchLinear(packed, down, up) if isinstance(packed, PlanarLowBitLinear)
+                      else SideBranchLinear(packed, config.rank, down, up))
             user_modules[f"model.{path}.lora_down"] = (path, "down")
             user_modules[f"model.{path}.lora_up"] = (path, "up")
         _replace(model, path, packed)

@@ -5,6 +5,8 @@
 //                  Tensor row_level_offsets, int in_features, int group_size, *, Tensor(a!) out) -> Tensor(a!)
 //   lowbit_linear.out(Tensor x, <same buffers>, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
 //   lowbit_linear_planar.out(<the same>): codes already in the kernels' layout (what the exporter writes)
+//   lowbit_linear_planar_lora.out(Tensor x, <buffers>, Tensor? bias, Tensor down, Tensor up, *, Tensor(a!) out):
+//     the planar product plus a LoRA side branch (x @ down^T) @ up^T, down float32 [rank, in], up [out, rank]
 //   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
 //   attention.out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, *, Tensor(a!) out) -> Tensor(a!)
 //     (export/executorch/attention.py: q [B, H, Q, D], k = v [B, KV, S, D], mask bool/float [B|1, H|1, Q, S] or
@@ -508,8 +510,37 @@ Tensor& lowbit_linear_planar_out(
                             group_size, bias, out, true);
 }
 
+// y += (x @ down^T) @ up^T for the m tokens of x: a user's side branch added in the same call as the base product.
+Tensor& lowbit_linear_planar_lora_out(
+    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
+    int64_t group_size, const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up, Tensor& out) {
+  const int64_t n_out = widths.numel();
+  const bool factors_ok = down.scalar_type() == ScalarType::Float && up.scalar_type() == ScalarType::Float &&
+      down.dim() == 2 && up.dim() == 2 && down.size(1) == in_features && up.size(0) == n_out &&
+      up.size(1) == down.size(0);
+  ET_KERNEL_CHECK_MSG(ctx, factors_ok, InvalidArgument, out,
+                      "lowra::lowbit_linear_planar_lora: down must be float32 [rank, in], up float32 [out, rank]");
+  lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
+                     group_size, bias, out, true);
+  if (ctx.failure_state() != Error::Ok) return out;
+  const int64_t rank = down.size(0), m = x.numel() / in_features;
+  const float* xs = x.const_data_ptr<float>();
+  const float* ds = down.const_data_ptr<float>();
+  const float* us = up.const_data_ptr<float>();
+  float* ys = out.mutable_data_ptr<float>();
+  std::vector<float> low(static_cast<size_t>(rank));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t k = 0; k < rank; ++k) low[k] = dot(xs + i * in_features, ds + k * in_features, in_features);
+    float* yi = ys + i * n_out;
+    for (int64_t r = 0; r < n_out; ++r) yi[r] += dot(us + r * rank, low.data(), rank);
+  }
+  return out;
+}
+
 }  // namespace lowra_et
 
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar_lora.out", lowra_et::lowbit_linear_planar_lora_out);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_planar_out);
 EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);

@@ -12,6 +12,9 @@ width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax sc
 - ``lowra::lowbit_linear_planar(x, <same buffers>, bias?) -> Tensor``: ``lowbit_linear`` with the codes in the native
   kernels' layout (2-bit rows bit-planar per byte: :func:`lowra.device_runtime.formats.quantized_weight.
   kernel_layout_codes`), as an exported program stores them so the kernels read them in place.
+- ``lowra::lowbit_linear_planar_lora(x, <same buffers>, bias?, down, up) -> Tensor``: the planar product plus a LoRA
+  side branch ``(x @ down^T) @ up^T`` (``down`` [rank, in], ``up`` [out, rank], float32) in one call: how a side
+  program applies a user's factors.
 - ``lowra::f16_linear(x, weight, bias?) -> Tensor``: ``x @ float32(weight)^T (+ bias)`` for a dense float16
   ``weight`` [out, in]: how an exported program multiplies by a model's float16 embedding/output head without a
   float32 copy (the native kernel converts in registers; docs/FORMAT.md, ExecuTorch model folder).
@@ -44,6 +47,7 @@ __all__ = [
     "check_buffers",
     "dequantize_reference",
     "f16_linear_reference",
+    "lowbit_linear_planar_lora_reference",
     "lowbit_linear_planar_reference",
     "lowbit_linear_grad_input_reference",
     "lowbit_linear_reference",
@@ -113,6 +117,9 @@ _LIB.define(f"dequantize.out({_BUFFERS}, *, Tensor(a!) out) -> Tensor(a!)")
 _LIB.define(f"lowbit_linear.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
 _LIB.define("lowbit_linear_planar" + LOWBIT_LINEAR_SCHEMA)
 _LIB.define(f"lowbit_linear_planar.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.define(f"lowbit_linear_planar_lora(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up) -> Tensor")
+_LIB.define(f"lowbit_linear_planar_lora.out(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up, *, "
+            "Tensor(a!) out) -> Tensor(a!)")
 F16_LINEAR_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
 _LIB.define("f16_linear" + F16_LINEAR_SCHEMA)
 _LIB.define("f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
@@ -401,6 +408,33 @@ def lowbit_linear_planar_reference(x: Tensor, *packed_and_bias: Any) -> Tensor:
     return lowbit_linear_reference(x, *args._replace(codes=codes), bias)
 
 
+def _check_side_branch(x: Tensor, down: Tensor, up: Tensor, out_features: int) -> None:
+    rank = down.shape[0] if down.dim() == 2 else -1
+    if (down.dim() != 2 or up.dim() != 2 or down.shape[1] != x.shape[-1] or tuple(up.shape) != (out_features, rank)
+            or down.dtype != torch.float32 or up.dtype != torch.float32):
+        raise ConfigError(
+            f"side-branch factors down {down.dtype} {list(down.shape)} / up {up.dtype} {list(up.shape)}; expected "
+            f"float32 [rank, {x.shape[-1]}] and [{out_features}, rank]")
+
+
+def lowbit_linear_planar_lora_reference(x: Tensor, *packed_bias_factors: Any) -> Tensor:
+    """The planar product plus ``(x @ down^T) @ up^T``."""
+    *packed_and_bias, down, up = packed_bias_factors
+    y = lowbit_linear_planar_reference(x, *packed_and_bias)
+    _check_side_branch(x, down, up, y.shape[-1])
+    return y + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+
+
+def _lowbit_linear_planar_lora_out(*args: Any, out: Tensor) -> Tensor:
+    result = lowbit_linear_planar_lora_reference(*args)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+_LIB.impl("lowbit_linear_planar_lora", lowbit_linear_planar_lora_reference, "CompositeExplicitAutograd")
+_LIB.impl("lowbit_linear_planar_lora.out", _lowbit_linear_planar_lora_out, "CompositeExplicitAutograd")
+
+
 def _lowbit_linear_planar_out(*args: Any, out: Tensor) -> Tensor:
     result = lowbit_linear_planar_reference(*args)
     out.resize_(result.shape).copy_(result)
@@ -452,6 +486,14 @@ def _lowbit_linear_fake(x: Tensor, *packed_and_bias: Any) -> Tensor:
 
 
 torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_planar", _lowbit_linear_fake, lib=_LIB)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_planar_lora", lib=_LIB)
+def _lowbit_linear_planar_lora_fake(x: Tensor, *packed_bias_factors: Any) -> Tensor:
+    *packed_and_bias, down, up = packed_bias_factors
+    y = _lowbit_linear_fake(x, *packed_and_bias)
+    _check_side_branch(x, down, up, y.shape[-1])
+    return y
 
 
 @torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_grad_input", lib=_LIB)

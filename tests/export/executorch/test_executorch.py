@@ -198,8 +198,9 @@ def test_attention_and_float16_linear_kernels_match_their_references():
 
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_planar_codes_program_matches_the_reference(tokens):
-    """lowra::lowbit_linear_planar.out (codes stored in the kernels' layout by the exporter, read in place) equals the
-    float64 product with the numpy decode, for one token (lookup-table GEMV) and a prompt (blocked GEMM)."""
+    """lowra::lowbit_linear_planar.out (codes stored in the kernels' layout by the exporter, read in place) and
+    lowra::lowbit_linear_planar_lora.out (plus a side branch) equal the float64 products with the numpy decode, for
+    one token (lookup-table GEMV) and a prompt (blocked GEMM)."""
     import torch
     from executorch.exir import to_edge_transform_and_lower
 
@@ -235,3 +236,18 @@ def test_planar_codes_program_matches_the_reference(tokens):
         reference = x.astype(np.float64) @ qw.dequantize().T.astype(np.float64) + bias.numpy()
         for y in (got, want):
             np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+    # The same layers with a rank-3 side branch each, in one call (lowra::lowbit_linear_planar_lora).
+    from lowra.export.executorch.exporter import PlanarSideBranchLinear
+
+    g = torch.Generator().manual_seed(tokens)
+    factors = [(torch.randn(3, qw.in_features, generator=g), torch.randn(qw.out_features, 3, generator=g))
+               for qw in WEIGHTS]
+    module.layers = torch.nn.ModuleList(PlanarSideBranchLinear(layer, d, u) for layer, (d, u) in zip(layers, factors))
+    program = to_edge_transform_and_lower(torch.export.export(module, tuple(torch.from_numpy(x) for x in xs),
+                                                              strict=True)).to_executorch()
+    path.write_bytes(program.buffer)
+    for got, qw, x, bias, (d, u) in zip(_run(path, xs), WEIGHTS, xs, biases, factors):
+        reference = (x.astype(np.float64) @ qw.dequantize().T.astype(np.float64) + bias.numpy()
+                     + (x.astype(np.float64) @ d.double().numpy().T) @ u.double().numpy().T)
+        np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())

@@ -163,20 +163,20 @@ def _operator_calls(pte: Path) -> dict[str, int]:
                    if hasattr(ins.instr_args, "op_index"))
 
 
-def test_linears_run_as_linear_out_without_copying_a_transposed_weight():
-    """aten.linear is kept whole: the side branches, the merge weights and the head multiply by W^T in place
-    (ETDump on SmolLM2 showed permute_copy of those weights taking half of a decode step when it was decomposed).
-    The permute_copy calls left are the q/k/v head transposes: the same number in both programs, although the side
-    program has twice the linears (decomposed, each of them would add one)."""
+def test_each_layer_is_one_op_call_and_no_weight_is_copied_transposed():
+    """What a decode step calls, per program. Side: each adaptable linear is one lowra::lowbit_linear_planar_lora call
+    (the packed codes read in place plus the user's side branch). Merge: aten.linear kept whole on the merged weights
+    (decomposed, every call copied W^T first: ETDump on SmolLM2 put half of a decode step in permute_copy). Both: the
+    float16 head in lowra::f16_linear and attention in one lowra::attention per layer (no matmuls over a transposed
+    key cache, no separate softmax). The permute_copy calls left are the q/k/v head transposes, as many in both."""
     folder = exported()
     _, layers = lowbit_tiny()
     side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
-    assert side["lowra::lowbit_linear_planar.out"] == len(layers) and side["lowra::lowbit_linear.out"] == 0
-    assert side["aten::linear.out"] == 2 * len(layers)  # down and up of every module
+    assert side["lowra::lowbit_linear_planar_lora.out"] == len(layers)
+    assert side["lowra::lowbit_linear.out"] == side["lowra::lowbit_linear_planar.out"] == side["aten::linear.out"] == 0
     assert merge["aten::linear.out"] == len(layers)  # every merged weight
     assert side["lowra::f16_linear.out"] == merge["lowra::f16_linear.out"] == 1  # the float16 head
     assert side["aten::permute_copy.out"] == merge["aten::permute_copy.out"]
-    # Attention is one lowra::attention per layer: no matmuls over a transposed key cache, no separate softmax.
     n_layers = len(lowbit_tiny()[0].model.layers)
     assert side["lowra::attention.out"] == merge["lowra::attention.out"] == n_layers
     assert side["aten::bmm.out"] == 0 and side["aten::_softmax.out"] == 0
