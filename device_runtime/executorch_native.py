@@ -146,7 +146,7 @@ class NativeProgram:
 
     Not thread-safe (the engine serializes its calls)."""
 
-    def __init__(self, program: str | Path, data: str | Path, vocab_size: int) -> None:
+    def __init__(self, program: str | Path, data: str | Path, vocab_size: int, logits_last: bool = False) -> None:
         lib = _library()
         handle = ctypes.c_void_p()
         status = lib.lowra_program_open(os.fsencode(program), os.fsencode(data), ctypes.byref(handle))
@@ -156,13 +156,15 @@ class NativeProgram:
             raise error(message)
         self._handle: ctypes.c_void_p | None = handle
         self.vocab_size = int(vocab_size)
+        self.logits_last = bool(logits_last)
 
     def forward(self, ids: np.ndarray, start: int) -> np.ndarray:
-        """float32 ``[n, vocab]`` logits of ``ids`` (int64) placed at cache positions ``start .. start + n - 1``."""
+        """float32 logits of ``ids`` (int64) placed at cache positions ``start .. start + n - 1``: ``[n, vocab]``, or
+        ``[1, vocab]`` (the last position's) for a program exported with ``logits="last"``."""
         if self._handle is None:
             raise LowraError("this program was closed")
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        out = np.empty((ids.size, self.vocab_size), dtype=np.float32)
+        out = np.empty((1 if self.logits_last else ids.size, self.vocab_size), dtype=np.float32)
         vocab = ctypes.c_size_t()
         lib = _library()
         status = lib.lowra_program_forward(self._handle, ids.ctypes.data, ids.size, int(start), out.ctypes.data,

@@ -151,7 +151,7 @@ class ExecutorchEngine:
         self.mode = mode
 
     def _load_program(self, pte: Path, ptd: Path) -> None:
-        program = NativeProgram(pte, ptd, self.manifest.vocab_size)
+        program = NativeProgram(pte, ptd, self.manifest.vocab_size, self.manifest.logits_last)
         previous, previous_path = self._program, self._data_path
         self._program, self._data_path = program, ptd
         if previous is not None:
@@ -205,6 +205,8 @@ class ExecutorchEngine:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not 1 <= ids.size < self.max_seq_len:
             raise LowraError(f"{ids.size} tokens; this program takes 1..{self.max_seq_len - 1} at once")
+        if self.manifest.logits_last:  # the program gives one position per call: feed the tokens one at a time
+            return np.concatenate([self._run(ids[i : i + 1], i) for i in range(ids.size)])
         return self._run(ids, 0)
 
     @property

@@ -25,6 +25,7 @@ KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::lowbit_linear_planar.out", "lo
               "lowra::dequantize.out",
               "lowra::f16_linear.out", "lowra::attention.out")
 EMBEDDING_DTYPES = ("float16", "float32")  # how a program stores the token embedding and output head
+LOGITS_MODES = ("last", "all")  # which positions' logits a program outputs ("all" in folders without the key)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,14 @@ class Manifest:
     def shapes(self) -> dict[str, list[int]]:
         """Adaptable module -> ``[out, in]`` of its base weight."""
         return {m: list(entry["shape"]) for m, entry in self.data["modules"].items()}
+
+    @property
+    def logits_last(self) -> bool:
+        """True when the programs output only the last position's logits ([1, 1, vocab])."""
+        value = self.data.get("logits", "all")
+        if value not in LOGITS_MODES:
+            raise ProgramError(f"{self.folder / MANIFEST_FILE} has logits {value!r}; expected one of {LOGITS_MODES}")
+        return value == "last"
 
     @property
     def vocab_size(self) -> int:

@@ -21,8 +21,9 @@ What one call of :func:`export_executorch` writes into a model folder (read by
 - ``tokenizer.json`` when a tokenizer is given.
 
 The program is transformers' static-cache decoder (``TorchExportableModuleWithStaticCache``): inputs
-``input_ids [1, n]`` and ``cache_position [n]`` (n dynamic, 1..max_seq_len), output logits ``[1, n, vocab]``;
-position 0 resets the cache, so prefill is one call and each decode step is another.
+``input_ids [1, n]`` and ``cache_position [n]`` (n dynamic, 1..max_seq_len), output the last position's logits
+``[1, 1, vocab]`` (``logits="last"``, the default) or every position's ``[1, n, vocab]`` (``"all"``); position 0
+resets the cache, so prefill is one call and each decode step is another.
 
 Python's ``Runtime.load_program`` takes one ``.ptd``, so the device composes a user's single file from the
 template: the ``.ptd`` is a flatbuffer header plus raw tensor segments, and the manifest records each tensor's
@@ -51,6 +52,7 @@ from lowra.device_runtime.executorch_native import register_kernel_library
 from lowra.device_runtime.formats.constants import CODED_WIDTHS, USER_MODES
 from lowra.device_runtime.formats.executorch_manifest import (
     EMBEDDING_DTYPES,
+    LOGITS_MODES,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -87,12 +89,17 @@ class ExecutorchExportConfig:
     # Custom ops only: attention as one lowra::attention call per layer reading the KV cache in place (see
     # export/executorch/attention.py) instead of transformers' sdpa lowered to copies, matmuls and a softmax.
     fused_attention: bool = True
+    # "last": the programs output the logits of the last position only ([1, 1, vocab]: what generation reads; the head
+    # runs on one token per call and the output buffer is one row); "all": every position ([1, n, vocab]).
+    logits: str = "last"
 
     def __post_init__(self) -> None:
         if self.ops not in OPS:
             raise ConfigError(f"ops={self.ops!r}; expected one of {OPS} (custom kernels or the core-ATen fallback)")
         if self.embeddings not in ("auto", *EMBEDDING_DTYPES):
             raise ConfigError(f"embeddings={self.embeddings!r}; expected 'auto' or one of {EMBEDDING_DTYPES}")
+        if self.logits not in LOGITS_MODES:
+            raise ConfigError(f"logits={self.logits!r}; expected one of {LOGITS_MODES}")
         if self.embeddings == "float16" and self.ops != "custom":
             raise ConfigError("embeddings='float16' needs ops='custom' (the head's lowra::f16_linear kernel); the "
                               "core-ATen fallback keeps them in float32")
@@ -343,6 +350,21 @@ def _read_ptd_segments(path: Path) -> dict[str, tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------------ export
+def _last_logits_wrapper() -> type:
+    """transformers' static-cache wrapper whose forward asks the model for the last position's logits only."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    class LastLogitsWithStaticCache(TorchExportableModuleWithStaticCache):
+        def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                    cache_position: Tensor | None = None) -> Tensor:
+            for layer in self.static_cache.layers:  # position 0 restarts the cache, as in the parent's forward
+                layer.cumulative_length.copy_(cache_position[0])
+            return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=None,
+                              cache=self.static_cache, use_cache=True, logits_to_keep=1).logits
+
+    return LastLogitsWithStaticCache
+
+
 @dataclass
 class _Program:
     mode: str
@@ -379,7 +401,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
     if config.ops == "custom" and config.fused_attention:
         use_lowra_attention(model)
     fix_empty_strides(model)
-    wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=config.max_seq_len)
+    wrapper_class = TorchExportableModuleWithStaticCache if config.logits == "all" else _last_logits_wrapper()
+    wrapper = wrapper_class(model, batch_size=1, max_cache_len=config.max_seq_len)
     wrapper.eval()
     buffers = dict(wrapper.named_buffers())
     return _Program(mode, wrapper, {fqn: buffers[fqn] for fqn in user_modules}, user_modules)
@@ -517,6 +540,7 @@ def export_executorch(
         "xnnpack": config.xnnpack,
         "embeddings": embeddings,
         "attention": "lowra" if config.ops == "custom" and config.fused_attention else "sdpa",
+        "logits": config.logits,
         "kernel_library": LIBRARY_NAME if library is not None else None,
         "kernel_library_sha256": file_sha256(out / LIBRARY_NAME) if library is not None else None,
         "max_seq_len": config.max_seq_len,

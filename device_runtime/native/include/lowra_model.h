@@ -31,7 +31,8 @@ LOWRA_API lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* 
 /* Back to the base, bit-exactly (the program data is recomposed from the untouched template). */
 LOWRA_API lowra_status lowra_model_user_unload(lowra_model* model);
 
-/* Logits of `n` tokens at cache positions start..start+n-1 (start 0 restarts the cache); see lowra_program_forward. */
+/* Logits of `n` tokens at cache positions start..start+n-1 (start 0 restarts the cache): n rows, or 1 row (the last
+ * position's) when the folder's manifest says "logits": "last"; see lowra_program_forward. */
 LOWRA_API lowra_status lowra_model_forward(lowra_model* model, const int64_t* ids, size_t n, int64_t start,
                                            float* logits, size_t capacity, size_t* vocab);
 /* Greedy generation: up to `max_new` tokens after `prompt` into `out` (capacity `max_new`), stopping before any id of

@@ -28,9 +28,10 @@ LOWRA_API const char* lowra_program_last_error(void);
  * LOWRA_ERR_PROGRAM; a missing file is LOWRA_ERR_BASE_NOT_FOUND. */
 LOWRA_API lowra_status lowra_program_open(const char* program_path, const char* data_path, lowra_program** out);
 
-/* Run `n` tokens starting at cache position `start` (0 restarts the cache). Writes n x vocab float32 logits to
- * `logits` when `capacity` (in floats) is large enough; `vocab` always receives the vocabulary size, so a call with
- * capacity 0 asks for it. */
+/* Run `n` tokens starting at cache position `start` (0 restarts the cache). Writes the logits the program outputs,
+ * float32 rows x vocab (rows = n, or 1 = the last position's for a program exported with logits "last", the
+ * manifest's "logits"), to `logits` when `capacity` (in floats) is large enough; `vocab` always receives the
+ * vocabulary size, so a call with capacity 0 asks for it. */
 LOWRA_API lowra_status lowra_program_forward(lowra_program* program, const int64_t* ids, size_t n, int64_t start,
                                              float* logits, size_t capacity, size_t* vocab);
 

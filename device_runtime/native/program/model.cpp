@@ -136,6 +136,7 @@ struct UserState {
 struct lowra_model {
   std::string folder, mode, program_path;
   int64_t max_seq_len = 0, rank = 0, vocab_size = 0;
+  bool logits_last = false;  // the programs output the last position's logits only (manifest "logits": "last")
   std::map<std::string, ModuleInfo> modules;
   std::vector<TensorRange> ranges;
   std::unique_ptr<lowra::MappedFile> tmpl;  // the pristine data template, never written
@@ -203,6 +204,12 @@ void read_manifest(lowra_model& m, bool verify) {
   m.max_seq_len = int_of(manifest, "max_seq_len", path, 2, 1 << 20);
   m.rank = int_of(manifest, "rank", path, 1, 1 << 16);
   m.vocab_size = int_of(manifest, "vocab_size", path, 1, 1 << 24);
+  if (manifest.find("logits") != nullptr) {  // absent in folders written before it: every position's logits
+    const std::string logits = string_of(manifest, "logits", path);
+    if (logits != "last" && logits != "all")
+      fail(LOWRA_ERR_PROGRAM, path + ": 'logits' is '" + logits + "'; expected 'last' or 'all'");
+    m.logits_last = logits == "last";
+  }
   const lowra::Json& modules = member(manifest, "modules", path);
   if (!modules.is_object()) fail(LOWRA_ERR_PROGRAM, path + ": 'modules' is not an object");
   for (const auto& [name, entry] : modules.members)
@@ -371,7 +378,7 @@ lowra_status lowra_model_generate(lowra_model* model, const int64_t* prompt, siz
   };
   lowra_status status = lowra_model_forward(model, prompt, n, 0, logits.data(), logits.size(), &vocab);
   if (status != LOWRA_OK) return status;
-  int64_t token = argmax_row(n - 1);
+  int64_t token = argmax_row(model->logits_last ? 0 : n - 1);
   int64_t position = static_cast<int64_t>(n);
   while (std::find(stop, stop + n_stop, token) == stop + n_stop) {
     out[(*n_out)++] = token;

@@ -110,18 +110,19 @@ lowra_status forward(Module& module, const int64_t* ids, size_t n, int64_t start
     return fail(LOWRA_ERR_PROGRAM, "the program's first output is not a tensor; expected logits [1, n, vocab]");
   }
   const Tensor out = outputs[0].toTensor();
+  // Every position's logits [1, n, vocab], or the last position's [1, 1, vocab] (exported with logits "last").
   if (out.scalar_type() != ScalarType::Float || out.dim() != 3 || out.size(0) != 1 ||
-      out.size(1) != static_cast<ssize_t>(n)) {
+      (out.size(1) != static_cast<ssize_t>(n) && out.size(1) != 1)) {
     return fail(LOWRA_ERR_PROGRAM, "the program's logits are not float32 [1, " + std::to_string(n) +
-                                   ", vocab]; this is not a lowra decoder program");
+                                   " or 1, vocab]; this is not a lowra decoder program");
   }
   *vocab = static_cast<size_t>(out.size(2));
-  const size_t count = n * *vocab;
+  const size_t count = static_cast<size_t>(out.size(1)) * *vocab;
   if (logits != nullptr && capacity >= count) {
     std::memcpy(logits, out.const_data_ptr<float>(), count * sizeof(float));
   } else if (capacity != 0) {
     return fail(LOWRA_ERR_ARGUMENT, "logits buffer holds " + std::to_string(capacity) + " floats; " +
-                                    std::to_string(count) + " needed (n x vocab)");
+                                    std::to_string(count) + " needed (rows x vocab)");
   }
   return ok();
 }

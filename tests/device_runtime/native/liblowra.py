@@ -6,6 +6,7 @@ this file with the same error kind as the numpy reader" as ``type(native_error) 
 from __future__ import annotations
 
 import ctypes
+import json
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,7 @@ class Model:
         self.handle = handle()
         self._check(lib.lowra_model_open(str(folder).encode(), mode.encode(), int(verify), ctypes.byref(self.handle)))
         self.vocab = lib.lowra_model_vocab_size(self.handle)
+        self.logits_last = json.loads((Path(folder) / "manifest.json").read_text()).get("logits", "all") == "last"
 
     def _check(self, status: int) -> None:
         if status != 0:
@@ -178,14 +180,21 @@ class Model:
     def unload(self) -> None:
         self._check(self.lib.lowra_model_user_unload(self.handle))
 
-    def logits(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """What lowra_model_forward writes: a row per token, or the last token's row (a "last" logits program)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        out = np.empty((ids.size, self.vocab), dtype=np.float32)
+        out = np.empty((1 if self.logits_last else ids.size, self.vocab), dtype=np.float32)
         vocab = ctypes.c_size_t()
         i64p, fp = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
-        self._check(self.lib.lowra_model_forward(self.handle, ids.ctypes.data_as(i64p), ids.size, 0,
+        self._check(self.lib.lowra_model_forward(self.handle, ids.ctypes.data_as(i64p), ids.size, start,
                                                  out.ctypes.data_as(fp), out.size, ctypes.byref(vocab)))
         return out
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Every position's logits, token by token for a "last" program (as ExecutorchEngine.logits does)."""
+        if self.logits_last:
+            return np.concatenate([self.forward(ids[i : i + 1], i) for i in range(len(ids))])
+        return self.forward(ids, 0)
 
     def generate(self, ids: np.ndarray, max_new: int) -> list[int]:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
