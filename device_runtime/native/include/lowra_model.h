@@ -28,7 +28,8 @@ LOWRA_API void lowra_model_close(lowra_model* model);
  * user (or the base) stays active. `info` may be null; its strings live until the next load/unload. */
 LOWRA_API lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size_t blob_size,
                                              lowra_user_info* info);
-/* Back to the base, bit-exactly (the program data is recomposed from the untouched template). */
+/* Back to the base, bit-exactly (every user range is rewritten: zeros in side mode, the pristine template weight in
+ * merge mode). A swap rewrites the loaded program's data in place: no program reload. */
 LOWRA_API lowra_status lowra_model_user_unload(lowra_model* model);
 
 /* Logits of `n` tokens at cache positions start..start+n-1 (start 0 restarts the cache): n rows, or 1 row (the last

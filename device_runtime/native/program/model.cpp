@@ -4,7 +4,8 @@
 // programs, their .ptd data templates and, per adaptable module, the base weight's digest and the byte range of each
 // user tensor in the template. A user is a copy of the template with those ranges rewritten (side: the blob's
 // factors zero-padded to the program's rank; merge: base + up @ down with liblowra's merge_into), handed to the
-// program through a BufferDataLoader, so no file is written and the .pte is shared by every user.
+// program through a BufferDataLoader, so no file is written and the .pte is shared by every user. The program is
+// loaded once; a user swap rewrites those ranges in the buffer it reads (see lowra_model::switch_user).
 #include "lowra_model.h"
 
 #include <dlfcn.h>
@@ -148,8 +149,16 @@ struct lowra_model {
   // A copy of the template with the user's tensors written (module -> decoded factors; empty = the base).
   std::vector<uint8_t> compose(const std::map<std::string, lowra::Factors>& factors = {}) const {
     std::vector<uint8_t> out(tmpl->data(), tmpl->data() + tmpl->size());
+    write_user(out.data(), factors);
+    return out;
+  }
+
+  // Write every user tensor range of `out` (a buffer laid out like the template): side, the factors zero-padded to
+  // the program's rank (zeros = the base); merge, the pristine base weight plus up @ down (the pristine weight for
+  // modules the user does not adapt). Every range is written, so the result does not depend on what `out` held.
+  void write_user(uint8_t* out, const std::map<std::string, lowra::Factors>& factors) const {
     for (const TensorRange& r : ranges) {
-      float* target = reinterpret_cast<float*>(out.data() + r.offset);
+      float* target = reinterpret_cast<float*>(out + r.offset);
       auto it = factors.find(r.module);
       const lowra::Factors* f = it == factors.end() ? nullptr : &it->second;
       const int64_t rows = r.shape[0], cols = r.shape[1];
@@ -162,13 +171,21 @@ struct lowra_model {
           for (int64_t row = 0; row < rows; ++row)
             std::copy(f->up.begin() + row * f->kept, f->up.begin() + (row + 1) * f->kept, target + row * cols);
         }
-      } else if (f != nullptr) {
-        const float* pristine = reinterpret_cast<const float*>(tmpl->data() + r.offset);
+        continue;
+      }
+      const float* pristine = reinterpret_cast<const float*>(tmpl->data() + r.offset);
+      if (f != nullptr) {
         lowra::merge_into(target, pristine, f->up.data(), f->down.data(), rows, f->kept, cols);
+      } else {
+        std::copy(pristine, pristine + rows * cols, target);
       }
     }
-    return out;
   }
+
+  // A user swap. ExecuTorch reads the program's external data through the BufferDataLoader without copying it (its
+  // constant tensors point into `data`), so rewriting the user's ranges in place is the whole swap: no program
+  // reload, no second copy of the data. The caller has verified and decoded the user first, so this cannot fail.
+  void switch_user(const std::map<std::string, lowra::Factors>& factors) { write_user(data.data(), factors); }
 
   // Load the program over `next` and make both active; on failure nothing changes.
   void activate(std::vector<uint8_t> next) {
@@ -288,6 +305,8 @@ lowra_status lowra_model_open(const char* folder, const char* mode, int verify, 
     model->mode = mode_text;
     read_manifest(*model, verify != 0);
     model->activate(model->compose());
+    // Side mode never reads the template again (a swap writes zeros and factors), so its pages can go.
+    if (model->mode == "side") model->tmpl.reset();
     *out = model.release();
   });
 }
@@ -317,7 +336,7 @@ lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size
                                     "rank >= " + std::to_string(kept));
     }
     const auto apply = std::chrono::steady_clock::now();
-    model->activate(model->compose(factors));
+    model->switch_user(factors);
     auto user = std::make_unique<UserState>();
     user->adapter_id = parsed.adapter_id;
     user->base_fingerprint = parsed.base_fingerprint;
@@ -339,7 +358,7 @@ lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size
 lowra_status lowra_model_user_unload(lowra_model* model) {
   if (model == nullptr) return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_user_unload: null model");
   return guarded([&] {
-    model->activate(model->compose());
+    model->switch_user({});
     model->user.reset();
   });
 }
