@@ -8,8 +8,9 @@ running beside it) and drives it over stdin, as an app would call the C API:
 - resident memory (VmRSS from /proc) once the folder is open, and after the generations (VmHWM: the peak);
 - ``generate 1 PROMPT`` then ``generate 1+N PROMPT``: prefill tok/s = prompt tokens / the first call's time, decode
   tok/s = N / (the second call's time - the first's), both through the C API (no Python in the process);
-- with ``--blob`` (side mode): the same decode with that user loaded, and the median ``load`` time when switching
-  between the blobs (the runtime's own ``load_ms``).
+- with blobs: the median ``load`` time when switching between them (the runtime's own ``load_ms``), then the same
+  decode with a user loaded; in merge mode also the time to copy the weights a merge rewrites (numpy, warm), the
+  yardstick of the merge-at-load target.
 Default folders: the ExecuTorch exports of bench/bench_executorch.py (``$LOWRA_CACHE/bench_executorch/custom*``).
 
 llama.cpp (issue 14's comparison) needs ``llama-cpp-python`` built from source, which needs the package registry;
@@ -114,7 +115,7 @@ def measure(chat: Path, folder: Path, mode: str, ids: list[int], tokens: int, th
     out["decode_tok_s"] = tokens / (full - first)
     out["tokens"] = reply.split()[2:]
     out["rss_generated_mib"] = session.rss_mib()
-    if blobs and mode == "side":
+    if blobs:
         loads = []
         for k in range(6):
             reply, _ = session.call(f"load {blobs[k % len(blobs)]}")
@@ -192,6 +193,24 @@ def main() -> int:
               f"{summary['prefill_tok_s']:8.1f} {summary['rss_open_mib']:8.0f} {summary['rss_generated_mib']:8.0f} "
               f"{summary['rss_peak_mib']:6.0f} {summary.get('decode_with_user_tok_s', float('nan')):8.2f} "
               f"{summary.get('switch_ms', float('nan')):9.2f}")
+    if args.mode == "merge":
+        import numpy as np
+
+        info = json.loads((folders[0] / "manifest.json").read_text())["programs"]["merge"]
+        template = np.fromfile(folders[0] / info["data"], dtype=np.uint8)
+        target = np.empty_like(template)
+        copies = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for entry in info["tensors"].values():
+                lo, hi = entry["offset"], entry["offset"] + entry["nbytes"]
+                target[lo:hi] = template[lo:hi]
+            copies.append((time.perf_counter() - t0) * 1e3)
+        copy_ms = statistics.median(copies)
+        merge_ms = report["folders"][str(folders[0])]["switch_ms"]
+        report["merge_copy_ms"] = copy_ms
+        print(f"merge at load {merge_ms:.1f} ms vs a copy of the {len(info['tensors'])} weights it rewrites "
+              f"{copy_ms:.1f} ms: {merge_ms / copy_ms:.2f}x")
     base = report["folders"][str(folders[0])]
     for folder in folders[1:]:
         other = report["folders"][str(folder)]
