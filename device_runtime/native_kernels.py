@@ -27,8 +27,9 @@ __all__ = ["ISAS", "KERNEL_SOURCE", "PackedLinear", "build_library", "isa_availa
 KERNEL_DIR = Path(__file__).parent / "native" / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "lowbit_gemv.cpp"
 KERNEL_HEADER = KERNEL_DIR / "lowbit_gemv.h"
+KERNEL_INCLUDES = (KERNEL_HEADER, KERNEL_DIR / "lowbit_lut.inc")  # what the source includes (part of the cache key)
 LIBRARY_NAME = "liblowra_lowbit.so"
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2}  # lowra_lowbit_isa
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # lowra_lowbit_isa
 
 
 class _Layer(ctypes.Structure):
@@ -55,7 +56,8 @@ def compile_command(output: Path) -> list[str]:
 def build_library(force: bool = False) -> Path:
     """Compile the kernel library unless this source and command are cached already; return the ``.so`` path."""
     probe = compile_command(Path("OUT"))
-    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes() + KERNEL_HEADER.read_bytes() + "\0".join(probe).encode())
+    included = b"".join(path.read_bytes() for path in KERNEL_INCLUDES)
+    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes() + included + "\0".join(probe).encode())
     library = _files.cache_dir("native", digest.hexdigest()[:16]) / LIBRARY_NAME
     return _files.build_cached(library, compile_command, f"the lowra low-bit kernels ({KERNEL_SOURCE.name})", force)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from lowra.device_runtime import _files
 from lowra.device_runtime.executorch_native import et_compile_flags, executorch_dir
 from lowra.device_runtime.native_kernels import KERNEL_DIR as KERNEL_SOURCE_DIR
+from lowra.device_runtime.native_kernels import KERNEL_INCLUDES
 
 __all__ = ["KERNEL_SOURCE", "LIBRARY_NAME", "build_kernel_library", "compile_command", "executorch_dir"]
 
@@ -50,7 +51,7 @@ def build_kernel_library(cache_dir: str | Path | None = None, force: bool = Fals
         version = metadata.version("executorch")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    sources = (KERNEL_SOURCE, LOWBIT_SOURCE, LOWBIT_SOURCE.with_name("lowbit_gemv.h"))
+    sources = (KERNEL_SOURCE, LOWBIT_SOURCE, *KERNEL_INCLUDES)
     source = b"".join(path.read_bytes() for path in sources)
     probe = compile_command(KERNEL_SOURCE, Path("OUT"), et)
     key = hashlib.sha256(source + "\0".join(probe).encode() + version.encode()).hexdigest()[:16]

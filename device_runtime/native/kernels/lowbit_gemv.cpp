@@ -20,7 +20,8 @@
 //
 // AVX2 (x86-64, compiled per function with target attributes, chosen at run time): 8 rows of the same width form a
 // block, one lane per row; a gather loads 32 code bits of each row, and a table lookup for 8 rows is two vpermps
-// over the table's halves plus a blend on index bit 3. Sums go into per-block tree reductions, so one 4-cycle add
+// over the table's halves plus a blend on index bit 3, or one vpermt2ps where the CPU has AVX-512VL (the same
+// kernels compiled twice from lowbit_lut.inc). Sums go into per-block tree reductions, so one 4-cycle add
 // chain per bit-plane and word.
 // NEON mapping (the same layout, no repack): a 16-float table is 64 bytes = 4 q registers, so one vqtbl4q_u8 with
 // byte indices 4 * nibble + {0, 1, 2, 3} (vshlq_n_u8 + vorrq with a constant, after a vzip of the nibble per lane)
@@ -54,6 +55,8 @@
 #define LOWRA_LOWBIT_HAVE_AVX2 1
 #include <immintrin.h>
 #define LOWRA_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+// The same kernels with AVX-512VL's two-table permute (vpermt2ps on 256-bit vectors) for the 16-entry lookups.
+#define LOWRA_AVX512_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
 #endif
 
 namespace {
@@ -135,19 +138,26 @@ int check_layer(const lowra_lowbit_layer* layer, Layer& view) {
 bool isa_supported(int isa) {
   if (isa == LOWRA_LOWBIT_ISA_AUTO || isa == LOWRA_LOWBIT_ISA_SCALAR) return true;
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-  if (isa == LOWRA_LOWBIT_ISA_AVX2) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == LOWRA_LOWBIT_ISA_AVX2) return avx2;
+  if (isa == LOWRA_LOWBIT_ISA_AVX512) {
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
   }
 #endif
   return false;
 }
 
-// Validates isa and resolves AUTO; returns a status.
-int resolve_isa(int isa, bool& use_avx2) {
-  if (isa < LOWRA_LOWBIT_ISA_AUTO || isa > LOWRA_LOWBIT_ISA_AVX2) return LOWRA_LOWBIT_INVALID_ARGUMENT;
-  if (isa == LOWRA_LOWBIT_ISA_AUTO) isa = isa_supported(LOWRA_LOWBIT_ISA_AVX2) ? LOWRA_LOWBIT_ISA_AVX2 : LOWRA_LOWBIT_ISA_SCALAR;
+// Validates isa and resolves AUTO (the widest available); returns a status. use_avx2: the AVX2 kernels (AVX512
+// included), use_permute2: their table lookups in one AVX-512VL vpermt2ps.
+int resolve_isa(int isa, bool& use_avx2, bool* use_permute2 = nullptr) {
+  if (isa < LOWRA_LOWBIT_ISA_AUTO || isa > LOWRA_LOWBIT_ISA_AVX512) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (isa == LOWRA_LOWBIT_ISA_AUTO) {
+    isa = isa_supported(LOWRA_LOWBIT_ISA_AVX512) ? LOWRA_LOWBIT_ISA_AVX512
+          : isa_supported(LOWRA_LOWBIT_ISA_AVX2) ? LOWRA_LOWBIT_ISA_AVX2 : LOWRA_LOWBIT_ISA_SCALAR;
+  }
   if (!isa_supported(isa)) return LOWRA_LOWBIT_ISA_UNAVAILABLE;
-  use_avx2 = isa == LOWRA_LOWBIT_ISA_AVX2;
+  use_avx2 = isa == LOWRA_LOWBIT_ISA_AVX2 || isa == LOWRA_LOWBIT_ISA_AVX512;
+  if (use_permute2 != nullptr) *use_permute2 = isa == LOWRA_LOWBIT_ISA_AVX512;
   return LOWRA_LOWBIT_OK;
 }
 
@@ -401,16 +411,6 @@ void decode4_scalar(const Gemv& g, const Task& task) {
 
 // ------------------------------------------------------------------------------------------------ AVX2 GEMV
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-LOWRA_AVX2_FN inline __m256 lookup16(__m256 low_half, __m256 high_half, __m256i index) {
-  const __m256 lo = _mm256_permutevar8x32_ps(low_half, index);
-  const __m256 hi = _mm256_permutevar8x32_ps(high_half, index);
-  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
-}
-
-LOWRA_AVX2_FN inline __m256 lookup_table(const float* table, __m256i index) {
-  return lookup16(_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8), index);
-}
-
 LOWRA_AVX2_FN inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -467,134 +467,39 @@ LOWRA_AVX2_FN inline void store_lanes(const Gemv& g, const Task& task, __m256 re
   for (int i = 0; i < task.count; ++i) g.y[g.order[task.first + i]] = out[i];
 }
 
-template <int K>
-LOWRA_AVX2_FN inline __m256 nibble_lookup(const float* tables, __m256i word) {
-  const __m256i index = _mm256_and_si256(_mm256_srli_epi32(word, 4 * K), _mm256_set1_epi32(15));
-  return lookup_table(tables + 16 * K, index);
-}
+namespace lut_avx2 {
+#define LOWRA_LUT_FN LOWRA_AVX2_FN
+#define LOWRA_LUT_PERMUTE2 0
+#include "lowbit_lut.inc"
+#undef LOWRA_LUT_FN
+#undef LOWRA_LUT_PERMUTE2
+}  // namespace lut_avx2
 
-LOWRA_AVX2_FN void lut1_avx2(const Gemv& g, const Task& task) {
-  const Layer& L = *g.layer;
-  const Lanes lanes = block_lanes(g, task);
-  const __m256 l0 = lane_levels(g, lanes, 0), c1 = _mm256_sub_ps(lane_levels(g, lanes, 1), l0);
-  const int64_t nbytes = ceil_div(L.in, 8), n_words = ceil_div(nbytes, 4);
-  const int64_t words_per_span = L.group ? L.group / 32 : n_words;
-  __m256 total = _mm256_setzero_ps();
-  for (int64_t s = 0; s < L.n_spans(); ++s) {
-    __m256 bits = _mm256_setzero_ps();
-    for (int64_t w = s * words_per_span; w < std::min(n_words, (s + 1) * words_per_span); ++w) {
-      const __m256i v = lane_words(g, lanes, w, nbytes);
-      const float* t = g.tables.data() + w * 128;  // 8 nibbles = 8 tables of 16 per word
-      const __m256 a = _mm256_add_ps(nibble_lookup<0>(t, v), nibble_lookup<1>(t, v));
-      const __m256 b = _mm256_add_ps(nibble_lookup<2>(t, v), nibble_lookup<3>(t, v));
-      const __m256 c = _mm256_add_ps(nibble_lookup<4>(t, v), nibble_lookup<5>(t, v));
-      const __m256 d = _mm256_add_ps(nibble_lookup<6>(t, v), nibble_lookup<7>(t, v));
-      bits = _mm256_add_ps(bits, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
-    }
-    const __m256 span = _mm256_fmadd_ps(c1, bits, _mm256_mul_ps(l0, _mm256_set1_ps(g.sums[s])));
-    total = L.group ? _mm256_fmadd_ps(lane_scales(g, lanes, s), span, total) : _mm256_add_ps(total, span);
-  }
-  store_lanes(g, task, total);
-}
-
-// The three bit-plane lookups of byte K of a 2-bit word (4 inputs, one table).
-template <int K>
-LOWRA_AVX2_FN inline void planes_lookup(const float* tables, __m256i word, __m256& p0, __m256& p1, __m256& both) {
-  const __m256i mask = _mm256_set1_epi32(15);
-  const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(word, 8 * K), mask);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(word, 8 * K + 4), mask);
-  const __m256 tlo = _mm256_loadu_ps(tables + 16 * K), thi = _mm256_loadu_ps(tables + 16 * K + 8);
-  p0 = lookup16(tlo, thi, lo);
-  p1 = lookup16(tlo, thi, hi);
-  both = lookup16(tlo, thi, _mm256_and_si256(lo, hi));
-}
-
-LOWRA_AVX2_FN void lut2_avx2(const Gemv& g, const Task& task) {
-  const Layer& L = *g.layer;
-  const Lanes lanes = block_lanes(g, task);
-  const __m256 l0 = lane_levels(g, lanes, 0), l1 = lane_levels(g, lanes, 1);
-  const __m256 l2 = lane_levels(g, lanes, 2), l3 = lane_levels(g, lanes, 3);
-  const __m256 c1 = _mm256_sub_ps(l1, l0), c2 = _mm256_sub_ps(l2, l0);
-  const __m256 c3 = _mm256_sub_ps(_mm256_sub_ps(l3, l2), c1);
-  const int64_t nbytes = ceil_div(L.in, 4), n_words = ceil_div(nbytes, 4);
-  const int64_t words_per_span = L.group ? L.group / 16 : n_words;
-  __m256 total = _mm256_setzero_ps();
-  for (int64_t s = 0; s < L.n_spans(); ++s) {
-    __m256 plane0 = _mm256_setzero_ps(), plane1 = _mm256_setzero_ps(), both = _mm256_setzero_ps();
-    for (int64_t w = s * words_per_span; w < std::min(n_words, (s + 1) * words_per_span); ++w) {
-      const __m256i v = lane_words(g, lanes, w, nbytes);
-      const float* t = g.tables.data() + w * 64;  // 4 bytes = 4 tables of 16 per word
-      __m256 a0, a1, a2, b0, b1, b2, c0, c1w, c2w, d0, d1, d2;
-      planes_lookup<0>(t, v, a0, a1, a2);
-      planes_lookup<1>(t, v, b0, b1, b2);
-      planes_lookup<2>(t, v, c0, c1w, c2w);
-      planes_lookup<3>(t, v, d0, d1, d2);
-      plane0 = _mm256_add_ps(plane0, _mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(c0, d0)));
-      plane1 = _mm256_add_ps(plane1, _mm256_add_ps(_mm256_add_ps(a1, b1), _mm256_add_ps(c1w, d1)));
-      both = _mm256_add_ps(both, _mm256_add_ps(_mm256_add_ps(a2, b2), _mm256_add_ps(c2w, d2)));
-    }
-    __m256 span = _mm256_mul_ps(l0, _mm256_set1_ps(g.sums[s]));
-    span = _mm256_fmadd_ps(c1, plane0, span);
-    span = _mm256_fmadd_ps(c2, plane1, span);
-    span = _mm256_fmadd_ps(c3, both, span);
-    total = L.group ? _mm256_fmadd_ps(lane_scales(g, lanes, s), span, total) : _mm256_add_ps(total, span);
-  }
-  store_lanes(g, task, total);
-}
-
-// 8 consecutive 4-bit codes starting at element 8 * chunk, widened to int32 lanes.
-LOWRA_AVX2_FN inline __m256i codes4(const uint8_t* row, int64_t chunk, int64_t nbytes) {
-  uint32_t word = 0;
-  if (4 * chunk + 4 <= nbytes) {
-    std::memcpy(&word, row + 4 * chunk, 4);  // one unaligned load
-  } else {
-    std::memcpy(&word, row + 4 * chunk, static_cast<size_t>(nbytes - 4 * chunk));  // the row's last bytes
-  }
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts),
-                          _mm256_set1_epi32(15));
-}
-
-LOWRA_AVX2_FN void decode4_avx2(const Gemv& g, const Task& task) {
-  const Layer& L = *g.layer;
-  const int64_t nbytes = ceil_div(L.in, 2), n_chunks = ceil_div(L.in, 8);
-  const int64_t chunks_per_span = L.group ? L.group / 8 : n_chunks;
-  for (int i = 0; i < task.count; ++i) {
-    const int64_t r = g.order[task.first + i];
-    const uint8_t* row = L.raw->codes + L.code_off[r];
-    const __m128i* book = reinterpret_cast<const __m128i*>(L.raw->codebooks + L.level_off[r]);
-    const __m256 book_lo = _mm256_cvtph_ps(_mm_loadu_si128(book)), book_hi = _mm256_cvtph_ps(_mm_loadu_si128(book + 1));
-    __m256 total = _mm256_setzero_ps();
-    for (int64_t s = 0; s < L.n_spans(); ++s) {
-      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two chains hide the FMA latency
-      const int64_t end = std::min(n_chunks, (s + 1) * chunks_per_span);
-      int64_t c = s * chunks_per_span;
-      for (; c + 1 < end; c += 2) {
-        even = _mm256_fmadd_ps(lookup16(book_lo, book_hi, codes4(row, c, nbytes)), _mm256_loadu_ps(&g.x[8 * c]), even);
-        odd = _mm256_fmadd_ps(lookup16(book_lo, book_hi, codes4(row, c + 1, nbytes)),
-                              _mm256_loadu_ps(&g.x[8 * c + 8]), odd);
-      }
-      if (c < end) {
-        even = _mm256_fmadd_ps(lookup16(book_lo, book_hi, codes4(row, c, nbytes)), _mm256_loadu_ps(&g.x[8 * c]), even);
-      }
-      const __m256 partial = _mm256_add_ps(even, odd);
-      total = L.group ? _mm256_fmadd_ps(_mm256_set1_ps(L.scale(r, s)), partial, total) : _mm256_add_ps(total, partial);
-    }
-    g.y[r] = horizontal_sum(total);
-  }
-}
+namespace lut_avx512 {
+#define LOWRA_LUT_FN LOWRA_AVX512_FN
+#define LOWRA_LUT_PERMUTE2 1
+#include "lowbit_lut.inc"
+#undef LOWRA_LUT_FN
+#undef LOWRA_LUT_PERMUTE2
+}  // namespace lut_avx512
 #endif
 
-void run_gemv_task(const Gemv& g, const Task& task, bool avx2) {
+void run_gemv_task(const Gemv& g, const Task& task, bool avx2, bool permute2) {
   if (task.kind == 0) return generic_rows(g, task);
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
+  if (permute2) {
+    if (task.kind == 1) return lut_avx512::lut1_avx2(g, task);
+    if (task.kind == 2) return lut_avx512::lut2_avx2(g, task);
+    return lut_avx512::decode4_avx2(g, task);
+  }
   if (avx2) {
-    if (task.kind == 1) return lut1_avx2(g, task);
-    if (task.kind == 2) return lut2_avx2(g, task);
-    return decode4_avx2(g, task);
+    if (task.kind == 1) return lut_avx2::lut1_avx2(g, task);
+    if (task.kind == 2) return lut_avx2::lut2_avx2(g, task);
+    return lut_avx2::decode4_avx2(g, task);
   }
 #else
   (void)avx2;
+  (void)permute2;
 #endif
   if (task.kind == 1) return lut1_scalar(g, task);
   if (task.kind == 2) return lut2_scalar(g, task);
@@ -642,7 +547,7 @@ LOWRA_AVX2_FN void decode_row_avx2(const Layer& L, int64_t r, float* dst, int64_
       const __m256i b1 = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(shifts, four)), mask);
       index = _mm256_or_si256(index, _mm256_slli_epi32(b1, 1));
     }
-    _mm256_storeu_ps(dst + 8 * c, lookup16(book_lo, book_hi, index));
+    _mm256_storeu_ps(dst + 8 * c, lut_avx2::lookup16(book_lo, book_hi, index));
   }
   std::fill(dst + L.in, dst + padded, 0.0f);
   for (int64_t g = 0; g < L.n_groups; ++g) {
@@ -683,10 +588,10 @@ void micro_scalar(const float* const* w, const float* const* x, int64_t padded, 
 }
 
 int gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa) {
-  bool avx2 = false;
+  bool avx2 = false, permute2 = false;
   Layer L;
   if (!x || !y || threads < 1) return LOWRA_LOWBIT_INVALID_ARGUMENT;
-  if (int status = resolve_isa(isa, avx2)) return status;
+  if (int status = resolve_isa(isa, avx2, &permute2)) return status;
   if (int status = check_layer(layer, L)) return status;
   Gemv g;
   g.layer = &L;
@@ -697,8 +602,8 @@ int gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads,
   build_tasks(g, lut);
   build_tables(g);
   const int parts = static_cast<int>(std::min<int64_t>(threads, g.tasks.size()));
-  parallel_ranges(g.cost, parts, [&g, avx2](int, size_t begin, size_t end) {
-    for (size_t t = begin; t < end; ++t) run_gemv_task(g, g.tasks[t], avx2);
+  parallel_ranges(g.cost, parts, [&g, avx2, permute2](int, size_t begin, size_t end) {
+    for (size_t t = begin; t < end; ++t) run_gemv_task(g, g.tasks[t], avx2, permute2);
   });
   return LOWRA_LOWBIT_OK;
 }

@@ -24,9 +24,10 @@ extern "C" {
 #endif
 
 typedef enum lowra_lowbit_isa {
-  LOWRA_LOWBIT_ISA_AUTO = 0,   /* the best this CPU runs (AVX2 + FMA + F16C on x86-64, else scalar) */
+  LOWRA_LOWBIT_ISA_AUTO = 0,   /* the best this CPU runs (AVX512, else AVX2 + FMA + F16C on x86-64, else scalar) */
   LOWRA_LOWBIT_ISA_SCALAR = 1, /* portable C++, any CPU; the same algorithm as the vector path */
-  LOWRA_LOWBIT_ISA_AVX2 = 2    /* x86-64 AVX2 + FMA + F16C (refused with ISA_UNAVAILABLE elsewhere) */
+  LOWRA_LOWBIT_ISA_AVX2 = 2,   /* x86-64 AVX2 + FMA + F16C (refused with ISA_UNAVAILABLE elsewhere) */
+  LOWRA_LOWBIT_ISA_AVX512 = 3  /* the AVX2 kernels with AVX-512VL's two-table permute for the table lookups */
 } lowra_lowbit_isa;
 
 typedef enum lowra_lowbit_status {

@@ -31,7 +31,7 @@ CASES = [
     (6, 3, 32, (1, 2, 4)),  # one partial group, shorter than a table
     (3, 1, 0, (1, 2, 4)),
 ]
-ISAS = [isa for isa in ("scalar", "avx2") if isa_available(isa)]
+ISAS = [isa for isa in ("scalar", "avx2", "avx512") if isa_available(isa)]
 
 
 def random_weight(out: int, inputs: int, group: int, widths: tuple[int, ...], seed: int) -> QuantizedWeight:
@@ -82,6 +82,8 @@ def test_scalar_and_avx2_agree(case: int) -> None:
     assert_close(packed.gemv(x, isa="avx2"), packed.gemv(x, isa="scalar"), rel=1e-5)
     tokens = rng.standard_normal((5, inputs)).astype(np.float32)
     assert_close(packed.gemm(tokens, isa="avx2"), packed.gemm(tokens, isa="scalar"), rel=1e-5)
+    if "avx512" in ISAS:  # the same kernels with one-instruction lookups: the same floats, the same sums
+        assert np.array_equal(packed.gemv(x, isa="avx512"), packed.gemv(x, isa="avx2"))
 
 
 @pytest.mark.parametrize("isa", ISAS)
