@@ -43,10 +43,8 @@ def build(build_dir: Path) -> Path:
     subprocess.run(["cmake", "-S", str(NATIVE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                     f"-DPython3_EXECUTABLE={sys.executable}"], check=True, capture_output=True, text=True)
     subprocess.run(["cmake", "--build", str(build_dir), "-j", "2"], check=True, capture_output=True, text=True)
-    chat = build_dir / "examples" / "lowra_chat"
-    if not chat.is_file():
-        chat = next(build_dir.rglob("lowra_chat"), None)
-    if chat is None or not (build_dir / "liblowra_program.so").exists() and not list(build_dir.rglob("liblowra_program.so")):
+    chat = next((p for p in build_dir.rglob("lowra_chat") if p.is_file()), None)
+    if chat is None or next(build_dir.rglob("liblowra_program.so"), None) is None:
         raise SystemExit(f"{build_dir}: lowra_chat or liblowra_program.so was not built (is executorch installed?)")
     return chat
 
@@ -220,7 +218,8 @@ def main() -> int:
     liblowra = next(build_dir.rglob("liblowra.so"), None)
     if liblowra is not None:
         sizes["liblowra.so"] = liblowra
-    report["sizes"] = {name: {"bytes": path.stat().st_size, "stripped": stripped_size(path)} for name, path in sizes.items()}
+    report["sizes"] = {name: {"bytes": path.stat().st_size, "stripped": stripped_size(path)}
+                       for name, path in sizes.items()}
     print("sizes: " + ", ".join(f"{n} {v['bytes'] / 1024:.0f} KB ({v['stripped'] / 1024:.0f} KB stripped)"
                                 for n, v in report["sizes"].items()))
     try:

@@ -172,7 +172,8 @@ def f16_gemm(weight: np.ndarray, x: np.ndarray, threads: int = 1, isa: str = "au
     """
     weight = np.asarray(weight)
     if weight.dtype != np.float16 or weight.ndim != 2:
-        raise ConfigError(f"weight is {weight.dtype} with shape {list(weight.shape)}; expected a float16 [out, in] matrix")
+        raise ConfigError(
+            f"weight is {weight.dtype} with shape {list(weight.shape)}; expected a float16 [out, in] matrix")
     weight = np.ascontiguousarray(weight)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != weight.shape[1] or x.shape[0] < 1:

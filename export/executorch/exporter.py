@@ -196,8 +196,8 @@ class PlanarLowBitLinear(nn.Module):
 
 
 class PlanarSideBranchLinear(nn.Module):
-    """:class:`SideBranchLinear` over a :class:`PlanarLowBitLinear` in one op call (``lowra::lowbit_linear_planar_lora``):
-    the user's factors are program data under the same names (``lora_down`` [rank, in], ``lora_up`` [out, rank])."""
+    """:class:`SideBranchLinear` over a :class:`PlanarLowBitLinear` in one op call
+    (``lowra::lowbit_linear_planar_lora``): the user's factors are program data under the same names (``lora_down`` [rank, in], ``lora_up`` [out, rank])."""
 
     def __init__(self, base: PlanarLowBitLinear, down: Tensor, up: Tensor) -> None:
         super().__init__()

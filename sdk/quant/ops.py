@@ -447,7 +447,8 @@ _LIB.impl("lowbit_linear_planar.out", _lowbit_linear_planar_out, "CompositeExpli
 
 def _check_f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if weight.dtype != torch.float16 or weight.dim() != 2:
-        raise ConfigError(f"f16_linear weight is {weight.dtype} {list(weight.shape)}; expected a float16 [out, in] matrix")
+        raise ConfigError(
+            f"f16_linear weight is {weight.dtype} {list(weight.shape)}; expected a float16 [out, in] matrix")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.dtype != torch.float32:
         raise ConfigError(f"f16_linear input is {x.dtype} {list(x.shape)}; expected float32 [..., {weight.shape[1]}]")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.shape[0],)):

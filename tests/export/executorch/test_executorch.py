@@ -175,7 +175,8 @@ def test_attention_and_float16_linear_kernels_match_their_references():
                     torch.ops.lowra.f16_linear(x, self.weight, self.bias),
                     torch.ops.lowra.f16_linear(x, self.weight, None))
 
-    q, k, v = torch.randn(1, 6, 5, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
+    q = torch.randn(1, 6, 5, 8, generator=g)
+    k, v = torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
     bool_mask = torch.rand(1, 1, 5, 7, generator=g) > 0.4
     bool_mask[0, 0, 2] = False  # a query that sees no key: zeros
     float_mask = torch.randn(1, 6, 5, 7, generator=g)
