@@ -20,10 +20,11 @@ Rows:
   recovered@b     gptq@b (the default quantizer) plus its accuracy-recovery adapter (`lowra recover`: LoRA distilled
                   from the fp model on the calibration text; --recovery-steps), stored in the base (format v2);
                   the "+rec bits" column adds the adapter's float16 bytes per quantized weight
-  initialized@b   the same recovery adapter used the other way: the base is gptq@b *without* it, and each user's
-                  adapter (with --adapter-steps) starts from the recovery factors instead of LoRA's zero init, so the
-                  user's blob carries recovery + user (the recovered@b row's users train a fresh adapter stacked on
-                  base + recovery). Shares the recovered@b row's adapter when both run in one invocation.
+  initialized@b   the same recovery adapter used the other way: the base is gptq@b *without* it (the NLL column is
+                  that plain base), and each user's adapter (with --adapter-steps) starts from the recovery factors
+                  instead of LoRA's zero init, so the user's blob carries recovery + user (the recovered@b row's users
+                  train a fresh adapter stacked on base + recovery). Shares the recovered@b row's adapter when both
+                  run in one invocation.
 Calibration: lowra.sdk.training.calibration's default set (sample users' train files + pydoc topics, never held-out).
 
 --adapter-steps N adds the "after a user adapter" column: each sample user's LoRA adapter trained on the row's base
@@ -243,22 +244,15 @@ def run_row(name: str, base, plans: Plans, recovery_steps: int = 200, adapter_st
                     output_error=total.get("output_error"), widths=total["widths"],
                     hessian_error={k: total[k] for k in ("output_error_nearest", "output_error_fed") if k in total})
         model = copy.deepcopy(base.model)
-        init = None
         if variant == "initialized":  # the plain base; the recovery adapter becomes each user's starting point
             init, qb = qb.recovery, replace(qb, recovery=None)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in qb.dequantized_state_dict().items()})
-        if init is not None:
-            factors = {n: (torch.from_numpy(np.array(a, dtype=np.float32)), torch.from_numpy(np.array(b, dtype=np.float32)))
-                       for n, (a, b) in init.factors.items()}
-            set_adapter_factors(model, "bench", factors, init.scaling)  # the base NLL column: base + recovery
     else:
         info["bits"] = 32.0
     t0 = time.perf_counter()
     result = heldout_nll(model, base.tokenizer)
     info.update(nll=result["nll"], tokens=result["tokens"], users={k: v["nll"] for k, v in result["users"].items()})
     info["eval_s"] = round(time.perf_counter() - t0, 1)
-    if init is not None:
-        delete_adapter(model, "bench")
     if adapter_steps:
         if model is base.model:
             model = copy.deepcopy(base.model)  # adapters are injected: keep the shared fp model clean
