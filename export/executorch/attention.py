@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lowra.device_runtime.errors import ConfigError
-from lowra.sdk.quant.ops import NAMESPACE
+from lowra.sdk.quant.ops import NAMESPACE, out_variant
 
 __all__ = ["ATTENTION_NAME", "attention_reference", "lowra_attention_forward", "use_lowra_attention"]
 
@@ -67,14 +67,8 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
     return (weights @ v).transpose(1, 2).contiguous()
 
 
-def _attention_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, *, out: Tensor) -> Tensor:
-    result = attention_reference(q, k, v, mask, scale)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
 _LIB.impl("attention", attention_reference, "CompositeExplicitAutograd")
-_LIB.impl("attention.out", _attention_out, "CompositeExplicitAutograd")
+_LIB.impl("attention.out", out_variant(attention_reference), "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::attention", lib=_LIB)

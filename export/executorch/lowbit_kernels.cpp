@@ -117,6 +117,23 @@ static float dot(const float* a, const float* b, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
+// out = float32 [..., n_out] with x's leading dimensions (every linear-like op's output).
+static bool resize_rows(Tensor& out, const Tensor& x, int64_t n_out) {
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  for (ssize_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<SizesType>(n_out);
+  return executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok &&
+         out.scalar_type() == ScalarType::Float;
+}
+
+// ys[m, n_out] += bias (none: nothing).
+static void add_bias(float* ys, const float* bias, int64_t m, int64_t n_out) {
+  if (bias == nullptr) return;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < n_out; ++r) ys[i * n_out + r] += bias[r];
+  }
+}
+
 // LOWRA_ET_LOWBIT=decode selects the previous kernel (decode a row into a buffer, dot it with every token), read
 // per call so one process can A/B the two (bench/bench_et_lowbit_op.py); anything else runs lowra's kernels.
 static bool decode_kernel_selected() {
@@ -323,14 +340,7 @@ static Tensor& lowbit_linear_impl(
         "lowra::lowbit_linear: bias must be float32 [out_features]");
     bias_data = bias->const_data_ptr<float>();
   }
-  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (ssize_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
-  sizes[x.dim() - 1] = static_cast<SizesType>(w.out_features);
-  ET_KERNEL_CHECK(
-      ctx,
-      executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok &&
-          out.scalar_type() == ScalarType::Float,
-      InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx, resize_rows(out, x, w.out_features), InvalidArgument, out);
   const int64_t m = x.numel() / in_features;
   const float* xs = x.const_data_ptr<float>();
   float* ys = out.mutable_data_ptr<float>();
@@ -362,11 +372,7 @@ static Tensor& lowbit_linear_impl(
                             : lowra_lowbit_gemm(&layer, xs, m, ys, threads, LOWRA_LOWBIT_ISA_AUTO);
   ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::lowbit_linear: kernel failed: %s",
                       lowra_lowbit_status_name(status));
-  if (bias_data != nullptr) {
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t r = 0; r < n_out; ++r) ys[i * n_out + r] += bias_data[r];
-    }
-  }
+  add_bias(ys, bias_data, m, n_out);
   return out;
 }
 
@@ -388,14 +394,7 @@ Tensor& f16_linear_out(
         "lowra::f16_linear: bias must be float32 [out_features]");
     bias_data = bias->const_data_ptr<float>();
   }
-  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (ssize_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
-  sizes[x.dim() - 1] = static_cast<SizesType>(n_out);
-  ET_KERNEL_CHECK(
-      ctx,
-      executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok &&
-          out.scalar_type() == ScalarType::Float,
-      InvalidArgument, out);
+  ET_KERNEL_CHECK(ctx, resize_rows(out, x, n_out), InvalidArgument, out);
   const int64_t m = x.numel() / in_features;
   if (m == 0) return out;
   float* ys = out.mutable_data_ptr<float>();
@@ -404,11 +403,7 @@ Tensor& f16_linear_out(
                                     LOWRA_LOWBIT_ISA_AUTO);
   ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::f16_linear: kernel failed: %s",
                       lowra_lowbit_status_name(status));
-  if (bias_data != nullptr) {
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t r = 0; r < n_out; ++r) ys[i * n_out + r] += bias_data[r];
-    }
-  }
+  add_bias(ys, bias_data, m, n_out);
   return out;
 }
 

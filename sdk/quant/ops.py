@@ -380,20 +380,19 @@ _LIB.impl("lowbit_linear_grad_input", lowbit_linear_grad_input_reference, "Compo
 _LIB.impl("quantize_codes", quantize_codes_reference, "CompositeExplicitAutograd")
 
 
-def _dequantize_out(*args: Any, out: Tensor) -> Tensor:
-    result = torch.ops.lowra.dequantize(*args)
-    out.resize_(result.shape).copy_(result)
-    return out
+def out_variant(op: Any) -> Any:
+    """The ``.out`` overload's implementation of a functional op: compute, then resize and fill ``out``."""
+
+    def run(*args: Any, out: Tensor) -> Tensor:
+        result = op(*args)
+        out.resize_(result.shape).copy_(result)
+        return out
+
+    return run
 
 
-def _lowbit_linear_out(*args: Any, out: Tensor) -> Tensor:
-    result = torch.ops.lowra.lowbit_linear(*args)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
-_LIB.impl("dequantize.out", _dequantize_out, "CompositeExplicitAutograd")
-_LIB.impl("lowbit_linear.out", _lowbit_linear_out, "CompositeExplicitAutograd")
+_LIB.impl("dequantize.out", out_variant(lambda *a: torch.ops.lowra.dequantize(*a)), "CompositeExplicitAutograd")
+_LIB.impl("lowbit_linear.out", out_variant(lambda *a: torch.ops.lowra.lowbit_linear(*a)), "CompositeExplicitAutograd")
 
 
 def lowbit_linear_planar_reference(x: Tensor, *packed_and_bias: Any) -> Tensor:
@@ -425,24 +424,10 @@ def lowbit_linear_planar_lora_reference(x: Tensor, *packed_bias_factors: Any) ->
     return y + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
 
 
-def _lowbit_linear_planar_lora_out(*args: Any, out: Tensor) -> Tensor:
-    result = lowbit_linear_planar_lora_reference(*args)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
 _LIB.impl("lowbit_linear_planar_lora", lowbit_linear_planar_lora_reference, "CompositeExplicitAutograd")
-_LIB.impl("lowbit_linear_planar_lora.out", _lowbit_linear_planar_lora_out, "CompositeExplicitAutograd")
-
-
-def _lowbit_linear_planar_out(*args: Any, out: Tensor) -> Tensor:
-    result = lowbit_linear_planar_reference(*args)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
+_LIB.impl("lowbit_linear_planar_lora.out", out_variant(lowbit_linear_planar_lora_reference), "CompositeExplicitAutograd")
 _LIB.impl("lowbit_linear_planar", lowbit_linear_planar_reference, "CompositeExplicitAutograd")
-_LIB.impl("lowbit_linear_planar.out", _lowbit_linear_planar_out, "CompositeExplicitAutograd")
+_LIB.impl("lowbit_linear_planar.out", out_variant(lowbit_linear_planar_reference), "CompositeExplicitAutograd")
 
 
 def _check_f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -461,14 +446,8 @@ def f16_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tens
     return torch.nn.functional.linear(x, weight.float(), bias)
 
 
-def _f16_linear_out(x: Tensor, weight: Tensor, bias: Tensor | None, *, out: Tensor) -> Tensor:
-    result = f16_linear_reference(x, weight, bias)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
 _LIB.impl("f16_linear", f16_linear_reference, "CompositeExplicitAutograd")
-_LIB.impl("f16_linear.out", _f16_linear_out, "CompositeExplicitAutograd")
+_LIB.impl("f16_linear.out", out_variant(f16_linear_reference), "CompositeExplicitAutograd")
 
 
 # ------------------------------------------------------------------------------------------------ fake kernels
