@@ -52,9 +52,9 @@ from lowra.device_runtime.executorch_native import register_kernel_library
 from lowra.device_runtime.formats.constants import CODED_WIDTHS, USER_MODES
 from lowra.device_runtime.formats.executorch_manifest import (
     EMBEDDING_DTYPES,
-    LOGITS_MODES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    LOGITS_MODES,
     MANIFEST_FILE,
 )
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
@@ -197,7 +197,8 @@ class PlanarLowBitLinear(nn.Module):
 
 class PlanarSideBranchLinear(nn.Module):
     """:class:`SideBranchLinear` over a :class:`PlanarLowBitLinear` in one op call
-    (``lowra::lowbit_linear_planar_lora``): the user's factors are program data under the same names (``lora_down`` [rank, in], ``lora_up`` [out, rank])."""
+    (``lowra::lowbit_linear_planar_lora``): the user's factors are program data under the same names
+    (``lora_down`` [rank, in], ``lora_up`` [out, rank])."""
 
     def __init__(self, base: PlanarLowBitLinear, down: Tensor, up: Tensor) -> None:
         super().__init__()
