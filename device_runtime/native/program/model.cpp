@@ -15,6 +15,7 @@
 #include <executorch/extension/module/module.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -22,6 +23,8 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "../src/adapter.hpp"
@@ -157,29 +160,52 @@ struct lowra_model {
   // the program's rank (zeros = the base); merge, the pristine base weight plus up @ down (the pristine weight for
   // modules the user does not adapt). Every range is written, so the result does not depend on what `out` held.
   void write_user(uint8_t* out, const std::map<std::string, lowra::Factors>& factors) const {
+    if (mode == "merge") return merge_user(out, factors);
     for (const TensorRange& r : ranges) {
       float* target = reinterpret_cast<float*>(out + r.offset);
       auto it = factors.find(r.module);
       const lowra::Factors* f = it == factors.end() ? nullptr : &it->second;
       const int64_t rows = r.shape[0], cols = r.shape[1];
-      if (mode == "side") {
-        std::fill(target, target + rows * cols, 0.0f);
-        if (f == nullptr || f->kept == 0) continue;
-        if (r.role == "down") {  // [rank, in] <- down [kept, in]
-          std::copy(f->down.begin(), f->down.end(), target);
-        } else {  // [out, rank] <- up [out, kept]
-          for (int64_t row = 0; row < rows; ++row)
-            std::copy(f->up.begin() + row * f->kept, f->up.begin() + (row + 1) * f->kept, target + row * cols);
-        }
-        continue;
-      }
-      const float* pristine = reinterpret_cast<const float*>(tmpl->data() + r.offset);
-      if (f != nullptr) {
-        lowra::merge_into(target, pristine, f->up.data(), f->down.data(), rows, f->kept, cols);
-      } else {
-        std::copy(pristine, pristine + rows * cols, target);
+      std::fill(target, target + rows * cols, 0.0f);
+      if (f == nullptr || f->kept == 0) continue;
+      if (r.role == "down") {  // [rank, in] <- down [kept, in]
+        std::copy(f->down.begin(), f->down.end(), target);
+      } else {  // [out, rank] <- up [out, kept]
+        for (int64_t row = 0; row < rows; ++row)
+          std::copy(f->up.begin() + row * f->kept, f->up.begin() + (row + 1) * f->kept, target + row * cols);
       }
     }
+  }
+
+  // Merge mode: every weight range = pristine + up @ down (or the pristine weight), the ranges split over threads
+  // (each range is written by one thread, in one fixed way, so the result does not depend on the split).
+  void merge_user(uint8_t* out, const std::map<std::string, lowra::Factors>& factors) const {
+    auto merge_range = [&](const TensorRange& r) {
+      float* target = reinterpret_cast<float*>(out + r.offset);
+      const float* pristine = reinterpret_cast<const float*>(tmpl->data() + r.offset);
+      auto it = factors.find(r.module);
+      if (it != factors.end()) {
+        lowra::merge_into(target, pristine, it->second.up.data(), it->second.down.data(), r.shape[0], it->second.kept,
+                          r.shape[1]);
+      } else {
+        std::copy(pristine, pristine + r.shape[0] * r.shape[1], target);
+      }
+    };
+    const size_t n_threads = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), 8));
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+      for (size_t i = next++; i < ranges.size(); i = next++) merge_range(ranges[i]);
+    };
+    std::vector<std::thread> helpers;
+    for (size_t t = 1; t < n_threads; ++t) {
+      try {
+        helpers.emplace_back(work);
+      } catch (const std::system_error&) {
+        break;  // no more threads: this one does the rest
+      }
+    }
+    work();
+    for (auto& h : helpers) h.join();
   }
 
   // A user swap. ExecuTorch reads the program's external data through the BufferDataLoader without copying it (its
