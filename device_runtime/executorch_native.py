@@ -20,6 +20,7 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -119,11 +120,12 @@ def has_operator(name: str) -> bool:
     return bool(_library().lowra_program_has_operator(name.encode()))
 
 
-def register_kernel_library(path: str | Path) -> None:
-    """Load lowra's custom-op kernels into this process's ExecuTorch runtime (once; later calls are no-ops)."""
+def register_kernel_library(path: str | Path, required: Sequence[str] = KERNEL_OPS) -> None:
+    """Load lowra's custom-op kernels into this process's ExecuTorch runtime (once; later calls are no-ops) and check
+    that it registers the ``required`` operators (a folder's ``Manifest.kernel_ops``; default: all of this version's)."""
     path = Path(path)
     _library()  # libexecutorch.so first, so the kernels register into the table programs are run with
-    if all(has_operator(op) for op in KERNEL_OPS):
+    if all(has_operator(op) for op in required):
         return  # registered already (the same library loaded before, possibly from another path)
     if not path.is_file():
         raise KernelLibraryError(
@@ -136,7 +138,7 @@ def register_kernel_library(path: str | Path) -> None:
     except OSError as exc:
         raise KernelLibraryError(f"cannot load kernel library {path}: {exc}") from exc
     _loaded_kernel_libraries[str(path.resolve())] = handle
-    missing = [op for op in KERNEL_OPS if not has_operator(op)]
+    missing = [op for op in required if not has_operator(op)]
     if missing:
         raise KernelLibraryError(f"{path} loaded but does not register {missing}; rebuild it from this lowra version")
 

@@ -110,7 +110,7 @@ class ExecutorchEngine:
                 )
             if verify and kernel_library is None:
                 verify_file(library, self.manifest.data["kernel_library_sha256"], "kernel library")
-            register_kernel_library(library)
+            register_kernel_library(library, self.manifest.kernel_ops)
         self._workdir = scratch_dir("executorch")
         self._templates: dict[str, np.ndarray] = {}
         self._verified: set[str] = set()

@@ -20,10 +20,11 @@ FORMAT_NAME = "lowra-executorch"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PTD_MAGIC = b"FT01"  # flatbuffer file identifier of ExecuTorch's FlatTensor (.ptd) files, at bytes 4..8
-# The operators a custom-op program calls, which its kernel library must register.
-KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::lowbit_linear_planar.out", "lowra::lowbit_linear_planar_lora.out",
-              "lowra::dequantize.out",
-              "lowra::f16_linear.out", "lowra::attention.out")
+# Every operator lowra's kernel library registers. A folder's manifest lists the ones its programs call
+# ("kernel_ops"); folders written before that list existed call only the first two (LEGACY_KERNEL_OPS).
+KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::dequantize.out", "lowra::lowbit_linear_planar.out",
+              "lowra::lowbit_linear_planar_lora.out", "lowra::f16_linear.out", "lowra::attention.out")
+LEGACY_KERNEL_OPS = KERNEL_OPS[:2]
 EMBEDDING_DTYPES = ("float16", "float32")  # how a program stores the token embedding and output head
 LOGITS_MODES = ("last", "all")  # which positions' logits a program outputs ("all" in folders without the key)
 
@@ -69,6 +70,17 @@ class Manifest:
     def shapes(self) -> dict[str, list[int]]:
         """Adaptable module -> ``[out, in]`` of its base weight."""
         return {m: list(entry["shape"]) for m, entry in self.data["modules"].items()}
+
+    @property
+    def kernel_ops(self) -> tuple[str, ...]:
+        """The ``lowra::`` operators the folder's programs call (what its kernel library must register)."""
+        value = self.data.get("kernel_ops")
+        if value is None:
+            return LEGACY_KERNEL_OPS
+        if not isinstance(value, list) or not all(isinstance(op, str) and op in KERNEL_OPS for op in value):
+            raise ProgramError(f"{self.folder / MANIFEST_FILE} has kernel_ops {value!r}; expected a list of lowra "
+                               f"operators from {list(KERNEL_OPS)} (a folder from a newer lowra: upgrade lowra)")
+        return tuple(value)
 
     @property
     def logits_last(self) -> bool:

@@ -409,7 +409,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
     return _Program(mode, wrapper, {fqn: buffers[fqn] for fqn in user_modules}, user_modules)
 
 
-def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> tuple[Path, Path]:
+def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> tuple[Path, Path, set[str]]:
+    """Lower and write ``{mode}.pte`` / ``{mode}.ptd``; also returns the ``lowra::`` operators the program calls."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
 
@@ -460,7 +461,9 @@ def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> 
             )
         ptd = out_dir / f"{tag}.ptd"
         shutil.move(str(written[0]), ptd)
-    return pte, ptd
+    plan = executorch_program.executorch_program.execution_plan[0]
+    kernel_ops = {f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators}
+    return pte, ptd, {op for op in kernel_ops if op.startswith("lowra::")}
 
 
 def _locate(program: _Program, ptd: Path) -> dict[str, dict[str, Any]]:
@@ -525,9 +528,11 @@ def export_executorch(
             packed_bytes[name] += getattr(layer, name).numel() * getattr(layer, name).element_size()
     programs: dict[str, Any] = {}
     embeddings = embedding_dtype(model, config)
+    kernel_ops: set[str] = set()
     for mode in config.modes:
         program = _build_program(model, config, mode, targets, embeddings)
-        pte, ptd = _lower(program, config, out)
+        pte, ptd, ops = _lower(program, config, out)
+        kernel_ops |= ops
         programs[mode] = {
             "program": pte.name, "data": ptd.name, "program_sha256": file_sha256(pte), "data_sha256": file_sha256(ptd),
             "program_bytes": pte.stat().st_size, "data_bytes": ptd.stat().st_size, "tensors": _locate(program, ptd),
@@ -543,6 +548,7 @@ def export_executorch(
         "attention": "lowra" if config.ops == "custom" and config.fused_attention else "sdpa",
         "logits": config.logits,
         "kernel_library": LIBRARY_NAME if library is not None else None,
+        "kernel_ops": sorted(kernel_ops),
         "kernel_library_sha256": file_sha256(out / LIBRARY_NAME) if library is not None else None,
         "max_seq_len": config.max_seq_len,
         "rank": config.rank,

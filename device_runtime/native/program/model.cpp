@@ -263,11 +263,28 @@ void read_manifest(lowra_model& m, bool verify) {
   if (ops == "custom") {
     const std::string library = m.folder + "/" + string_of(manifest, "kernel_library", path);
     if (verify) verify_file(library, string_of(manifest, "kernel_library_sha256", path), "kernel library");
-    if (!lowra_program_detail::has_operator("lowra::lowbit_linear.out")) {
+    // The operators the programs call (manifest "kernel_ops"; folders written before the list call these two).
+    std::vector<std::string> required = {"lowra::lowbit_linear.out", "lowra::dequantize.out"};
+    if (const lowra::Json* listed = manifest.find("kernel_ops")) {
+      if (!listed->is_array()) fail(LOWRA_ERR_PROGRAM, path + ": 'kernel_ops' is not a list");
+      required.clear();
+      for (const auto& op : listed->items) {
+        if (!op.is_string()) fail(LOWRA_ERR_PROGRAM, path + ": 'kernel_ops' holds " + op.brief() + ", not a name");
+        required.push_back(op.text);
+      }
+    }
+    auto missing = [&] {
+      for (const auto& op : required)
+        if (!lowra_program_detail::has_operator(op.c_str())) return op;
+      return std::string();
+    };
+    if (!missing().empty()) {
       if (dlopen(library.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr)  // never closed: kernels stay registered
         fail(LOWRA_ERR_KERNEL, "cannot load the kernel library " + library + ": " + dlerror());
-      if (!lowra_program_detail::has_operator("lowra::lowbit_linear.out"))
-        fail(LOWRA_ERR_KERNEL, library + " loaded but registers no lowra::lowbit_linear.out; rebuild it");
+      const std::string absent = missing();
+      if (!absent.empty())
+        fail(LOWRA_ERR_KERNEL, library + " loaded but registers no " + absent + "; rebuild it (or re-export the "
+                                                                                "folder with this lowra)");
     }
   } else if (ops != "aten") {
     fail(LOWRA_ERR_PROGRAM, path + ": ops is '" + ops + "', expected 'custom' or 'aten'");

@@ -220,3 +220,30 @@ def test_embeddings_choice_is_checked_and_auto_keeps_float32_when_rounding_would
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert embedding_dtype(tiny_llama(), ExecutorchExportConfig(embeddings="float16")) == "float16"
+
+
+@requires_executorch
+def test_manifest_lists_the_kernel_ops_the_programs_call():
+    """kernel_ops is exactly the lowra:: operators of the programs (what the engine requires of the library); a
+    folder without the list is an older one, which calls the first two only; a list with unknown ops is refused."""
+    import json
+
+    from lowra.device_runtime.errors import ProgramError
+    from lowra.device_runtime.formats.executorch_manifest import LEGACY_KERNEL_OPS, Manifest
+
+    folder = exported()
+    called = set()
+    for mode in ("side", "merge"):
+        called |= {op for op in _operator_calls(folder / f"{mode}.pte") if op.startswith("lowra::")}
+    assert Manifest.read(folder).kernel_ops == tuple(sorted(called))
+    assert "lowra::attention.out" in called and "lowra::lowbit_linear.out" not in called
+    assert Manifest.read(exported("aten", ("side",), False)).kernel_ops == ()
+    old = copy_folder(folder, "manifest-without-kernel-ops")
+    data = json.loads((old / "manifest.json").read_text())
+    del data["kernel_ops"]
+    (old / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.read(old).kernel_ops == LEGACY_KERNEL_OPS
+    data["kernel_ops"] = ["lowra::from_the_future.out"]
+    (old / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ProgramError, match="a folder from a newer lowra"):
+        Manifest.read(old).kernel_ops
