@@ -489,20 +489,14 @@ Tensor& attention_out(
   return out;
 }
 
-Tensor& lowbit_linear_out(
+// lowbit_linear.out (kPlanar false: codes in the file's layout) and lowbit_linear_planar.out (true: the kernels').
+template <bool kPlanar>
+Tensor& lowbit_linear_variant_out(
     KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
     const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
     int64_t group_size, const std::optional<Tensor>& bias, Tensor& out) {
   return lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
-                            group_size, bias, out, false);
-}
-
-Tensor& lowbit_linear_planar_out(
-    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
-    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
-    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out) {
-  return lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
-                            group_size, bias, out, true);
+                            group_size, bias, out, kPlanar);
 }
 
 // y += (x @ down^T) @ up^T for the m tokens of x: a user's side branch added in the same call as the base product.
@@ -536,8 +530,8 @@ Tensor& lowbit_linear_planar_lora_out(
 }  // namespace lowra_et
 
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar_lora.out", lowra_et::lowbit_linear_planar_lora_out);
-EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_planar_out);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_variant_out<true>);
 EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
-EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_out);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_variant_out<false>);
