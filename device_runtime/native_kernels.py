@@ -22,7 +22,7 @@ from lowra.device_runtime import _files
 from lowra.device_runtime.errors import ConfigError, KernelLibraryError
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 
-__all__ = ["ISAS", "KERNEL_SOURCE", "PackedLinear", "build_library", "isa_available", "load_library"]
+__all__ = ["ISAS", "KERNEL_SOURCE", "LAYOUTS", "PackedLinear", "build_library", "isa_available", "load_library"]
 
 KERNEL_DIR = Path(__file__).parent / "native" / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "lowbit_gemv.cpp"
@@ -30,6 +30,7 @@ KERNEL_HEADER = KERNEL_DIR / "lowbit_gemv.h"
 KERNEL_INCLUDES = (KERNEL_HEADER, KERNEL_DIR / "lowbit_lut.inc")  # what the source includes (part of the cache key)
 LIBRARY_NAME = "liblowra_lowbit.so"
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # lowra_lowbit_isa
+LAYOUTS = {"rows": 0, "blocked": 1}  # lowra_lowbit_layout
 
 
 class _Layer(ctypes.Structure):
@@ -43,6 +44,7 @@ class _Layer(ctypes.Structure):
         ("codes", ctypes.c_void_p),
         ("codebooks", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
+        ("layout", ctypes.c_int64),
     ]
 
 
@@ -72,13 +74,20 @@ def load_library() -> ctypes.CDLL:
         raise KernelLibraryError(f"cannot load {path}: {exc}; delete it to rebuild") from exc
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.lowra_lowbit_repack.argtypes = [i64, i64, ptr, ptr]
+    lib.lowra_lowbit_block.argtypes = [i64, i64, ptr, ptr, ptr]
+    lib.lowra_lowbit_plan_create.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(ptr)]
+    lib.lowra_lowbit_plan_destroy.argtypes = [ptr]
+    lib.lowra_lowbit_plan_destroy.restype = None
+    lib.lowra_lowbit_plan_gemv.argtypes = [ptr, ctypes.POINTER(_Layer), ptr, ptr, c_int, c_int]
+    lib.lowra_lowbit_plan_gemm.argtypes = [ptr, ctypes.POINTER(_Layer), ptr, i64, ptr, c_int, c_int]
     lib.lowra_lowbit_gemv.argtypes = [ctypes.POINTER(_Layer), ptr, ptr, c_int, c_int]
     lib.lowra_lowbit_gemm.argtypes = [ctypes.POINTER(_Layer), ptr, i64, ptr, c_int, c_int]
     lib.lowra_f16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_lowbit_isa_available.argtypes = [c_int]
     lib.lowra_lowbit_status_name.argtypes = [c_int]
     lib.lowra_lowbit_status_name.restype = ctypes.c_char_p
-    for name in ("lowra_lowbit_repack", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm",
+    for name in ("lowra_lowbit_repack", "lowra_lowbit_block", "lowra_lowbit_plan_create", "lowra_lowbit_plan_gemv",
+                 "lowra_lowbit_plan_gemm", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm",
                  "lowra_lowbit_isa_available"):
         getattr(lib, name).restype = c_int
     return lib
@@ -109,10 +118,14 @@ class PackedLinear:
     """A quantized linear layer multiplied by the native kernels without expanding its weight.
 
     The codes are copied once and repacked into the kernels' layout (same size: 2-bit rows become bit-planar within
-    each byte); the caller's :class:`QuantizedWeight` is left as it is.
+    each byte), then, with ``layout="blocked"`` (the default, what exported programs store), reordered so each layer
+    is read as one sequential stream (``lowra_lowbit_block``); ``layout="rows"`` keeps the rows in the file's order.
+    The caller's :class:`QuantizedWeight` is left as it is.
     """
 
-    def __init__(self, weight: QuantizedWeight) -> None:
+    def __init__(self, weight: QuantizedWeight, layout: str = "blocked") -> None:
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout {layout!r} is unknown; expected one of {sorted(LAYOUTS)}")
         weight.validate("packed linear")
         self.out_features, self.in_features = weight.out_features, weight.in_features
         self._widths = np.ascontiguousarray(weight.widths, dtype=np.uint8)
@@ -122,10 +135,23 @@ class PackedLinear:
         lib = load_library()
         _check(lib.lowra_lowbit_repack(self.out_features, self.in_features, _pointer(self._widths),
                                        _pointer(self._codes)), "repacking the codes")  # fmt: skip
+        if layout == "blocked":
+            rows, self._codes = self._codes, np.empty_like(self._codes)
+            _check(lib.lowra_lowbit_block(self.out_features, self.in_features, _pointer(self._widths), _pointer(rows),
+                                          _pointer(self._codes)), "blocking the codes")  # fmt: skip
+        self.layout = layout
         self._layer = _Layer(
             self.out_features, self.in_features, weight.group_size, _pointer(self._widths), _pointer(self._codes),
-            _pointer(self._codebooks), _pointer(self._scales) if self._scales.size else None,
+            _pointer(self._codebooks), _pointer(self._scales) if self._scales.size else None, LAYOUTS[layout],
         )  # fmt: skip
+        plan = ctypes.c_void_p()
+        _check(lib.lowra_lowbit_plan_create(ctypes.byref(self._layer), ctypes.byref(plan)), "planning the products")
+        self._plan = plan
+
+    def __del__(self) -> None:
+        plan = getattr(self, "_plan", None)
+        if plan:
+            load_library().lowra_lowbit_plan_destroy(plan)
 
     @property
     def nbytes(self) -> int:
@@ -136,18 +162,18 @@ class PackedLinear:
         """``W @ x`` for one float32 input vector ``x`` [in_features] -> [out_features]."""
         x = self._inputs(x, 1)
         y = np.empty(self.out_features, dtype=np.float32)
-        status = load_library().lowra_lowbit_gemv(ctypes.byref(self._layer), _pointer(x), _pointer(y),
-                                                  self._threads(threads), _isa_code(isa))  # fmt: skip
-        _check(status, "lowra_lowbit_gemv")
+        status = load_library().lowra_lowbit_plan_gemv(self._plan, ctypes.byref(self._layer), _pointer(x), _pointer(y),
+                                                       self._threads(threads), _isa_code(isa))  # fmt: skip
+        _check(status, "lowra_lowbit_plan_gemv")
         return y
 
     def gemm(self, x: np.ndarray, threads: int = 1, isa: str = "auto") -> np.ndarray:
         """``x @ W.T`` for float32 inputs ``x`` [n_tokens, in_features] -> [n_tokens, out_features] (prefill)."""
         x = self._inputs(x, 2)
         y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
-        status = load_library().lowra_lowbit_gemm(ctypes.byref(self._layer), _pointer(x), x.shape[0], _pointer(y),
-                                                  self._threads(threads), _isa_code(isa))  # fmt: skip
-        _check(status, "lowra_lowbit_gemm")
+        status = load_library().lowra_lowbit_plan_gemm(self._plan, ctypes.byref(self._layer), _pointer(x), x.shape[0],
+                                                       _pointer(y), self._threads(threads), _isa_code(isa))  # fmt: skip
+        _check(status, "lowra_lowbit_plan_gemm")
         return y
 
     def _inputs(self, x: np.ndarray, ndim: int) -> np.ndarray:

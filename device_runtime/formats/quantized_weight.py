@@ -53,6 +53,49 @@ def kernel_layout_codes(codes: np.ndarray, widths: np.ndarray, in_features: int,
     return out
 
 
+# The kernels' BLOCKED layout (lowbit_gemv.h, LOWRA_LOWBIT_LAYOUT_BLOCKED, lowra_lowbit_block): the same bytes in the
+# order the one-token product reads them, so a layer is one sequential stream. Rows sorted by width (1, 2, then 4
+# bits; row order within a width), cut into blocks of BLOCK_ROWS rows (a width's last block may hold fewer: count).
+# A 1- or 2-bit block interleaves its rows' 32-bit words (word k of lane i at 4 k count + 4 i; a row's last partial
+# word of t bytes at 4 k count + t i); a 4-bit block stores its rows one after another. Blocks follow each other.
+BLOCK_ROWS = 8
+
+
+def blocked_code_order(widths: np.ndarray, in_features: int) -> np.ndarray:
+    """The permutation ``order`` with ``blocked = rows_codes[order]``, for rows-concatenated codes of ``widths``."""
+    widths = np.asarray(widths).astype(np.int64)
+    sizes = (in_features * widths + 7) // 8
+    row_start = np.concatenate([[0], np.cumsum(sizes)])
+    order = np.empty(int(row_start[-1]), dtype=np.int64)
+    offset = 0
+    for width in CODED_WIDTHS:
+        rows = np.flatnonzero(widths == width)
+        nbytes = (in_features * width + 7) // 8
+        seen = np.arange(rows.size)
+        block_start = seen // BLOCK_ROWS * BLOCK_ROWS
+        lane = (seen - block_start)[:, None]
+        count = np.minimum(BLOCK_ROWS, rows.size - block_start)[:, None]
+        b = np.arange(nbytes)[None, :]
+        if width == 4:
+            within = lane * nbytes + b
+        else:
+            word = b // 4
+            within = 4 * word * count + lane * np.minimum(4, nbytes - 4 * word) + b % 4
+        order[offset + block_start[:, None] * nbytes + within] = row_start[rows][:, None] + b
+        offset += rows.size * nbytes
+    return order
+
+
+def kernel_blocked_codes(codes: np.ndarray, widths: np.ndarray, in_features: int, to_kernel: bool = True) -> np.ndarray:
+    """File-layout ``codes`` in the kernels' BLOCKED layout (``to_kernel``), or BLOCKED codes back in the file's."""
+    order = blocked_code_order(widths, in_features)
+    if to_kernel:
+        return kernel_layout_codes(codes, widths, in_features)[order]
+    rows = np.empty_like(np.asarray(codes, dtype=np.uint8))
+    rows[order] = codes
+    return kernel_layout_codes(rows, widths, in_features, to_kernel=False)
+
+
 @dataclass
 class QuantizedWeight:
     out_features: int

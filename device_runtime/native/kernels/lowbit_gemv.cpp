@@ -45,6 +45,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <system_error>
@@ -62,7 +63,7 @@
 namespace {
 
 constexpr int64_t kPadInputs = 32;  // x and the tables are padded to whole 32-bit words of a 1-bit row
-constexpr int kBlockRows = 8;       // GEMV task: rows of one width, one AVX2 lane each
+constexpr int kBlockRows = LOWRA_LOWBIT_BLOCK_ROWS;  // GEMV task: rows of one width, one AVX2 lane each
 constexpr int kTileRows = 4;        // GEMM task: rows decoded together
 constexpr int kTileTokens = 3;      // GEMM micro-kernel: 4 rows x 3 tokens = 12 of the 16 ymm registers
 
@@ -102,37 +103,157 @@ unsigned code_at(const uint8_t* row, int width, int64_t j) {
   return (row[bit >> 3] >> (bit & 7)) & ((1u << width) - 1);
 }
 
-// A validated layer with the per-row offsets computed for this call (O(out), so nothing is stored beside the codes).
+// Byte b of a row inside a BLOCKED block (lowbit_gemv.h): `count` rows of `nbytes` each, the row in lane `lane`.
+int64_t blocked_byte(int width, int64_t nbytes, int lane, int count, int64_t b) {
+  if (width == 4) return lane * nbytes + b;  // 4-bit rows one after another
+  const int64_t word = b / 4, word_bytes = std::min<int64_t>(4, nbytes - 4 * word);
+  return 4 * word * count + lane * word_bytes + b % 4;
+}
+
+// Calls fn(row, block_offset, lane, count) for every row in the BLOCKED layout's order (widths 1, 2, 4; blocks of
+// kBlockRows rows), where block_offset is where the row's block starts in the codes.
+template <class Fn>
+int for_each_blocked_row(int64_t out, int64_t in, const uint8_t* widths, const Fn& fn) {
+  int64_t offset = 0;
+  for (int width : {1, 2, 4}) {
+    const int64_t nbytes = ceil_div(in * width, 8);
+    int64_t rows = 0;
+    for (int64_t r = 0; r < out; ++r) rows += widths[r] == width;
+    int64_t seen = 0;
+    for (int64_t r = 0; r < out; ++r) {
+      if (widths[r] != width) continue;
+      const int64_t block_start = seen / kBlockRows * kBlockRows;
+      const int count = static_cast<int>(std::min<int64_t>(kBlockRows, rows - block_start));
+      fn(r, offset + block_start * nbytes, static_cast<int>(seen - block_start), count);
+      ++seen;
+    }
+    offset += rows * nbytes;
+  }
+  return LOWRA_LOWBIT_OK;
+}
+
+// One GEMV task = up to 8 rows of one width (kind 1, 2, 4), or 8 consecutive rows of any width decoded element by
+// element (kind 0, when the group size is not a multiple of 32).
+struct Task {
+  int kind;
+  int count;
+  int64_t first;  // into Plan::order
+};
+
+// The structure of a layer's products, which depends on its shape, group size, layout and widths only: row offsets,
+// the GEMV's task lists and their costs. The plain entry points build one per call; lowra_lowbit_plan_create keeps
+// one across calls (a decode step multiplies by the same ~200 layers every token).
+struct Plan {
+  int64_t out = 0, in = 0, group = 0, n_groups = 0, layout = 0, code_bytes = 0;
+  bool blocked = false;
+  bool lut = false;                          // the table kernels apply (groups a multiple of 32, offsets fit int32)
+  std::vector<uint8_t> widths;               // [out], a copy: a plan is only used with the widths it was made for
+  std::vector<int64_t> code_off, level_off;  // [out + 1]; code_off: the row's start (ROWS) or its block's (BLOCKED)
+  std::vector<uint8_t> lane, count;          // BLOCKED: the row's lane in its block and the block's row count
+  std::vector<int32_t> order;                // row ids, grouped by task
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;                 // per task, for splitting the work evenly
+};
+
+// A validated layer for one call: the plan's structure with the call's buffers.
 struct Layer {
   const lowra_lowbit_layer* raw;
   int64_t out, in, group, n_groups;
-  std::vector<int64_t> code_off, level_off;  // [out + 1]
+  bool blocked;
+  int64_t code_bytes;  // all rows' codes
+  const int64_t* code_off;
+  const int64_t* level_off;
+  const uint8_t* lane;
+  const uint8_t* count;
+
+  Layer(const Plan& plan, const lowra_lowbit_layer* layer)
+      : raw(layer), out(plan.out), in(plan.in), group(plan.group), n_groups(plan.n_groups), blocked(plan.blocked),
+        code_bytes(plan.code_bytes), code_off(plan.code_off.data()), level_off(plan.level_off.data()),
+        lane(plan.lane.data()), count(plan.count.data()) {}
 
   float scale(int64_t r, int64_t g) const { return group ? half_to_float(raw->scales[r * n_groups + g]) : 1.0f; }
   // Spans the kernels accumulate separately and then scale: the groups, or the whole row when there are none.
   int64_t n_spans() const { return group ? n_groups : 1; }
+  int64_t row_bytes(int64_t r) const { return ceil_div(in * raw->widths[r], 8); }
+  // Row r's codes in row order: in place (ROWS layout, or a 4-bit row) or de-interleaved into scratch [row_bytes].
+  const uint8_t* row_codes(int64_t r, uint8_t* scratch) const {
+    const uint8_t* at = raw->codes + code_off[r];
+    const int w = raw->widths[r];
+    const int64_t nbytes = row_bytes(r);
+    if (!blocked) return at;
+    if (w == 4) return at + blocked_byte(4, nbytes, lane[r], count[r], 0);
+    for (int64_t b = 0; b < nbytes; ++b) scratch[b] = at[blocked_byte(w, nbytes, lane[r], count[r], b)];
+    return scratch;
+  }
 };
 
-int check_layer(const lowra_lowbit_layer* layer, Layer& view) {
-  if (!layer || !layer->widths || !layer->codes || !layer->codebooks || layer->out_features <= 0 ||
-      layer->in_features <= 0 || layer->group_size < 0 || (layer->group_size > 0 && !layer->scales)) {
-    return LOWRA_LOWBIT_INVALID_ARGUMENT;
+// The buffers a call needs (the widths are checked by build_plan, or against a kept plan by plan_matches).
+bool layer_pointers_valid(const lowra_lowbit_layer* layer) {
+  return layer && layer->widths && layer->codes && layer->codebooks && layer->out_features > 0 &&
+         layer->in_features > 0 && layer->group_size >= 0 && (layer->group_size == 0 || layer->scales) &&
+         (layer->layout == LOWRA_LOWBIT_LAYOUT_ROWS || layer->layout == LOWRA_LOWBIT_LAYOUT_BLOCKED);
+}
+
+void add_tasks(Plan& plan, int kind, int64_t start) {
+  static const int64_t unit_cost[5] = {8, 3, 8, 0, 11};  // per input and row, from the kernels' instruction counts
+  for (int64_t i = start; i < static_cast<int64_t>(plan.order.size()); i += kBlockRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kBlockRows, plan.order.size() - i));
+    plan.tasks.push_back({kind, count, i});
+    plan.cost.push_back(count * plan.in * unit_cost[kind]);
   }
-  view.raw = layer;
-  view.out = layer->out_features;
-  view.in = layer->in_features;
-  view.group = layer->group_size;
-  view.n_groups = view.group ? ceil_div(view.in, view.group) : 0;
-  view.code_off.resize(view.out + 1);
-  view.level_off.resize(view.out + 1);
-  view.code_off[0] = view.level_off[0] = 0;
-  for (int64_t r = 0; r < view.out; ++r) {
-    const int w = layer->widths[r];
+}
+
+int build_plan(const lowra_lowbit_layer* layer, Plan& plan) {
+  if (!layer_pointers_valid(layer)) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  plan.out = layer->out_features;
+  plan.in = layer->in_features;
+  plan.group = layer->group_size;
+  plan.n_groups = plan.group ? ceil_div(plan.in, plan.group) : 0;
+  plan.layout = layer->layout;
+  plan.blocked = layer->layout == LOWRA_LOWBIT_LAYOUT_BLOCKED;
+  plan.widths.assign(layer->widths, layer->widths + plan.out);
+  plan.code_off.resize(plan.out + 1);
+  plan.level_off.resize(plan.out + 1);
+  plan.code_off[0] = plan.level_off[0] = 0;
+  for (int64_t r = 0; r < plan.out; ++r) {
+    const int w = plan.widths[r];
     if (w != 1 && w != 2 && w != 4) return LOWRA_LOWBIT_BAD_WIDTH;
-    view.code_off[r + 1] = view.code_off[r] + ceil_div(view.in * w, 8);
-    view.level_off[r + 1] = view.level_off[r] + (int64_t{1} << w);
+    plan.code_off[r + 1] = plan.code_off[r] + ceil_div(plan.in * w, 8);
+    plan.level_off[r + 1] = plan.level_off[r] + (int64_t{1} << w);
+  }
+  plan.code_bytes = plan.code_off[plan.out];
+  if (plan.blocked) {
+    plan.lane.resize(plan.out);
+    plan.count.resize(plan.out);
+    for_each_blocked_row(plan.out, plan.in, plan.widths.data(), [&plan](int64_t r, int64_t block, int lane, int count) {
+      plan.code_off[r] = block;
+      plan.lane[r] = static_cast<uint8_t>(lane);
+      plan.count[r] = static_cast<uint8_t>(count);
+    });
+  }
+  // Lanes address codes with int32 offsets; a layer past 2 GiB of codes (none exists) takes the generic path.
+  plan.lut = (plan.group == 0 || plan.group % 32 == 0) && plan.code_bytes < (int64_t{1} << 31) - 8;
+  plan.order.reserve(plan.out);
+  if (!plan.lut) {
+    for (int64_t r = 0; r < plan.out; ++r) plan.order.push_back(static_cast<int32_t>(r));
+    add_tasks(plan, 0, 0);
+    return LOWRA_LOWBIT_OK;
+  }
+  for (int kind : {1, 2, 4}) {
+    const int64_t start = static_cast<int64_t>(plan.order.size());
+    for (int64_t r = 0; r < plan.out; ++r) {
+      if (plan.widths[r] == kind) plan.order.push_back(static_cast<int32_t>(r));
+    }
+    add_tasks(plan, kind, start);
   }
   return LOWRA_LOWBIT_OK;
+}
+
+// Whether a kept plan was made for this layer's structure (its buffers may be others: only the structure counts).
+bool plan_matches(const Plan& plan, const lowra_lowbit_layer* layer) {
+  return layer_pointers_valid(layer) && plan.out == layer->out_features && plan.in == layer->in_features &&
+         plan.group == layer->group_size && plan.layout == layer->layout &&
+         std::memcmp(plan.widths.data(), layer->widths, static_cast<size_t>(plan.out)) == 0;
 }
 
 bool isa_supported(int isa) {
@@ -260,77 +381,61 @@ void parallel_ranges(const std::vector<int64_t>& cost, int parts, const Fn& fn) 
 }
 
 // ------------------------------------------------------------------------------------------------ GEMV scratch
-// One task = up to 8 rows of one width (kind 1, 2, 4), or 8 consecutive rows of any width decoded element by element
-// (kind 0, when the group size is not a multiple of 32).
-struct Task {
-  int kind;
-  int count;
-  int64_t first;  // into Gemv::order
+// What the table kernels read besides the codes: x zero-padded to padded_in, the 16-entry tables of every 4 inputs
+// and the sum of x per scale span. Each part of a product builds its own (in one allocation, ~1 us for 576 inputs),
+// so a worker reads tables from its own cache instead of the caller's (reading them across cores cost more than
+// building them).
+class Tables {
+ public:
+  Tables(const Layer& L, const float* x_raw)
+      : padded_in_(ceil_div(L.in, kPadInputs) * kPadInputs),
+        buffer_(new float[static_cast<size_t>(padded_in_ * 5 + L.n_spans())]) {
+    float* x = buffer_.get();
+    std::memcpy(x, x_raw, sizeof(float) * L.in);
+    std::fill(x + L.in, x + padded_in_, 0.0f);
+    float* tables = x + padded_in_;
+    for (int64_t q = 0; q < padded_in_ / 4; ++q) {
+      float* t = tables + q * 16;
+      t[0] = 0.0f;
+      for (int k = 0; k < 4; ++k) {
+        for (int m = 0; m < (1 << k); ++m) t[(1 << k) + m] = t[m] + x[q * 4 + k];
+      }
+    }
+    float* sums = tables + padded_in_ * 4;
+    const int64_t span = L.group ? L.group : padded_in_;
+    std::fill(sums, sums + L.n_spans(), 0.0f);
+    for (int64_t j = 0; j < L.in; ++j) sums[j / span] += x[j];
+  }
+  int64_t padded_in() const { return padded_in_; }
+  const float* x() const { return buffer_.get(); }
+  const float* tables() const { return buffer_.get() + padded_in_; }
+  const float* sums() const { return buffer_.get() + padded_in_ * 5; }
+
+ private:
+  int64_t padded_in_;
+  std::unique_ptr<float[]> buffer_;
 };
 
+// One part's view of a one-token product.
 struct Gemv {
   const Layer* layer;
-  std::vector<int32_t> order;  // row ids, grouped by task
-  std::vector<Task> tasks;
-  std::vector<int64_t> cost;
-  std::vector<float> x;       // padded to padded_in with zeros
-  std::vector<float> tables;  // [padded_in / 4][16]
-  std::vector<float> sums;    // sum of x per scale span
-  int64_t padded_in = 0;
-  const float* x_raw = nullptr;
-  float* y = nullptr;
+  const int32_t* order;  // the plan's
+  const float* x;        // padded to padded_in with zeros
+  const float* tables;   // [padded_in / 4][16]
+  const float* sums;     // sum of x per scale span
+  int64_t padded_in;
+  const float* x_raw;
+  float* y;
 };
-
-void add_tasks(Gemv& g, int kind, int64_t start) {
-  static const int64_t unit_cost[5] = {8, 3, 8, 0, 11};  // per input and row, from the kernels' instruction counts
-  for (int64_t i = start; i < static_cast<int64_t>(g.order.size()); i += kBlockRows) {
-    const int count = static_cast<int>(std::min<int64_t>(kBlockRows, g.order.size() - i));
-    g.tasks.push_back({kind, count, i});
-    g.cost.push_back(count * g.layer->in * unit_cost[kind]);
-  }
-}
-
-void build_tasks(Gemv& g, bool lut) {
-  const Layer& L = *g.layer;
-  g.order.reserve(L.out);
-  if (!lut) {
-    for (int64_t r = 0; r < L.out; ++r) g.order.push_back(static_cast<int32_t>(r));
-    return add_tasks(g, 0, 0);
-  }
-  for (int kind : {1, 2, 4}) {
-    const int64_t start = static_cast<int64_t>(g.order.size());
-    for (int64_t r = 0; r < L.out; ++r) {
-      if (L.raw->widths[r] == kind) g.order.push_back(static_cast<int32_t>(r));
-    }
-    add_tasks(g, kind, start);
-  }
-}
-
-void build_tables(Gemv& g) {
-  const Layer& L = *g.layer;
-  g.padded_in = ceil_div(L.in, kPadInputs) * kPadInputs;
-  g.x.assign(g.padded_in, 0.0f);
-  std::memcpy(g.x.data(), g.x_raw, sizeof(float) * L.in);
-  g.tables.resize(g.padded_in * 4);
-  for (int64_t q = 0; q < g.padded_in / 4; ++q) {
-    float* t = g.tables.data() + q * 16;
-    t[0] = 0.0f;
-    for (int k = 0; k < 4; ++k) {
-      for (int m = 0; m < (1 << k); ++m) t[(1 << k) + m] = t[m] + g.x[q * 4 + k];
-    }
-  }
-  const int64_t span = L.group ? L.group : g.padded_in;
-  g.sums.assign(L.n_spans(), 0.0f);
-  for (int64_t j = 0; j < L.in; ++j) g.sums[j / span] += g.x[j];
-}
 
 // ------------------------------------------------------------------------------------------------ scalar GEMV
 void generic_rows(const Gemv& g, const Task& task) {
   const Layer& L = *g.layer;
+  std::vector<uint8_t> scratch(L.blocked ? static_cast<size_t>(ceil_div(L.in * 4, 8)) : 0);
   for (int i = 0; i < task.count; ++i) {
     const int64_t r = g.order[task.first + i];
     const int w = L.raw->widths[r];
-    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const uint8_t* row = L.row_codes(r, scratch.data());
     const uint16_t* book = L.raw->codebooks + L.level_off[r];
     float total = 0.0f;
     for (int64_t j = 0; j < L.in; ++j) {
@@ -344,17 +449,18 @@ void generic_rows(const Gemv& g, const Task& task) {
 
 void lut1_scalar(const Gemv& g, const Task& task) {
   const Layer& L = *g.layer;
+  std::vector<uint8_t> scratch(L.blocked ? static_cast<size_t>(ceil_div(L.in * 4, 8)) : 0);
   const int64_t nbytes = ceil_div(L.in, 8), span = L.group ? L.group / 8 : nbytes;
   for (int i = 0; i < task.count; ++i) {
     const int64_t r = g.order[task.first + i];
-    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const uint8_t* row = L.row_codes(r, scratch.data());
     const uint16_t* book = L.raw->codebooks + L.level_off[r];
     const float l0 = half_to_float(book[0]), c1 = half_to_float(book[1]) - l0;
     float total = 0.0f;
     for (int64_t s = 0; s < L.n_spans(); ++s) {
       float bits = 0.0f;
       for (int64_t b = s * span; b < std::min(nbytes, (s + 1) * span); ++b) {
-        const float* t = g.tables.data() + b * 32;
+        const float* t = g.tables + b * 32;
         bits += t[row[b] & 15] + t[16 + (row[b] >> 4)];
       }
       total += L.scale(r, s) * (l0 * g.sums[s] + c1 * bits);
@@ -365,10 +471,11 @@ void lut1_scalar(const Gemv& g, const Task& task) {
 
 void lut2_scalar(const Gemv& g, const Task& task) {
   const Layer& L = *g.layer;
+  std::vector<uint8_t> scratch(L.blocked ? static_cast<size_t>(ceil_div(L.in * 4, 8)) : 0);
   const int64_t nbytes = ceil_div(L.in, 4), span = L.group ? L.group / 4 : nbytes;
   for (int i = 0; i < task.count; ++i) {
     const int64_t r = g.order[task.first + i];
-    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const uint8_t* row = L.row_codes(r, scratch.data());
     const uint16_t* book = L.raw->codebooks + L.level_off[r];
     const float l0 = half_to_float(book[0]), l1 = half_to_float(book[1]);
     const float l2 = half_to_float(book[2]), l3 = half_to_float(book[3]);
@@ -377,7 +484,7 @@ void lut2_scalar(const Gemv& g, const Task& task) {
     for (int64_t s = 0; s < L.n_spans(); ++s) {
       float plane0 = 0.0f, plane1 = 0.0f, both = 0.0f;
       for (int64_t b = s * span; b < std::min(nbytes, (s + 1) * span); ++b) {
-        const float* t = g.tables.data() + b * 16;
+        const float* t = g.tables + b * 16;
         const unsigned lo = row[b] & 15u, hi = row[b] >> 4;
         plane0 += t[lo];
         plane1 += t[hi];
@@ -391,10 +498,11 @@ void lut2_scalar(const Gemv& g, const Task& task) {
 
 void decode4_scalar(const Gemv& g, const Task& task) {
   const Layer& L = *g.layer;
+  std::vector<uint8_t> scratch(L.blocked ? static_cast<size_t>(ceil_div(L.in * 4, 8)) : 0);
   const int64_t span = L.group ? L.group : g.padded_in;
   for (int i = 0; i < task.count; ++i) {
     const int64_t r = g.order[task.first + i];
-    const uint8_t* row = L.raw->codes + L.code_off[r];
+    const uint8_t* row = L.row_codes(r, scratch.data());
     float book[16];
     for (int k = 0; k < 16; ++k) book[k] = half_to_float(L.raw->codebooks[L.level_off[r] + k]);
     float total = 0.0f;
@@ -419,9 +527,12 @@ LOWRA_AVX2_FN inline float horizontal_sum(__m256 v) {
 }
 
 // The lanes of an 8-row block: row ids (the last row repeated to fill), code offsets, per-row coefficients.
+// BLOCKED layout: `block` is where the task's block starts (its rows' words interleaved, `count` of them).
 struct Lanes {
   int32_t row[kBlockRows];
   alignas(32) int32_t offset[kBlockRows];
+  const uint8_t* block;
+  int count;
 };
 
 Lanes block_lanes(const Gemv& g, const Task& task) {
@@ -430,6 +541,8 @@ Lanes block_lanes(const Gemv& g, const Task& task) {
     lanes.row[i] = g.order[task.first + std::min(i, task.count - 1)];
     lanes.offset[i] = static_cast<int32_t>(g.layer->code_off[lanes.row[i]]);
   }
+  lanes.block = g.layer->raw->codes + g.layer->code_off[lanes.row[0]];
+  lanes.count = task.count;
   return lanes;
 }
 
@@ -448,6 +561,18 @@ LOWRA_AVX2_FN inline __m256 lane_scales(const Gemv& g, const Lanes& lanes, int64
 // 32 code bits of every lane's row at byte 4 * word; the row's last word is read byte by byte (zeros past its end)
 // so no load leaves the codes buffer.
 LOWRA_AVX2_FN inline __m256i lane_words(const Gemv& g, const Lanes& lanes, int64_t word, int64_t nbytes) {
+  if (g.layer->blocked) {  // the block's words are contiguous: one load (masked when the block has < 8 rows)
+    const uint8_t* at = lanes.block + 4 * word * lanes.count;
+    if (4 * word + 4 <= nbytes) {
+      if (lanes.count == kBlockRows) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes.count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return _mm256_maskload_epi32(reinterpret_cast<const int*>(at), live);
+    }
+    const int64_t tail_bytes = nbytes - 4 * word;
+    alignas(32) uint32_t tail[kBlockRows] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < lanes.count; ++i) std::memcpy(&tail[i], at + i * tail_bytes, static_cast<size_t>(tail_bytes));
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+  }
   if (4 * word + 4 <= nbytes) {
     const __m256i at = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes.offset)),
                                         _mm256_set1_epi32(static_cast<int32_t>(4 * word)));
@@ -508,9 +633,9 @@ void run_gemv_task(const Gemv& g, const Task& task, bool avx2, bool permute2) {
 
 // ------------------------------------------------------------------------------------------------ GEMM
 // Row r decoded to float32 into dst[padded] exactly as the numpy reference (level * scale), zeros past in_features.
-void decode_row_scalar(const Layer& L, int64_t r, float* dst, int64_t padded) {
+void decode_row_scalar(const Layer& L, int64_t r, float* dst, int64_t padded, uint8_t* scratch) {
   const int w = L.raw->widths[r];
-  const uint8_t* row = L.raw->codes + L.code_off[r];
+  const uint8_t* row = L.row_codes(r, scratch);
   const uint16_t* book = L.raw->codebooks + L.level_off[r];
   for (int64_t j = 0; j < L.in; ++j) dst[j] = half_to_float(book[code_at(row, w, j)]);
   std::fill(dst + L.in, dst + padded, 0.0f);
@@ -521,10 +646,10 @@ void decode_row_scalar(const Layer& L, int64_t r, float* dst, int64_t padded) {
 }
 
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-LOWRA_AVX2_FN void decode_row_avx2(const Layer& L, int64_t r, float* dst, int64_t padded) {
+LOWRA_AVX2_FN void decode_row_avx2(const Layer& L, int64_t r, float* dst, int64_t padded, uint8_t* scratch) {
   const int w = L.raw->widths[r];
-  const uint8_t* row = L.raw->codes + L.code_off[r];
-  const int64_t nbytes = L.code_off[r + 1] - L.code_off[r];
+  const uint8_t* row = L.row_codes(r, scratch);
+  const int64_t nbytes = L.row_bytes(r);
   alignas(16) uint16_t book_h[16] = {0};
   std::memcpy(book_h, L.raw->codebooks + L.level_off[r], sizeof(uint16_t) << w);
   const __m256 book_lo = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(book_h)));
@@ -587,33 +712,28 @@ void micro_scalar(const float* const* w, const float* const* x, int64_t padded, 
   }
 }
 
-int gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa) {
+// The layer has been checked against the plan (build_plan or plan_matches).
+int gemv(const Plan& plan, const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa) {
   bool avx2 = false, permute2 = false;
-  Layer L;
   if (!x || !y || threads < 1) return LOWRA_LOWBIT_INVALID_ARGUMENT;
   if (int status = resolve_isa(isa, avx2, &permute2)) return status;
-  if (int status = check_layer(layer, L)) return status;
-  Gemv g;
-  g.layer = &L;
-  g.x_raw = x;
-  g.y = y;
-  // Lanes address codes with int32 offsets; a layer past 2 GiB of codes (none exists) takes the generic path.
-  const bool lut = (L.group == 0 || L.group % 32 == 0) && L.code_off[L.out] < (int64_t{1} << 31) - 8;
-  build_tasks(g, lut);
-  build_tables(g);
-  const int parts = static_cast<int>(std::min<int64_t>(threads, g.tasks.size()));
-  parallel_ranges(g.cost, parts, [&g, avx2, permute2](int, size_t begin, size_t end) {
-    for (size_t t = begin; t < end; ++t) run_gemv_task(g, g.tasks[t], avx2, permute2);
+  const Layer L(plan, layer);
+  const int parts = static_cast<int>(std::min<int64_t>(threads, plan.tasks.size()));
+  parallel_ranges(plan.cost, parts, [&](int, size_t begin, size_t end) {
+    if (begin == end) return;
+    const Tables tables(L, x);
+    const Gemv g{&L, plan.order.data(), tables.x(), tables.tables(), tables.sums(), tables.padded_in(), x, y};
+    for (size_t t = begin; t < end; ++t) run_gemv_task(g, plan.tasks[t], avx2, permute2);
   });
   return LOWRA_LOWBIT_OK;
 }
 
-int gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads, int isa) {
+int gemm(const Plan& plan, const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads,
+         int isa) {
   bool avx2 = false;
-  Layer L;
   if (!x || !y || threads < 1 || n_tokens < 0) return LOWRA_LOWBIT_INVALID_ARGUMENT;
   if (int status = resolve_isa(isa, avx2)) return status;
-  if (int status = check_layer(layer, L)) return status;
+  const Layer L(plan, layer);
   if (n_tokens == 0) return LOWRA_LOWBIT_OK;
   const int64_t padded = ceil_div(L.in, 8) * 8;
   std::vector<float> xp(static_cast<size_t>(n_tokens * padded), 0.0f);
@@ -622,8 +742,11 @@ int gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, floa
   const std::vector<int64_t> cost(n_tiles, 1);
   const int parts = static_cast<int>(std::min<int64_t>(threads, n_tiles));
   std::vector<float> tiles(static_cast<size_t>(parts * (kTileRows + 1) * padded), 0.0f);  // + a zero row
+  const int64_t max_row_bytes = ceil_div(L.in * 4, 8);
+  std::vector<uint8_t> scratch(L.blocked ? static_cast<size_t>(parts * max_row_bytes) : 0);
   parallel_ranges(cost, parts, [&](int part, size_t begin, size_t end) {
     float* tile = &tiles[part * (kTileRows + 1) * padded];
+    uint8_t* row_scratch = L.blocked ? &scratch[part * max_row_bytes] : nullptr;
     const float* zero_row = tile + kTileRows * padded;
     for (size_t tile_id = begin; tile_id < end; ++tile_id) {
       const int64_t r0 = static_cast<int64_t>(tile_id) * kTileRows;
@@ -634,11 +757,11 @@ int gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, floa
         if (i >= rows) continue;
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
         if (avx2) {
-          decode_row_avx2(L, r0 + i, tile + i * padded, padded);
+          decode_row_avx2(L, r0 + i, tile + i * padded, padded, row_scratch);
           continue;
         }
 #endif
-        decode_row_scalar(L, r0 + i, tile + i * padded, padded);
+        decode_row_scalar(L, r0 + i, tile + i * padded, padded, row_scratch);
       }
       for (int64_t t0 = 0; t0 < n_tokens; t0 += kTileTokens) {
         const int tokens = static_cast<int>(std::min<int64_t>(kTileTokens, n_tokens - t0));
@@ -762,7 +885,28 @@ uint8_t planar_byte(unsigned byte) {
   return static_cast<uint8_t>(out);
 }
 
+// lowra_lowbit_block's work (arguments checked by the caller).
+int block_codes(int64_t out_features, int64_t in_features, const uint8_t* widths, const uint8_t* rows,
+                uint8_t* blocked) {
+  std::vector<int64_t> row_start(static_cast<size_t>(out_features) + 1, 0);
+  for (int64_t r = 0; r < out_features; ++r) {
+    const int w = widths[r];
+    if (w != 1 && w != 2 && w != 4) return LOWRA_LOWBIT_BAD_WIDTH;
+    row_start[r + 1] = row_start[r] + ceil_div(in_features * w, 8);
+  }
+  return for_each_blocked_row(out_features, in_features, widths, [&](int64_t r, int64_t block, int lane, int count) {
+    const int64_t nbytes = row_start[r + 1] - row_start[r];
+    for (int64_t b = 0; b < nbytes; ++b) {
+      blocked[block + blocked_byte(widths[r], nbytes, lane, count, b)] = rows[row_start[r] + b];
+    }
+  });
+}
+
 }  // namespace
+
+struct lowra_lowbit_plan {
+  Plan plan;
+};
 
 extern "C" {
 
@@ -783,9 +927,21 @@ int lowra_lowbit_repack(int64_t out_features, int64_t in_features, const uint8_t
   return LOWRA_LOWBIT_OK;
 }
 
+int lowra_lowbit_block(int64_t out_features, int64_t in_features, const uint8_t* widths, const uint8_t* rows,
+                       uint8_t* blocked) {
+  if (out_features <= 0 || in_features <= 0 || !widths || !rows || !blocked) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  try {
+    return block_codes(out_features, in_features, widths, rows, blocked);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
 int lowra_lowbit_gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa) {
   try {
-    return gemv(layer, x, y, threads, isa);
+    Plan plan;
+    if (int status = build_plan(layer, plan)) return status;
+    return gemv(plan, layer, x, y, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }
@@ -794,7 +950,46 @@ int lowra_lowbit_gemv(const lowra_lowbit_layer* layer, const float* x, float* y,
 int lowra_lowbit_gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads,
                       int isa) {
   try {
-    return gemm(layer, x, n_tokens, y, threads, isa);
+    Plan plan;
+    if (int status = build_plan(layer, plan)) return status;
+    return gemm(plan, layer, x, n_tokens, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_lowbit_plan_create(const lowra_lowbit_layer* layer, lowra_lowbit_plan** plan) {
+  if (!plan) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  *plan = nullptr;
+  try {
+    auto made = std::make_unique<lowra_lowbit_plan>();
+    if (int status = build_plan(layer, made->plan)) return status;
+    *plan = made.release();
+    return LOWRA_LOWBIT_OK;
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+void lowra_lowbit_plan_destroy(lowra_lowbit_plan* plan) { delete plan; }
+
+int lowra_lowbit_plan_gemv(const lowra_lowbit_plan* plan, const lowra_lowbit_layer* layer, const float* x, float* y,
+                           int threads, int isa) {
+  if (!plan) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (!plan_matches(plan->plan, layer)) return LOWRA_LOWBIT_PLAN_MISMATCH;
+  try {
+    return gemv(plan->plan, layer, x, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_lowbit_plan_gemm(const lowra_lowbit_plan* plan, const lowra_lowbit_layer* layer, const float* x,
+                           int64_t n_tokens, float* y, int threads, int isa) {
+  if (!plan) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (!plan_matches(plan->plan, layer)) return LOWRA_LOWBIT_PLAN_MISMATCH;
+  try {
+    return gemm(plan->plan, layer, x, n_tokens, y, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }
@@ -818,6 +1013,7 @@ const char* lowra_lowbit_status_name(int status) {
     case LOWRA_LOWBIT_BAD_WIDTH: return "row width not in {1, 2, 4}";
     case LOWRA_LOWBIT_ISA_UNAVAILABLE: return "instruction set not available on this CPU or build";
     case LOWRA_LOWBIT_OUT_OF_MEMORY: return "out of memory";
+    case LOWRA_LOWBIT_PLAN_MISMATCH: return "the plan was made for a layer of another shape, layout or widths";
     default: return "unknown status";
   }
 }

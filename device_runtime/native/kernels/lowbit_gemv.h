@@ -8,11 +8,13 @@
  *
  * Before the first product, lowra_lowbit_repack rewrites the codes once, in place, to the kernels' layout (2-bit
  * rows become bit-planar within each byte; 1- and 4-bit rows are unchanged), so the working set stays exactly the
- * file's bytes: no offsets, no float copy. Verify checksums/fingerprints before repacking.
+ * file's bytes: no offsets, no float copy. Verify checksums/fingerprints before repacking. lowra_lowbit_block then
+ * reorders those bytes (same size) so the one-token product reads each layer as one sequential stream instead of
+ * gathering from 8 rows at once (LOWRA_LOWBIT_LAYOUT_BLOCKED: what exported programs store).
  *
- * Plain C ABI: no global state, no allocation owned across calls, every function returns a lowra_lowbit_status and
- * never lets a C++ exception out. Threads are started per call (std::thread) and joined before it returns; results
- * do not depend on the thread count (bit-identical), nor on the row split.
+ * Plain C ABI: no allocation owned across calls, every function returns a lowra_lowbit_status and never lets a C++
+ * exception out. Work is split over a process-wide pool of worker threads (started on first use); every call waits
+ * for its own work; results do not depend on the thread count (bit-identical), nor on the row split.
  */
 #ifndef LOWRA_LOWBIT_GEMV_H
 #define LOWRA_LOWBIT_GEMV_H
@@ -35,8 +37,23 @@ typedef enum lowra_lowbit_status {
   LOWRA_LOWBIT_INVALID_ARGUMENT = 1, /* a null pointer, a non-positive size, a negative group size or thread count */
   LOWRA_LOWBIT_BAD_WIDTH = 2,        /* a row width other than 1, 2 or 4 */
   LOWRA_LOWBIT_ISA_UNAVAILABLE = 3,  /* the requested instruction set is not compiled in or not on this CPU */
-  LOWRA_LOWBIT_OUT_OF_MEMORY = 4     /* the per-call scratch (tables, padded inputs) could not be allocated */
+  LOWRA_LOWBIT_OUT_OF_MEMORY = 4,    /* the per-call scratch (tables, padded inputs) could not be allocated */
+  LOWRA_LOWBIT_PLAN_MISMATCH = 5     /* a plan used with a layer of another shape, group size, layout or widths */
 } lowra_lowbit_status;
+
+/* How a layer's codes are laid out (both keep the file's size: a permutation of its bytes). */
+typedef enum lowra_lowbit_layout {
+  /* Rows concatenated in row order, as the file stores them, 2-bit rows bit-planar per byte (lowra_lowbit_repack). */
+  LOWRA_LOWBIT_LAYOUT_ROWS = 0,
+  /* The same bytes in the order the GEMV reads them, so a layer is one sequential stream (lowra_lowbit_block): rows
+   * sorted by width (1, 2, then 4 bits; row order within a width), cut into blocks of LOWRA_LOWBIT_BLOCK_ROWS rows
+   * (the last block of a width may hold fewer, `count`). A block of 1- or 2-bit rows interleaves its rows' 32-bit
+   * words: word k of lane i at 4 * k * count + 4 * i; a row's last, partial word of t < 4 bytes at
+   * 4 * k * count + t * i. A block of 4-bit rows stores its rows one after another. Blocks follow each other. */
+  LOWRA_LOWBIT_LAYOUT_BLOCKED = 1
+} lowra_lowbit_layout;
+
+#define LOWRA_LOWBIT_BLOCK_ROWS 8
 
 /* One quantized linear layer, as pointers into the caller's buffers (the kernels only read them). */
 typedef struct lowra_lowbit_layer {
@@ -47,12 +64,17 @@ typedef struct lowra_lowbit_layer {
   const uint8_t* codes;       /* rows concatenated, ceil(in * w_r / 8) bytes each, after lowra_lowbit_repack */
   const uint16_t* codebooks;  /* float16 bits, 2^w_r levels per row, rows concatenated */
   const uint16_t* scales;     /* float16 bits [out_features, ceil(in / group_size)]; unused (may be NULL) if 0 */
+  int64_t layout;             /* a lowra_lowbit_layout: how `codes` is ordered */
 } lowra_lowbit_layer;
 
 /* Rewrite the file's codes (rows concatenated) in place into the kernels' layout; call exactly once per buffer.
  * 2-bit rows: in every byte, code bits 0 (b0) of its four elements move to bits 0..3 and code bits 1 (b1) to bits
  * 4..7, so each nibble indexes the 16-entry tables of its four inputs directly. */
 int lowra_lowbit_repack(int64_t out_features, int64_t in_features, const uint8_t* widths, uint8_t* codes);
+
+/* Copy codes in the ROWS layout (after lowra_lowbit_repack) to `blocked` (the same size) in the BLOCKED layout. */
+int lowra_lowbit_block(int64_t out_features, int64_t in_features, const uint8_t* widths, const uint8_t* rows,
+                       uint8_t* blocked);
 
 /* y[out_features] = W x[in_features] (float32, accumulated in float32). */
 int lowra_lowbit_gemv(const lowra_lowbit_layer* layer, const float* x, float* y, int threads, int isa);
@@ -61,6 +83,21 @@ int lowra_lowbit_gemv(const lowra_lowbit_layer* layer, const float* x, float* y,
  * that every token of the block reuses (a blocked GEMM), so the decode cost is shared by the whole prompt. */
 int lowra_lowbit_gemm(const lowra_lowbit_layer* layer, const float* x, int64_t n_tokens, float* y, int threads,
                       int isa);
+
+/* A plan: the structure of a layer's products (row offsets, task lists), which depends on its shape, group size,
+ * layout and widths only, computed once instead of on every call (a decode step multiplies by the same layers every
+ * token). It copies the widths and keeps no pointer into the layer; each call passes the layer's buffers again, and a
+ * layer whose structure differs from the plan's is refused (LOWRA_LOWBIT_PLAN_MISMATCH). A plan is read-only once
+ * made: several threads may use it at once. */
+typedef struct lowra_lowbit_plan lowra_lowbit_plan;
+
+int lowra_lowbit_plan_create(const lowra_lowbit_layer* layer, lowra_lowbit_plan** plan);
+void lowra_lowbit_plan_destroy(lowra_lowbit_plan* plan); /* NULL is a no-op */
+/* lowra_lowbit_gemv / lowra_lowbit_gemm with a plan made for this layer's structure: the same results, bit for bit. */
+int lowra_lowbit_plan_gemv(const lowra_lowbit_plan* plan, const lowra_lowbit_layer* layer, const float* x, float* y,
+                           int threads, int isa);
+int lowra_lowbit_plan_gemm(const lowra_lowbit_plan* plan, const lowra_lowbit_layer* layer, const float* x,
+                           int64_t n_tokens, float* y, int threads, int isa);
 
 /* y[n_tokens, out_features] = x[n_tokens, in_features] W^T for a dense float16 weight W [out_features, in_features]
  * (a model's tied embedding / output head, stored once in float16): each row is converted to float32 in registers

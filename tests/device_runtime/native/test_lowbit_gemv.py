@@ -57,13 +57,14 @@ def assert_close(got: np.ndarray, reference: np.ndarray, rel: float = 1e-4) -> N
     np.testing.assert_allclose(got, reference, rtol=rel, atol=rel * float(np.abs(reference).max()))
 
 
+@pytest.mark.parametrize("layout", ["blocked", "rows"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gemv_and_gemm_match_the_reference(case: int, isa: str) -> None:
+def test_gemv_and_gemm_match_the_reference(case: int, isa: str, layout: str) -> None:
     out, inputs, group, widths = CASES[case]
     weight = random_weight(out, inputs, group, widths, seed=case)
     dense = weight.dequantize()
-    packed = PackedLinear(weight)
+    packed = PackedLinear(weight, layout=layout)
     rng = np.random.default_rng(100 + case)
     x = rng.standard_normal(inputs).astype(np.float32)
     assert_close(packed.gemv(x, isa=isa), dense @ x)
@@ -76,7 +77,8 @@ def test_gemv_and_gemm_match_the_reference(case: int, isa: str) -> None:
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_scalar_and_avx2_agree(case: int) -> None:
     out, inputs, group, widths = CASES[case]
-    packed = PackedLinear(random_weight(out, inputs, group, widths, seed=case))
+    weight = random_weight(out, inputs, group, widths, seed=case)
+    packed = PackedLinear(weight)
     rng = np.random.default_rng(200 + case)
     x = rng.standard_normal(inputs).astype(np.float32)
     assert_close(packed.gemv(x, isa="avx2"), packed.gemv(x, isa="scalar"), rel=1e-5)
@@ -84,6 +86,10 @@ def test_scalar_and_avx2_agree(case: int) -> None:
     assert_close(packed.gemm(tokens, isa="avx2"), packed.gemm(tokens, isa="scalar"), rel=1e-5)
     if "avx512" in ISAS:  # the same kernels with one-instruction lookups: the same floats, the same sums
         assert np.array_equal(packed.gemv(x, isa="avx512"), packed.gemv(x, isa="avx2"))
+    rows = PackedLinear(weight, layout="rows")  # the layouts only move bytes: the same products, bit for bit
+    for isa in ISAS:
+        assert np.array_equal(rows.gemv(x, isa=isa), packed.gemv(x, isa=isa))
+        assert np.array_equal(rows.gemm(tokens, isa=isa), packed.gemm(tokens, isa=isa))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -116,6 +122,30 @@ def test_bad_inputs_are_refused_with_what_was_expected() -> None:
         packed.gemv(np.zeros(10, dtype=np.float32), isa="neon")
     with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
         packed.gemv(np.zeros(10, dtype=np.float32), threads=0)
+    with pytest.raises(ConfigError, match=r"layout 'columns' is unknown; expected one of \['blocked', 'rows'\]"):
+        PackedLinear(random_weight(4, 10, 0, (1,), seed=4), layout="columns")
+
+
+def test_a_plan_gives_the_plain_calls_bits_and_refuses_another_layer() -> None:
+    """PackedLinear multiplies through a kept plan; the plain entry points (a plan per call) give the same bits, and
+    a plan used with a layer of other widths is refused instead of reading the codes wrongly."""
+    lib = load_library()
+    weight = random_weight(40, 576, 64, (1, 2, 4), seed=21)
+    packed = PackedLinear(weight)
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal(576).astype(np.float32)
+    tokens = rng.standard_normal((3, 576)).astype(np.float32)
+    plain = np.empty(40, dtype=np.float32)
+    assert lib.lowra_lowbit_gemv(ctypes.byref(packed._layer), x.ctypes.data, plain.ctypes.data, 1, 0) == 0
+    assert np.array_equal(plain, packed.gemv(x))
+    plain = np.empty((3, 40), dtype=np.float32)
+    assert lib.lowra_lowbit_gemm(ctypes.byref(packed._layer), tokens.ctypes.data, 3, plain.ctypes.data, 2, 0) == 0
+    assert np.array_equal(plain, packed.gemm(tokens, threads=2))
+    other = PackedLinear(random_weight(40, 576, 64, (1, 2, 4), seed=23))  # same shape, other widths
+    y = np.empty(40, dtype=np.float32)
+    status = lib.lowra_lowbit_plan_gemv(packed._plan, ctypes.byref(other._layer), x.ctypes.data, y.ctypes.data, 1, 0)
+    assert lib.lowra_lowbit_status_name(status) == b"the plan was made for a layer of another shape, layout or widths"
+    assert lib.lowra_lowbit_plan_gemv(None, ctypes.byref(packed._layer), x.ctypes.data, y.ctypes.data, 1, 0) == 1
 
 
 def test_the_c_abi_refuses_a_width_outside_1_2_4() -> None:
@@ -159,6 +189,25 @@ def test_kernel_layout_codes_is_the_c_repack_and_inverts() -> None:
 
     weight = random_weight(60, 77, 0, (1, 2, 4), seed=11)
     planar = kernel_layout_codes(weight.codes, weight.widths, weight.in_features)
-    assert np.array_equal(planar, PackedLinear(weight)._codes)
+    assert np.array_equal(planar, PackedLinear(weight, layout="rows")._codes)
     assert not np.array_equal(planar, weight.codes)  # 2-bit rows changed
     assert np.array_equal(kernel_layout_codes(planar, weight.widths, weight.in_features, to_kernel=False), weight.codes)
+
+
+@pytest.mark.parametrize(("out", "inputs"), [(60, 77), (203, 576), (9, 3), (17, 64)])
+def test_kernel_blocked_codes_is_the_c_layout_and_inverts(out: int, inputs: int) -> None:
+    """The Python definition of the BLOCKED layout (what exported programs store) equals lowra_lowbit_block,
+    including partial last words (in_features not a multiple of 32) and blocks of fewer than 8 rows."""
+    from lowra.device_runtime.formats.quantized_weight import BLOCK_ROWS, blocked_code_order, kernel_blocked_codes
+
+    weight = random_weight(out, inputs, 0, (1, 2, 4), seed=out)
+    blocked = kernel_blocked_codes(weight.codes, weight.widths, weight.in_features)
+    assert np.array_equal(blocked, PackedLinear(weight)._codes)
+    assert np.array_equal(kernel_blocked_codes(blocked, weight.widths, weight.in_features, to_kernel=False), weight.codes)
+    order = blocked_code_order(weight.widths, weight.in_features)
+    assert np.array_equal(np.sort(order), np.arange(weight.codes.size))  # a permutation: the file's size exactly
+    # the first block holds the first 8 one-bit rows' first words, interleaved
+    one_bit = np.flatnonzero(weight.widths == 1)[:BLOCK_ROWS]
+    starts = weight.row_code_offsets[one_bit]
+    if inputs >= 32 and one_bit.size == BLOCK_ROWS:
+        assert np.array_equal(order[: 4 * BLOCK_ROWS], (starts[:, None] + np.arange(4)).ravel())
