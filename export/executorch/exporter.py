@@ -58,7 +58,7 @@ from lowra.device_runtime.formats.executorch_manifest import (
     MANIFEST_FILE,
 )
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
-from lowra.device_runtime.formats.quantized_weight import kernel_layout_codes
+from lowra.device_runtime.formats.quantized_weight import kernel_blocked_codes, kernel_layout_codes
 from lowra.export.executorch.attention import use_lowra_attention
 from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
 from lowra.export.tokenizer import save_tokenizer
@@ -68,6 +68,8 @@ from lowra.sdk.quant.lowbit_linear import LowBitLinear, lowbit_layers, with_reco
 
 OPS = ("custom", "aten")
 MODES = USER_MODES
+# How the custom ops' programs store the codes (docs/FORMAT.md, ExecuTorch model folder), by layout name.
+KERNEL_LAYOUTS = {"blocked": kernel_blocked_codes, "planar": kernel_layout_codes}
 
 
 @dataclass
@@ -92,6 +94,10 @@ class ExecutorchExportConfig:
     # "last": the programs output the logits of the last position only ([1, 1, vocab]: what generation reads; the head
     # runs on one token per call and the output buffer is one row); "all": every position ([1, n, vocab]).
     logits: str = "last"
+    # Custom ops only: the codes' layout in the programs. "blocked" (lowra::lowbit_linear_blocked*): each layer read as
+    # one sequential stream; "planar" (lowra::lowbit_linear_planar*): rows in the file's order, as folders exported
+    # before the blocked layout store them (2.4x slower to multiply; kept to reproduce them).
+    kernel_layout: str = "blocked"
 
     def __post_init__(self) -> None:
         if self.ops not in OPS:
@@ -100,6 +106,8 @@ class ExecutorchExportConfig:
             raise ConfigError(f"embeddings={self.embeddings!r}; expected 'auto' or one of {EMBEDDING_DTYPES}")
         if self.logits not in LOGITS_MODES:
             raise ConfigError(f"logits={self.logits!r}; expected one of {LOGITS_MODES}")
+        if self.kernel_layout not in KERNEL_LAYOUTS:
+            raise ConfigError(f"kernel_layout={self.kernel_layout!r}; expected one of {sorted(KERNEL_LAYOUTS)}")
         if self.embeddings == "float16" and self.ops != "custom":
             raise ConfigError("embeddings='float16' needs ops='custom' (the head's lowra::f16_linear kernel); the "
                               "core-ATen fallback keeps them in float32")
@@ -171,14 +179,23 @@ class AtenLowBitLinear(nn.Module):
                              self.recovery_scaling)
 
 
-class PlanarLowBitLinear(nn.Module):
-    """A LowBitLinear whose codes are stored in the native kernels' layout (``lowra::lowbit_linear_planar``): the
-    kernels multiply by the program's constants in place, with no repacked copy made at run time."""
+class KernelLowBitLinear(nn.Module):
+    """A LowBitLinear whose codes are stored in one of the native kernels' layouts, so the kernels multiply by the
+    program's constants in place (no repacked copy at run time):
 
-    def __init__(self, layer: LowBitLinear) -> None:
+    - ``"blocked"`` (the default, ``lowra::lowbit_linear_blocked``): :func:`kernel_blocked_codes`, each layer read as
+      one sequential stream;
+    - ``"planar"`` (``lowra::lowbit_linear_planar``): :func:`kernel_layout_codes`, rows in the file's order (what
+      folders exported before the blocked layout store; kept so they can be re-made and tested).
+    """
+
+    def __init__(self, layer: LowBitLinear, layout: str = "blocked") -> None:
         super().__init__()
+        if layout not in KERNEL_LAYOUTS:
+            raise ConfigError(f"kernel layout {layout!r} is unknown; expected one of {sorted(KERNEL_LAYOUTS)}")
+        self.layout = layout
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
-        codes = kernel_layout_codes(layer.codes.cpu().numpy(), layer.widths.cpu().numpy(), layer.in_features)
+        codes = KERNEL_LAYOUTS[layout](layer.codes.cpu().numpy(), layer.widths.cpu().numpy(), layer.in_features)
         self.register_buffer("codes", torch.from_numpy(codes))
         for name in ("codebooks", "scales", "widths", "row_code_offsets", "row_level_offsets", "bias", "recovery_A",
                      "recovery_B"):
@@ -191,16 +208,16 @@ class PlanarLowBitLinear(nn.Module):
                 self.in_features, self.group_size, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.lowra.lowbit_linear_planar(x, *self.packed())
+        y = getattr(torch.ops.lowra, f"lowbit_linear_{self.layout}")(x, *self.packed())
         return with_recovery(x, y, self.recovery_A, self.recovery_B, self.recovery_scaling)
 
 
-class PlanarSideBranchLinear(nn.Module):
-    """:class:`SideBranchLinear` over a :class:`PlanarLowBitLinear` in one op call
-    (``lowra::lowbit_linear_planar_lora``): the user's factors are program data under the same names
+class KernelSideBranchLinear(nn.Module):
+    """:class:`SideBranchLinear` over a :class:`KernelLowBitLinear` in one op call
+    (``lowra::lowbit_linear_<layout>_lora``): the user's factors are program data under the same names
     (``lora_down`` [rank, in], ``lora_up`` [out, rank])."""
 
-    def __init__(self, base: PlanarLowBitLinear, down: Tensor, up: Tensor) -> None:
+    def __init__(self, base: KernelLowBitLinear, down: Tensor, up: Tensor) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("lora_down", down.float().contiguous())
@@ -208,7 +225,7 @@ class PlanarSideBranchLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.base
-        y = torch.ops.lowra.lowbit_linear_planar_lora(x, *b.packed(), self.lora_down, self.lora_up)
+        y = getattr(torch.ops.lowra, f"lowbit_linear_{b.layout}_lora")(x, *b.packed(), self.lora_down, self.lora_up)
         return with_recovery(x, y, b.recovery_A, b.recovery_B, b.recovery_scaling)
 
 
@@ -389,10 +406,11 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
             _replace(model, path, MergedLinear(layer.effective_weight(), layer.bias))
             user_modules[f"model.{path}.weight"] = (path, "weight")
             continue
-        packed: nn.Module = AtenLowBitLinear(layer) if config.ops == "aten" else PlanarLowBitLinear(layer)
+        packed: nn.Module = (AtenLowBitLinear(layer) if config.ops == "aten"
+                             else KernelLowBitLinear(layer, config.kernel_layout))
         if mode == "side" and path in targets:
             down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
-            packed = (PlanarSideBranchLinear(packed, down, up) if isinstance(packed, PlanarLowBitLinear)
+            packed = (KernelSideBranchLinear(packed, down, up) if isinstance(packed, KernelLowBitLinear)
                       else SideBranchLinear(packed, config.rank, down, up))
             user_modules[f"model.{path}.lora_down"] = (path, "down")
             user_modules[f"model.{path}.lora_up"] = (path, "up")
@@ -581,6 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--embeddings", choices=("auto", *EMBEDDING_DTYPES), default="auto",
                         help="token embedding / output head storage (auto: float16 with the custom ops; the base file "
                              "stores them in float16)")
+    parser.add_argument("--kernel-layout", choices=sorted(KERNEL_LAYOUTS), default="blocked",
+                        help="custom ops: how the programs store the codes (blocked: each layer read as one stream; "
+                             "planar: rows in the file's order, as folders exported before it)")
     args = parser.parse_args(argv)
 
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
@@ -591,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The base file's model: its low-bit linears (with a recovery adapter, if any) and its float16 dense tensors.
     load_quantized_base(base.model, read_quantized_base(args.quantized))
     config = ExecutorchExportConfig(ops=args.ops, modes=tuple(args.modes), max_seq_len=args.max_seq_len,
-                                    rank=args.rank, xnnpack=args.xnnpack, embeddings=args.embeddings)
+                                    rank=args.rank, xnnpack=args.xnnpack, embeddings=args.embeddings,
+                                    kernel_layout=args.kernel_layout)
     manifest = export_executorch(base.model, args.out, config, tokenizer=base.tokenizer,
                                  source=str(args.quantized))
     for mode, program in manifest["programs"].items():

@@ -4,9 +4,11 @@
 //   dequantize.out(Tensor codes, Tensor codebooks, Tensor scales, Tensor widths, Tensor row_code_offsets,
 //                  Tensor row_level_offsets, int in_features, int group_size, *, Tensor(a!) out) -> Tensor(a!)
 //   lowbit_linear.out(Tensor x, <same buffers>, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
-//   lowbit_linear_planar.out(<the same>): codes already in the kernels' layout (what the exporter writes)
+//   lowbit_linear_planar.out(<the same>): codes already in the kernels' ROWS layout (2-bit rows bit-planar per byte)
 //   lowbit_linear_planar_lora.out(Tensor x, <buffers>, Tensor? bias, Tensor down, Tensor up, *, Tensor(a!) out):
 //     the planar product plus a LoRA side branch (x @ down^T) @ up^T, down float32 [rank, in], up [out, rank]
+//   lowbit_linear_blocked.out / lowbit_linear_blocked_lora.out (<the same>): codes in the kernels' BLOCKED layout
+//     (lowbit_gemv.h: each layer one sequential stream), what the exporter writes
 //   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
 //   attention.out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, *, Tensor(a!) out) -> Tensor(a!)
 //     (export/executorch/attention.py: q [B, H, Q, D], k = v [B, KV, S, D], mask bool/float [B|1, H|1, Q, S] or
@@ -318,12 +320,52 @@ static const uint8_t* repacked_codes(const LowBitWeight& w, int64_t n_bytes, int
   return raw->codes.data();
 }
 
-// planar: the program stores the codes in the kernels' layout already (lowbit_linear_planar), so they are read in
-// place; otherwise (lowbit_linear) they are in the file's layout and a repacked copy is made once per layer.
+// How a program stores a layer's codes: the file's layout (lowbit_linear: a repacked copy is made once per layer),
+// or one of the kernels' layouts, read in place (lowbit_linear_planar*, lowbit_linear_blocked*).
+enum class Codes { kFile, kPlanar, kBlocked };
+
+// The kernels' plan for a layer (its structure: row offsets, task lists), kept across calls and shared by the calls
+// of every program: found by the address of the layer's widths, and used only if the layer's structure is the one
+// it was made for (lowra_lowbit_plan_gemv checks; otherwise it is made again). Bounded: past kMaxPlans layers (many
+// programs loaded one after another) the plans are dropped and made again on use.
+struct PlanDeleter {
+  void operator()(lowra_lowbit_plan* plan) const { lowra_lowbit_plan_destroy(plan); }
+};
+using SharedPlan = std::shared_ptr<lowra_lowbit_plan>;
+
+static int planned_product(const lowra_lowbit_layer& layer, const float* xs, int64_t m, float* ys, int threads) {
+  constexpr size_t kMaxPlans = 4096;
+  static std::mutex mutex;
+  static std::map<const uint8_t*, SharedPlan> plans;
+  auto run = [&](const lowra_lowbit_plan* plan) {
+    return m == 1 ? lowra_lowbit_plan_gemv(plan, &layer, xs, ys, threads, LOWRA_LOWBIT_ISA_AUTO)
+                  : lowra_lowbit_plan_gemm(plan, &layer, xs, m, ys, threads, LOWRA_LOWBIT_ISA_AUTO);
+  };
+  SharedPlan plan;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = plans.find(layer.widths);
+    if (it != plans.end()) plan = it->second;
+  }
+  if (plan) {
+    const int status = run(plan.get());
+    if (status != LOWRA_LOWBIT_PLAN_MISMATCH) return status;
+  }
+  lowra_lowbit_plan* made = nullptr;
+  if (const int status = lowra_lowbit_plan_create(&layer, &made)) return status;
+  plan = SharedPlan(made, PlanDeleter());
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (plans.size() >= kMaxPlans) plans.clear();
+    plans[layer.widths] = plan;
+  }
+  return run(plan.get());
+}
+
 static Tensor& lowbit_linear_impl(
     KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
     const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
-    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out, bool planar) {
+    int64_t group_size, const std::optional<Tensor>& bias, Tensor& out, Codes kind) {
   LowBitWeight w;
   ET_KERNEL_CHECK(
       ctx,
@@ -346,7 +388,7 @@ static Tensor& lowbit_linear_impl(
   float* ys = out.mutable_data_ptr<float>();
   const int64_t n_out = w.out_features;
   if (m == 0) return out;
-  if (decode_kernel_selected() && !planar) {
+  if (decode_kernel_selected() && kind == Codes::kFile) {
     parallel_rows(n_out, n_out * in_features * m, [&](int64_t begin, int64_t end) {
       std::vector<float> row(in_features);
       for (int64_t r = begin; r < end; ++r) {
@@ -357,7 +399,7 @@ static Tensor& lowbit_linear_impl(
     });
     return out;
   }
-  const uint8_t* codes_k = planar ? w.codes : repacked_codes(w, codes.numel(), codebooks.numel());
+  const uint8_t* codes_k = kind == Codes::kFile ? repacked_codes(w, codes.numel(), codebooks.numel()) : w.codes;
   ET_KERNEL_CHECK_MSG(ctx, codes_k != nullptr, InvalidArgument, out, "lowra::lowbit_linear: could not repack the codes");
   lowra_lowbit_layer layer;
   layer.out_features = n_out;
@@ -367,9 +409,8 @@ static Tensor& lowbit_linear_impl(
   layer.codes = codes_k;
   layer.codebooks = reinterpret_cast<const uint16_t*>(w.codebooks);  // Half is the float16 bit pattern
   layer.scales = group_size > 0 ? reinterpret_cast<const uint16_t*>(w.scales) : nullptr;
-  const int threads = thread_count(n_out * in_features * m);
-  const int status = m == 1 ? lowra_lowbit_gemv(&layer, xs, ys, threads, LOWRA_LOWBIT_ISA_AUTO)
-                            : lowra_lowbit_gemm(&layer, xs, m, ys, threads, LOWRA_LOWBIT_ISA_AUTO);
+  layer.layout = kind == Codes::kBlocked ? LOWRA_LOWBIT_LAYOUT_BLOCKED : LOWRA_LOWBIT_LAYOUT_ROWS;
+  const int status = planned_product(layer, xs, m, ys, thread_count(n_out * in_features * m));
   ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::lowbit_linear: kernel failed: %s",
                       lowra_lowbit_status_name(status));
   add_bias(ys, bias_data, m, n_out);
@@ -489,18 +530,21 @@ Tensor& attention_out(
   return out;
 }
 
-// lowbit_linear.out (kPlanar false: codes in the file's layout) and lowbit_linear_planar.out (true: the kernels').
-template <bool kPlanar>
+// lowbit_linear.out, lowbit_linear_planar.out and lowbit_linear_blocked.out: the same product of codes in three
+// layouts.
+template <Codes kKind>
 Tensor& lowbit_linear_variant_out(
     KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
     const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
     int64_t group_size, const std::optional<Tensor>& bias, Tensor& out) {
   return lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
-                            group_size, bias, out, kPlanar);
+                            group_size, bias, out, kKind);
 }
 
-// y += (x @ down^T) @ up^T for the m tokens of x: a user's side branch added in the same call as the base product.
-Tensor& lowbit_linear_planar_lora_out(
+// y += (x @ down^T) @ up^T for the m tokens of x: a user's side branch added in the same call as the base product
+// (lowbit_linear_planar_lora.out, lowbit_linear_blocked_lora.out).
+template <Codes kKind>
+Tensor& lowbit_linear_lora_out(
     KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
     const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
     int64_t group_size, const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up, Tensor& out) {
@@ -509,9 +553,9 @@ Tensor& lowbit_linear_planar_lora_out(
       down.dim() == 2 && up.dim() == 2 && down.size(1) == in_features && up.size(0) == n_out &&
       up.size(1) == down.size(0);
   ET_KERNEL_CHECK_MSG(ctx, factors_ok, InvalidArgument, out,
-                      "lowra::lowbit_linear_planar_lora: down must be float32 [rank, in], up float32 [out, rank]");
+                      "lowra::lowbit_linear_*_lora: down must be float32 [rank, in], up float32 [out, rank]");
   lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
-                     group_size, bias, out, true);
+                     group_size, bias, out, kKind);
   if (ctx.failure_state() != Error::Ok) return out;
   const int64_t rank = down.size(0), m = x.numel() / in_features;
   const float* xs = x.const_data_ptr<float>();
@@ -529,9 +573,11 @@ Tensor& lowbit_linear_planar_lora_out(
 
 }  // namespace lowra_et
 
-EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar_lora.out", lowra_et::lowbit_linear_planar_lora_out);
-EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_variant_out<true>);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_blocked_lora.out", lowra_et::lowbit_linear_lora_out<lowra_et::Codes::kBlocked>);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_blocked.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kBlocked>);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar_lora.out", lowra_et::lowbit_linear_lora_out<lowra_et::Codes::kPlanar>);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kPlanar>);
 EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
-EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_variant_out<false>);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kFile>);

@@ -15,6 +15,9 @@ width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax sc
 - ``lowra::lowbit_linear_planar_lora(x, <same buffers>, bias?, down, up) -> Tensor``: the planar product plus a LoRA
   side branch ``(x @ down^T) @ up^T`` (``down`` [rank, in], ``up`` [out, rank], float32) in one call: how a side
   program applies a user's factors.
+- ``lowra::lowbit_linear_blocked`` / ``lowra::lowbit_linear_blocked_lora``: the same two products with the codes in
+  the kernels' BLOCKED layout (:func:`lowra.device_runtime.formats.quantized_weight.kernel_blocked_codes`: the same
+  bytes reordered so each layer is read as one stream), what the exporter writes now.
 - ``lowra::f16_linear(x, weight, bias?) -> Tensor``: ``x @ float32(weight)^T (+ bias)`` for a dense float16
   ``weight`` [out, in]: how an exported program multiplies by a model's float16 embedding/output head without a
   float32 copy (the native kernel converts in registers; docs/FORMAT.md, ExecuTorch model folder).
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor
 
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
-from lowra.device_runtime.formats.quantized_weight import FILE_BYTE
+from lowra.device_runtime.formats.quantized_weight import FILE_BYTE, blocked_code_order
 from lowra.sdk.errors import ConfigError
 
 __all__ = [
@@ -47,6 +50,8 @@ __all__ = [
     "check_buffers",
     "dequantize_reference",
     "f16_linear_reference",
+    "lowbit_linear_blocked_lora_reference",
+    "lowbit_linear_blocked_reference",
     "lowbit_linear_planar_lora_reference",
     "lowbit_linear_planar_reference",
     "lowbit_linear_grad_input_reference",
@@ -119,6 +124,13 @@ _LIB.define("lowbit_linear_planar" + LOWBIT_LINEAR_SCHEMA)
 _LIB.define(f"lowbit_linear_planar.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
 _LIB.define(f"lowbit_linear_planar_lora(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up) -> Tensor")
 _LIB.define(f"lowbit_linear_planar_lora.out(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up, *, "
+            "Tensor(a!) out) -> Tensor(a!)")
+# The same two products with the codes in the kernels' BLOCKED layout (what the exporter writes now); the planar ops
+# stay for folders exported before it (their manifests name the ops their programs call).
+_LIB.define("lowbit_linear_blocked" + LOWBIT_LINEAR_SCHEMA)
+_LIB.define(f"lowbit_linear_blocked.out(Tensor x, {_BUFFERS}, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.define(f"lowbit_linear_blocked_lora(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up) -> Tensor")
+_LIB.define(f"lowbit_linear_blocked_lora.out(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up, *, "
             "Tensor(a!) out) -> Tensor(a!)")
 F16_LINEAR_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
 _LIB.define("f16_linear" + F16_LINEAR_SCHEMA)
@@ -424,10 +436,32 @@ def lowbit_linear_planar_lora_reference(x: Tensor, *packed_bias_factors: Any) ->
     return y + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
 
 
-_LIB.impl("lowbit_linear_planar_lora", lowbit_linear_planar_lora_reference, "CompositeExplicitAutograd")
-_LIB.impl("lowbit_linear_planar_lora.out", out_variant(lowbit_linear_planar_lora_reference), "CompositeExplicitAutograd")
-_LIB.impl("lowbit_linear_planar", lowbit_linear_planar_reference, "CompositeExplicitAutograd")
-_LIB.impl("lowbit_linear_planar.out", out_variant(lowbit_linear_planar_reference), "CompositeExplicitAutograd")
+def lowbit_linear_blocked_reference(x: Tensor, *packed_and_bias: Any) -> Tensor:
+    """``lowbit_linear`` of codes in the kernels' BLOCKED layout: the bytes are put back in row order, then the
+    planar reference."""
+    *packed, bias = packed_and_bias
+    args = LowBitArgs(*packed)
+    check_buffers(args)
+    order = torch.from_numpy(blocked_code_order(args.widths.cpu().numpy(), args.in_features)).to(args.codes.device)
+    rows = torch.empty_like(args.codes)
+    rows[order] = args.codes
+    return lowbit_linear_planar_reference(x, *args._replace(codes=rows), bias)
+
+
+def lowbit_linear_blocked_lora_reference(x: Tensor, *packed_bias_factors: Any) -> Tensor:
+    """The blocked product plus ``(x @ down^T) @ up^T``."""
+    *packed_and_bias, down, up = packed_bias_factors
+    y = lowbit_linear_blocked_reference(x, *packed_and_bias)
+    _check_side_branch(x, down, up, y.shape[-1])
+    return y + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+
+
+for _name, _reference in (("lowbit_linear_planar", lowbit_linear_planar_reference),
+                          ("lowbit_linear_planar_lora", lowbit_linear_planar_lora_reference),
+                          ("lowbit_linear_blocked", lowbit_linear_blocked_reference),
+                          ("lowbit_linear_blocked_lora", lowbit_linear_blocked_lora_reference)):
+    _LIB.impl(_name, _reference, "CompositeExplicitAutograd")
+    _LIB.impl(f"{_name}.out", out_variant(_reference), "CompositeExplicitAutograd")
 
 
 def _check_f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -465,15 +499,16 @@ def _lowbit_linear_fake(x: Tensor, *packed_and_bias: Any) -> Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_planar", _lowbit_linear_fake, lib=_LIB)
-
-
-@torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_planar_lora", lib=_LIB)
-def _lowbit_linear_planar_lora_fake(x: Tensor, *packed_bias_factors: Any) -> Tensor:
+def _lowbit_linear_lora_fake(x: Tensor, *packed_bias_factors: Any) -> Tensor:
     *packed_and_bias, down, up = packed_bias_factors
     y = _lowbit_linear_fake(x, *packed_and_bias)
     _check_side_branch(x, down, up, y.shape[-1])
     return y
+
+
+for _layout in ("planar", "blocked"):
+    torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_{_layout}", _lowbit_linear_fake, lib=_LIB)
+    torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_{_layout}_lora", _lowbit_linear_lora_fake, lib=_LIB)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_grad_input", lib=_LIB)

@@ -197,23 +197,23 @@ def test_attention_and_float16_linear_kernels_match_their_references():
     assert got[0].shape == (1, 5, 6, 8)  # [B, Q, H, D]: the layout the output projection reads
 
 
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_planar_codes_program_matches_the_reference(tokens):
-    """lowra::lowbit_linear_planar.out (codes stored in the kernels' layout by the exporter, read in place) and
-    lowra::lowbit_linear_planar_lora.out (plus a side branch) equal the float64 products with the numpy decode, for
-    one token (lookup-table GEMV) and a prompt (blocked GEMM)."""
+@pytest.mark.parametrize(("tokens", "layout"), [(1, "blocked"), (4, "blocked"), (1, "planar"), (4, "planar")])
+def test_kernel_layout_program_matches_the_reference(tokens, layout):
+    """lowra::lowbit_linear_<layout>.out (codes stored in one of the kernels' layouts by the exporter, read in place)
+    and lowra::lowbit_linear_<layout>_lora.out (plus a side branch) equal the float64 products with the numpy decode,
+    for one token (lookup-table GEMV) and a prompt (blocked GEMM). "blocked" is what the exporter writes; "planar"
+    is what folders exported before it store."""
     import torch
     from executorch.exir import to_edge_transform_and_lower
 
-    from lowra.device_runtime.formats.quantized_weight import kernel_layout_codes
     from lowra.export.executorch import fix_empty_strides, load_kernel_library
-    from lowra.export.executorch.exporter import PlanarLowBitLinear
+    from lowra.export.executorch.exporter import KERNEL_LAYOUTS, KernelLowBitLinear
     from lowra.sdk.quant.lowbit_linear import LowBitLinear
 
     biases = [torch.linspace(-1, 1, qw.out_features) for qw in WEIGHTS]
-    layers = [PlanarLowBitLinear(LowBitLinear.from_quantized(qw, bias=b)) for qw, b in zip(WEIGHTS, biases)]
+    layers = [KernelLowBitLinear(LowBitLinear.from_quantized(qw, bias=b), layout) for qw, b in zip(WEIGHTS, biases)]
     for layer, qw in zip(layers, WEIGHTS):
-        assert np.array_equal(layer.codes.numpy(), kernel_layout_codes(qw.codes, qw.widths, qw.in_features))
+        assert np.array_equal(layer.codes.numpy(), KERNEL_LAYOUTS[layout](qw.codes, qw.widths, qw.in_features))
 
     class Planar(torch.nn.Module):
         def __init__(self) -> None:
@@ -231,20 +231,20 @@ def test_planar_codes_program_matches_the_reference(tokens):
     load_kernel_library()
     program = to_edge_transform_and_lower(torch.export.export(module, tuple(torch.from_numpy(x) for x in xs),
                                                               strict=True)).to_executorch()
-    path = _ROOT / f"planar-{tokens}.pte"
+    path = _ROOT / f"{layout}-{tokens}.pte"
     path.write_bytes(program.buffer)
     for got, want, qw, x, bias in zip(_run(path, xs), eager, WEIGHTS, xs, biases):
         reference = x.astype(np.float64) @ qw.dequantize().T.astype(np.float64) + bias.numpy()
         for y in (got, want):
             np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
-    # The same layers with a rank-3 side branch each, in one call (lowra::lowbit_linear_planar_lora).
-    from lowra.export.executorch.exporter import PlanarSideBranchLinear
+    # The same layers with a rank-3 side branch each, in one call (lowra::lowbit_linear_<layout>_lora).
+    from lowra.export.executorch.exporter import KernelSideBranchLinear
 
     g = torch.Generator().manual_seed(tokens)
     factors = [(torch.randn(3, qw.in_features, generator=g), torch.randn(qw.out_features, 3, generator=g))
                for qw in WEIGHTS]
-    module.layers = torch.nn.ModuleList(PlanarSideBranchLinear(layer, d, u) for layer, (d, u) in zip(layers, factors))
+    module.layers = torch.nn.ModuleList(KernelSideBranchLinear(layer, d, u) for layer, (d, u) in zip(layers, factors))
     program = to_edge_transform_and_lower(torch.export.export(module, tuple(torch.from_numpy(x) for x in xs),
                                                               strict=True)).to_executorch()
     path.write_bytes(program.buffer)

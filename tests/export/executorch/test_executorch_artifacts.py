@@ -137,11 +137,11 @@ def test_program_holds_packed_codes_not_fp32_weights_and_user_data_is_separate()
     manifest = json.loads((folder / "manifest.json").read_text())
     model, layers = lowbit_tiny()
     pte = (folder / "side.pte").read_bytes()
-    from lowra.device_runtime.formats.quantized_weight import kernel_layout_codes
+    from lowra.device_runtime.formats.quantized_weight import kernel_blocked_codes
 
     for name, qw in layers.items():
-        # the packed codes, in the kernels' layout (2-bit rows bit-planar per byte: the same bytes, reordered bits)
-        assert kernel_layout_codes(qw.codes, qw.widths, qw.in_features).tobytes() in pte, name
+        # the packed codes, in the kernels' BLOCKED layout (the file's bytes in the order the kernels read them)
+        assert kernel_blocked_codes(qw.codes, qw.widths, qw.in_features).tobytes() in pte, name
         assert qw.dequantize()[0].tobytes() not in pte, name  # no decoded float32 row anywhere
     side, merge = manifest["programs"]["side"], manifest["programs"]["merge"]
     n_factor_floats = sum(RANK * (w.in_features + w.out_features) for w in layers.values())
@@ -166,7 +166,7 @@ def _operator_calls(pte: Path) -> dict[str, int]:
 
 
 def test_each_layer_is_one_op_call_and_no_weight_is_copied_transposed():
-    """What a decode step calls, per program. Side: each adaptable linear is one lowra::lowbit_linear_planar_lora call
+    """What a decode step calls, per program. Side: each adaptable linear is one lowra::lowbit_linear_blocked_lora call
     (the packed codes read in place plus the user's side branch). Merge: aten.linear kept whole on the merged weights
     (decomposed, every call copied W^T first: ETDump on SmolLM2 put half of a decode step in permute_copy). Both: the
     float16 head in lowra::f16_linear and attention in one lowra::attention per layer (no matmuls over a transposed
@@ -174,8 +174,9 @@ def test_each_layer_is_one_op_call_and_no_weight_is_copied_transposed():
     folder = exported()
     _, layers = lowbit_tiny()
     side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
-    assert side["lowra::lowbit_linear_planar_lora.out"] == len(layers)
-    assert side["lowra::lowbit_linear.out"] == side["lowra::lowbit_linear_planar.out"] == side["aten::linear.out"] == 0
+    assert side["lowra::lowbit_linear_blocked_lora.out"] == len(layers)
+    assert side["lowra::lowbit_linear.out"] == side["lowra::lowbit_linear_blocked.out"] == side["aten::linear.out"] == 0
+    assert side["lowra::lowbit_linear_planar.out"] == side["lowra::lowbit_linear_planar_lora.out"] == 0
     assert merge["aten::linear.out"] == len(layers)  # every merged weight
     assert side["lowra::f16_linear.out"] == merge["lowra::f16_linear.out"] == 1  # the float16 head
     assert side["aten::permute_copy.out"] == merge["aten::permute_copy.out"]
