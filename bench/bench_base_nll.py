@@ -25,6 +25,9 @@ Rows:
                   instead of LoRA's zero init, so the user's blob carries recovery + user (the recovered@b row's users
                   train a fresh adapter stacked on base + recovery). Shares the recovered@b row's adapter when both
                   run in one invocation.
+  ROW+q8emb       any row with its token embedding and output head rounded to 8-bit rows
+                  (lowra.device_runtime.formats.int8_rows: what an ExecuTorch folder exported with
+                  embeddings="int8" computes), e.g. fp+q8emb, gptq@4.0+q8emb
 Calibration: lowra.sdk.training.calibration's default set (sample users' train files + pydoc topics, never held-out).
 
 --adapter-steps N adds the "after a user adapter" column: each sample user's LoRA adapter trained on the row's base
@@ -223,8 +226,22 @@ def recovered_base(base, plans: Plans, bits: str, recovery_steps: int):
     return plans.recovered[bits]
 
 
+def q8_embeddings(model) -> None:
+    """Round the token embedding and output head (once when tied) to 8-bit rows, in place."""
+    from lowra.device_runtime.formats.int8_rows import dequantize_q8, quantize_q8
+
+    modules = {id(m.weight): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    with torch.no_grad():
+        for module in modules.values():
+            rounded = dequantize_q8(*quantize_q8(module.weight.detach().float().numpy()))
+            module.weight.copy_(torch.from_numpy(rounded))
+
+
 def run_row(name: str, base, plans: Plans, recovery_steps: int = 200, adapter_steps: int = 0) -> dict:
     info: dict = {"row": name}
+    name, _, modifier = name.partition("+")
+    if modifier not in ("", "q8emb"):
+        raise SystemExit(f"row modifier +{modifier} is unknown; expected +q8emb")
     model, init = base.model, None
     if name in ("nf4", "q4_0"):
         extra, model = baseline_row(name, base)
@@ -249,6 +266,10 @@ def run_row(name: str, base, plans: Plans, recovery_steps: int = 200, adapter_st
         model.load_state_dict({k: torch.from_numpy(v) for k, v in qb.dequantized_state_dict().items()})
     else:
         info["bits"] = 32.0
+    if modifier:
+        if model is base.model:
+            model = copy.deepcopy(base.model)
+        q8_embeddings(model)
     t0 = time.perf_counter()
     result = heldout_nll(model, base.tokenizer)
     info.update(nll=result["nll"], tokens=result["tokens"], users={k: v["nll"] for k, v in result["users"].items()})
@@ -265,7 +286,11 @@ def table(rows: list[dict]) -> str:
     fp_adapter = next((r["adapter"]["nll"] for r in rows if r["row"] == "fp" and "adapter" in r), None)
     lines = [f"{'row':<16} {'bits':>6} {'+rec bits':>9} {'MSE/var':>8} {'out.err':>8} {'rows 1/2/4-bit %':>17} "
              f"{'NLL':>7} {'vs fp':>7} {'adapter NLL':>11} {'/ fp':>6}"]
-    for r in sorted(rows, key=lambda r: (-r["bits"], VARIANTS.index(r["row"].split("@")[0]) if "@" in r["row"] else -1)):
+    def order(r: dict) -> tuple:
+        variant = r["row"].partition("+")[0].split("@")[0]
+        return (-r["bits"], VARIANTS.index(variant) if variant in VARIANTS else -1, r["row"])
+
+    for r in sorted(rows, key=order):
         mix = "-"
         if "widths" in r:
             n = sum(r["widths"].values())
@@ -300,7 +325,7 @@ def main() -> None:
     base.model.eval()
     plans = Plans(base)
     for name in rows:
-        path = args.out / f"{name.replace('@', '_at_')}.json"
+        path = args.out / f"{name.replace('@', '_at_').replace('+', '_plus_')}.json"
         cached = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
         if cached is not None and (not args.adapter_steps or cached.get("adapter", {}).get("steps") == args.adapter_steps):
             print(f"{name}: cached ({path})")

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 from lowra.device_runtime import _files
 from lowra.device_runtime.errors import ConfigError, KernelLibraryError
+from lowra.device_runtime.formats.int8_rows import Q8_BLOCK
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 
-__all__ = ["ISAS", "KERNEL_SOURCE", "LAYOUTS", "PackedLinear", "build_library", "isa_available", "load_library"]
+__all__ = ["ISAS", "KERNEL_SOURCE", "LAYOUTS", "PackedLinear", "build_library", "f16_gemm", "isa_available",
+           "load_library", "q8_gemm"]
 
 KERNEL_DIR = Path(__file__).parent / "native" / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "lowbit_gemv.cpp"
@@ -83,11 +85,12 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_lowbit_gemv.argtypes = [ctypes.POINTER(_Layer), ptr, ptr, c_int, c_int]
     lib.lowra_lowbit_gemm.argtypes = [ctypes.POINTER(_Layer), ptr, i64, ptr, c_int, c_int]
     lib.lowra_f16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
+    lib.lowra_q8_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_lowbit_isa_available.argtypes = [c_int]
     lib.lowra_lowbit_status_name.argtypes = [c_int]
     lib.lowra_lowbit_status_name.restype = ctypes.c_char_p
     for name in ("lowra_lowbit_repack", "lowra_lowbit_block", "lowra_lowbit_plan_create", "lowra_lowbit_plan_gemv",
-                 "lowra_lowbit_plan_gemm", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm",
+                 "lowra_lowbit_plan_gemm", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm", "lowra_q8_gemm",
                  "lowra_lowbit_isa_available"):
         getattr(lib, name).restype = c_int
     return lib
@@ -208,4 +211,28 @@ def f16_gemm(weight: np.ndarray, x: np.ndarray, threads: int = 1, isa: str = "au
     status = load_library().lowra_f16_gemm(_pointer(weight), weight.shape[0], weight.shape[1], _pointer(x), x.shape[0],
                                            _pointer(y), PackedLinear._threads(threads), _isa_code(isa))
     _check(status, "lowra_f16_gemm")
+    return y
+
+
+def q8_gemm(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, threads: int = 1, isa: str = "auto") -> np.ndarray:
+    """``x @ W.T`` for 8-bit rows ``W`` (:mod:`lowra.device_runtime.formats.int8_rows`: int8 ``codes`` [out, in],
+    float16 ``scales`` [out, in / 32]) and float32 ``x`` [n_tokens, in] -> float32 [n_tokens, out].
+
+    The kernel of a model folder's 8-bit embedding/head (``lowra_q8_gemm``): codes converted in registers, float32
+    sums in a fixed order per row (any thread count gives the same bits).
+    """
+    codes, scales = np.asarray(codes), np.asarray(scales)
+    if (codes.dtype != np.int8 or codes.ndim != 2 or codes.shape[1] % Q8_BLOCK or scales.dtype != np.float16
+            or scales.shape != (codes.shape[0], codes.shape[1] // Q8_BLOCK)):
+        raise ConfigError(f"codes {codes.dtype} {list(codes.shape)} / scales {scales.dtype} {list(scales.shape)}; "
+                          f"expected int8 [out, in] (in a multiple of {Q8_BLOCK}) and float16 [out, in / {Q8_BLOCK}]")
+    codes, scales = np.ascontiguousarray(codes), np.ascontiguousarray(scales)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != codes.shape[1] or x.shape[0] < 1:
+        raise ConfigError(f"input has shape {list(x.shape)}, expected [n_tokens >= 1, {codes.shape[1]}]")
+    y = np.empty((x.shape[0], codes.shape[0]), dtype=np.float32)
+    status = load_library().lowra_q8_gemm(_pointer(codes), _pointer(scales), codes.shape[0], codes.shape[1],
+                                          _pointer(x), x.shape[0], _pointer(y), PackedLinear._threads(threads),
+                                          _isa_code(isa))  # fmt: skip
+    _check(status, "lowra_q8_gemm")
     return y

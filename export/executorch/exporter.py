@@ -12,7 +12,8 @@ What one call of :func:`export_executorch` writes into a model folder (read by
 - Both programs hold the token embedding and the output head (one tensor when they are tied) in float16 with the
   custom ops (``embeddings``: a base file's dense tensors are float16 already, so this is exact for a model loaded
   from one); the head runs ``lowra::f16_linear``, which converts in registers. That is half the bytes of float32,
-  and the largest tensor of a small model (SmolLM2: 49,152 x 576).
+  and the largest tensor of a small model (SmolLM2: 49,152 x 576). ``embeddings="int8"`` halves it again (8-bit
+  rows, ``lowra::q8_embedding`` / ``lowra::q8_linear``), at the price of rounding the values.
 - With the custom ops, each layer's attention is one ``lowra::attention`` call that reads the KV cache in place
   (:mod:`.attention`; ``fused_attention``).
 - ``manifest.json``: sizes, sha256 of every file, per-module base digests (so a blob's base fingerprint is
@@ -57,6 +58,7 @@ from lowra.device_runtime.formats.executorch_manifest import (
     LOGITS_MODES,
     MANIFEST_FILE,
 )
+from lowra.device_runtime.formats.int8_rows import Q8_BLOCK, quantize_q8
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
 from lowra.device_runtime.formats.quantized_weight import kernel_blocked_codes, kernel_layout_codes
 from lowra.export.executorch.attention import use_lowra_attention
@@ -84,9 +86,10 @@ class ExecutorchExportConfig:
     # and the portable + optimized kernels already compute the same logits (docs/RESULTS.md, ExecuTorch).
     xnnpack: bool = False
     kernel_library: str | None = None  # a prebuilt .so; None builds (or reuses) the cached one
-    # Token embedding + output head: "float16" (custom ops only; values rounded to float16), "float32", or "auto":
-    # float16 with the custom ops when every value is a float16 already (a model loaded from a base file), else
-    # float32 with a warning.
+    # Token embedding + output head: "float16" (custom ops only; values rounded to float16), "float32", "int8" (custom
+    # ops only: 8-bit rows with a float16 scale per 32 values, formats.int8_rows; half float16's bytes, a decode step
+    # reads the head once, values change: measured in docs/RESULTS.md), or "auto": float16 with the custom ops when
+    # every value is a float16 already (a model loaded from a base file), else float32 with a warning.
     embeddings: str = "auto"
     # Custom ops only: attention as one lowra::attention call per layer reading the KV cache in place (see
     # export/executorch/attention.py) instead of transformers' sdpa lowered to copies, matmuls and a softmax.
@@ -108,6 +111,8 @@ class ExecutorchExportConfig:
             raise ConfigError(f"logits={self.logits!r}; expected one of {LOGITS_MODES}")
         if self.kernel_layout not in KERNEL_LAYOUTS:
             raise ConfigError(f"kernel_layout={self.kernel_layout!r}; expected one of {sorted(KERNEL_LAYOUTS)}")
+        if self.embeddings == "int8" and self.ops != "custom":
+            raise ConfigError("embeddings='int8' needs ops='custom' (lowra::q8_embedding and lowra::q8_linear)")
         if self.embeddings == "float16" and self.ops != "custom":
             raise ConfigError("embeddings='float16' needs ops='custom' (the head's lowra::f16_linear kernel); the "
                               "core-ATen fallback keeps them in float32")
@@ -277,8 +282,34 @@ class HalfLinear(nn.Module):
         return torch.ops.lowra.f16_linear(x, self.weight, self.bias)
 
 
+class Int8Embedding(nn.Module):
+    """A token embedding stored as 8-bit rows (:mod:`lowra.device_runtime.formats.int8_rows`), looked up and decoded
+    to float32 by ``lowra::q8_embedding``."""
+
+    def __init__(self, codes: Tensor, scales: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", codes)
+        self.register_buffer("scales", scales)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return torch.ops.lowra.q8_embedding(self.weight, self.scales, input_ids)
+
+
+class Int8Linear(nn.Module):
+    """An output head stored as 8-bit rows: ``lowra::q8_linear`` multiplies by it, converting in registers."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.lowra.q8_linear(x, self.weight, self.scales, self.bias)
+
+
 def embedding_dtype(model: nn.Module, config: ExecutorchExportConfig) -> str:
-    """What ``config.embeddings`` means for this model: "float16" or "float32" (see ExecutorchExportConfig)."""
+    """What ``config.embeddings`` means for this model: "float16", "float32" or "int8" (see ExecutorchExportConfig)."""
     if config.embeddings != "auto":
         return config.embeddings
     if config.ops != "custom":
@@ -304,6 +335,25 @@ def _half_embeddings(model: nn.Module) -> None:
     if head is not None:
         head_weight = table if tied else head.weight.detach().to(torch.float16).contiguous()
         model.set_output_embeddings(HalfLinear(head_weight, head.bias))
+
+
+def _int8_embeddings(model: nn.Module) -> None:
+    """Swap the embedding and the head for 8-bit modules (formats.int8_rows), sharing one table when tied."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    if embed.weight.shape[1] % Q8_BLOCK:
+        raise ConfigError(f"embeddings='int8' stores rows in blocks of {Q8_BLOCK}; this model's hidden size is "
+                          f"{embed.weight.shape[1]}. Use embeddings='float16'")
+
+    def rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+        codes, scales = quantize_q8(weight.detach().float().cpu().numpy())
+        return torch.from_numpy(codes), torch.from_numpy(scales)
+
+    codes, scales = rows(embed.weight)
+    model.set_input_embeddings(Int8Embedding(codes, scales))
+    if head is not None:
+        head_codes, head_scales = (codes, scales) if tied else rows(head.weight)
+        model.set_output_embeddings(Int8Linear(head_codes, head_scales, head.bias))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -417,6 +467,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
         _replace(model, path, packed)
     if embeddings == "float16":
         _half_embeddings(model)
+    elif embeddings == "int8":
+        _int8_embeddings(model)
     if config.ops == "custom" and config.fused_attention:
         use_lowra_attention(model)
     fix_empty_strides(model)
@@ -598,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--xnnpack", action="store_true")
     parser.add_argument("--embeddings", choices=("auto", *EMBEDDING_DTYPES), default="auto",
                         help="token embedding / output head storage (auto: float16 with the custom ops; the base file "
-                             "stores them in float16)")
+                             "stores them in float16; int8: 8-bit rows, half the bytes, values rounded)")
     parser.add_argument("--kernel-layout", choices=sorted(KERNEL_LAYOUTS), default="blocked",
                         help="custom ops: how the programs store the codes (blocked: each layer read as one stream; "
                              "planar: rows in the file's order, as folders exported before it)")

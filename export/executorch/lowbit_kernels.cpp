@@ -10,6 +10,9 @@
 //   lowbit_linear_blocked.out / lowbit_linear_blocked_lora.out (<the same>): codes in the kernels' BLOCKED layout
 //     (lowbit_gemv.h: each layer one sequential stream), what the exporter writes
 //   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
+//   q8_linear.out(Tensor x, Tensor weight, Tensor scales, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
+//   q8_embedding.out(Tensor weight, Tensor scales, Tensor indices, *, Tensor(a!) out) -> Tensor(a!)
+//     (8-bit rows: weight int8 [N, K], scales float16 [N, K / 32]; device_runtime/formats/int8_rows.py)
 //   attention.out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, *, Tensor(a!) out) -> Tensor(a!)
 //     (export/executorch/attention.py: q [B, H, Q, D], k = v [B, KV, S, D], mask bool/float [B|1, H|1, Q, S] or
 //     none = causal from the top left when Q > 1; out [B, Q, H, D])
@@ -448,6 +451,79 @@ Tensor& f16_linear_out(
   return out;
 }
 
+// 8-bit rows (device_runtime/formats/int8_rows.py): int8 weight [N, K], float16 scales [N, K / 32].
+static bool q8_rows_ok(const Tensor& weight, const Tensor& scales) {
+  return weight.scalar_type() == ScalarType::Char && weight.dim() == 2 && weight.size(1) > 0 &&
+         weight.size(1) % 32 == 0 && scales.scalar_type() == ScalarType::Half && scales.dim() == 2 &&
+         scales.size(0) == weight.size(0) && scales.size(1) == weight.size(1) / 32;
+}
+
+// x [..., K] @ dequantize(weight, scales)^T (+ bias): the program's 8-bit output head (lowra_q8_gemm converts the
+// codes in registers; no float copy of the weight).
+Tensor& q8_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const Tensor& scales,
+                      const std::optional<Tensor>& bias, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, q8_rows_ok(weight, scales), InvalidArgument, out,
+                      "lowra::q8_linear: weight must be int8 [out, in] (in a multiple of 32), scales float16 "
+                      "[out, in / 32]");
+  const int64_t n_out = weight.size(0), in_features = weight.size(1);
+  ET_KERNEL_CHECK_MSG(
+      ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features,
+      InvalidArgument, out, "lowra::q8_linear: x must be float32 [..., %lld]", static_cast<long long>(in_features));
+  const float* bias_data = nullptr;
+  if (bias.has_value()) {
+    ET_KERNEL_CHECK_MSG(ctx, bias->scalar_type() == ScalarType::Float && bias->numel() == n_out, InvalidArgument,
+                        out, "lowra::q8_linear: bias must be float32 [out_features]");
+    bias_data = bias->const_data_ptr<float>();
+  }
+  ET_KERNEL_CHECK(ctx, resize_rows(out, x, n_out), InvalidArgument, out);
+  const int64_t m = x.numel() / in_features;
+  if (m == 0) return out;
+  float* ys = out.mutable_data_ptr<float>();
+  const int status = lowra_q8_gemm(weight.const_data_ptr<int8_t>(),
+                                   reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()), n_out,
+                                   in_features, x.const_data_ptr<float>(), m, ys, thread_count(n_out * in_features * m),
+                                   LOWRA_LOWBIT_ISA_AUTO);
+  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::q8_linear: kernel failed: %s",
+                      lowra_lowbit_status_name(status));
+  add_bias(ys, bias_data, m, n_out);
+  return out;
+}
+
+// Rows `indices` (int64, any shape) of dequantize(weight, scales): float32 [*indices.shape, K], each value code *
+// scale (one float32 multiply: the numpy reference's value).
+Tensor& q8_embedding_out(KernelRuntimeContext& ctx, const Tensor& weight, const Tensor& scales, const Tensor& indices,
+                         Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, q8_rows_ok(weight, scales), InvalidArgument, out,
+                      "lowra::q8_embedding: weight must be int8 [rows, dim] (dim a multiple of 32), scales float16 "
+                      "[rows, dim / 32]");
+  ET_KERNEL_CHECK_MSG(ctx, indices.scalar_type() == ScalarType::Long &&
+                               indices.dim() < static_cast<ssize_t>(executorch::runtime::kTensorDimensionLimit),
+                      InvalidArgument, out, "lowra::q8_embedding: indices must be int64");
+  const int64_t rows = weight.size(0), dim = weight.size(1), blocks = dim / 32;
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  for (ssize_t d = 0; d < indices.dim(); ++d) sizes[d] = indices.size(d);
+  sizes[indices.dim()] = static_cast<SizesType>(dim);
+  ET_KERNEL_CHECK(ctx,
+                  executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(indices.dim() + 1)}) ==
+                          Error::Ok &&
+                      out.scalar_type() == ScalarType::Float,
+                  InvalidArgument, out);
+  const int64_t* ids = indices.const_data_ptr<int64_t>();
+  const int8_t* codes = weight.const_data_ptr<int8_t>();
+  const Half* scale = scales.const_data_ptr<Half>();
+  float* os = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < indices.numel(); ++i) {
+    ET_KERNEL_CHECK_MSG(ctx, ids[i] >= 0 && ids[i] < rows, InvalidArgument, out,
+                        "lowra::q8_embedding: index %lld outside [0, %lld)", static_cast<long long>(ids[i]),
+                        static_cast<long long>(rows));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float s = static_cast<float>(scale[ids[i] * blocks + b]);
+      for (int64_t k = b * 32; k < (b + 1) * 32; ++k) os[i * dim + k] = static_cast<float>(codes[ids[i] * dim + k]) * s;
+    }
+  }
+  return out;
+}
+
 // softmax(scale * q k^T + mask) v straight from the KV cache: no transposed copy of the keys, no repeated heads for
 // grouped-query attention, output in the [B, Q, H, D] layout the output projection reads. Masked keys are skipped
 // (a static cache is mostly empty while the sequence is short).
@@ -579,5 +655,7 @@ EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar_lora.out", lowra_et::lowbit_line
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kPlanar>);
 EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
+EXECUTORCH_LIBRARY(lowra, "q8_linear.out", lowra_et::q8_linear_out);
+EXECUTORCH_LIBRARY(lowra, "q8_embedding.out", lowra_et::q8_embedding_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kFile>);

@@ -21,6 +21,9 @@ width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax sc
 - ``lowra::f16_linear(x, weight, bias?) -> Tensor``: ``x @ float32(weight)^T (+ bias)`` for a dense float16
   ``weight`` [out, in]: how an exported program multiplies by a model's float16 embedding/output head without a
   float32 copy (the native kernel converts in registers; docs/FORMAT.md, ExecuTorch model folder).
+- ``lowra::q8_linear(x, weight, scales, bias?) -> Tensor`` and ``lowra::q8_embedding(weight, scales, indices) ->
+  Tensor``: the same for 8-bit rows (:mod:`lowra.device_runtime.formats.int8_rows`: int8 ``weight`` [out, in] times a
+  float16 scale per block of 32): a model's embedding/head stored in 8 bits (``embeddings="int8"``).
 - ``lowra::quantize_codes(weight, codebooks, widths, row_code_offsets, row_level_offsets, group_size, n_code_bytes)
   -> (codes, scales)``: the encode for given codebooks (float32 arithmetic: float16 group absmax, value / scale,
   code = number of level midpoints strictly below the value), packed in the same layout.
@@ -40,6 +43,7 @@ import torch
 from torch import Tensor
 
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.device_runtime.formats.int8_rows import Q8_BLOCK
 from lowra.device_runtime.formats.quantized_weight import FILE_BYTE, blocked_code_order
 from lowra.sdk.errors import ConfigError
 
@@ -50,6 +54,9 @@ __all__ = [
     "check_buffers",
     "dequantize_reference",
     "f16_linear_reference",
+    "q8_dequantize_reference",
+    "q8_embedding_reference",
+    "q8_linear_reference",
     "lowbit_linear_blocked_lora_reference",
     "lowbit_linear_blocked_reference",
     "lowbit_linear_planar_lora_reference",
@@ -135,6 +142,10 @@ _LIB.define(f"lowbit_linear_blocked_lora.out(Tensor x, {_BUFFERS}, Tensor? bias,
 F16_LINEAR_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
 _LIB.define("f16_linear" + F16_LINEAR_SCHEMA)
 _LIB.define("f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.define("q8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor")
+_LIB.define("q8_linear.out(Tensor x, Tensor weight, Tensor scales, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.define("q8_embedding(Tensor weight, Tensor scales, Tensor indices) -> Tensor")
+_LIB.define("q8_embedding.out(Tensor weight, Tensor scales, Tensor indices, *, Tensor(a!) out) -> Tensor(a!)")
 
 # The tensor fields of LowBitArgs, in its order (autograd saves and restores them in this order).
 _DTYPES = {
@@ -481,6 +492,42 @@ def f16_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tens
 
 
 _LIB.impl("f16_linear", f16_linear_reference, "CompositeExplicitAutograd")
+
+
+def _check_q8(weight: Tensor, scales: Tensor) -> None:
+    if (weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] % Q8_BLOCK or scales.dtype != torch.float16
+            or tuple(scales.shape) != (weight.shape[0], weight.shape[1] // Q8_BLOCK)):
+        raise ConfigError(
+            f"8-bit rows {weight.dtype} {list(weight.shape)} with scales {scales.dtype} {list(scales.shape)}; expected "
+            f"int8 [out, in] (in a multiple of {Q8_BLOCK}) and float16 [out, in / {Q8_BLOCK}]")
+
+
+def q8_dequantize_reference(weight: Tensor, scales: Tensor) -> Tensor:
+    """float32 [out, in]: each code times its block's scale (formats.int8_rows.dequantize_q8, in torch)."""
+    _check_q8(weight, scales)
+    values = weight.float().reshape(weight.shape[0], -1, Q8_BLOCK) * scales.float().unsqueeze(-1)
+    return values.reshape(weight.shape)
+
+
+def q8_linear_reference(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ dequantize(weight, scales)^T (+ bias)``."""
+    _check_q8(weight, scales)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.dtype != torch.float32:
+        raise ConfigError(f"q8_linear input is {x.dtype} {list(x.shape)}; expected float32 [..., {weight.shape[1]}]")
+    return torch.nn.functional.linear(x, q8_dequantize_reference(weight, scales), bias)
+
+
+def q8_embedding_reference(weight: Tensor, scales: Tensor, indices: Tensor) -> Tensor:
+    """Rows ``indices`` of ``dequantize(weight, scales)``: float32 [*indices.shape, in]."""
+    _check_q8(weight, scales)
+    return q8_dequantize_reference(weight[indices.reshape(-1)], scales[indices.reshape(-1)]).reshape(
+        *indices.shape, weight.shape[1])
+
+
+_LIB.impl("q8_linear", q8_linear_reference, "CompositeExplicitAutograd")
+_LIB.impl("q8_linear.out", out_variant(q8_linear_reference), "CompositeExplicitAutograd")
+_LIB.impl("q8_embedding", q8_embedding_reference, "CompositeExplicitAutograd")
+_LIB.impl("q8_embedding.out", out_variant(q8_embedding_reference), "CompositeExplicitAutograd")
 _LIB.impl("f16_linear.out", out_variant(f16_linear_reference), "CompositeExplicitAutograd")
 
 
@@ -522,6 +569,18 @@ def _lowbit_linear_grad_input_fake(grad_out: Tensor, *packed: Any) -> Tensor:
 def _f16_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     _check_f16_linear(x, weight, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::q8_linear", lib=_LIB)
+def _q8_linear_fake(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    _check_q8(weight, scales)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::q8_embedding", lib=_LIB)
+def _q8_embedding_fake(weight: Tensor, scales: Tensor, indices: Tensor) -> Tensor:
+    _check_q8(weight, scales)
+    return weight.new_empty((*indices.shape, weight.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize_codes", lib=_LIB)

@@ -382,39 +382,90 @@ void parallel_ranges(const std::vector<int64_t>& cost, int parts, const Fn& fn) 
 
 // ------------------------------------------------------------------------------------------------ GEMV scratch
 // What the table kernels read besides the codes: x zero-padded to padded_in, the 16-entry tables of every 4 inputs
-// and the sum of x per scale span. Each part of a product builds its own (in one allocation, ~1 us for 576 inputs),
-// so a worker reads tables from its own cache instead of the caller's (reading them across cores cost more than
-// building them).
+// and the sum of x per scale span. Each thread builds its own (a worker reading the caller's tables across cores
+// cost more than building them) and keeps the last ones: consecutive products of the same input (a layer's q, k and
+// v projections; gate and up) find them built.
 class Tables {
  public:
-  Tables(const Layer& L, const float* x_raw)
-      : padded_in_(ceil_div(L.in, kPadInputs) * kPadInputs),
-        buffer_(new float[static_cast<size_t>(padded_in_ * 5 + L.n_spans())]) {
-    float* x = buffer_.get();
+  // Whether these are the tables of x for a layer of this shape.
+  bool hold(const Layer& L, const float* x_raw) const {
+    return in_ == L.in && group_ == L.group && std::memcmp(buffer_.data(), x_raw, sizeof(float) * L.in) == 0;
+  }
+
+  void build(const Layer& L, const float* x_raw, bool avx2) {
+    in_ = group_ = -1;  // invalid until built
+    padded_in_ = ceil_div(L.in, kPadInputs) * kPadInputs;
+    buffer_.resize(static_cast<size_t>(padded_in_ * 5 + L.n_spans()));
+    float* x = buffer_.data();
     std::memcpy(x, x_raw, sizeof(float) * L.in);
     std::fill(x + L.in, x + padded_in_, 0.0f);
     float* tables = x + padded_in_;
-    for (int64_t q = 0; q < padded_in_ / 4; ++q) {
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (avx2) {
+      build_tables_avx2(x, padded_in_, tables);
+    } else {
+      build_tables_scalar(x, padded_in_, tables);
+    }
+#else
+    (void)avx2;
+    build_tables_scalar(x, padded_in_, tables);
+#endif
+    float* sums = tables + padded_in_ * 4;
+    const int64_t span = L.group ? L.group : padded_in_;
+    for (int64_t g = 0; g < L.n_spans(); ++g) {  // in order, as the scalar kernels' reference sums
+      float sum = 0.0f;
+      for (int64_t j = g * span; j < std::min(L.in, (g + 1) * span); ++j) sum += x[j];
+      sums[g] = sum;
+    }
+    in_ = L.in;
+    group_ = L.group;
+  }
+
+  int64_t padded_in() const { return padded_in_; }
+  const float* x() const { return buffer_.data(); }
+  const float* tables() const { return buffer_.data() + padded_in_; }
+  const float* sums() const { return buffer_.data() + padded_in_ * 5; }
+
+  // T[q][m] = sum of x[4q + k] over the bits k of m, summed in the order of k: T[2^k + m] = T[m] + x[4q + k].
+  static void build_tables_scalar(const float* x, int64_t padded_in, float* tables) {
+    for (int64_t q = 0; q < padded_in / 4; ++q) {
       float* t = tables + q * 16;
       t[0] = 0.0f;
       for (int k = 0; k < 4; ++k) {
         for (int m = 0; m < (1 << k); ++m) t[(1 << k) + m] = t[m] + x[q * 4 + k];
       }
     }
-    float* sums = tables + padded_in_ * 4;
-    const int64_t span = L.group ? L.group : padded_in_;
-    std::fill(sums, sums + L.n_spans(), 0.0f);
-    for (int64_t j = 0; j < L.in; ++j) sums[j / span] += x[j];
   }
-  int64_t padded_in() const { return padded_in_; }
-  const float* x() const { return buffer_.get(); }
-  const float* tables() const { return buffer_.get() + padded_in_; }
-  const float* sums() const { return buffer_.get() + padded_in_ * 5; }
+
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+  // The same floats: entry m < 8 is ((x0 & b0(m)) + (x1 & b1(m))) + (x2 & b2(m)) (adding an exact +0 changes
+  // nothing), entry 8 + m is that plus x3, which is the scalar order of additions.
+  LOWRA_AVX2_FN static void build_tables_avx2(const float* x, int64_t padded_in, float* tables) {
+    const __m256 bit0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+    const __m256 bit1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+    const __m256 bit2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+    for (int64_t q = 0; q < padded_in / 4; ++q) {
+      const float* xq = x + 4 * q;
+      const __m256 low = _mm256_add_ps(
+          _mm256_add_ps(_mm256_and_ps(_mm256_broadcast_ss(xq), bit0), _mm256_and_ps(_mm256_broadcast_ss(xq + 1), bit1)),
+          _mm256_and_ps(_mm256_broadcast_ss(xq + 2), bit2));
+      _mm256_storeu_ps(tables + 16 * q, low);
+      _mm256_storeu_ps(tables + 16 * q + 8, _mm256_add_ps(low, _mm256_broadcast_ss(xq + 3)));
+    }
+  }
+#endif
 
  private:
-  int64_t padded_in_;
-  std::unique_ptr<float[]> buffer_;
+  int64_t in_ = -1, group_ = -1, padded_in_ = 0;
+  std::vector<float> buffer_;
 };
+
+// This thread's tables of x for L (built, or found built by its previous product).
+const Tables& tables_for(const Layer& L, const float* x, bool avx2) {
+  thread_local Tables kept;
+  if (!kept.hold(L, x)) kept.build(L, x, avx2);
+  return kept;
+}
 
 // One part's view of a one-token product.
 struct Gemv {
@@ -721,7 +772,7 @@ int gemv(const Plan& plan, const lowra_lowbit_layer* layer, const float* x, floa
   const int parts = static_cast<int>(std::min<int64_t>(threads, plan.tasks.size()));
   parallel_ranges(plan.cost, parts, [&](int, size_t begin, size_t end) {
     if (begin == end) return;
-    const Tables tables(L, x);
+    const Tables& tables = tables_for(L, x, avx2);
     const Gemv g{&L, plan.order.data(), tables.x(), tables.tables(), tables.sums(), tables.padded_in(), x, y};
     for (size_t t = begin; t < end; ++t) run_gemv_task(g, plan.tasks[t], avx2, permute2);
   });
@@ -878,6 +929,115 @@ int f16_gemm(const uint16_t* weight, int64_t out, int64_t in, const float* x, in
   return LOWRA_LOWBIT_OK;
 }
 
+// ------------------------------------------------------------------------------------------------ 8-bit GEMM
+// Rows of int8 codes with a float16 scale per block of kQ8Block (formats/int8_rows.py). Each row's sum over a token
+// has 8 lanes; in block b, lane l takes the four products of k_i = 32 b + 8 i + l as
+//   block = fma(q1, x1, q0 * x0) + fma(q3, x3, q2 * x2),   lane = fma(scale_b, block, lane)
+// (two short chains per block, so the loop is not bound by one chain of FMA latencies), and the lanes are combined
+// as in the float16 GEMM. The scalar and AVX2 paths round in this order: the same bits, for any thread count.
+constexpr int64_t kQ8Block = 32;
+
+float q8_row_dot_scalar(const int8_t* q, const uint16_t* scale, const float* x, int64_t in) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t b = 0; b < in / kQ8Block; ++b) {
+    const float s = half_to_float(scale[b]);
+    for (int l = 0; l < 8; ++l) {
+      const int64_t k = b * kQ8Block + l;
+      const float p0 = static_cast<float>(q[k]) * x[k];
+      const float p2 = static_cast<float>(q[k + 16]) * x[k + 16];
+      const float a = std::fma(static_cast<float>(q[k + 8]), x[k + 8], p0);
+      const float c = std::fma(static_cast<float>(q[k + 24]), x[k + 24], p2);
+      acc[l] = std::fma(s, a + c, acc[l]);
+    }
+  }
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+void q8_rows_scalar(const int8_t* w, const uint16_t* scales, int64_t in, const float* x, int64_t m, int64_t out,
+                    float* y, int64_t begin, int64_t end) {
+  const int64_t blocks = in / kQ8Block;
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t t = 0; t < m; ++t) y[t * out + r] = q8_row_dot_scalar(w + r * in, scales + r * blocks, x + t * in, in);
+  }
+}
+
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+LOWRA_AVX2_FN inline __m256 q8_eight(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+
+// Rows r..r+R-1 for tokens t0..t0+T-1: each code converted once serves every token of the tile.
+template <int R, int T>
+LOWRA_AVX2_FN void q8_tile(const int8_t* w, const uint16_t* scales, int64_t in, const float* x, int64_t out, float* y,
+                           int64_t r, int64_t t0) {
+  const int64_t blocks = in / kQ8Block;
+  __m256 acc[R][T];
+  for (auto& row : acc) {
+    for (auto& a : row) a = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k = b * kQ8Block;
+    __m256 xs[T][4];
+    for (int t = 0; t < T; ++t) {
+      for (int i = 0; i < 4; ++i) xs[t][i] = _mm256_loadu_ps(x + (t0 + t) * in + k + 8 * i);
+    }
+    for (int j = 0; j < R; ++j) {
+      const int8_t* row = w + (r + j) * in + k;
+      const __m256 q0 = q8_eight(row), q1 = q8_eight(row + 8), q2 = q8_eight(row + 16), q3 = q8_eight(row + 24);
+      const __m256 s = _mm256_set1_ps(half_to_float(scales[(r + j) * blocks + b]));
+      for (int t = 0; t < T; ++t) {
+        const __m256 a = _mm256_fmadd_ps(q1, xs[t][1], _mm256_mul_ps(q0, xs[t][0]));
+        const __m256 c = _mm256_fmadd_ps(q3, xs[t][3], _mm256_mul_ps(q2, xs[t][2]));
+        acc[j][t] = _mm256_fmadd_ps(s, _mm256_add_ps(a, c), acc[j][t]);
+      }
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    for (int t = 0; t < T; ++t) y[(t0 + t) * out + r + j] = half_sum(acc[j][t]);
+  }
+}
+
+LOWRA_AVX2_FN void q8_rows_avx2(const int8_t* w, const uint16_t* scales, int64_t in, const float* x, int64_t m,
+                                int64_t out, float* y, int64_t begin, int64_t end) {
+  int64_t r = begin;
+  if (m == 1) {  // one token (decode): 4 rows per pass
+    for (; r + 4 <= end; r += 4) q8_tile<4, 1>(w, scales, in, x, out, y, r, 0);
+  } else {
+    for (; r + 2 <= end; r += 2) {
+      int64_t t = 0;
+      for (; t + 2 <= m; t += 2) q8_tile<2, 2>(w, scales, in, x, out, y, r, t);
+      if (t < m) q8_tile<2, 1>(w, scales, in, x, out, y, r, t);
+    }
+  }
+  q8_rows_scalar(w, scales, in, x, m, out, y, r, end);  // the last rows: the same order of additions
+}
+#endif
+
+int q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out, int64_t in, const float* x, int64_t m, float* y,
+            int threads, int isa) {
+  bool avx2 = false;
+  if (!weight || !scales || !x || !y || out <= 0 || in <= 0 || in % kQ8Block || m <= 0 || threads < 1) {
+    return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  }
+  if (int status = resolve_isa(isa, avx2)) return status;
+  // Parts of whole 4-row tiles, at least ~64k multiply-adds each (below that a hand-off costs more than it saves).
+  const int64_t tiles = ceil_div(out, 4);
+  const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 16) / (4 * in * m));
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles / min_tiles)));
+  const std::function<void(int)> body = [&](int p) {
+    const int64_t begin = tiles * p / parts * 4, end = std::min(out, tiles * (p + 1) / parts * 4);
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (avx2) {
+      q8_rows_avx2(weight, scales, in, x, m, out, y, begin, end);
+      return;
+    }
+#endif
+    q8_rows_scalar(weight, scales, in, x, m, out, y, begin, end);
+  };
+  WorkerPool::instance().run(parts, body);
+  return LOWRA_LOWBIT_OK;
+}
+
 // 2-bit byte of the file (element k's code at bits 2k, 2k+1) -> bit-planar byte (b0 at bit k, b1 at bit 4 + k).
 uint8_t planar_byte(unsigned byte) {
   unsigned out = 0;
@@ -999,6 +1159,15 @@ int lowra_f16_gemm(const uint16_t* weight, int64_t out_features, int64_t in_feat
                    float* y, int threads, int isa) {
   try {
     return f16_gemm(weight, out_features, in_features, x, n_tokens, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_features, int64_t in_features,
+                  const float* x, int64_t n_tokens, float* y, int threads, int isa) {
+  try {
+    return q8_gemm(weight, scales, out_features, in_features, x, n_tokens, y, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }

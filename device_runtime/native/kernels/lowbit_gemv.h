@@ -105,6 +105,13 @@ int lowra_lowbit_plan_gemm(const lowra_lowbit_plan* plan, const lowra_lowbit_lay
  * results do not depend on the thread count. */
 int lowra_f16_gemm(const uint16_t* weight, int64_t out_features, int64_t in_features, const float* x, int64_t n_tokens,
                    float* y, int threads, int isa);
+/* y[n_tokens, out_features] = x[n_tokens, in_features] W^T for 8-bit rows W = codes * scale per block of 32
+ * (device_runtime/formats/int8_rows.py: int8 codes [out, in], float16 scales [out, in / 32]; in_features a multiple
+ * of 32): a model's embedding / output head in 8 bits. Codes are converted in registers; accumulated in float32 in a
+ * fixed order per row (scalar and AVX2 give the same bits, for any thread count). */
+int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_features, int64_t in_features,
+                  const float* x, int64_t n_tokens, float* y, int threads, int isa);
+
 /* 1 when lowra_lowbit_gemv/gemm accept this isa on this CPU (AUTO and SCALAR always do), else 0. */
 int lowra_lowbit_isa_available(int isa);
 

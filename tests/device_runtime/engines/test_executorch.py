@@ -87,6 +87,41 @@ def test_logits_match_eager_for_base_and_two_users(engine, mode):
     assert np.abs(_eager_logits(1) - _eager_logits(None)).max() > 1e-2
 
 
+def test_int8_embeddings_match_eager_with_the_rounded_table():
+    """embeddings="int8": the program stores the tied embedding/head once as 8-bit rows and computes the eager model
+    whose table is those rows decoded (lowra::q8_embedding, lowra::q8_linear), for the base and a user; the rounding
+    moves the logits, but not far."""
+    import torch
+
+    from lowra.device_runtime.engines.executorch import ExecutorchEngine
+    from lowra.device_runtime.formats.int8_rows import dequantize_q8, quantize_q8
+
+    folder = exported("custom", ("side",), False, "int8")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["embeddings"] == "int8"
+    assert {"lowra::q8_embedding.out", "lowra::q8_linear.out"} <= set(manifest["kernel_ops"])
+    assert "lowra::f16_linear.out" not in manifest["kernel_ops"]
+    model, _ = lowbit_tiny()
+    pte = (folder / "side.pte").read_bytes()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        assert quantize_q8(module.weight.detach().numpy())[0].tobytes() in pte
+    eng = ExecutorchEngine(folder)
+    try:
+        for user in (None, 2):
+            eager = copy.deepcopy(_eager(user))
+            with torch.no_grad():
+                for module in (eager.get_input_embeddings(), eager.get_output_embeddings()):
+                    module.weight.copy_(torch.from_numpy(dequantize_q8(*quantize_q8(module.weight.numpy()))))
+                want = eager(torch.from_numpy(IDS)[None]).logits[0].numpy()
+            if user is not None:
+                eng.load_user(user_blobs()[user - 1])
+            got = eng.logits(IDS)
+            assert np.abs(got - want).max() < LOGIT_TOL, user
+            assert 0 < np.abs(got - _eager_logits(user)).max() < 0.1  # the rounding shows, a little
+    finally:
+        eng.close()
+
+
 def test_greedy_tokens_match_eager(engine):
     from lowra.device_runtime.engines.generation import GenerationConfig
 

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from lowra.device_runtime.errors import ConfigError
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
+from lowra.device_runtime.formats.int8_rows import dequantize_q8, quantize_q8
 from lowra.device_runtime.native_kernels import (
     PackedLinear,
     f16_gemm,
     isa_available,
     load_library,
+    q8_gemm,
 )
 
 # (out, in, group_size, widths to draw from)
@@ -104,6 +106,23 @@ def test_thread_count_does_not_change_a_bit(isa: str) -> None:
     assert np.array_equal(one, two)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_kept_tables_are_never_stale(isa: str) -> None:
+    """Each thread keeps the tables of its last input for the next product of the same input (a layer's q, k and v):
+    an input rewritten in place, a layer with other groups (other per-group sums) or another width must not find
+    them."""
+    rng = np.random.default_rng(31)
+    weights = [random_weight(24, 96, group, (1, 2), seed=40 + group) for group in (0, 32, 64)]
+    packed = [PackedLinear(w) for w in weights]
+    x = rng.standard_normal(96).astype(np.float32)
+    for _ in range(2):
+        for weight, layer in zip(weights, packed):  # the same buffer, three group sizes
+            assert_close(layer.gemv(x, isa=isa, threads=2), weight.dequantize() @ x)
+        x[5] += 1.0  # the same buffer, new content
+    narrow = random_weight(8, 64, 0, (1, 2), seed=50)
+    assert_close(PackedLinear(narrow).gemv(x[:64], isa=isa), narrow.dequantize() @ x[:64])
+
+
 def test_packing_keeps_the_callers_weight_and_the_file_size() -> None:
     weight = random_weight(16, 100, 32, (2,), seed=3)
     codes = weight.codes.copy()
@@ -180,6 +199,41 @@ def test_f16_gemm_refuses_what_it_cannot_multiply() -> None:
     with pytest.raises(ConfigError, match=r"expected \[n_tokens >= 1, 3\]"):
         f16_gemm(np.zeros((2, 3), dtype=np.float16), np.zeros((1, 4), dtype=np.float32))
     assert load_library().lowra_f16_gemm(None, 1, 1, None, 1, None, 1, 0) == 1  # null pointers: invalid argument
+
+
+# ------------------------------------------------------------------------------------------------ 8-bit GEMM
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("out", "inputs", "tokens"), [(203, 576, 1), (203, 576, 5), (7, 32, 3), (1, 64, 2)])
+def test_q8_gemm_matches_the_decoded_rows_and_is_the_same_on_every_path(out: int, inputs: int, tokens: int,
+                                                                        isa: str) -> None:
+    rng = np.random.default_rng(out + inputs + tokens)
+    weight = rng.standard_normal((out, inputs)).astype(np.float32) * rng.uniform(0.01, 3, size=(out, 1))
+    weight[0, :32] = 0  # a block of zeros: scale 0
+    codes, scales = quantize_q8(weight)
+    decoded = dequantize_q8(codes, scales)
+    assert np.abs(decoded - weight).max() <= np.abs(weight).max() / 254 * 1.01  # half a step of the largest block
+    x = rng.standard_normal((tokens, inputs)).astype(np.float32)
+    reference = x.astype(np.float64) @ decoded.astype(np.float64).T
+    got = q8_gemm(codes, scales, x, isa=isa)
+    assert got.shape == (tokens, out)
+    assert_close(got, reference, rel=1e-5)
+    assert np.array_equal(got, q8_gemm(codes, scales, x, threads=3, isa=isa))
+    assert np.array_equal(got[-1:], q8_gemm(codes, scales, x[-1:], isa=isa))
+    if isa != "scalar":
+        assert np.array_equal(got, q8_gemm(codes, scales, x, isa="scalar"))  # the same order of additions
+
+
+def test_q8_rows_refuse_what_they_cannot_hold() -> None:
+    with pytest.raises(ConfigError, match="cols a multiple of 32"):
+        quantize_q8(np.zeros((2, 40), dtype=np.float32))
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        quantize_q8(np.full((1, 32), np.inf, dtype=np.float32))
+    codes, scales = quantize_q8(np.ones((2, 32), dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"expected int8 \[out, in\]"):
+        q8_gemm(codes.astype(np.int16), scales, np.zeros((1, 32), dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"expected \[n_tokens >= 1, 32\]"):
+        q8_gemm(codes, scales, np.zeros((1, 31), dtype=np.float32))
+    assert load_library().lowra_q8_gemm(None, None, 1, 32, None, 1, None, 1, 0) == 1  # null pointers: invalid
 
 
 def test_kernel_layout_codes_is_the_c_repack_and_inverts() -> None:

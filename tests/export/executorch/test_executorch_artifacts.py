@@ -100,7 +100,8 @@ def user_blobs() -> tuple[Path, Path]:
 
 
 @functools.cache
-def exported(ops: str = "custom", modes: tuple[str, ...] = ("side", "merge"), xnnpack: bool = False) -> Path:
+def exported(ops: str = "custom", modes: tuple[str, ...] = ("side", "merge"), xnnpack: bool = False,
+             embeddings: str = "auto") -> Path:
     """An exported model folder of the tiny low-bit model (cached per argument set).
 
     XNNPACK is off here to keep the suite fast (delegation adds a re-export and ~2x the lowering time); the
@@ -110,10 +111,10 @@ def exported(ops: str = "custom", modes: tuple[str, ...] = ("side", "merge"), xn
     from tests.conftest import _build_tokenizer
 
     model, _ = lowbit_tiny()
-    folder = _ROOT / f"{ops}-{'-'.join(modes)}-{'xnn' if xnnpack else 'portable'}"
+    folder = _ROOT / f"{ops}-{'-'.join(modes)}-{'xnn' if xnnpack else 'portable'}-{embeddings}"
     # The core-ATen folder keeps every position's logits, so both program outputs stay covered by the engine tests.
     config = ExecutorchExportConfig(ops=ops, modes=modes, max_seq_len=MAX_SEQ_LEN, rank=RANK, xnnpack=xnnpack,
-                                    logits="all" if ops == "aten" else "last")
+                                    logits="all" if ops == "aten" else "last", embeddings=embeddings)
     export_executorch(model, folder, config, tokenizer=_build_tokenizer())
     return folder
 
@@ -214,7 +215,9 @@ def test_embeddings_choice_is_checked_and_auto_keeps_float32_when_rounding_would
     with pytest.raises(Exception, match="embeddings='float16' needs ops='custom'"):
         ExecutorchExportConfig(ops="aten", embeddings="float16")
     with pytest.raises(Exception, match="expected 'auto' or one of"):
-        ExecutorchExportConfig(embeddings="int8")
+        ExecutorchExportConfig(embeddings="int4")
+    with pytest.raises(Exception, match="embeddings='int8' needs ops='custom'"):
+        ExecutorchExportConfig(ops="aten", embeddings="int8")
     assert embedding_dtype(lowbit_tiny()[0], ExecutorchExportConfig(ops="aten")) == "float32"
     with pytest.warns(UserWarning, match="not float16, so the programs keep them in float32"):
         assert embedding_dtype(tiny_llama(), ExecutorchExportConfig()) == "float32"
