@@ -518,7 +518,10 @@ def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> 
     def external(node: torch.fx.Node) -> str | None:
         return tag if placeholder_to_fqn.get(node.name) in user_fqns else None
 
-    executorch_program = edge.to_executorch(ExecutorchBackendConfig(external_constants=external))
+    # The reinplace pass writes each step's keys and values into the cache buffers in place (index_put_): functional
+    # index_put copies a layer's whole cache per step, and the buffer copy-back copies it again.
+    executorch_program = edge.to_executorch(ExecutorchBackendConfig(external_constants=external,
+                                                                    run_reinplace_pass=True))
     pte = out_dir / f"{program.mode}.pte"
     atomic_write_bytes(pte, executorch_program.buffer, overwrite=True)
     with tempfile.TemporaryDirectory() as tmp:

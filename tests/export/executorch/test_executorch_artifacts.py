@@ -171,7 +171,7 @@ def test_each_layer_is_one_op_call_and_no_weight_is_copied_transposed():
     (the packed codes read in place plus the user's side branch). Merge: aten.linear kept whole on the merged weights
     (decomposed, every call copied W^T first: ETDump on SmolLM2 put half of a decode step in permute_copy). Both: the
     float16 head in lowra::f16_linear and attention in one lowra::attention per layer (no matmuls over a transposed
-    key cache, no separate softmax). The permute_copy calls left are the q/k/v head transposes, as many in both."""
+    key cache, no separate softmax), the new keys and values written into the cache in place. The permute_copy calls left are the q/k/v head transposes, as many in both."""
     folder = exported()
     _, layers = lowbit_tiny()
     side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
@@ -184,6 +184,9 @@ def test_each_layer_is_one_op_call_and_no_weight_is_copied_transposed():
     n_layers = len(lowbit_tiny()[0].model.layers)
     assert side["lowra::attention.out"] == merge["lowra::attention.out"] == n_layers
     assert side["aten::bmm.out"] == 0 and side["aten::_softmax.out"] == 0
+    # The KV cache is written in place (reinplace pass): no functional index_put copying a layer's cache per step.
+    assert side["aten::index_put_"] == merge["aten::index_put_"] == 2 * n_layers
+    assert side["aten::index_put.out"] == merge["aten::index_put.out"] == 0
 
 
 def test_embedding_and_head_are_stored_once_in_float16():
