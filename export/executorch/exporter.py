@@ -15,7 +15,8 @@ What one call of :func:`export_executorch` writes into a model folder (read by
   and the largest tensor of a small model (SmolLM2: 49,152 x 576). ``embeddings="int8"`` halves it again (8-bit
   rows, ``lowra::q8_embedding`` / ``lowra::q8_linear``), at the price of rounding the values.
 - With the custom ops, each layer's attention is one ``lowra::attention`` call that reads the KV cache in place
-  (:mod:`.attention`; ``fused_attention``).
+  (:mod:`.attention`; ``fused_attention``), and each RMSNorm one ``lowra::rms_norm`` call (:mod:`.norm`;
+  ``fused_norm``); the reinplace pass writes each step's keys and values into the cache buffers in place.
 - ``manifest.json``: sizes, sha256 of every file, per-module base digests (so a blob's base fingerprint is
   checked without decoding the base), and where each named tensor lives in each ``.ptd`` template.
 - ``liblowra_executorch_kernels.so`` (custom ops only): the native kernels, copied from the build cache.
@@ -62,6 +63,7 @@ from lowra.device_runtime.formats.int8_rows import Q8_BLOCK, quantize_q8
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
 from lowra.device_runtime.formats.quantized_weight import kernel_blocked_codes, kernel_layout_codes
 from lowra.export.executorch.attention import use_lowra_attention
+from lowra.export.executorch.norm import use_lowra_rms_norm
 from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
 from lowra.export.tokenizer import save_tokenizer
 from lowra.sdk.modules import linear_module_names
@@ -94,6 +96,9 @@ class ExecutorchExportConfig:
     # Custom ops only: attention as one lowra::attention call per layer reading the KV cache in place (see
     # export/executorch/attention.py) instead of transformers' sdpa lowered to copies, matmuls and a softmax.
     fused_attention: bool = True
+    # Custom ops only: each RMSNorm (Llama-style: Llama, Qwen2, Mistral, SmolLM) as one lowra::rms_norm call (see
+    # export/executorch/norm.py) instead of six portable kernels.
+    fused_norm: bool = True
     # "last": the programs output the logits of the last position only ([1, 1, vocab]: what generation reads; the head
     # runs on one token per call and the output buffer is one row); "all": every position ([1, n, vocab]).
     logits: str = "last"
@@ -471,6 +476,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
         _int8_embeddings(model)
     if config.ops == "custom" and config.fused_attention:
         use_lowra_attention(model)
+    if config.ops == "custom" and config.fused_norm:
+        use_lowra_rms_norm(model)
     fix_empty_strides(model)
     wrapper_class = TorchExportableModuleWithStaticCache if config.logits == "all" else _last_logits_wrapper()
     wrapper = wrapper_class(model, batch_size=1, max_cache_len=config.max_seq_len)
@@ -619,6 +626,7 @@ def export_executorch(
         "xnnpack": config.xnnpack,
         "embeddings": embeddings,
         "attention": "lowra" if config.ops == "custom" and config.fused_attention else "sdpa",
+        "norm": "lowra" if config.ops == "custom" and config.fused_norm else "torch",
         "logits": config.logits,
         "kernel_library": LIBRARY_NAME if library is not None else None,
         "kernel_ops": sorted(kernel_ops),

@@ -13,6 +13,7 @@
 //   q8_linear.out(Tensor x, Tensor weight, Tensor scales, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
 //   q8_embedding.out(Tensor weight, Tensor scales, Tensor indices, *, Tensor(a!) out) -> Tensor(a!)
 //     (8-bit rows: weight int8 [N, K], scales float16 [N, K / 32]; device_runtime/formats/int8_rows.py)
+//   rms_norm.out(Tensor x, Tensor weight, float eps, *, Tensor(a!) out) -> Tensor(a!)   (export/executorch/norm.py)
 //   attention.out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, *, Tensor(a!) out) -> Tensor(a!)
 //     (export/executorch/attention.py: q [B, H, Q, D], k = v [B, KV, S, D], mask bool/float [B|1, H|1, Q, S] or
 //     none = causal from the top left when Q > 1; out [B, Q, H, D])
@@ -451,6 +452,27 @@ Tensor& f16_linear_out(
   return out;
 }
 
+// weight * (x * rsqrt(mean(x^2) + eps)) per row of x [..., D] (export/executorch/norm.py; transformers' LlamaRMSNorm
+// in float32). The sum of squares uses dot()'s eight partial sums.
+Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float &&
+                               weight.dim() == 1 && x.dim() >= 1 && x.size(x.dim() - 1) == weight.size(0),
+                      InvalidArgument, out, "lowra::rms_norm: expected float32 x [..., D] and weight [D]");
+  const int64_t d = weight.size(0);
+  ET_KERNEL_CHECK(ctx, resize_rows(out, x, d), InvalidArgument, out);
+  const int64_t rows = d == 0 ? 0 : x.numel() / d;
+  const float* xs = x.const_data_ptr<float>();
+  const float* ws = weight.const_data_ptr<float>();
+  float* os = out.mutable_data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xs + r * d;
+    const float mean = dot(xr, xr, d) / static_cast<float>(d);
+    const float inv = 1.0f / std::sqrt(mean + static_cast<float>(eps));
+    for (int64_t k = 0; k < d; ++k) os[r * d + k] = ws[k] * (xr[k] * inv);
+  }
+  return out;
+}
+
 // 8-bit rows (device_runtime/formats/int8_rows.py): int8 weight [N, K], float16 scales [N, K / 32].
 static bool q8_rows_ok(const Tensor& weight, const Tensor& scales) {
   return weight.scalar_type() == ScalarType::Char && weight.dim() == 2 && weight.size(1) > 0 &&
@@ -656,6 +678,7 @@ EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_va
 EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
 EXECUTORCH_LIBRARY(lowra, "q8_linear.out", lowra_et::q8_linear_out);
+EXECUTORCH_LIBRARY(lowra, "rms_norm.out", lowra_et::rms_norm_out);
 EXECUTORCH_LIBRARY(lowra, "q8_embedding.out", lowra_et::q8_embedding_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kFile>);

@@ -184,6 +184,9 @@ def test_each_layer_is_one_op_call_and_no_weight_is_copied_transposed():
     n_layers = len(lowbit_tiny()[0].model.layers)
     assert side["lowra::attention.out"] == merge["lowra::attention.out"] == n_layers
     assert side["aten::bmm.out"] == 0 and side["aten::_softmax.out"] == 0
+    # Each RMSNorm is one lowra::rms_norm call (two per layer and the final one), not pow/mean/rsqrt/mul kernels.
+    assert side["lowra::rms_norm.out"] == merge["lowra::rms_norm.out"] == 2 * n_layers + 1
+    assert side["aten::pow.Tensor_Scalar_out"] == side["aten::rsqrt.out"] == 0
     # The KV cache is written in place (reinplace pass): no functional index_put copying a layer's cache per step.
     assert side["aten::index_put_"] == merge["aten::index_put_"] == 2 * n_layers
     assert side["aten::index_put.out"] == merge["aten::index_put.out"] == 0
