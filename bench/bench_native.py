@@ -83,13 +83,15 @@ class Chat:
             raise SystemExit(f"lowra_chat exited ({self.proc.wait()})")
         return line.strip()
 
-    def call(self, command: str) -> tuple[str, float]:
+    def call(self, command: str, refused_ok: bool = False) -> tuple[str, float]:
+        """Send one command; its "ok ..." reply and the seconds it took. ``refused_ok``: an "error ..." reply is
+        returned too (a user blob for another base) instead of ending the bench."""
         t0 = time.perf_counter()
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
         reply = self._line()
         elapsed = time.perf_counter() - t0
-        if not reply.startswith("ok"):
+        if not reply.startswith("ok") and not (refused_ok and reply.startswith("error")):
             raise SystemExit(f"lowra_chat: {command.split()[0]}: {reply}")
         return reply, elapsed
 
@@ -113,9 +115,13 @@ def measure(chat: Path, folder: Path, mode: str, ids: list[int], tokens: int, th
     out["decode_tok_s"] = tokens / (full - first)
     out["tokens"] = reply.split()[2:]
     out["rss_generated_mib"] = session.rss_mib()
+    reply, _ = session.call(f"load {blobs[0]}", refused_ok=True) if blobs else ("", 0.0)
+    if reply.startswith("error"):  # trained for another base (bench_executorch's users: its 1.5-bit base)
+        print(f"  {folder.name}: user figures skipped, its base refuses {blobs[0].name}: {reply}", flush=True)
+        blobs = []
     if blobs:
         loads = []
-        for k in range(6):
+        for k in range(1, 7):
             reply, _ = session.call(f"load {blobs[k % len(blobs)]}")
             loads.append(float(reply.split("load_ms")[1].split()[0]))
         out["switch_ms"] = statistics.median(loads)
@@ -205,10 +211,13 @@ def main() -> int:
                 target[lo:hi] = template[lo:hi]
             copies.append((time.perf_counter() - t0) * 1e3)
         copy_ms = statistics.median(copies)
-        merge_ms = report["folders"][str(folders[0])]["switch_ms"]
+        merge_ms = report["folders"][str(folders[0])].get("switch_ms")
         report["merge_copy_ms"] = copy_ms
-        print(f"merge at load {merge_ms:.1f} ms vs a copy of the {len(info['tensors'])} weights it rewrites "
-              f"{copy_ms:.1f} ms: {merge_ms / copy_ms:.2f}x")
+        if merge_ms is None:
+            print(f"merge at load: not measured (no blob for {folders[0].name}'s base; pass --blob)")
+        else:
+            print(f"merge at load {merge_ms:.1f} ms vs a copy of the {len(info['tensors'])} weights it rewrites "
+                  f"{copy_ms:.1f} ms: {merge_ms / copy_ms:.2f}x")
     base = report["folders"][str(folders[0])]
     for folder in folders[1:]:
         other = report["folders"][str(folder)]

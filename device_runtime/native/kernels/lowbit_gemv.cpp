@@ -402,7 +402,7 @@ class Tables {
   void build(const Layer& L, const float* x_raw, bool avx2) {
     in_ = group_ = -1;  // invalid until built
     padded_in_ = ceil_div(L.in, kPadInputs) * kPadInputs;
-    buffer_.resize(static_cast<size_t>(padded_in_ * 5 + L.n_spans()));
+    buffer_.resize(static_cast<size_t>(padded_in_ * 6 + L.n_spans()));
     float* x = buffer_.data();
     std::memcpy(x, x_raw, sizeof(float) * L.in);
     std::fill(x + L.in, x + padded_in_, 0.0f);
@@ -417,7 +417,15 @@ class Tables {
     (void)avx2;
     build_tables_scalar(x, padded_in_, tables);
 #endif
-    float* sums = tables + padded_in_ * 4;
+    // x for the 4-bit decode: per 16 inputs, the 8 even ones then the 8 odd ones (a byte's low and high nibble).
+    float* x4 = tables + padded_in_ * 4;
+    for (int64_t c = 0; c < padded_in_ / 16; ++c) {
+      for (int i = 0; i < 8; ++i) {
+        x4[16 * c + i] = x[16 * c + 2 * i];
+        x4[16 * c + 8 + i] = x[16 * c + 2 * i + 1];
+      }
+    }
+    float* sums = x4 + padded_in_;
     const int64_t span = L.group ? L.group : padded_in_;
     for (int64_t g = 0; g < L.n_spans(); ++g) {  // in order, as the scalar kernels' reference sums
       float sum = 0.0f;
@@ -431,7 +439,8 @@ class Tables {
   int64_t padded_in() const { return padded_in_; }
   const float* x() const { return buffer_.data(); }
   const float* tables() const { return buffer_.data() + padded_in_; }
-  const float* sums() const { return buffer_.data() + padded_in_ * 5; }
+  const float* x4() const { return buffer_.data() + padded_in_ * 5; }
+  const float* sums() const { return buffer_.data() + padded_in_ * 6; }
 
   // T[q][m] = sum of x[4q + k] over the bits k of m, summed in the order of k: T[2^k + m] = T[m] + x[4q + k].
   static void build_tables_scalar(const float* x, int64_t padded_in, float* tables) {
@@ -480,6 +489,7 @@ struct Gemv {
   const int32_t* order;  // the plan's
   const float* x;        // padded to padded_in with zeros
   const float* tables;   // [padded_in / 4][16]
+  const float* x4;       // x with each 16 inputs' even ones first, then the odd ones (the 4-bit decode's order)
   const float* sums;     // sum of x per scale span
   int64_t padded_in;
   const float* x_raw;
@@ -780,7 +790,8 @@ int gemv(const Plan& plan, const lowra_lowbit_layer* layer, const float* x, floa
   parallel_ranges(plan.cost, parts, [&](int, size_t begin, size_t end) {
     if (begin == end) return;
     const Tables& tables = tables_for(L, x, avx2);
-    const Gemv g{&L, plan.order.data(), tables.x(), tables.tables(), tables.sums(), tables.padded_in(), x, y};
+    const Gemv g{&L,          plan.order.data(), tables.x(), tables.tables(), tables.x4(), tables.sums(),
+                 tables.padded_in(), x, y};
     for (size_t t = begin; t < end; ++t) run_gemv_task(g, plan.tasks[t], avx2, permute2);
   });
   return LOWRA_LOWBIT_OK;
