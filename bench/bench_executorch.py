@@ -41,9 +41,10 @@ def main() -> int:
     parser.add_argument("--skip-aten", action="store_true")
     parser.add_argument("--only-export", action="store_true")
     parser.add_argument("--xnnpack", action="store_true", help="delegate to XNNPACK (lowering takes ~2.5x longer)")
-    parser.add_argument("--embeddings", choices=("auto", "float32"), default="auto",
+    parser.add_argument("--embeddings", choices=("auto", "float32", "int8"), default="auto",
                         help="the programs' embedding/head: auto = float16 (the base file's values), float32 = the "
-                             "previous layout (exported to a folder of its own, custom-f32emb)")
+                             "previous layout, int8 = 8-bit rows (each exported to a folder of its own: "
+                             "custom-f32emb, custom-int8emb)")
     parser.add_argument("--kernel-library", default=None,
                         help="run the custom-op programs with this kernel library instead of the folder's (e.g. a "
                              "rebuilt one: python -m lowra.export.executorch.kernels)")
@@ -108,7 +109,7 @@ def main() -> int:
     print(f"users: {[p.stat().st_size for p in blobs]} bytes", flush=True)
 
     # ---- exports
-    suffix = ("-xnnpack" if args.xnnpack else "") + ("-f32emb" if args.embeddings == "float32" else "")
+    suffix = ("-xnnpack" if args.xnnpack else "") + {"float32": "-f32emb", "int8": "-int8emb"}.get(args.embeddings, "")
     folders = {"custom": work / f"custom{suffix}", "aten": work / f"aten{suffix}"}
     variants = [("custom", ("side", "merge"))] + ([] if args.skip_aten else [("aten", ("side",))])
     for ops, modes in variants:
