@@ -11,6 +11,8 @@ running beside it) and drives it over stdin, as an app would call the C API:
 - with blobs: the median ``load`` time when switching between them (the runtime's own ``load_ms``), then the same
   decode with a user loaded; in merge mode also the time to copy the weights a merge rewrites (numpy, warm), the
   yardstick of the merge-at-load target.
+The table gives each folder's medians over the rounds, with the decode speed's range (rounds vary by up to 20% on
+a shared 2-core machine; compare folders within one run).
 Default folders: the ExecuTorch exports of bench/bench_executorch.py (``$LOWRA_CACHE/bench_executorch/custom*``).
 
 llama.cpp (issue 14's comparison) needs ``llama-cpp-python`` built from source, which needs the package registry;
@@ -182,7 +184,7 @@ def main() -> int:
     report: dict[str, object] = {"threads": args.threads, "mode": args.mode, "rounds": args.rounds,
                                  "prompt_tokens": len(ids), "decode_tokens": args.tokens,
                                  "load_avg_start": load, "load_avg_end": os.getloadavg()[0], "folders": {}}
-    print(f"\n{'folder':<28} {'embeddings':>10} {'base MiB':>8} {'decode':>8} {'prefill':>8} {'RSS open':>8} "
+    print(f"\n{'folder':<28} {'embeddings':>10} {'base MiB':>8} {'decode':>8} {'(range)':>15} {'prefill':>8} {'RSS open':>8} "
           f"{'RSS gen':>8} {'peak':>6} {'w/ user':>8} {'switch ms':>9}")
     for folder in folders:
         rows = runs[str(folder)]
@@ -190,10 +192,13 @@ def main() -> int:
         packed = sum(manifest["packed_base_bytes"].values()) / 2**20
         summary = {k: statistics.median(row[k] for row in rows) for k in rows[0] if k != "tokens"}
         summary["tokens_equal_across_rounds"] = all(row["tokens"] == rows[0]["tokens"] for row in rows)
+        summary["decode_tok_s_range"] = [min(row["decode_tok_s"] for row in rows), max(row["decode_tok_s"] for row in rows)]
         summary["embeddings"] = manifest.get("embeddings", "float32")
         summary["packed_linears_mib"] = packed
         report["folders"][str(folder)] = summary
+        low, high = summary["decode_tok_s_range"]
         print(f"{folder.name:<28} {summary['embeddings']:>10} {packed:8.1f} {summary['decode_tok_s']:8.2f} "
+              f"{f'({low:.1f}-{high:.1f})':>15} "
               f"{summary['prefill_tok_s']:8.1f} {summary['rss_open_mib']:8.0f} {summary['rss_generated_mib']:8.0f} "
               f"{summary['rss_peak_mib']:6.0f} {summary.get('decode_with_user_tok_s', float('nan')):8.2f} "
               f"{summary.get('switch_ms', float('nan')):9.2f}")
