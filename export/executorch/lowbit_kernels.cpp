@@ -132,6 +132,22 @@ static bool resize_rows(Tensor& out, const Tensor& x, int64_t n_out) {
          out.scalar_type() == ScalarType::Float;
 }
 
+// x float32 [..., in_features] and an optional float32 bias [n_out] of a linear-like op (`op` names it in the
+// message); false, with the context failed, when they are not.
+static bool linear_inputs_ok(KernelRuntimeContext& ctx, const char* op, const Tensor& x, int64_t in_features,
+                             const std::optional<Tensor>& bias, int64_t n_out, const float** bias_data) {
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features,
+                      InvalidArgument, false, "%s: x must be float32 [..., %lld]", op,
+                      static_cast<long long>(in_features));
+  *bias_data = nullptr;
+  if (bias.has_value()) {
+    ET_KERNEL_CHECK_MSG(ctx, bias->scalar_type() == ScalarType::Float && bias->numel() == n_out, InvalidArgument, false,
+                        "%s: bias must be float32 [out_features]", op);
+    *bias_data = bias->const_data_ptr<float>();
+  }
+  return true;
+}
+
 // ys[m, n_out] += bias (none: nothing).
 static void add_bias(float* ys, const float* bias, int64_t m, int64_t n_out) {
   if (bias == nullptr) return;
@@ -376,16 +392,8 @@ static Tensor& lowbit_linear_impl(
       read_weight(ctx, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
                   group_size, &w),
       InvalidArgument, out);
-  ET_KERNEL_CHECK_MSG(
-      ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features,
-      InvalidArgument, out, "lowra::lowbit_linear: x must be float32 [..., %lld]", static_cast<long long>(in_features));
   const float* bias_data = nullptr;
-  if (bias.has_value()) {
-    ET_KERNEL_CHECK_MSG(
-        ctx, bias->scalar_type() == ScalarType::Float && bias->numel() == w.out_features, InvalidArgument, out,
-        "lowra::lowbit_linear: bias must be float32 [out_features]");
-    bias_data = bias->const_data_ptr<float>();
-  }
+  if (!linear_inputs_ok(ctx, "lowra::lowbit_linear", x, in_features, bias, w.out_features, &bias_data)) return out;
   ET_KERNEL_CHECK(ctx, resize_rows(out, x, w.out_features), InvalidArgument, out);
   const int64_t m = x.numel() / in_features;
   const float* xs = x.const_data_ptr<float>();
@@ -429,16 +437,8 @@ Tensor& f16_linear_out(
       ctx, weight.scalar_type() == ScalarType::Half && weight.dim() == 2, InvalidArgument, out,
       "lowra::f16_linear: weight must be float16 [out, in]");
   const int64_t n_out = weight.size(0), in_features = weight.size(1);
-  ET_KERNEL_CHECK_MSG(
-      ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features,
-      InvalidArgument, out, "lowra::f16_linear: x must be float32 [..., %lld]", static_cast<long long>(in_features));
   const float* bias_data = nullptr;
-  if (bias.has_value()) {
-    ET_KERNEL_CHECK_MSG(
-        ctx, bias->scalar_type() == ScalarType::Float && bias->numel() == n_out, InvalidArgument, out,
-        "lowra::f16_linear: bias must be float32 [out_features]");
-    bias_data = bias->const_data_ptr<float>();
-  }
+  if (!linear_inputs_ok(ctx, "lowra::f16_linear", x, in_features, bias, n_out, &bias_data)) return out;
   ET_KERNEL_CHECK(ctx, resize_rows(out, x, n_out), InvalidArgument, out);
   const int64_t m = x.numel() / in_features;
   if (m == 0) return out;
@@ -488,15 +488,8 @@ Tensor& q8_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
                       "lowra::q8_linear: weight must be int8 [out, in] (in a multiple of 32), scales float16 "
                       "[out, in / 32]");
   const int64_t n_out = weight.size(0), in_features = weight.size(1);
-  ET_KERNEL_CHECK_MSG(
-      ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features,
-      InvalidArgument, out, "lowra::q8_linear: x must be float32 [..., %lld]", static_cast<long long>(in_features));
   const float* bias_data = nullptr;
-  if (bias.has_value()) {
-    ET_KERNEL_CHECK_MSG(ctx, bias->scalar_type() == ScalarType::Float && bias->numel() == n_out, InvalidArgument,
-                        out, "lowra::q8_linear: bias must be float32 [out_features]");
-    bias_data = bias->const_data_ptr<float>();
-  }
+  if (!linear_inputs_ok(ctx, "lowra::q8_linear", x, in_features, bias, n_out, &bias_data)) return out;
   ET_KERNEL_CHECK(ctx, resize_rows(out, x, n_out), InvalidArgument, out);
   const int64_t m = x.numel() / in_features;
   if (m == 0) return out;
