@@ -429,6 +429,23 @@ static Tensor& lowbit_linear_impl(
   return out;
 }
 
+// out = x [..., in] @ W^T (+ bias) for a dense head whose kernel is gemm(xs, m, ys, threads) -> lowra_lowbit_status.
+template <typename Gemm>
+static Tensor& dense_linear(KernelRuntimeContext& ctx, const char* op, const Tensor& x, int64_t n_out,
+                            int64_t in_features, const std::optional<Tensor>& bias, Tensor& out, const Gemm& gemm) {
+  const float* bias_data = nullptr;
+  if (!linear_inputs_ok(ctx, op, x, in_features, bias, n_out, &bias_data)) return out;
+  ET_KERNEL_CHECK(ctx, resize_rows(out, x, n_out), InvalidArgument, out);
+  const int64_t m = x.numel() / in_features;
+  if (m == 0) return out;
+  float* ys = out.mutable_data_ptr<float>();
+  const int status = gemm(x.const_data_ptr<float>(), m, ys, thread_count(n_out * in_features * m));
+  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "%s: kernel failed: %s", op,
+                      lowra_lowbit_status_name(status));
+  add_bias(ys, bias_data, m, n_out);
+  return out;
+}
+
 // x [..., K] @ float32(weight [N, K])^T (+ bias): the program's float16 embedding / output head, converted in
 // registers by lowra_f16_gemm (never a float32 copy of the weight).
 Tensor& f16_linear_out(
@@ -436,20 +453,11 @@ Tensor& f16_linear_out(
   ET_KERNEL_CHECK_MSG(
       ctx, weight.scalar_type() == ScalarType::Half && weight.dim() == 2, InvalidArgument, out,
       "lowra::f16_linear: weight must be float16 [out, in]");
-  const int64_t n_out = weight.size(0), in_features = weight.size(1);
-  const float* bias_data = nullptr;
-  if (!linear_inputs_ok(ctx, "lowra::f16_linear", x, in_features, bias, n_out, &bias_data)) return out;
-  ET_KERNEL_CHECK(ctx, resize_rows(out, x, n_out), InvalidArgument, out);
-  const int64_t m = x.numel() / in_features;
-  if (m == 0) return out;
-  float* ys = out.mutable_data_ptr<float>();
-  const int status = lowra_f16_gemm(reinterpret_cast<const uint16_t*>(weight.const_data_ptr<Half>()), n_out,
-                                    in_features, x.const_data_ptr<float>(), m, ys, thread_count(n_out * in_features * m),
-                                    LOWRA_LOWBIT_ISA_AUTO);
-  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::f16_linear: kernel failed: %s",
-                      lowra_lowbit_status_name(status));
-  add_bias(ys, bias_data, m, n_out);
-  return out;
+  return dense_linear(ctx, "lowra::f16_linear", x, weight.size(0), weight.size(1), bias, out,
+                      [&](const float* xs, int64_t m, float* ys, int threads) {
+                        return lowra_f16_gemm(reinterpret_cast<const uint16_t*>(weight.const_data_ptr<Half>()),
+                                              weight.size(0), weight.size(1), xs, m, ys, threads, LOWRA_LOWBIT_ISA_AUTO);
+                      });
 }
 
 // weight * (x * rsqrt(mean(x^2) + eps)) per row of x [..., D] (export/executorch/norm.py; transformers' LlamaRMSNorm
@@ -487,21 +495,12 @@ Tensor& q8_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   ET_KERNEL_CHECK_MSG(ctx, q8_rows_ok(weight, scales), InvalidArgument, out,
                       "lowra::q8_linear: weight must be int8 [out, in] (in a multiple of 32), scales float16 "
                       "[out, in / 32]");
-  const int64_t n_out = weight.size(0), in_features = weight.size(1);
-  const float* bias_data = nullptr;
-  if (!linear_inputs_ok(ctx, "lowra::q8_linear", x, in_features, bias, n_out, &bias_data)) return out;
-  ET_KERNEL_CHECK(ctx, resize_rows(out, x, n_out), InvalidArgument, out);
-  const int64_t m = x.numel() / in_features;
-  if (m == 0) return out;
-  float* ys = out.mutable_data_ptr<float>();
-  const int status = lowra_q8_gemm(weight.const_data_ptr<int8_t>(),
-                                   reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()), n_out,
-                                   in_features, x.const_data_ptr<float>(), m, ys, thread_count(n_out * in_features * m),
-                                   LOWRA_LOWBIT_ISA_AUTO);
-  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::q8_linear: kernel failed: %s",
-                      lowra_lowbit_status_name(status));
-  add_bias(ys, bias_data, m, n_out);
-  return out;
+  return dense_linear(ctx, "lowra::q8_linear", x, weight.size(0), weight.size(1), bias, out,
+                      [&](const float* xs, int64_t m, float* ys, int threads) {
+                        return lowra_q8_gemm(weight.const_data_ptr<int8_t>(),
+                                             reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()),
+                                             weight.size(0), weight.size(1), xs, m, ys, threads, LOWRA_LOWBIT_ISA_AUTO);
+                      });
 }
 
 // Rows `indices` (int64, any shape) of dequantize(weight, scales): float32 [*indices.shape, K], each value code *
