@@ -10,8 +10,9 @@
 //   three bit-planes, three lookups per 4 inputs into the same table. lowra_lowbit_repack stores each byte
 //   bit-planar (b0 of its 4 elements in the low nibble, b1 in the high one), so the indices are byte & 15,
 //   byte >> 4 and their AND, and the codes keep the file's size and row offsets.
-// - A 4-bit row decodes 8 codes at a time in registers (a 16-level codebook lookup) and multiply-adds with x: four
-//   planes would need 15 coefficient tables, more work than the decode.
+// - A 4-bit row decodes 16 codes at a time in registers (a 16-level codebook lookup; a byte's low nibbles meet the
+//   even inputs, its high nibbles the odd ones) and multiply-adds with x: four planes would need 15 coefficient
+//   tables, more work than the decode.
 // - Absmax groups: the bit-plane sums are accumulated per group and the group's scale multiplies its partial result
 //   (sum(x) is taken per group too). Group sizes that are multiples of 32 keep every table word inside one group;
 //   others (lowra's quantizer uses 32/64/128) take a generic per-element decode, correct but slower.
@@ -19,7 +20,8 @@
 //   byte (and the zero bytes loaded past it) meet zero inputs and add nothing.
 //
 // AVX2 (x86-64, compiled per function with target attributes, chosen at run time): 8 rows of the same width form a
-// block, one lane per row; a gather loads 32 code bits of each row, and a table lookup for 8 rows is two vpermps
+// block, one lane per row; one load brings 32 code bits of each row in the BLOCKED layout (a gather in the ROWS
+// layout: lowbit_gemv.h), and a table lookup for 8 rows is two vpermps
 // over the table's halves plus a blend on index bit 3, or one vpermt2ps where the CPU has AVX-512VL (the same
 // kernels compiled twice from lowbit_lut.inc). Sums go into per-block tree reductions, so one 4-cycle add
 // chain per bit-plane and word.
@@ -35,7 +37,8 @@
 // Threads: work is cut into fixed tasks (8-row blocks, 4-row tiles) before the split, and the split only assigns
 // whole tasks, so every output is computed by the same instructions whatever the thread count: bit-identical.
 // The threads are a pool started once per process (a decode step calls the kernels ~200 times: starting threads per
-// call cost more than the work it split); between calls a worker spins briefly, then sleeps.
+// call cost more than the work it split); between calls a worker spins briefly, then sleeps. Each part builds the
+// tables in its own thread and keeps the last ones (see Tables); a kept plan skips the per-call setup.
 
 #include "lowbit_gemv.h"
 
