@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,16 @@ from lowra.device_runtime.formats.quantized_base import QuantizedBase, parse_qua
 CLOCK_SKEW = _dt.timedelta(minutes=5)  # tolerated difference between the issuer's and the device's clocks
 
 
+# The one spelling of a time in signed claims (RFC 3339; what sdk.signing writes, and what liblowra parses):
+# YYYY-MM-DDTHH:MM:SS, an optional fraction of 1-6 digits, then Z or +HH:MM / -HH:MM.
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?", re.ASCII)
+
+
 def _utc(text: str, what: str) -> _dt.datetime:
+    match = _TIME.fullmatch(text)
     try:
+        if match is None:
+            raise ValueError(text)
         value = _dt.datetime.fromisoformat(text)
     except ValueError:
         raise BlobContentError(f"{what}: {text[:40]!r} is not an ISO-8601 time") from None
@@ -195,9 +204,9 @@ class TrustPolicy:
     def _check_time(self, claims: Mapping[str, Any], what: str) -> None:
         now = self.clock()
         issued = _utc(claims["issued_at"], what)
-        if issued - CLOCK_SKEW > now:
+        if issued > now + CLOCK_SKEW:  # skew added to now: a time near year 1 cannot overflow
             raise ExpiredFileError(f"{what} claims to be issued at {claims['issued_at']}, in the future ({now:%Y-%m-%dT%H:%M:%SZ})")
-        if claims["expires_at"] is not None and _utc(claims["expires_at"], what) + CLOCK_SKEW < now:
+        if claims["expires_at"] is not None and _utc(claims["expires_at"], what) < now - CLOCK_SKEW:
             raise ExpiredFileError(f"{what} expired at {claims['expires_at']}; ask the server for a fresh file")
 
 

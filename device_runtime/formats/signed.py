@@ -262,14 +262,12 @@ def _parse_claims(raw: bytes, what: str) -> dict[str, Any]:
     return claims
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def _is_hex(value: Any, n_bytes: int) -> bool:
-    if not isinstance(value, str) or len(value) != 2 * n_bytes:
-        return False
-    try:
-        bytes.fromhex(value)
-    except ValueError:
-        return False
-    return True
+    """Exactly ``2 * n_bytes`` hex digits (``bytes.fromhex`` alone would also take spaces)."""
+    return isinstance(value, str) and len(value) == 2 * n_bytes and all(c in _HEX_DIGITS for c in value)
 
 
 def decrypt_payload(envelope: Envelope, aes_key: bytes | None, what: str = "signed file") -> bytes | memoryview:
@@ -309,7 +307,7 @@ REVOCATIONS_VERSION = 1
 
 def encode_revocations(key_ids: Iterable[str]) -> bytes:
     """The revocation list file: ``{"format": "lowra-revocations", "format_version": 1, "revoked": [key ids]}``."""
-    ids = sorted(set(key_ids))
+    ids = sorted({k.lower() if isinstance(k, str) else k for k in key_ids})
     bad = [k for k in ids if not _is_hex(k, KEY_ID_BYTES)]
     if bad:
         raise BlobContentError(f"key ids {bad[:3]} are not {KEY_ID_BYTES}-byte hex ids")
@@ -323,7 +321,7 @@ def decode_revocations(data: bytes, what: str = "revocation list") -> frozenset[
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BlobContentError(f"{what} is not valid JSON ({str(exc)[:200]})") from None
     if (not isinstance(doc, dict) or doc.get("format") != REVOCATIONS_FORMAT
-            or doc.get("format_version") != REVOCATIONS_VERSION or not isinstance(doc.get("revoked"), list)
-            or not all(_is_hex(k, KEY_ID_BYTES) for k in doc["revoked"])):
+            or type(doc.get("format_version")) is not int or doc["format_version"] != REVOCATIONS_VERSION
+            or not isinstance(doc.get("revoked"), list) or not all(_is_hex(k, KEY_ID_BYTES) for k in doc["revoked"])):
         raise BlobContentError(f"{what}: expected {{format: {REVOCATIONS_FORMAT!r}, format_version: 1, revoked: [key ids]}}")
-    return frozenset(doc["revoked"])
+    return frozenset(k.lower() for k in doc["revoked"])  # key ids are compared in lower case

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import struct
 
 import numpy as np
@@ -110,6 +111,46 @@ def test_expired_and_future_files(keys, blob):
     future = sign(blob, keys[1], now=NOW + dt.timedelta(days=1))
     with pytest.raises(ExpiredFileError, match="in the future"):
         open_(policy(keys), future)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("2026-11-29T11:00:00+00:00", True), ("2026-11-29T11:00:00Z", True), ("2026-11-29T11:00:00.5+01:00", True),
+    ("2024-02-29T11:00:00Z", True), ("2026-11-29T11:00:00", False), ("2026-11-29 11:00:00Z", False),
+    ("20261129T110000Z", False), ("2026-11-29T11:00Z", False), ("2026-02-29T11:00:00Z", False),
+    ("2026-11-29T11:00:00.1234567Z", False), ("2026-11-29T11:00:00+24:00", False), ("2026-11-29T11:00:00+01", False),
+])
+def test_claim_times_have_one_spelling(keys, blob, text, ok):
+    """RFC 3339 as docs/FORMAT.md spells it, nothing else Python's fromisoformat would take (liblowra parses the
+    same set)."""
+    data = signed.seal(blob, {**signed.read_unverified(sign(blob, keys[1])).claims, "issued_at": text},
+                       keys[1])
+    if ok:
+        open_(policy(keys), data)
+    else:
+        with pytest.raises(BlobContentError, match="time"):
+            open_(policy(keys), data)
+
+
+def test_hex_fields_are_digits_only_and_key_ids_any_case(keys, blob):
+    data = sign(blob, keys[1], encryption_key=bytes(32))
+    claims = dict(signed.read_unverified(data).claims)
+    claims["encryption"] = {**claims["encryption"], "nonce": "00 " + "11" * 10 + "2"}  # bytes.fromhex takes it
+    envelope = signed.read_unverified(data)
+    prefix = signed.PREFIX.pack(signed.MAGIC, 1, signed.FLAG_ENCRYPTED, bytes.fromhex(envelope.key_id),
+                                len(signed.canonical_json(claims)), len(envelope.payload))
+    body = prefix + signed.canonical_json(claims) + bytes(envelope.payload)
+    with pytest.raises(BlobContentError, match="encryption"):
+        open_(policy(keys), body + keys[1].sign(body))
+    kid = keys[3].key_id
+    assert signed.decode_revocations(signed.encode_revocations([kid.upper()])) == {kid}
+    upper = json.dumps({"format": "lowra-revocations", "format_version": 1, "revoked": [kid.upper()]}).encode()
+    assert signed.decode_revocations(upper) == {kid}
+    with pytest.raises(RevokedKeyError):
+        open_(policy(keys, revoked_keys=signed.decode_revocations(upper)), sign(blob, keys[1]))
+    for bad in ('{"format": "lowra-revocations", "format_version": true, "revoked": []}',
+                '{"format": "lowra-revocations", "format_version": 1, "revoked": ["' + " " * 2 + "0" * 30 + '"]}'):
+        with pytest.raises(BlobContentError):
+            signed.decode_revocations(bad.encode())
 
 
 def test_revoked_key(keys, blob, tmp_path):
