@@ -1,9 +1,14 @@
 // lowra_chat: the command-line app that links liblowra. It opens a base or an exported model folder, then swaps
 // users and generates on commands read from stdin, one per line; built and run in CI.
 //
-//   lowra_chat BASE            BASE: a quantized base file or a Hugging Face model folder (weights only)
-//   lowra_chat MODEL [MODE]    MODEL: an ExecuTorch model folder (manifest.json), MODE side (default) or merge;
-//                              needs liblowra_program (built when CMake finds the ExecuTorch runtime)
+//   lowra_chat [OPTIONS] BASE          BASE: a quantized base file or a Hugging Face model folder (weights only)
+//   lowra_chat [OPTIONS] MODEL [MODE]  MODEL: an ExecuTorch model folder (manifest.json), MODE side (default) or
+//                                      merge; needs liblowra_program (built when CMake finds the ExecuTorch runtime)
+//   options (signed files, docs/FORMAT.md "Signed files"):
+//     --key PUBLIC.pem         trust files signed by this key (repeatable); then unsigned files are refused
+//     --revocations FILE       the keys of this revocation list (revocations.json) are refused
+//     --user ID                the user this app loads blobs for (a signed blob of another user is refused)
+//     --decryption-key FILE    the user's 32-byte AES key, for encrypted blobs
 //   load FILE                  verify FILE against the base and apply it (replaces the current user)
 //   unload                     back to the pristine base
 //   generate N ID ID ...       (MODEL) up to N greedy tokens after the prompt's token ids: "ok tokens ID ID ..."
@@ -39,6 +44,57 @@ bool read_file(const std::string& path, std::vector<uint8_t>& out) {
 
 void report_error(lowra_status status) { std::printf("error %d %s\n", static_cast<int>(status), lowra_last_error()); }
 
+// The options: a trust policy (null when no key is pinned: the default policy), the user, the decryption key.
+struct Options {
+  lowra_trust* trust = nullptr;
+  std::string user;
+  bool has_user = false;
+  std::vector<uint8_t> decryption_key;
+  const char* user_id() const { return has_user ? user.c_str() : nullptr; }
+  const uint8_t* key() const { return decryption_key.empty() ? nullptr : decryption_key.data(); }
+};
+
+// Parse the options before the positional arguments; false (after a message) on a bad one.
+bool parse_options(int argc, char** argv, Options& options, std::vector<std::string>& positional) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg != "--key" && arg != "--revocations" && arg != "--user" && arg != "--decryption-key") {
+      positional.push_back(arg);
+      continue;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "%s needs a value\n", arg.c_str());
+      return false;
+    }
+    const std::string value = argv[++i];
+    if (arg == "--user") {
+      options.user = value, options.has_user = true;
+      continue;
+    }
+    std::vector<uint8_t> bytes;
+    if (!read_file(value, bytes)) {
+      std::fprintf(stderr, "cannot read %s (%s)\n", value.c_str(), arg.c_str());
+      return false;
+    }
+    lowra_status status = LOWRA_OK;
+    if (arg == "--decryption-key") {
+      options.decryption_key = bytes;
+      continue;
+    }
+    if (!options.trust && (status = lowra_trust_new(&options.trust)) != LOWRA_OK) {
+      report_error(status);
+      return false;
+    }
+    status = arg == "--key" ? lowra_trust_pin_key(options.trust, bytes.data(), bytes.size(), nullptr, 0)
+                            : lowra_trust_revoke(options.trust, bytes.data(), bytes.size());
+    if (status != LOWRA_OK) {
+      report_error(status);
+      return false;
+    }
+  }
+  return true;
+}
+
 #ifdef LOWRA_WITH_PROGRAM
 bool is_model_folder(const std::string& path) {
   struct stat info {};
@@ -49,11 +105,13 @@ void report_program_error(lowra_status status) {
   std::printf("error %d %s\n", static_cast<int>(status), lowra_program_last_error());
 }
 
-int run_model(const std::string& folder, const std::string& mode) {
+int run_model(const std::string& folder, const std::string& mode, const Options& options) {
   lowra_model* model = nullptr;
   lowra_status status = lowra_model_open(folder.c_str(), mode.c_str(), 1, &model);
+  if (status == LOWRA_OK && options.trust) status = lowra_model_set_trust(model, options.trust);
   if (status != LOWRA_OK) {
     report_program_error(status);
+    lowra_model_close(model);
     return 1;
   }
   std::printf("ok model %s mode %s vocab %zu positions %zu\n", folder.c_str(), mode.c_str(),
@@ -70,7 +128,9 @@ int run_model(const std::string& folder, const std::string& mode) {
       lowra_user_info info;
       if (!read_file(path, blob)) {
         std::printf("error %d cannot read %s\n", static_cast<int>(LOWRA_ERR_IO), path.c_str());
-      } else if ((status = lowra_model_user_load(model, blob.data(), blob.size(), &info)) != LOWRA_OK) {
+      } else if ((status = lowra_model_user_load_signed(model, blob.data(), blob.size(), options.user_id(),
+                                                        options.key(), options.decryption_key.size(), &info)) !=
+                 LOWRA_OK) {
         report_program_error(status);
       } else {
         current = info.adapter_id;
@@ -118,22 +178,34 @@ int run_model(const std::string& folder, const std::string& mode) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  Options options;
+  std::vector<std::string> args;
+  if (!parse_options(argc, argv, options, args)) return 2;
+  // The base or model shares the policy; the app's handle can go once it is handed over.
+  struct TrustFree {
+    lowra_trust* trust;
+    ~TrustFree() { lowra_trust_free(trust); }
+  } free_trust{options.trust};
 #ifdef LOWRA_WITH_PROGRAM
-  if ((argc == 2 || argc == 3) && is_model_folder(argv[1])) return run_model(argv[1], argc == 3 ? argv[2] : "side");
+  if ((args.size() == 1 || args.size() == 2) && is_model_folder(args[0]))
+    return run_model(args[0], args.size() == 2 ? args[1] : "side", options);
 #endif
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s BASE  (then commands on stdin: load FILE | unload | sum NAME | user | quit)\n"
-                         "       %s MODEL_FOLDER [side|merge]  (load FILE | unload | generate N IDS | user | quit)\n",
+  if (args.size() != 1) {
+    std::fprintf(stderr, "usage: %s [OPTIONS] BASE  (then commands on stdin: load FILE | unload | sum NAME | user | "
+                         "quit)\n"
+                         "       %s [OPTIONS] MODEL_FOLDER [side|merge]  (load FILE | unload | generate N IDS | user "
+                         "| quit)\n"
+                         "options: --key PUBLIC.pem (repeatable) --revocations FILE --user ID --decryption-key FILE\n",
                  argv[0], argv[0]);
     return 2;
   }
   lowra_base* base = nullptr;
-  lowra_status status = lowra_base_open(argv[1], &base);
+  lowra_status status = lowra_base_open_trusted(args[0].c_str(), options.trust, &base);
   if (status != LOWRA_OK) {
     report_error(status);
     return 1;
   }
-  std::printf("ok base %s tensors %zu\n", argv[1], lowra_tensor_count(base));
+  std::printf("ok base %s tensors %zu\n", args[0].c_str(), lowra_tensor_count(base));
   std::string line;
   while (std::getline(std::cin, line)) {
     std::string command = line.substr(0, line.find(' '));
@@ -144,7 +216,8 @@ int main(int argc, char** argv) {
         std::printf("error %d cannot read %s\n", static_cast<int>(LOWRA_ERR_IO), argument.c_str());
       } else {
         lowra_user_info info;
-        status = lowra_user_load(base, blob.data(), blob.size(), &info);
+        status = lowra_user_load_signed(base, blob.data(), blob.size(), options.user_id(), options.key(),
+                                        options.decryption_key.size(), &info);
         if (status != LOWRA_OK) report_error(status);
         else std::printf("ok user %s modules %zu bits %.3f load_ms %.2f\n", info.adapter_id, info.n_modules,
                          info.effective_bits, info.load_ms);

@@ -1,6 +1,6 @@
 /* liblowra: the C ABI a mobile app links to verify, decode and apply lowra adapter blobs on device.
  *
- * The spec is docs/FORMAT.md ("Adapter blob" v1, "Quantized base"); the numpy reference in
+ * The spec is docs/FORMAT.md ("Adapter blob" v1, "Quantized base", "Signed files"); the numpy reference in
  * lowra.device_runtime.formats is the truth this library is tested against byte for byte.
  *
  * Conventions: every function returns a lowra_status (LOWRA_OK = 0) and never lets a C++ exception cross the
@@ -42,10 +42,21 @@ typedef enum lowra_status {
   LOWRA_ERR_NO_USER = 10,           /* an operation needs a loaded user and none is */
   LOWRA_ERR_INTERNAL = 11,          /* out of memory or a bug: the message says which */
   LOWRA_ERR_PROGRAM = 12,           /* ExecuTorch refused a program or its data (ProgramError; lowra_program.h) */
-  LOWRA_ERR_KERNEL = 13             /* a program's operator has no kernel loaded (KernelLibraryError) */
+  LOWRA_ERR_KERNEL = 13,            /* a program's operator has no kernel loaded (KernelLibraryError) */
+  /* Signed files (docs/FORMAT.md "Signed files"), one code per TrustError subclass: */
+  LOWRA_ERR_FORGED = 14,          /* the signature does not match the bytes (ForgedSignatureError) */
+  LOWRA_ERR_UNTRUSTED_KEY = 15,   /* signed by a key the app did not pin (UntrustedKeyError) */
+  LOWRA_ERR_REVOKED_KEY = 16,     /* signed by a key on the app's revocation list (RevokedKeyError) */
+  LOWRA_ERR_UNSIGNED = 17,        /* an unsigned file where the app only accepts signed ones (UnsignedFileError) */
+  LOWRA_ERR_EXPIRED = 18,         /* expired, or issued in the future (ExpiredFileError) */
+  LOWRA_ERR_REPLAYED = 19,        /* an older sequence than one accepted before (ReplayedFileError) */
+  LOWRA_ERR_WRONG_RECIPIENT = 20, /* made for another user or device (WrongRecipientError) */
+  LOWRA_ERR_DECRYPTION_KEY = 21,  /* encrypted, and no key or another key was given (DecryptionKeyError) */
+  LOWRA_ERR_TAMPERED = 22         /* the payload fails authentication or its signed digest (PayloadTamperedError) */
 } lowra_status;
 
 typedef struct lowra_base lowra_base; /* a base model's weights, the pristine copy, plus at most one active user */
+typedef struct lowra_trust lowra_trust; /* an app's trust policy for signed files (lowra.device_runtime.TrustPolicy) */
 
 /* What lowra_user_load loaded. Strings point into the base handle and stay valid until the next load/unload. */
 typedef struct lowra_user_info {
@@ -64,10 +75,38 @@ LOWRA_API const char* lowra_last_error(void);
 LOWRA_API const char* lowra_version(void);
 LOWRA_API int lowra_abi_version(void);
 
+/* ---- Trust: which signed files the app accepts (lowra.device_runtime.trust.TrustPolicy, docs/FORMAT.md "Reading").
+ * A new policy pins no key: unsigned (v1) files are accepted and every signed file is LOWRA_ERR_UNTRUSTED_KEY. Once
+ * a key is pinned, unsigned files are LOWRA_ERR_UNSIGNED unless lowra_trust_allow_unsigned(trust, 1). Configure a
+ * policy before handing it to a base or model; it is shared with them (freeing it while they are open is safe), and
+ * its replay store is safe to use from several threads. */
+LOWRA_API lowra_status lowra_trust_new(lowra_trust** out);
+LOWRA_API void lowra_trust_free(lowra_trust* trust);
+/* Pin a public key: 32 raw Ed25519 bytes or a PEM "PUBLIC KEY" file's bytes (`lowra keys new` writes one).
+ * `key_id_out` (may be null) receives its 32-hex-digit id and a NUL (33 bytes). */
+LOWRA_API lowra_status lowra_trust_pin_key(lowra_trust* trust, const uint8_t* key, size_t key_size, char* key_id_out,
+                                           size_t key_id_size);
+/* Add the key ids of a revocation list (the bytes of `revocations.json`, `lowra keys revoke`). */
+LOWRA_API lowra_status lowra_trust_revoke(lowra_trust* trust, const uint8_t* list, size_t list_size);
+/* 1: accept unsigned files even with keys pinned; 0: never; -1: the default (only while no key is pinned). */
+LOWRA_API lowra_status lowra_trust_allow_unsigned(lowra_trust* trust, int allow);
+/* This device's id: a file bound to another device is LOWRA_ERR_WRONG_RECIPIENT. Null: no id (such files refused). */
+LOWRA_API lowra_status lowra_trust_set_device(lowra_trust* trust, const char* device_id);
+/* Keep the accepted sequences in this file (JSON, rewritten atomically after each accepted file; the format
+ * FileSequenceStore writes), so restarting the app cannot replay an old file. Read now; missing is empty. */
+LOWRA_API lowra_status lowra_trust_set_sequence_file(lowra_trust* trust, const char* path);
+/* The time the checks use, in seconds since the Unix epoch (an app with a trusted clock; tests); LOWRA_SYSTEM_TIME
+ * goes back to the system clock. */
+#define LOWRA_SYSTEM_TIME INT64_MIN
+LOWRA_API lowra_status lowra_trust_set_time(lowra_trust* trust, int64_t unix_seconds);
+
 /* Open a base: a quantized base file written by `lowra quantize-base` (every layer decoded to float32, dense float
  * tensors widened, tied tensors under every name) or a Hugging Face model folder holding model.safetensors
  * (F32/F16/BF16 weights widened to float32). Verifies the file as the Python reader does. */
 LOWRA_API lowra_status lowra_base_open(const char* path, lowra_base** out);
+/* lowra_base_open under `trust` (null: the default policy): a signed base file is authenticated before any of it is
+ * parsed, and its claims must name its own fingerprint and content. The base keeps the policy for its users. */
+LOWRA_API lowra_status lowra_base_open_trusted(const char* path, lowra_trust* trust, lowra_base** out);
 /* Free the base and its user's buffers. Null is accepted. */
 LOWRA_API void lowra_base_close(lowra_base* base);
 
@@ -81,6 +120,14 @@ LOWRA_API lowra_status lowra_base_fingerprint(lowra_base* base, const char* cons
  * On any failure the previous user (or the pristine base) stays active, unchanged. `info` may be null. */
 LOWRA_API lowra_status lowra_user_load(lowra_base* base, const uint8_t* blob, size_t blob_size,
                                        lowra_user_info* info);
+/* lowra_user_load of a blob that may be signed and encrypted, under the base's trust policy: `user_id` (may be null)
+ * names the user this load is for, so a signed blob of another user is refused; `decryption_key` (32 bytes, may be
+ * null) opens an encrypted blob, in memory. A signed blob's claims must name the blob inside, and a non-null
+ * base_content claim must be this base's payload_sha256 (LOWRA_ERR_BASE_MISMATCH on a model folder, which cannot
+ * prove its content). lowra_user_load(b, blob, n, info) is lowra_user_load_signed(b, blob, n, NULL, NULL, 0, info). */
+LOWRA_API lowra_status lowra_user_load_signed(lowra_base* base, const uint8_t* blob, size_t blob_size,
+                                              const char* user_id, const uint8_t* decryption_key, size_t key_size,
+                                              lowra_user_info* info);
 /* Back to the pristine base, bit-exactly (the user's buffers are dropped; the base was never written). */
 LOWRA_API lowra_status lowra_user_unload(lowra_base* base);
 /* The active user's id ("" when none) through `info` as lowra_user_load fills it; LOWRA_ERR_NO_USER when none. */

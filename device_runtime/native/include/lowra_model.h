@@ -28,6 +28,15 @@ LOWRA_API void lowra_model_close(lowra_model* model);
  * user (or the base) stays active. `info` may be null; its strings live until the next load/unload. */
 LOWRA_API lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size_t blob_size,
                                              lowra_user_info* info);
+/* Check users' blobs under `trust` (lowra.h, "Trust"; shared with the app, which may free its handle). Until this
+ * is called the model uses the default policy: unsigned blobs accepted, every signed blob LOWRA_ERR_UNTRUSTED_KEY. */
+LOWRA_API lowra_status lowra_model_set_trust(lowra_model* model, lowra_trust* trust);
+/* lowra_model_user_load of a blob that may be signed and encrypted (see lowra_user_load_signed): `user_id` and
+ * `decryption_key` may be null. A signed blob with a base_content claim is refused (LOWRA_ERR_BASE_MISMATCH): a
+ * program cannot prove its base's content, as in the Python ExecutorchEngine. */
+LOWRA_API lowra_status lowra_model_user_load_signed(lowra_model* model, const uint8_t* blob, size_t blob_size,
+                                                    const char* user_id, const uint8_t* decryption_key,
+                                                    size_t key_size, lowra_user_info* info);
 /* Back to the base, bit-exactly (every user range is rewritten: zeros in side mode, the pristine template weight in
  * merge mode). A swap rewrites the loaded program's data in place: no program reload. */
 LOWRA_API lowra_status lowra_model_user_unload(lowra_model* model);

@@ -33,6 +33,7 @@
 #include "../src/mapped_file.hpp"
 #include "../src/runtime.hpp"
 #include "../src/sha256.hpp"
+#include "../src/trust.hpp"
 #include "program_internal.hpp"
 
 namespace {
@@ -148,6 +149,8 @@ struct lowra_model {
   std::vector<uint8_t> data;
   std::unique_ptr<Module> module;
   std::unique_ptr<UserState> user;
+  // The app's trust policy for users' blobs (lowra_model_set_trust); the default pins no key.
+  std::shared_ptr<lowra::TrustPolicy> trust = std::make_shared<lowra::TrustPolicy>();
 
   // A copy of the template with the user's tensors written (module -> decoded factors; empty = the base).
   std::vector<uint8_t> compose(const std::map<std::string, lowra::Factors>& factors = {}) const {
@@ -356,19 +359,39 @@ lowra_status lowra_model_open(const char* folder, const char* mode, int verify, 
 
 void lowra_model_close(lowra_model* model) { delete model; }
 
+lowra_status lowra_model_set_trust(lowra_model* model, lowra_trust* trust) {
+  if (model == nullptr || trust == nullptr)
+    return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_set_trust: model and trust must not be null");
+  model->trust = trust->policy;
+  return lowra_program_detail::ok();
+}
+
 lowra_status lowra_model_user_load(lowra_model* model, const uint8_t* blob, size_t blob_size, lowra_user_info* info) {
+  return lowra_model_user_load_signed(model, blob, blob_size, nullptr, nullptr, 0, info);
+}
+
+lowra_status lowra_model_user_load_signed(lowra_model* model, const uint8_t* blob, size_t blob_size,
+                                          const char* user_id, const uint8_t* decryption_key, size_t key_size,
+                                          lowra_user_info* info) {
   if (model == nullptr || blob == nullptr)
     return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_user_load: model and blob must not be null");
   return guarded([&] {
     const auto start = std::chrono::steady_clock::now();
-    lowra::check_blob_size(blob, blob_size);
-    lowra::Blob parsed = lowra::parse_blob(blob, blob_size, "blob");
+    const std::string user_text = user_id ? user_id : "";
+    lowra::LoadOptions options;
+    options.user_id = user_id ? &user_text : nullptr;
+    options.decryption_key = decryption_key;
+    options.decryption_key_size = decryption_key ? key_size : 0;
+    lowra::Json claims;
+    lowra::Blob parsed = lowra::open_blob(*model->trust, blob, blob_size, options, &claims);
     const auto shape_lookup = [model](const std::string& name) -> const std::vector<int64_t>* {
       auto it = model->modules.find(name);
       return it == model->modules.end() ? nullptr : &it->second.shape;
     };
     const auto digest_lookup = [model](const std::string& name) { return model->modules.at(name).digest; };
     lowra::check_base_binding(parsed, "the program at " + model->folder, shape_lookup, digest_lookup);
+    // A program cannot prove its base's content (ExecutorchEngine: check_base_content(parsed, None, ...)).
+    lowra::check_base_content(parsed, &claims, nullptr, "the program at " + model->folder);
     std::map<std::string, lowra::Factors> factors;
     for (size_t i = 0; i < parsed.modules.size(); ++i) {
       const int64_t kept = (factors[parsed.modules[i].name] = lowra::decode_factors(parsed, i)).kept;

@@ -9,10 +9,12 @@
 #include "error.hpp"
 #include "runtime.hpp"
 #include "sha256.hpp"
+#include "signed.hpp"
+#include "trust.hpp"
 
 struct lowra_base {
   lowra::Runtime runtime;
-  explicit lowra_base(const std::string& path) : runtime(path) {}
+  lowra_base(const std::string& path, std::shared_ptr<lowra::TrustPolicy> trust) : runtime(path, std::move(trust)) {}
 };
 
 namespace {
@@ -79,11 +81,78 @@ const char* lowra_last_error(void) { return last_error.c_str(); }
 const char* lowra_version(void) { return "0.1.0"; }
 int lowra_abi_version(void) { return LOWRA_ABI_VERSION; }
 
-lowra_status lowra_base_open(const char* path, lowra_base** out) {
+lowra_status lowra_trust_new(lowra_trust** out) {
+  return guarded([&] {
+    require(out != nullptr, "lowra_trust_new: out must not be null");
+    *out = nullptr;
+    *out = new lowra_trust();
+  });
+}
+
+void lowra_trust_free(lowra_trust* trust) { delete trust; }
+
+lowra_status lowra_trust_pin_key(lowra_trust* trust, const uint8_t* key, size_t key_size, char* key_id_out,
+                                 size_t key_id_size) {
+  return guarded([&] {
+    require(trust && key, "lowra_trust_pin_key: trust and key must not be null");
+    const lowra::PublicKey raw = lowra::load_public_key(key, key_size);
+    const std::string id = lowra::key_id(raw);
+    if (key_id_out) copy_out(id, key_id_out, key_id_size, "lowra_trust_pin_key");
+    trust->policy->pin(raw);
+  });
+}
+
+lowra_status lowra_trust_revoke(lowra_trust* trust, const uint8_t* list, size_t list_size) {
+  return guarded([&] {
+    require(trust && list, "lowra_trust_revoke: trust and list must not be null");
+    for (const std::string& id : lowra::decode_revocations(list, list_size, "revocation list"))
+      trust->policy->revoked.insert(id);
+  });
+}
+
+lowra_status lowra_trust_allow_unsigned(lowra_trust* trust, int allow) {
+  return guarded([&] {
+    require(trust != nullptr, "lowra_trust_allow_unsigned: trust must not be null");
+    require(allow >= -1 && allow <= 1, "lowra_trust_allow_unsigned: allow is 1 (yes), 0 (no) or -1 (the default)");
+    trust->policy->allow_unsigned = allow;
+  });
+}
+
+lowra_status lowra_trust_set_device(lowra_trust* trust, const char* device_id) {
+  return guarded([&] {
+    require(trust != nullptr, "lowra_trust_set_device: trust must not be null");
+    if (device_id) trust->policy->device_id = device_id;
+    else trust->policy->device_id.reset();
+  });
+}
+
+lowra_status lowra_trust_set_sequence_file(lowra_trust* trust, const char* path) {
+  return guarded([&] {
+    require(trust && path && *path, "lowra_trust_set_sequence_file: trust and a non-empty path are needed");
+    trust->policy->sequences.use_file(path);
+  });
+}
+
+lowra_status lowra_trust_set_time(lowra_trust* trust, int64_t unix_seconds) {
+  return guarded([&] {
+    require(trust != nullptr, "lowra_trust_set_time: trust must not be null");
+    constexpr int64_t kLimit = INT64_MAX / 1000000 - 1;  // the checks add the clock skew in microseconds
+    if (unix_seconds == LOWRA_SYSTEM_TIME) {
+      trust->policy->fixed_time.reset();
+      return;
+    }
+    require(unix_seconds > -kLimit && unix_seconds < kLimit, "lowra_trust_set_time: time out of range");
+    trust->policy->fixed_time = unix_seconds * 1000000;
+  });
+}
+
+lowra_status lowra_base_open(const char* path, lowra_base** out) { return lowra_base_open_trusted(path, nullptr, out); }
+
+lowra_status lowra_base_open_trusted(const char* path, lowra_trust* trust, lowra_base** out) {
   return guarded([&] {
     require(path && out, "lowra_base_open: path and out must not be null");
     *out = nullptr;
-    *out = new lowra_base(path);
+    *out = new lowra_base(path, trust ? trust->policy : nullptr);
   });
 }
 
@@ -103,10 +172,20 @@ lowra_status lowra_base_fingerprint(lowra_base* base, const char* const* modules
 }
 
 lowra_status lowra_user_load(lowra_base* base, const uint8_t* blob, size_t blob_size, lowra_user_info* info) {
+  return lowra_user_load_signed(base, blob, blob_size, nullptr, nullptr, 0, info);
+}
+
+lowra_status lowra_user_load_signed(lowra_base* base, const uint8_t* blob, size_t blob_size, const char* user_id,
+                                    const uint8_t* decryption_key, size_t key_size, lowra_user_info* info) {
   return guarded([&] {
     require(base && (blob || blob_size == 0), "lowra_user_load: base and blob must not be null");
     static const uint8_t empty = 0;
-    base->runtime.load_user(blob ? blob : &empty, blob_size);
+    const std::string user = user_id ? user_id : "";
+    lowra::LoadOptions options;
+    options.user_id = user_id ? &user : nullptr;
+    options.decryption_key = decryption_key;
+    options.decryption_key_size = decryption_key ? key_size : 0;
+    base->runtime.load_user(blob ? blob : &empty, blob_size, options);
     if (info) fill_info(*base->runtime.user(), info);
   });
 }

@@ -275,7 +275,7 @@ std::vector<float> dequantize(const Layer& layer, const uint8_t* data) {
 
 }  // namespace
 
-std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out) {
+BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out) {
   Header header = parse_header(data, size, what, kBaseLimits);
   check_envelope(header, what, "lowra-base", {"1", "2"},
                  {"format", "format_version", "modules", "group_size", "aliases", "source", "scheme", "report",
@@ -407,7 +407,7 @@ std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::s
     out.add(info->name, std::move(t));
   }
   for (const auto& [alias, target] : aliases_json.members) out.add(alias, *out.find(target.text));
-  return header.metadata.at("payload_sha256");
+  return BaseIdentity{header.metadata.at("payload_sha256"), fingerprint};
 }
 
 }  // namespace lowra

@@ -10,7 +10,14 @@
 
 namespace lowra {
 
-// Verify the file's bytes and decode every tensor into `out`; returns the file's payload_sha256.
-std::string read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out);
+// What a verified base file says it is: its payload_sha256 (the content every tensor hashes to) and its quantized
+// fingerprint (what adapters trained on it name).
+struct BaseIdentity {
+  std::string payload_sha256;
+  std::string fingerprint;
+};
+
+// Verify the file's bytes and decode every tensor into `out`.
+BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out);
 
 }  // namespace lowra

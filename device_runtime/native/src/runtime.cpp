@@ -9,21 +9,12 @@
 #include "mapped_file.hpp"
 #include "quantized_base.hpp"
 #include "sha256.hpp"
+#include "signed.hpp"
 #include "unicode.hpp"
 
 namespace lowra {
 
 namespace {
-
-// docs/FORMAT.md "Signed files": the first 8 bytes of a signed envelope.
-constexpr char kSignedMagic[8] = {'L', 'O', 'W', 'R', 'A', '\0', 'S', 'G'};
-
-bool is_signed(const uint8_t* data, uint64_t size) { return size >= 8 && std::memcmp(data, kSignedMagic, 8) == 0; }
-
-[[noreturn]] void refuse_signed(const std::string& what) {
-  fail(LOWRA_ERR_UNSUPPORTED_FORMAT, what + " is a signed file (format v2); liblowra does not check signatures yet. "
-                                            "Load its unsigned body, or use the Python runtime with a TrustPolicy");
-}
 
 // A Hugging Face model folder's model.safetensors: every tensor, F16/BF16/F64 floats widened to float32.
 void read_model_folder(const std::string& folder, TensorTable& out) {
@@ -55,13 +46,23 @@ double ms_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-Runtime::Runtime(const std::string& path) : path_(path) {
+Runtime::Runtime(const std::string& path, std::shared_ptr<TrustPolicy> trust)
+    : path_(path), trust_(trust ? std::move(trust) : std::make_shared<TrustPolicy>()) {
   switch (path_kind(path)) {
-    case PathKind::File: {
+    case PathKind::File: {  // trust.open_quantized_base: a signed file is authenticated before any of it is parsed
       std::string what = "quantized base " + path;
       MappedFile mapped(path, what + " does not exist");
-      if (is_signed(mapped.data(), mapped.size())) refuse_signed(what);
-      content_digest_ = read_quantized_base(mapped.data(), mapped.size(), what, tensors_);
+      Opened opened = trust_->open(mapped.data(), mapped.size(), "lowra-base", what, nullptr, nullptr, 0);
+      BaseIdentity base = read_quantized_base(opened.body.data(), opened.body.size(), what, tensors_);
+      if (opened.claims) {
+        const Json& c = *opened.claims;
+        const Json* bound = c.find("base_fingerprint");
+        const Json* content = c.find("base_content");
+        if (c.find("subject")->text != base.fingerprint || !bound->is_string() || bound->text != base.fingerprint ||
+            !content->is_string() || content->text != base.payload_sha256)
+          fail(LOWRA_ERR_CONTENT, what + ": the signed claims describe another base than the file inside");
+      }
+      content_digest_ = base.payload_sha256;
       break;
     }
     case PathKind::Directory:
@@ -143,17 +144,29 @@ void Runtime::check_binding(const Blob& blob) {
   check_base_binding(blob, "the loaded base at " + path_, shape_of(), digest_of());
 }
 
-void check_blob_size(const uint8_t* data, size_t size) {
+void check_blob_size(size_t size) {
   if (size > kMaxBlobFileBytes)
     fail(LOWRA_ERR_BLOB, "blob of " + std::to_string(size) + " bytes is larger than any adapter blob can be");
-  if (is_signed(data, size)) refuse_signed("blob");
 }
 
-void Runtime::load_user(const uint8_t* data, size_t size) {
+Blob open_blob(TrustPolicy& trust, const uint8_t* data, size_t size, const LoadOptions& options, Json* claims_out) {
+  check_blob_size(size);
+  Opened opened = trust.open(data, size, "lowra-adapter", "blob", options.user_id, options.decryption_key,
+                             options.decryption_key_size);
+  Blob blob = parse_blob(opened.body.data(), static_cast<size_t>(opened.body.size()), "blob");
+  if (opened.claims) {
+    check_blob_claims(blob, *opened.claims, "blob");
+    if (claims_out) *claims_out = std::move(*opened.claims);
+  }
+  return blob;
+}
+
+void Runtime::load_user(const uint8_t* data, size_t size, const LoadOptions& options) {
   auto start = std::chrono::steady_clock::now();
-  check_blob_size(data, size);
-  Blob blob = parse_blob(data, size, "blob");
+  Json claims;
+  Blob blob = open_blob(*trust_, data, size, options, &claims);
   check_binding(blob);
+  check_base_content(blob, &claims, content_digest_.empty() ? nullptr : &content_digest_, "the loaded base at " + path_);
   auto user = std::make_unique<UserState>();
   auto apply_start = std::chrono::steady_clock::now();
   for (size_t i = 0; i < blob.modules.size(); ++i) {

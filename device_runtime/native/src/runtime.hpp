@@ -11,6 +11,7 @@
 
 #include "adapter.hpp"
 #include "tensors.hpp"
+#include "trust.hpp"
 
 namespace lowra {
 
@@ -36,20 +37,30 @@ std::string base_fingerprint(const std::vector<std::string>& modules, const std:
 // formats.check_base_binding: the blob's modules exist in the base with its shapes, and its fingerprint matches.
 void check_base_binding(const Blob& blob, const std::string& where, const ShapeOf& shape_of,
                         const DigestOf& digest_of);
-// The checks before parsing a blob: not larger than any blob can be, not a signed envelope (not read yet).
-void check_blob_size(const uint8_t* data, size_t size);
+// How a user's blob is loaded: for whom (a signed blob for another user is refused) and with which key (an
+// encrypted blob needs its user's 32-byte AES key). Null pointers: not said, no key.
+struct LoadOptions {
+  const std::string* user_id = nullptr;
+  const uint8_t* decryption_key = nullptr;
+  size_t decryption_key_size = 0;
+};
+
+// trust.open_blob: the size bound, the trust policy (signature, claims, decryption, replay), the v1 blob inside and
+// its agreement with the claims, which land in `claims_out` (left null for an unsigned blob).
+Blob open_blob(TrustPolicy& trust, const uint8_t* data, size_t size, const LoadOptions& options, Json* claims_out);
 
 class Runtime {
  public:
-  // A quantized base file or a Hugging Face model folder with model.safetensors (BaseWeights).
-  explicit Runtime(const std::string& path);
+  // A quantized base file (signed or not, as `trust` allows; null: the default policy, no key pinned) or a Hugging
+  // Face model folder with model.safetensors (BaseWeights). The policy is kept for the users loaded on this base.
+  explicit Runtime(const std::string& path, std::shared_ptr<TrustPolicy> trust = nullptr);
 
   const TensorTable& tensors() const { return tensors_; }
   const std::string& path() const { return path_; }
   // BaseWeights.fingerprint: missing modules are a BaseMismatch.
   std::string fingerprint(const std::vector<std::string>& modules);
   // DeviceRuntime.load_user (merge mode): on failure the previous state is kept.
-  void load_user(const uint8_t* data, size_t size);
+  void load_user(const uint8_t* data, size_t size, const LoadOptions& options = {});
   void unload_user() { user_.reset(); }
   const UserState* user() const { return user_.get(); }
   // The tensor as the model computes with it now; null if the base has no such tensor.
@@ -58,6 +69,7 @@ class Runtime {
  private:
   std::string path_;
   TensorTable tensors_;
+  std::shared_ptr<TrustPolicy> trust_;
   std::string content_digest_;  // a quantized base's payload_sha256 (empty for a model folder)
   std::unordered_map<std::string, std::string> digests_;
   std::unique_ptr<UserState> user_;

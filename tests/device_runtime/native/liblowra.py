@@ -21,10 +21,19 @@ from lowra.device_runtime.errors import (
     BlobError,
     BlobTruncatedError,
     ChecksumMismatchError,
+    DecryptionKeyError,
+    ExpiredFileError,
+    ForgedSignatureError,
     KernelLibraryError,
     LowraError,
+    PayloadTamperedError,
     ProgramError,
+    ReplayedFileError,
+    RevokedKeyError,
+    UnsignedFileError,
     UnsupportedFormatError,
+    UntrustedKeyError,
+    WrongRecipientError,
 )
 
 NATIVE_DIR = Path(__file__).resolve().parents[3] / "device_runtime" / "native"
@@ -44,6 +53,15 @@ ERRORS: dict[int, type[Exception]] = {
     11: RuntimeError,
     12: ProgramError,
     13: KernelLibraryError,
+    14: ForgedSignatureError,
+    15: UntrustedKeyError,
+    16: RevokedKeyError,
+    17: UnsignedFileError,
+    18: ExpiredFileError,
+    19: ReplayedFileError,
+    20: WrongRecipientError,
+    21: DecryptionKeyError,
+    22: PayloadTamperedError,
 }
 
 
@@ -99,14 +117,29 @@ class Liblowra:
         lib.lowra_tensor_count.restype = size
         lib.lowra_tensor_name.argtypes = [handle, size]
         lib.lowra_tensor_name.restype = ctypes.c_char_p
+        lib.lowra_base_open_trusted.argtypes = [ctypes.c_char_p, handle, ctypes.POINTER(handle)]
+        lib.lowra_user_load_signed.argtypes = [handle, ctypes.c_char_p, size, ctypes.c_char_p, ctypes.c_char_p, size,
+                                               ctypes.POINTER(UserInfo)]
+        lib.lowra_trust_new.argtypes = [ctypes.POINTER(handle)]
+        lib.lowra_trust_free.argtypes = [handle]
+        lib.lowra_trust_free.restype = None
+        lib.lowra_trust_pin_key.argtypes = [handle, ctypes.c_char_p, size, ctypes.c_char_p, size]
+        lib.lowra_trust_revoke.argtypes = [handle, ctypes.c_char_p, size]
+        lib.lowra_trust_allow_unsigned.argtypes = [handle, ctypes.c_int]
+        lib.lowra_trust_set_device.argtypes = [handle, ctypes.c_char_p]
+        lib.lowra_trust_set_sequence_file.argtypes = [handle, ctypes.c_char_p]
+        lib.lowra_trust_set_time.argtypes = [handle, ctypes.c_int64]
 
     def _check(self, status: int) -> None:
         if status != 0:
             raise ERRORS[status](self.lib.lowra_last_error().decode("utf-8", "replace"))
 
-    def open(self, path: str | Path) -> ctypes.c_void_p:
+    def open(self, path: str | Path, trust: "Trust | None" = None) -> ctypes.c_void_p:
         base = ctypes.c_void_p()
-        self._check(self.lib.lowra_base_open(str(path).encode(), ctypes.byref(base)))
+        if trust is None:
+            self._check(self.lib.lowra_base_open(str(path).encode(), ctypes.byref(base)))
+        else:
+            self._check(self.lib.lowra_base_open_trusted(str(path).encode(), trust.handle, ctypes.byref(base)))
         return base
 
     def close(self, base: ctypes.c_void_p) -> None:
@@ -118,10 +151,21 @@ class Liblowra:
         self._check(self.lib.lowra_base_fingerprint(base, names, len(modules), out, 72))
         return out.value.decode()
 
-    def load(self, base: ctypes.c_void_p, blob: bytes) -> UserInfo:
+    def load(self, base: ctypes.c_void_p, blob: bytes, user_id: str | None = None,
+             decryption_key: bytes | None = None) -> UserInfo:
         info = UserInfo()
-        self._check(self.lib.lowra_user_load(base, blob, len(blob), ctypes.byref(info)))
+        if user_id is None and decryption_key is None:
+            self._check(self.lib.lowra_user_load(base, blob, len(blob), ctypes.byref(info)))
+        else:
+            self._check(self.lib.lowra_user_load_signed(
+                base, blob, len(blob), None if user_id is None else user_id.encode(), decryption_key,
+                len(decryption_key or b""), ctypes.byref(info)))
         return info
+
+    def trust(self, keys=(), revocations: bytes | None = None, allow_unsigned: int = -1, device_id: str | None = None,
+              sequence_file: Path | None = None, now: float | None = None) -> "Trust":
+        """A lowra_trust handle configured like TrustPolicy(trusted_keys=keys, ...); keys are raw or PEM bytes."""
+        return Trust(self, keys, revocations, allow_unsigned, device_id, sequence_file, now)
 
     def unload(self, base: ctypes.c_void_p) -> None:
         self._check(self.lib.lowra_user_unload(base))
@@ -145,6 +189,32 @@ class Liblowra:
         return [self.lib.lowra_tensor_name(base, i).decode() for i in range(self.lib.lowra_tensor_count(base))]
 
 
+class Trust:
+    """A lowra_trust handle (freed with the object)."""
+
+    def __init__(self, native: Liblowra, keys, revocations, allow_unsigned, device_id, sequence_file, now):
+        self.native, lib = native, native.lib
+        self.handle = ctypes.c_void_p()
+        native._check(lib.lowra_trust_new(ctypes.byref(self.handle)))
+        self.key_ids = []
+        for key in keys:
+            out = ctypes.create_string_buffer(33)
+            native._check(lib.lowra_trust_pin_key(self.handle, key, len(key), out, 33))
+            self.key_ids.append(out.value.decode())
+        if revocations is not None:
+            native._check(lib.lowra_trust_revoke(self.handle, revocations, len(revocations)))
+        native._check(lib.lowra_trust_allow_unsigned(self.handle, allow_unsigned))
+        native._check(lib.lowra_trust_set_device(self.handle, None if device_id is None else device_id.encode()))
+        if sequence_file is not None:
+            native._check(lib.lowra_trust_set_sequence_file(self.handle, str(sequence_file).encode()))
+        if now is not None:
+            native._check(lib.lowra_trust_set_time(self.handle, int(now)))
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", None):
+            self.native.lib.lowra_trust_free(self.handle)
+
+
 class Model:
     """liblowra_program's model-folder API (include/lowra_model.h) through ctypes, one handle per instance."""
 
@@ -163,6 +233,9 @@ class Model:
         lib.lowra_model_generate.argtypes = [handle, i64p, size, size, i64p, size, i64p, ctypes.POINTER(size)]
         lib.lowra_model_vocab_size.argtypes = [handle]
         lib.lowra_model_vocab_size.restype = size
+        lib.lowra_model_set_trust.argtypes = [handle, handle]
+        lib.lowra_model_user_load_signed.argtypes = [handle, ctypes.c_char_p, size, ctypes.c_char_p, ctypes.c_char_p,
+                                                     size, ctypes.POINTER(UserInfo)]
         self.handle = handle()
         self._check(lib.lowra_model_open(str(folder).encode(), mode.encode(), int(verify), ctypes.byref(self.handle)))
         self.vocab = lib.lowra_model_vocab_size(self.handle)
@@ -172,10 +245,18 @@ class Model:
         if status != 0:
             raise ERRORS[status](self.lib.lowra_program_last_error().decode("utf-8", "replace"))
 
-    def load(self, blob: bytes) -> UserInfo:
+    def load(self, blob: bytes, user_id: str | None = None, decryption_key: bytes | None = None) -> UserInfo:
         info = UserInfo()
-        self._check(self.lib.lowra_model_user_load(self.handle, blob, len(blob), ctypes.byref(info)))
+        if user_id is None and decryption_key is None:
+            self._check(self.lib.lowra_model_user_load(self.handle, blob, len(blob), ctypes.byref(info)))
+        else:
+            self._check(self.lib.lowra_model_user_load_signed(
+                self.handle, blob, len(blob), None if user_id is None else user_id.encode(), decryption_key,
+                len(decryption_key or b""), ctypes.byref(info)))
         return info
+
+    def set_trust(self, trust: Trust) -> None:
+        self._check(self.lib.lowra_model_set_trust(self.handle, trust.handle))
 
     def unload(self) -> None:
         self._check(self.lib.lowra_model_user_unload(self.handle))

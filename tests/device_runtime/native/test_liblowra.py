@@ -18,18 +18,10 @@ from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
 
 from tests.device_runtime.conftest import CREATED, TINY_MODULES, make_blob_bytes, random_channels, write_base
-from tests.device_runtime.native.liblowra import Liblowra, UserInfo, build, missing_toolchain
+from tests.device_runtime.native.liblowra import Liblowra, UserInfo
 from tests.device_runtime.native.printable_table import TABLE, table_text
 
 U = 2.0 ** -24  # unit roundoff of float32
-
-
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory) -> Path:
-    reason = missing_toolchain()
-    if reason:
-        pytest.skip(f"cannot build liblowra: {reason}")
-    return build(tmp_path_factory.mktemp("liblowra-build"))
 
 
 @pytest.fixture(scope="module")
@@ -319,8 +311,7 @@ def python_error(load) -> type[Exception] | None:
 
 
 # Where liblowra refuses by design what the Python runtime reads: JSON nested deeper than 64 levels (Python stops only
-# at its recursion limit). Signed files are refused by both here (UnsupportedFormatError; liblowra checks no
-# signatures yet, and the Python runtime's default policy pins no key).
+# at its recursion limit). (Signed files: test_trust_native.py.)
 STRICTER = {"deep_json": BlobContentError}
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from lowra.device_runtime.errors import BaseMismatchError, BlobTruncatedError, ChecksumMismatchError
 
-from tests.device_runtime.native.liblowra import Model, build, missing_toolchain
+from tests.device_runtime.native.liblowra import Model
 from tests.export.executorch.test_executorch_artifacts import (
     MAX_SEQ_LEN,
     copy_folder,
@@ -27,13 +27,9 @@ MERGE_TOL = 1e-5  # merge_into's k-sum order (liblowra's loop vs numpy's BLAS); 
 
 
 @pytest.fixture(scope="module")
-def build_dir(tmp_path_factory) -> Path:
-    reason = missing_toolchain()
-    if reason:
-        pytest.skip(f"cannot build liblowra: {reason}")
-    folder = build(tmp_path_factory.mktemp("liblowra-program-build"))
-    assert (folder / "liblowra_program.so").is_file(), "CMake did not find the executorch wheel's runtime"
-    return folder
+def program_build(build_dir) -> Path:
+    assert (build_dir / "liblowra_program.so").is_file(), "CMake did not find the executorch wheel's runtime"
+    return build_dir
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +42,10 @@ def engine():
 
 
 @pytest.mark.parametrize("mode", ["side", "merge"])
-def test_logits_and_tokens_equal_the_python_engine_and_swaps_are_exact(build_dir, engine, mode):
+def test_logits_and_tokens_equal_the_python_engine_and_swaps_are_exact(program_build, engine, mode):
     from lowra.device_runtime.engines.generation import GenerationConfig
 
-    model = Model(build_dir / "liblowra_program.so", exported(), mode)
+    model = Model(program_build / "liblowra_program.so", exported(), mode)
     try:
         base_logits = model.logits(IDS)
         engine.load_user(user_blobs()[0], mode=mode)  # the engine's program of this mode, then its base
@@ -76,10 +72,10 @@ def test_logits_and_tokens_equal_the_python_engine_and_swaps_are_exact(build_dir
         model.close()
 
 
-def test_refusals_keep_the_active_user(build_dir, tmp_path):
+def test_refusals_keep_the_active_user(program_build, tmp_path):
     from tests.device_runtime.engines.test_executorch import other_base_blob
 
-    model = Model(build_dir / "liblowra_program.so", exported(), "side")
+    model = Model(program_build / "liblowra_program.so", exported(), "side")
     try:
         blob = user_blobs()[0].read_bytes()
         model.load(blob)
@@ -96,10 +92,48 @@ def test_refusals_keep_the_active_user(build_dir, tmp_path):
     data[-1] ^= 1
     (folder / "side.ptd").write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatchError, match="side data template"):
-        Model(build_dir / "liblowra_program.so", folder, "side")
+        Model(program_build / "liblowra_program.so", folder, "side")
 
 
-def test_lowra_chat_generates_and_swaps_users_from_token_ids(build_dir, engine, tmp_path):
+def test_signed_blobs_under_the_apps_trust_policy(program_build, tmp_path):
+    """lowra_model_set_trust + lowra_model_user_load_signed: a signed, encrypted blob runs like its plain body; the
+    policy's refusals keep the active user; a base_content claim is refused (a program cannot prove its base)."""
+    import datetime as dt
+
+    from lowra.device_runtime.errors import DecryptionKeyError, UntrustedKeyError, WrongRecipientError
+    from lowra.sdk.signing import load_private_key, new_key, sign_bytes
+
+    from tests.device_runtime.native.liblowra import Liblowra
+
+    server = new_key(tmp_path / "keys", "server")
+    key = load_private_key(server.private_path)
+    body = user_blobs()[0].read_bytes()
+    aes = bytes(range(32))
+    data = sign_bytes(body, key, user_id="alice", sequence=1, encryption_key=aes)
+    model = Model(program_build / "liblowra_program.so", exported(), "side")
+    try:
+        model.load(body)
+        plain_logits = model.logits(IDS)
+        model.unload()
+        with pytest.raises(UntrustedKeyError, match="does not trust"):  # the default policy pins no key
+            model.load(data, user_id="alice", decryption_key=aes)
+        native = Liblowra(program_build / "liblowra.so")
+        model.set_trust(native.trust([server.public_path.read_bytes()]))  # the app's handle is freed right away
+        model.load(data, user_id="alice", decryption_key=aes)
+        assert np.array_equal(model.logits(IDS), plain_logits)
+        with pytest.raises(WrongRecipientError):
+            model.load(data, user_id="bob", decryption_key=aes)
+        with pytest.raises(DecryptionKeyError):
+            model.load(data, user_id="alice")
+        with pytest.raises(BaseMismatchError, match="cannot prove its content"):
+            model.load(sign_bytes(body, key, user_id="alice", sequence=2, base_content="ab" * 32,
+                                  now=dt.datetime.now(dt.timezone.utc)), user_id="alice")
+        assert np.array_equal(model.logits(IDS), plain_logits)
+    finally:
+        model.close()
+
+
+def test_lowra_chat_generates_and_swaps_users_from_token_ids(program_build, engine, tmp_path):
     from lowra.device_runtime.engines.generation import GenerationConfig
 
     first, second = user_blobs()
@@ -108,7 +142,7 @@ def test_lowra_chat_generates_and_swaps_users_from_token_ids(build_dir, engine, 
     prompt = " ".join(str(i) for i in IDS)
     script = "\n".join([f"generate 6 {prompt}", f"load {first}", f"generate 6 {prompt}", f"load {corrupt}", "user",
                         "unload", f"generate 6 {prompt}", "user", "quit"]) + "\n"
-    result = subprocess.run([str(build_dir / "lowra_chat"), str(exported()), "side"], input=script,
+    result = subprocess.run([str(program_build / "lowra_chat"), str(exported()), "side"], input=script,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
