@@ -201,9 +201,10 @@ Header parse_header(const uint8_t* raw, uint64_t file_size, const std::string& w
     for (const Json& d : shape.items) t.shape.push_back(checked_int(d, 0, kMaxDim, what, label + " dimension"));
     int64_t bound = 1;  // numpy refuses such shapes even when one dimension is 0
     for (int64_t d : t.shape) {
-      bound *= std::max<int64_t>(d, 1);
-      if (bound > kMaxDim) fail(LOWRA_ERR_BLOB, what + ": " + label + " shape " + list_text(t.shape) +
-                                                    " is larger than any tensor can be");
+      const int64_t factor = std::max<int64_t>(d, 1);
+      if (bound > kMaxDim / factor)  // bound * factor > kMaxDim, asked without overflowing int64
+        fail(LOWRA_ERR_BLOB, what + ": " + label + " shape " + list_text(t.shape) + " is larger than any tensor can be");
+      bound *= factor;
     }
     if (!offsets.is_array() || offsets.items.size() != 2)
       fail(LOWRA_ERR_BLOB, what + ": " + label + " data_offsets must be [begin, end]");
