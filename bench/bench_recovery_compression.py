@@ -23,27 +23,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from lowra.device_runtime.formats.quantized_base import Recovery, read_quantized_base
-from lowra.sdk.adapters.config import LoraConfig
+from lowra.device_runtime.formats.quantized_base import read_quantized_base
 from lowra.sdk.base_model import load_base
-from lowra.sdk.quant.config import CompressConfig
+from lowra.sdk.quant.base.recovery import compress_recovery
 from lowra.sdk.quant.lowbit_linear import load_quantized_base
 from lowra.sdk.training.eval import heldout_nll
-from lowra.sdk.workflow import compress_factors
-
-
-def compressed_recovery(recovery: Recovery, bits: float) -> tuple[Recovery, int]:
-    """The recovery adapter through the user-adapter codec at ``bits``, decoded (float16, scaling folded into B)."""
-    factors = {name: (torch.from_numpy(np.asarray(a, dtype=np.float32)), torch.from_numpy(np.asarray(b, dtype=np.float32)))
-               for name, (a, b) in recovery.factors.items()}
-    lora = LoraConfig(rank=recovery.rank, alpha=recovery.scaling * recovery.rank)
-    adapter = compress_factors(factors, lora, CompressConfig(bits=bits, weighted=False), adapter_id="recovery",
-                               base_fingerprint="sha256:" + "0" * 64)
-    decoded = {name: (down.astype(np.float16), up.astype(np.float16)) for name, (up, down) in adapter.factors().items()}
-    return replace(recovery, factors=decoded, scaling=1.0), len(adapter.blob_bytes)
 
 
 def nll_with(base, qb) -> float:
@@ -67,7 +53,7 @@ def main() -> None:
         raise SystemExit(f"{args.quantized_base} has no recovery adapter; make one with `lowra recover`")
     base = load_base()
     n_quantized = sum(layer.out_features * layer.in_features for layer in qb.layers.values())
-    stored = sum(a.nbytes + b.nbytes for a, b in qb.recovery.factors.values())
+    stored = sum(a.nbytes for a in qb.recovery.tensors().values())
     rows = []
 
     def row(name: str, nbytes: int, quantized_base) -> None:
@@ -80,8 +66,8 @@ def main() -> None:
     row("no recovery adapter", 0, replace(qb, recovery=None))
     row("recovery, float16 factors", stored, qb)
     for bits in (float(b) for b in args.bits.split(",") if b):
-        recovery, nbytes = compressed_recovery(qb.recovery, bits)
-        row(f"recovery compressed @ {bits:g} bits", nbytes, replace(qb, recovery=recovery))
+        recovery = compress_recovery(qb.recovery, bits, qb.recovery.info.get("plain_fingerprint", "sha256:" + "0" * 64))
+        row(f"recovery compressed @ {bits:g} bits", len(recovery.blob), replace(qb, recovery=recovery))
     if args.out is not None:
         args.out.write_text(json.dumps({"quantized_base": str(args.quantized_base), "threads": args.threads,
                                         "load_avg_1m": round(os.getloadavg()[0], 2), "rows": rows}, indent=1))

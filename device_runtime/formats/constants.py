@@ -16,7 +16,9 @@ BASE_VERSION = 1
 # A base that carries an accuracy-recovery adapter (``lowra recover``) is written as version 2, so a reader that
 # predates recovery refuses it instead of running the base without it; a plain base stays version 1.
 BASE_RECOVERY_VERSION = 2
-BASE_READS = (1, 2)
+# Version 3: the recovery adapter stored compressed, as one adapter blob (the user adapters' codec) inside the base.
+BASE_COMPRESSED_RECOVERY_VERSION = 3
+BASE_READS = (1, 2, 3)
 
 # Bits a channel of an adapter may take; 0 drops the channel (decodes to zeros).
 ADAPTER_WIDTHS = (0, 1, 2, 4)

@@ -21,6 +21,14 @@ Version 2 adds an accuracy-recovery adapter (``lowra recover``), part of the bas
 weight is ``decode(M) + scaling * B @ A`` everywhere (the SDK's training base, the device runtime's decoded base),
 and the fingerprint covers the recovery tensors, so adapters trained on a recovered base bind to it and never load
 on the plain one. A plain base stays version 1, byte for byte.
+
+Version 3 stores the same kind of adapter compressed: one tensor ``recovery.blob`` (uint8, 1-D) holding an adapter
+blob (docs/FORMAT.md "Adapter blob", the codec of users' adapters, read with every check of
+:func:`.adapter.parse_blob`) whose modules are the recovery modules, each of the layer's shape and of the metadata's
+rank. Its decoded factors (float16 levels, the scaling folded into ``up``) are the adapter: ``A = down``,
+``B = up``, and the metadata's ``scaling`` is 1.0; the layer's weight is computed exactly as in version 2. The
+fingerprint hashes ``recovery.blob`` as stored. At 1 bit per factor the adapter costs ~0.05 bits per quantized weight
+instead of ~0.74 as float16 (docs/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from lowra.device_runtime.formats.bitpack import decode_widths, encode_widths, p
 from lowra.device_runtime.formats.constants import (
     BASE_FORMAT as FORMAT_NAME,
     BASE_READS as SUPPORTED_VERSIONS,
+    BASE_COMPRESSED_RECOVERY_VERSION as COMPRESSED_RECOVERY_VERSION,
     BASE_RECOVERY_VERSION as RECOVERY_VERSION,
     BASE_VERSION as FORMAT_VERSION,
     CODED_WIDTHS,
@@ -78,9 +87,10 @@ REQUIRED_METADATA = (
     "created",  # ISO-8601 UTC time of writing
 )
 JSON_METADATA = ("modules", "aliases", "scheme", "report")
-RECOVERY_KEY = "recovery"  # version 2 only
+RECOVERY_KEY = "recovery"  # versions 2 and 3
 RECOVERY_PREFIX = "recovery."
-RECOVERY_TENSORS = ("lora_A", "lora_B")
+RECOVERY_TENSORS = ("lora_A", "lora_B")  # version 2, per module
+RECOVERY_BLOB = "recovery.blob"  # version 3: the whole adapter as one blob
 MAX_RECOVERY_RANK = 1024
 # Written by write/build from the arguments; callers pass the others.
 DERIVED_METADATA = ("format", "format_version", "modules", "fingerprint", "payload_sha256")
@@ -121,6 +131,22 @@ class Recovery:
     scaling: float
     factors: dict[str, tuple[np.ndarray, np.ndarray]]
     info: dict[str, object] = field(default_factory=dict)
+    blob: bytes | None = None  # version 3: the adapter blob the factors were decoded from (what the file stores)
+
+    @classmethod
+    def from_blob(cls, data: bytes | memoryview, info: Mapping[str, object] | None = None,
+                  what: str = "recovery adapter") -> Recovery:
+        """The adapter a version-3 base stores: ``data`` read as an adapter blob, its factors decoded (float16
+        levels; zeros where a component was dropped) and the scaling folded in (1.0)."""
+        from lowra.device_runtime.formats.adapter import parse_blob
+
+        blob = parse_blob(bytes(data), what)
+        ranks = sorted({m.rank for m in blob.modules})
+        if len(ranks) != 1:
+            raise BlobContentError(f"{what}: its modules have ranks {ranks[:4]}; a recovery adapter has one rank")
+        factors = {name: (down.astype(np.float16), up.astype(np.float16))
+                   for name, (up, down) in blob.all_factors().items()}
+        return cls(rank=ranks[0], scaling=1.0, factors=factors, info=dict(info or {}), blob=bytes(data))
 
     def apply(self, module: str, decoded: np.ndarray) -> np.ndarray:
         """The module's weight with the adapter: :func:`recovered_weight` of its decoded float32 weight."""
@@ -128,6 +154,9 @@ class Recovery:
         return recovered_weight(decoded, a, b, self.scaling)
 
     def tensors(self) -> dict[str, np.ndarray]:
+        """What the file stores for the adapter: the blob (version 3) or each module's float16 factors."""
+        if self.blob is not None:
+            return {RECOVERY_BLOB: np.frombuffer(self.blob, dtype=np.uint8)}
         out: dict[str, np.ndarray] = {}
         for name, (a, b) in self.factors.items():
             out[f"{RECOVERY_PREFIX}{name}.lora_A"] = np.ascontiguousarray(a, dtype="<f2")
@@ -136,6 +165,11 @@ class Recovery:
 
     def metadata(self) -> dict[str, object]:
         return {**self.info, "rank": int(self.rank), "scaling": float(self.scaling), "modules": sorted(self.factors)}
+
+    @property
+    def version(self) -> int:
+        """The base format version a file with this adapter is written as."""
+        return RECOVERY_VERSION if self.blob is None else COMPRESSED_RECOVERY_VERSION
 
     @property
     def n_params(self) -> int:
@@ -276,7 +310,7 @@ def _encode_metadata(
 ) -> dict[str, str]:
     meta = _caller_fields({k: v for k, v in metadata.items() if k != RECOVERY_KEY})
     meta["format"] = FORMAT_NAME
-    meta["format_version"] = str(FORMAT_VERSION if recovery is None else RECOVERY_VERSION)
+    meta["format_version"] = str(FORMAT_VERSION if recovery is None else recovery.version)
     meta["modules"] = _modules_json([(n, w.out_features, w.in_features, w.group_size) for n, w in layers.items()])
     meta["fingerprint"] = quantized_fingerprint(layers, recovery)
     if recovery is not None:
@@ -421,14 +455,18 @@ def _check_recovery(recovery: Recovery, layers: Mapping[str, QuantizedWeight], w
 
 
 def _read_recovery(value: object, tensors: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight],
-                   what: str) -> Recovery:
-    """The version-2 recovery adapter: its metadata object and exactly the tensors it names."""
+                   what: str, version: int) -> Recovery:
+    """The recovery adapter: its metadata object and exactly the tensors it names (version 2), or the blob that
+    holds it (version 3)."""
     if not isinstance(value, dict) or not {"rank", "scaling", "modules"} <= set(value):
         raise BlobContentError(f"{what}: the recovery metadata must be an object with rank, scaling and modules")
     modules = value["modules"]
     if not isinstance(modules, list) or len(set(map(str, modules))) != len(modules) or not all(
             isinstance(m, str) for m in modules):
         raise BlobContentError(f"{what}: recovery modules must be a list of distinct module names")
+    info = {k: v for k, v in value.items() if k not in ("rank", "scaling", "modules")}
+    if version == COMPRESSED_RECOVERY_VERSION:
+        return _read_recovery_blob(value, tensors, layers, info, what)
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in modules:
         pair = []
@@ -441,9 +479,28 @@ def _read_recovery(value: object, tensors: Mapping[str, np.ndarray], layers: Map
                 raise BlobContentError(f"{what}: {key} is {arr.dtype}, expected float16")
             pair.append(arr)
         factors[name] = (pair[0], pair[1])
-    info = {k: v for k, v in value.items() if k not in ("rank", "scaling", "modules")}
     recovery = Recovery(rank=value["rank"], scaling=value["scaling"], factors=factors, info=info)
     _check_recovery(recovery, layers, f"{what}: recovery adapter")
+    return recovery
+
+
+def _read_recovery_blob(value: dict, tensors: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight],
+                        info: dict[str, object], what: str) -> Recovery:
+    """Version 3: ``recovery.blob`` read as an adapter blob; its modules, rank and scaling are the metadata's."""
+    raw = tensors.get(RECOVERY_BLOB)
+    if raw is None:
+        raise BlobContentError(f"{what}: a version-{COMPRESSED_RECOVERY_VERSION} base lacks {RECOVERY_BLOB}")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise BlobContentError(f"{what}: {RECOVERY_BLOB} is {raw.dtype} {list(raw.shape)}, expected uint8 [bytes]")
+    where = f"{what}: recovery adapter"
+    recovery = Recovery.from_blob(memoryview(np.ascontiguousarray(raw)).cast("B"), info, where)
+    if sorted(recovery.factors) != sorted(value["modules"]):
+        raise BlobContentError(f"{where}: the blob's modules are not the {len(value['modules'])} the metadata names")
+    if value["rank"] != recovery.rank or type(value["rank"]) is not int:
+        raise BlobContentError(f"{where}: rank {short(value['rank'])} in the metadata, {recovery.rank} in the blob")
+    if value["scaling"] != 1.0 or isinstance(value["scaling"], bool):
+        raise BlobContentError(f"{where}: scaling {short(value['scaling'])}; a compressed adapter folds it in (1.0)")
+    _check_recovery(recovery, layers, where)
     return recovery
 
 
@@ -532,11 +589,12 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
         layers[name] = weight
     layer_names = {f"{n}.{t}" for n, *_ in modules for t in LAYER_TENSORS}
     recovery = None
-    if meta["format_version"] == str(RECOVERY_VERSION):
+    if meta["format_version"] in (str(RECOVERY_VERSION), str(COMPRESSED_RECOVERY_VERSION)):
+        version = int(meta["format_version"])
         if RECOVERY_KEY not in meta:
-            raise BlobContentError(f"{what}: a version-{RECOVERY_VERSION} base needs the {RECOVERY_KEY!r} metadata")
+            raise BlobContentError(f"{what}: a version-{version} base needs the {RECOVERY_KEY!r} metadata")
         recovery = _read_recovery(decode_json_metadata(meta, [RECOVERY_KEY], what)[RECOVERY_KEY], tensors, layers,
-                                  what)
+                                  what, version)
         layer_names |= {k for k in tensors if k.startswith(RECOVERY_PREFIX)}
         named = set(recovery.tensors())
         stray = sorted(k for k in tensors if k.startswith(RECOVERY_PREFIX) and k not in named)
@@ -544,8 +602,8 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
             raise BlobContentError(f"{what}: recovery tensors {stray[:3]} belong to no module the metadata names")
     elif RECOVERY_KEY in meta or any(k.startswith(RECOVERY_PREFIX) for k in tensors):
         raise BlobContentError(
-            f"{what}: a version-{FORMAT_VERSION} base carries recovery data; only version {RECOVERY_VERSION} may "
-            "(re-run `lowra recover`)"
+            f"{what}: a version-{FORMAT_VERSION} base carries recovery data; only versions {RECOVERY_VERSION} and "
+            f"{COMPRESSED_RECOVERY_VERSION} may (re-run `lowra recover`)"
         )
     dense = {k: v for k, v in tensors.items() if k not in layer_names}
     fingerprint = quantized_fingerprint(layers, recovery)

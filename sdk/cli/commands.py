@@ -278,7 +278,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--quantized-base {plain_path} does not exist; write it with `lowra quantize-base`")
     config = RecoveryConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, learning_rate=args.lr,
                             batch_size=args.batch_size, length=args.length, sequences=args.sequences,
-                            seed=args.seed, source=args.text)
+                            seed=args.seed, source=args.text, bits=args.recovery_bits)
     base = load_base(args.base)
     recovered = recover_quantized_base(base.model, base.tokenizer, plain_path, out, config, overwrite=args.force)
     r, rec = recovered.bits_report(), recovered.recovery

@@ -111,6 +111,18 @@ def _sequence(text: str) -> int:
     return int(text)
 
 
+def _recovery_bits(text: str) -> float | None:
+    if text.lower() in ("float16", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits in (0, 16] or 'float16'")
+    return value
+
+
 def _add_device_trust(p: argparse.ArgumentParser) -> None:
     """How the device side trusts the blob it loads (signed files, docs/SECURITY.md)."""
     g = p.add_argument_group("trust (signed and encrypted blobs)")
@@ -365,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a low-bit base's accuracy-recovery adapter (distilled from the fp base) into a new base file",
         description="Train one LoRA adapter on the quantized base so its next-token distribution matches the full-"
         "precision --base (KL divergence on the calibration text), and write base + adapter as a new base file "
-        "(format version 2). The recovery adapter is then part of the base: train, compress, eval, merge and the "
+        "(format version 3: the adapter compressed like a user's, --recovery-bits; version 2 with float16 factors). "
+        "The recovery adapter is then part of the base: train, compress, eval, merge and the "
         "device runtime use it with that file, users' adapters bind to it, and a user swap never touches it. "
-        "Prints held-out NLL of the plain and the recovered base. docs/FORMAT.md (Quantized base, version 2).",
+        "Prints held-out NLL of the plain and the recovered base. docs/FORMAT.md (Quantized base, versions 2 and 3).",
     )
     p.add_argument("--quantized-base", required=True, metavar="FILE",
                    help="the plain base `lowra quantize-base` wrote from this --base")
@@ -385,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation text: 'default' (sample users' training examples + pydoc topics) or a folder "
                    "of .txt/.jsonl files")
     p.add_argument("--seed", type=int, default=rc.seed, help="random seed")
+    p.add_argument("--recovery-bits", type=_recovery_bits, default=rc.bits, metavar="BITS|float16",
+                   help=f"store the adapter compressed at BITS effective bits per adapter parameter (default "
+                   f"{rc.bits:g}: ~0.05 bits per quantized weight on SmolLM2), or 'float16' to keep its factors as "
+                   "trained (~0.74 bits per quantized weight)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out NLL of both bases")
     p.add_argument("--user", action="append", default=None, metavar="DIR",
                    help="user folder whose held-out answers the NLL is measured on (repeatable; default: the sample "

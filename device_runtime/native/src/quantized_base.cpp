@@ -5,7 +5,9 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <set>
 
+#include "adapter.hpp"
 #include "container.hpp"
 #include "error.hpp"
 #include "json.hpp"
@@ -114,11 +116,15 @@ void validate_layer(const Layer& layer, const uint8_t* data, const std::string& 
 struct Recovery {
   int64_t rank = 0;
   double scaling = 0;
-  std::map<std::string, std::pair<const TensorInfo*, const TensorInfo*>> factors;  // module -> (lora_A, lora_B)
+  std::map<std::string, std::pair<const TensorInfo*, const TensorInfo*>> factors;  // version 2: (lora_A, lora_B)
+  const TensorInfo* blob = nullptr;                                             // version 3: recovery.blob
+  std::map<std::string, Factors> decoded;  // version 3: each module's factors, decoded from the blob
+  bool has(const std::string& module) const { return blob ? decoded.count(module) != 0 : factors.count(module) != 0; }
 };
 
 constexpr const char* kRecoveryKey = "recovery";
 constexpr const char* kRecoveryPrefix = "recovery.";
+constexpr const char* kRecoveryBlob = "recovery.blob";
 constexpr int64_t kMaxRecoveryRank = 1024;
 
 // quantized_fingerprint: the modules sorted by name, each its line and its four tensors as stored (widths
@@ -152,6 +158,7 @@ std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_
     append_python_float(line, recovery->scaling);
     h.update(line + "\n");
     std::map<std::string, const TensorInfo*> sorted;
+    if (recovery->blob) sorted[recovery->blob->name] = recovery->blob;
     for (const auto& [module, pair] : recovery->factors) {
       sorted[pair.first->name] = pair.first;
       sorted[pair.second->name] = pair.second;
@@ -164,9 +171,69 @@ std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_
   return "sha256:" + h.hex();
 }
 
+// formats.quantized_base._read_recovery_blob (version 3): recovery.blob read as an adapter blob (parse_blob's
+// checks), one rank, the metadata's modules, rank and scaling 1.0, then _check_recovery's checks.
+Recovery read_recovery_blob(const Json& value, const Header& header, const std::map<std::string, size_t>& layer_index,
+                            const std::vector<Layer>& layers, const uint8_t* data, const std::string& what) {
+  const TensorInfo* raw = header.find(kRecoveryBlob);
+  if (!raw) fail(LOWRA_ERR_CONTENT, what + ": a version-3 base lacks " + kRecoveryBlob);
+  if (raw->dtype != "U8" || raw->shape.size() != 1)
+    fail(LOWRA_ERR_CONTENT, what + ": " + kRecoveryBlob + " is " + numpy_name(raw->dtype) + " " +
+                                shape_text(raw->shape) + ", expected uint8 [bytes]");
+  const std::string where = what + ": recovery adapter";
+  Blob blob = parse_blob(data + raw->start, static_cast<size_t>(raw->end - raw->start), where);
+  std::set<int64_t> ranks;
+  for (const AdapterModule& m : blob.modules) ranks.insert(m.rank);
+  if (ranks.size() != 1)
+    fail(LOWRA_ERR_CONTENT, where + ": its modules have " + std::to_string(ranks.size()) + " ranks; a recovery "
+                                    "adapter has one rank");
+  const Json& modules = *value.find("modules");
+  std::set<std::string> named, stored;
+  for (const Json& m : modules.items) named.insert(m.text);
+  for (const AdapterModule& m : blob.modules) stored.insert(m.name);
+  if (named != stored || stored.size() != blob.modules.size())
+    fail(LOWRA_ERR_CONTENT, where + ": the blob's modules are not the " + std::to_string(modules.items.size()) +
+                                " the metadata names");
+  Recovery recovery;
+  recovery.blob = raw;
+  recovery.rank = *ranks.begin();
+  const Json& rank = *value.find("rank");
+  if (!rank.is_int() || rank.int_overflow || rank.integer != recovery.rank)
+    fail(LOWRA_ERR_CONTENT, where + ": rank " + rank.brief() + " in the metadata, " + std::to_string(recovery.rank) +
+                                " in the blob");
+  const Json& scaling = *value.find("scaling");
+  const bool one = (scaling.is_int() && !scaling.int_overflow && scaling.integer == 1) ||
+                   (scaling.kind == Json::Kind::Float && scaling.number == 1.0);
+  if (!one) fail(LOWRA_ERR_CONTENT, where + ": scaling " + scaling.brief() + "; a compressed adapter folds it in (1.0)");
+  recovery.scaling = 1.0;
+  if (recovery.rank < 1 || recovery.rank > kMaxRecoveryRank)  // _check_recovery
+    fail(LOWRA_ERR_CONTENT, where + ": rank " + std::to_string(recovery.rank) + " is not an integer in 1.." +
+                                std::to_string(kMaxRecoveryRank));
+  for (size_t i = 0; i < blob.modules.size(); ++i) {
+    const AdapterModule& m = blob.modules[i];
+    auto it = layer_index.find(m.name);
+    if (it == layer_index.end())
+      fail(LOWRA_ERR_CONTENT, where + ": module " + short_repr(m.name, 1 << 20) + " is not a quantized layer of this base");
+    const Layer& layer = layers[it->second];
+    if (m.in_features != layer.in)
+      fail(LOWRA_ERR_CONTENT, where + ": " + kRecoveryPrefix + m.name + ".lora_A is float16 [" +
+                                  std::to_string(recovery.rank) + ", " + std::to_string(m.in_features) +
+                                  "], expected float16 [" + std::to_string(recovery.rank) + ", " +
+                                  std::to_string(layer.in) + "]");
+    if (m.out_features != layer.out)
+      fail(LOWRA_ERR_CONTENT, where + ": " + kRecoveryPrefix + m.name + ".lora_B is float16 [" +
+                                  std::to_string(m.out_features) + ", " + std::to_string(recovery.rank) +
+                                  "], expected float16 [" + std::to_string(layer.out) + ", " +
+                                  std::to_string(recovery.rank) + "]");
+    recovery.decoded[m.name] = decode_factors(blob, i);
+  }
+  return recovery;
+}
+
 // formats.quantized_base._read_recovery then _check_recovery, in their order and with their refusals.
 Recovery read_recovery(const Json& value, const Header& header, const std::map<std::string, size_t>& layer_index,
-                       const std::vector<Layer>& layers, const uint8_t* data, const std::string& what) {
+                       const std::vector<Layer>& layers, const uint8_t* data, const std::string& what,
+                       bool compressed) {
   const Json* rank = value.is_object() ? value.find("rank") : nullptr;
   const Json* scaling = value.is_object() ? value.find("scaling") : nullptr;
   const Json* modules = value.is_object() ? value.find("modules") : nullptr;
@@ -177,6 +244,7 @@ Recovery read_recovery(const Json& value, const Header& header, const std::map<s
   if (distinct)
     for (const Json& m : modules->items) distinct = distinct && m.is_string() && seen.emplace(m.text, true).second;
   if (!distinct) fail(LOWRA_ERR_CONTENT, what + ": recovery modules must be a list of distinct module names");
+  if (compressed) return read_recovery_blob(value, header, layer_index, layers, data, what);
   Recovery recovery;
   for (const Json& m : modules->items) {
     const TensorInfo* pair[2];
@@ -224,12 +292,23 @@ Recovery read_recovery(const Json& value, const Header& header, const std::map<s
 
 // recovered_weight: float32(decode + scaling * acc), acc = sum over k ascending of B[:, k] * A[k, :] in float64
 // (each product of two float16 values is exact; no fused multiply-add: built with -ffp-contract=off).
+// Version 3: A = down, B = up of the decoded blob, its dropped components left out (each would add an exact 0.0).
 void apply_recovery(std::vector<float>& weight, const Layer& layer, const Recovery& recovery, const uint8_t* data) {
-  const auto& [a_info, b_info] = recovery.factors.at(layer.name);
-  const int64_t rank = recovery.rank, in = layer.in;
-  std::vector<float> a(a_info->numel()), b(b_info->numel());
-  to_float32("F16", data + a_info->start, a.size(), a.data(), true);
-  to_float32("F16", data + b_info->start, b.size(), b.data(), true);
+  const int64_t in = layer.in;
+  int64_t rank = recovery.rank;
+  std::vector<float> a, b;
+  if (recovery.blob) {
+    const Factors& f = recovery.decoded.at(layer.name);
+    rank = f.kept;
+    a = f.down;
+    b = f.up;
+  } else {
+    const auto& [a_info, b_info] = recovery.factors.at(layer.name);
+    a.resize(a_info->numel());
+    b.resize(b_info->numel());
+    to_float32("F16", data + a_info->start, a.size(), a.data(), true);
+    to_float32("F16", data + b_info->start, b.size(), b.data(), true);
+  }
   std::vector<double> acc(static_cast<size_t>(in));
   for (int64_t r = 0; r < layer.out; ++r) {
     std::fill(acc.begin(), acc.end(), 0.0);
@@ -277,7 +356,7 @@ std::vector<float> dequantize(const Layer& layer, const uint8_t* data) {
 
 BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out) {
   Header header = parse_header(data, size, what, kBaseLimits);
-  check_envelope(header, what, "lowra-base", {"1", "2"},
+  check_envelope(header, what, "lowra-base", {"1", "2", "3"},
                  {"format", "format_version", "modules", "group_size", "aliases", "source", "scheme", "report",
                   "fingerprint", "payload_sha256", "created"},
                  "this is not a lowra quantized base (an adapter blob says 'lowra-adapter'; a plain model folder is "
@@ -330,11 +409,12 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
   const bool has_recovery_tensor = std::any_of(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& t) {
     return t.name.rfind(kRecoveryPrefix, 0) == 0;
   });
-  if (header.metadata.at("format_version") == "2") {
+  const std::string& version = header.metadata.at("format_version");
+  if (version == "2" || version == "3") {
     if (!has_recovery_key)
-      fail(LOWRA_ERR_CONTENT, what + ": a version-2 base needs the '" + kRecoveryKey + "' metadata");
-    recovery = std::make_unique<Recovery>(
-        read_recovery(decode_json_metadata(header, kRecoveryKey, what), header, layer_index, layers, data, what));
+      fail(LOWRA_ERR_CONTENT, what + ": a version-" + version + " base needs the '" + kRecoveryKey + "' metadata");
+    recovery = std::make_unique<Recovery>(read_recovery(decode_json_metadata(header, kRecoveryKey, what), header,
+                                                        layer_index, layers, data, what, version == "3"));
     std::vector<std::string> stray;
     for (const auto& t : header.tensors) {
       if (t.name.rfind(kRecoveryPrefix, 0) != 0) continue;
@@ -343,14 +423,16 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
       const size_t dot = rest.rfind('.');
       const std::string module = dot == std::string::npos ? "" : rest.substr(0, dot);
       const std::string tname = dot == std::string::npos ? "" : rest.substr(dot + 1);
-      if (!recovery->factors.count(module) || (tname != "lora_A" && tname != "lora_B")) stray.push_back(t.name);
+      const bool named = recovery->blob ? t.name == kRecoveryBlob
+                                        : recovery->factors.count(module) && (tname == "lora_A" || tname == "lora_B");
+      if (!named) stray.push_back(t.name);
     }
     if (!stray.empty())
       fail(LOWRA_ERR_CONTENT, what + ": recovery tensors ['" + stray[0] + "'" + (stray.size() > 1 ? ", ..." : "") +
                                   "] belong to no module the metadata names");
   } else if (has_recovery_key || has_recovery_tensor) {
-    fail(LOWRA_ERR_CONTENT, what + ": a version-1 base carries recovery data; only version 2 may (re-run `lowra "
-                                   "recover`)");
+    fail(LOWRA_ERR_CONTENT, what + ": a version-1 base carries recovery data; only versions 2 and 3 may (re-run "
+                                   "`lowra recover`)");
   }
   std::vector<const TensorInfo*> dense;
   for (const auto& t : header.tensors)
@@ -393,7 +475,7 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
     Tensor t;
     t.shape = {layer.out, layer.in};
     std::vector<float> weight = dequantize(layer, data);
-    if (recovery && recovery->factors.count(layer.name)) apply_recovery(weight, layer, *recovery, data);
+    if (recovery && recovery->has(layer.name)) apply_recovery(weight, layer, *recovery, data);
     t.values = std::make_shared<const std::vector<float>>(std::move(weight));
     out.add(layer.name + ".weight", std::move(t));
   }

@@ -4,7 +4,8 @@ A low-bit base loses accuracy the user adapters then spend their capacity on. Ap
 2/4-bit base with an accuracy-recovery adapter trained once; lowra does the same: :func:`train_recovery` fits one
 LoRA adapter on the quantized model so its next-token distribution matches the full-precision model's (KL divergence
 on generic text, the calibration set: sample users' training answers + pydoc topics, or a folder), and
-:func:`recover_quantized_base` stores it in the base file (format version 2, docs/FORMAT.md). From then on the
+:func:`recover_quantized_base` stores it in the base file (compressed with the user adapters' codec, format version
+3, or as float16 factors, version 2; docs/FORMAT.md). From then on the
 recovery adapter *is* the base: the SDK's ``LowBitLinear`` computes ``decode + scaling * B @ A``, the device runtime
 decodes the same weight, the fingerprint covers it (user adapters trained on it bind to it), and a user swap only
 ever touches the user's own part.
@@ -35,13 +36,13 @@ from lowra.sdk.adapters.model import (
     inject_lora,
     set_active_adapters,
 )
-from lowra.sdk.errors import ConfigError
+from lowra.sdk.errors import BudgetError, ConfigError
 from lowra.sdk.quant.base.config import RecoveryConfig
 from lowra.sdk.quant.lowbit_linear import load_quantized_base, lowbit_layers
 from lowra.sdk.training.calibration import calibration_batches
 from lowra.sdk.training.train import GRAD_CLIP, lr_factor
 
-__all__ = ["RecoveryConfig", "densify_lowbit", "recover_quantized_base", "train_recovery"]
+__all__ = ["RecoveryConfig", "compress_recovery", "densify_lowbit", "recover_quantized_base", "train_recovery"]
 
 ADAPTER_NAME = "lowra_recovery"
 
@@ -129,6 +130,25 @@ def train_recovery(
     return recovery, summary
 
 
+def compress_recovery(recovery: Recovery, bits: float, plain_fingerprint: str) -> Recovery:
+    """``recovery`` through the user adapters' codec (LowRA's per-channel codebooks and widths, ``bits`` effective
+    bits per adapter parameter, the scaling folded in): the version-3 adapter, whose decoded factors are what the
+    base computes with from then on. The blob binds to the plain base (``plain_fingerprint``)."""
+    from lowra.sdk.quant.config import CompressConfig
+    from lowra.sdk.workflow import compress_factors
+
+    factors = {name: (torch.from_numpy(np.asarray(a, dtype=np.float32)), torch.from_numpy(np.asarray(b, dtype=np.float32)))
+               for name, (a, b) in recovery.factors.items()}
+    lora = LoraConfig(rank=recovery.rank, alpha=float(recovery.scaling) * recovery.rank)
+    try:
+        adapter = compress_factors(factors, lora, CompressConfig(bits=bits, weighted=False), adapter_id="recovery",
+                                   base_fingerprint=plain_fingerprint)
+    except BudgetError as exc:
+        raise BudgetError(f"the recovery adapter cannot be stored at {bits:g} bits: {exc}. Raise --recovery-bits "
+                          "(RecoveryConfig.bits) or keep float16 factors ('float16' / None)") from None
+    return Recovery.from_blob(adapter.blob_bytes, {**recovery.info, "compressed_bits": float(bits)})
+
+
 def recover_quantized_base(
     fp_model: nn.Module, tokenizer: Any, quantized: str | Path | QuantizedBase, out: str | Path,
     config: RecoveryConfig = RecoveryConfig(), overwrite: bool = False, progress: bool = True,
@@ -156,6 +176,8 @@ def recover_quantized_base(
                                        progress=progress)
     del student
     recovery.info = {"plain_fingerprint": plain.fingerprint, "training": summary}
+    if config.bits is not None:
+        recovery = compress_recovery(recovery, config.bits, plain.fingerprint)
     recovered = QuantizedBase(
         layers=plain.layers, dense=plain.dense, fingerprint="",
         metadata={k: v for k, v in plain.metadata.items() if k != "created"},  # written now

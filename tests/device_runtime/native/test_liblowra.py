@@ -495,9 +495,37 @@ def write_recovered(path: Path, scaling: float = 0.375) -> Path:
     return recovered.write(path)
 
 
-@pytest.mark.parametrize("scaling", [0.375, 2.0, 1e-05])  # repr spellings in the fingerprint: "0.375", "2.0", "1e-05"
+def recovery_blob(modules: dict[str, tuple[int, int]], rank: int = 3, seed: int = 4, widths=(4, 2, 0),
+                  fingerprint: str = "sha256:" + "0" * 64) -> bytes:
+    """An adapter blob over ``modules`` (name -> (out, in)) as a version-3 base stores its recovery adapter; component
+    2 of every module is dropped (width 0), so the decode keeps fewer components than the rank."""
+    rng = np.random.default_rng(seed)
+    entries = [fmt.ModuleEntry(m, o, i, rank) for m, (o, i) in modules.items()]
+    all_widths, codes, levels = random_channels(rng, entries, widths, normal_levels)
+    meta = {"adapter_id": "recovery", "base_fingerprint": fingerprint, "lora": {"rank": rank},
+            "scheme": {"method": "test"}, "created": CREATED, "card": {}}
+    return fmt.build_blob_bytes(entries, all_widths, codes, levels, meta)
+
+
+def write_recovered_blob(path: Path) -> Path:
+    """write_quantized's base with a compressed recovery adapter (format version 3) on two of its layers."""
+    from lowra.device_runtime.formats.quantized_base import Recovery
+
+    plain = read_quantized_base(write_quantized(path.with_name("plain-" + path.name)))
+    modules = {name: (w.out_features, w.in_features) for name, w in list(plain.layers.items())[:2]}
+    recovery = Recovery.from_blob(recovery_blob(modules, fingerprint=plain.fingerprint),
+                                  {"plain_fingerprint": plain.fingerprint})
+    recovered = plain.__class__(layers=plain.layers, dense=plain.dense, metadata=plain.metadata, fingerprint="",
+                                aliases=plain.aliases, recovery=recovery)
+    return recovered.write(path)
+
+
+@pytest.mark.parametrize("scaling", [0.375, 2.0, 1e-05, "blob"])  # repr spellings: "0.375", "2.0", "1e-05"; version 3
 def test_recovered_base_decodes_bit_exactly_and_binds_users(native, tmp_path, scaling):
-    path = write_recovered(tmp_path / "recovered.safetensors", scaling)
+    path = (write_recovered_blob(tmp_path / "recovered.safetensors") if scaling == "blob"
+            else write_recovered(tmp_path / "recovered.safetensors", scaling))
+    assert parse_header(path.read_bytes(), path.stat().st_size, "x").metadata["format_version"] == (
+        "3" if scaling == "blob" else "2")
     runtime = DeviceRuntime(path)
     handle = native.open(path)
     try:
@@ -546,6 +574,61 @@ def test_corrupt_recovered_bases_are_refused_alike(native, tmp_path):
     rewrite("stray_tensor", tensor_edit=lambda t: t.__setitem__("recovery.model.norm.lora_A", np.zeros(2, np.float16)))
     rewrite("tampered_factor", tensor_edit=lambda t: t[a_name].__setitem__((0, 0), t[a_name][0, 0] + 1))
     rewrite("scaling_changed", recovery_meta(scaling=0.5))  # valid, but not the adapter the fingerprint covers
+    for case, data in cases.items():
+        path = tmp_path / f"{case}.safetensors"
+        path.write_bytes(data)
+        expected = python_error(lambda path=path: BaseWeights(path))
+        got = python_error(lambda path=path: native.close(native.open(path)))
+        assert expected is not None, f"{case}: the numpy reader accepted it"
+        assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
+
+
+def test_corrupt_compressed_recovery_is_refused_alike(native, tmp_path):
+    good = write_recovered_blob(tmp_path / "good.safetensors").read_bytes()
+    header = parse_header(good, len(good), "x")
+    recovery = json.loads(header.metadata["recovery"])
+    layers = json.loads(header.metadata["modules"])
+    shapes = {name: (out, inp) for name, out, inp, _ in layers[:2]}
+    cases: dict[str, bytes] = {}
+    rewrite = rewriter(good, cases)
+
+    def recovery_meta(**edit):
+        return _set("recovery", json.dumps({**recovery, **edit}, separators=(",", ":"), sort_keys=True))
+
+    def blob(data: bytes):
+        return lambda t: t.__setitem__("recovery.blob", np.frombuffer(data, np.uint8).copy())
+
+    stored = np.frombuffer(good, np.uint8, header.tensors["recovery.blob"].end - header.tensors["recovery.blob"].start,
+                           header.tensors["recovery.blob"].start).tobytes()
+    rewrite("as_version_2", _set("format_version", "2"))
+    rewrite("as_version_1", _set("format_version", "1"))
+    rewrite("no_blob", tensor_edit=lambda t: t.pop("recovery.blob"))
+    rewrite("blob_float16", tensor_edit=lambda t: t.__setitem__("recovery.blob", t["recovery.blob"][:64].view(np.float16)))
+    rewrite("blob_2d", tensor_edit=lambda t: t.__setitem__("recovery.blob", t["recovery.blob"][:64].reshape(8, 8)))
+    rewrite("blob_cut", tensor_edit=blob(stored[:-1]))
+    rewrite("blob_not_a_blob", tensor_edit=blob(b"\0" * 64))
+    flipped = bytearray(stored)
+    flipped[-1] ^= 1
+    rewrite("blob_tampered", tensor_edit=blob(bytes(flipped)))  # the blob's own checksum
+    rewrite("rank_2", recovery_meta(rank=2))
+    rewrite("rank_float", recovery_meta(rank=3.0))
+    rewrite("scaling_half", recovery_meta(scaling=0.5))
+    rewrite("one_module_more", recovery_meta(modules=[*recovery["modules"], layers[2][0]]))
+    rewrite("one_module_less", recovery_meta(modules=recovery["modules"][:1]))
+    rewrite("stray_tensor", tensor_edit=lambda t: t.__setitem__("recovery.model.norm.lora_A", np.zeros(2, np.float16)))
+    rewrite("fingerprint_changed", tensor_edit=blob(recovery_blob(shapes, seed=9)))  # valid, not the one hashed
+    other = {layers[2][0]: (layers[2][1], layers[2][2]), **dict(list(shapes.items())[1:])}
+    rewrite("unknown_module", recovery_meta(modules=sorted(other)), tensor_edit=blob(recovery_blob(other)))
+    name, (out, inp) = next(iter(shapes.items()))
+    rewrite("wrong_shape", tensor_edit=blob(recovery_blob({name: (out, inp + 8), **dict(list(shapes.items())[1:])})))
+    outside = {"model.norm": (out, inp), **dict(list(shapes.items())[1:])}
+    rewrite("not_a_layer", recovery_meta(modules=sorted(outside)), tensor_edit=blob(recovery_blob(outside)))
+    (first, (out1, in1)), (second, (out2, in2)) = shapes.items()
+    entries = [fmt.ModuleEntry(first, out1, in1, 3), fmt.ModuleEntry(second, out2, in2, 2)]  # two ranks
+    meta = {"adapter_id": "recovery", "base_fingerprint": "sha256:" + "0" * 64, "lora": {"rank": 3},
+            "scheme": {"method": "test"}, "created": CREATED, "card": {}}
+    rewrite("two_ranks", tensor_edit=blob(fmt.build_blob_bytes(
+        entries, *random_channels(np.random.default_rng(0), entries, (4, 2, 1), normal_levels), meta)))
     for case, data in cases.items():
         path = tmp_path / f"{case}.safetensors"
         path.write_bytes(data)

@@ -75,6 +75,19 @@ def test_every_subcommand_has_help():
         assert "--help" in p.format_help()
 
 
+@pytest.mark.parametrize("text, bits", [("1", 1.0), ("0.5", 0.5), ("float16", None), ("None", None)])
+def test_recover_takes_bits_or_float16(text, bits):
+    args = build_parser().parse_args(["recover", "--quantized-base", "b", "--out", "o", "--recovery-bits", text])
+    assert args.recovery_bits == bits
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "17", "nan", "fp16"])
+def test_recover_refuses_other_bits(text, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["recover", "--quantized-base", "b", "--out", "o", "--recovery-bits", text])
+    assert "is not a number of bits in (0, 16] or 'float16'" in capsys.readouterr().err
+
+
 def test_cli_compress_inspect_and_refusals(tiny_base_dir, tmp_path, capsys):
     model = build_tiny_model()
     factors = random_adapter(model)
@@ -185,7 +198,7 @@ def test_cli_train_compress_generate_on_a_quantized_base(tmp_path, capsys, tiny_
 
 
 def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, tiny_tokenizer, tiny_user_dir):
-    """`lowra recover` writes a version-2 base; a user's adapter trained on it binds to it (the recovery adapter is
+    """`lowra recover` writes a version-3 base (its adapter compressed); a user's adapter trained on it binds to it (the recovery adapter is
     part of the base, under the user's), the plain base refuses that blob, and `lowra eval` names the recovery."""
     from lowra.device_runtime.errors import BaseMismatchError
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
@@ -199,10 +212,12 @@ def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, ti
     capsys.readouterr()
     assert main(["recover", "--base", str(base_dir), "--quantized-base", str(plain), "--out", str(recovered),
                  "--steps", "6", "--rank", "2", "--batch-size", "2", "--length", "16", "--sequences", "4",
-                 "--user", str(tiny_user_dir)]) == 0
+                 "--user", str(tiny_user_dir), "--recovery-bits", "16"]) == 0  # the tiny adapter's header needs ~7
     out = capsys.readouterr().out
     assert "recovery adapter rank 2 on 14 layers" in out and "recovered base" in out and "plain low-bit base" in out
-    assert read_quantized_base(recovered).recovery.info["plain_fingerprint"] == read_quantized_base(plain).fingerprint
+    stored = read_quantized_base(recovered)
+    assert stored.recovery.info["plain_fingerprint"] == read_quantized_base(plain).fingerprint
+    assert stored.recovery.blob is not None and stored.metadata["format_version"] == "3"  # compressed (version 3)
     assert main(["recover", "--base", str(base_dir), "--quantized-base", str(plain), "--out", str(recovered)]) == 2
     assert "already exists" in capsys.readouterr().err
     common = ["--base", str(base_dir), "--quantized-base", str(recovered)]
