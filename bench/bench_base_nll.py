@@ -25,6 +25,9 @@ Rows:
                   instead of LoRA's zero init, so the user's blob carries recovery + user (the recovered@b row's users
                   train a fresh adapter stacked on base + recovery). Shares the recovered@b row's adapter when both
                   run in one invocation.
+  ROW+rec<bits>   a recovered@b or initialized@b row with its recovery adapter compressed to <bits> effective bits
+                  per adapter parameter and stored as version 3 (what `lowra recover` writes by default: +rec1);
+                  shares the adapter trained for the row without it in the same invocation
   ROW+q8emb       any row with its token embedding and output head rounded to 8-bit rows
                   (lowra.device_runtime.formats.int8_rows: what an ExecuTorch folder exported with
                   embeddings="int8" computes), e.g. fp+q8emb, gptq@4.0+q8emb
@@ -218,7 +221,7 @@ def recovered_base(base, plans: Plans, bits: str, recovery_steps: int):
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             qb = recover_quantized_base(base.model, base.tokenizer, qb, Path(tmp) / "recovered.safetensors",
-                                        RecoveryConfig(steps=recovery_steps), progress=True)
+                                        RecoveryConfig(steps=recovery_steps, bits=None), progress=True)
         info = {"recover_s": round(time.perf_counter() - t0, 1),
                 "recovery": {k: qb.recovery.info["training"][k] for k in ("kl_first", "kl_last", "config")},
                 "bits_with_recovery": float(qb.bits_report()["effective_bits_with_recovery"])}
@@ -240,8 +243,14 @@ def q8_embeddings(model) -> None:
 def run_row(name: str, base, plans: Plans, recovery_steps: int = 200, adapter_steps: int = 0) -> dict:
     info: dict = {"row": name}
     name, _, modifier = name.partition("+")
-    if modifier not in ("", "q8emb"):
-        raise SystemExit(f"row modifier +{modifier} is unknown; expected +q8emb")
+    try:
+        compress_bits = float(modifier[3:]) if modifier.startswith("rec") and modifier[3:] else None
+    except ValueError:
+        compress_bits = None
+    if modifier not in ("", "q8emb") and compress_bits is None:
+        raise SystemExit(f"row modifier +{modifier} is unknown; expected +q8emb or +rec<bits> (e.g. +rec1)")
+    if compress_bits is not None and not name.startswith(("recovered@", "initialized@")):
+        raise SystemExit(f"+{modifier} compresses a recovery adapter: use it on a recovered@b or initialized@b row")
     model, init = base.model, None
     if name in ("nf4", "q4_0"):
         extra, model = baseline_row(name, base)
@@ -252,10 +261,19 @@ def run_row(name: str, base, plans: Plans, recovery_steps: int = 200, adapter_st
         if variant in ("recovered", "initialized"):
             qb, extra = recovered_base(base, plans, bits, recovery_steps)
             info.update(extra)
+            if compress_bits is not None:  # the same adapter stored as version 3 (lowra recover's default: 1 bit)
+                from lowra.sdk.quant.base.recovery import compress_recovery
+
+                plain_report = qb.bits_report()  # of the version-2 file: the low-bit layers' bits stay these
+                qb = replace(qb, recovery=compress_recovery(qb.recovery, compress_bits,
+                                                            qb.recovery.info["plain_fingerprint"]))
+                info["bits_with_recovery"] = (float(plain_report["effective_bits"]) + 8.0 * len(qb.recovery.blob)
+                                              / plain_report["n_quantized_params"])
+                info["recovery_bits"] = compress_bits
         else:
             qb = plans.get(variant).quantize(float(bits), progress=False)
             info["quantize_s"] = round(time.perf_counter() - t0, 1)
-        report = qb.bits_report()
+        report = plain_report if compress_bits is not None else qb.bits_report()
         total = qb.report["total"]
         info.update(bits=float(report["effective_bits"]), mse_over_var=total["mse_over_var"],
                     output_error=total.get("output_error"), widths=total["widths"],
@@ -266,7 +284,7 @@ def run_row(name: str, base, plans: Plans, recovery_steps: int = 200, adapter_st
         model.load_state_dict({k: torch.from_numpy(v) for k, v in qb.dequantized_state_dict().items()})
     else:
         info["bits"] = 32.0
-    if modifier:
+    if modifier == "q8emb":
         if model is base.model:
             model = copy.deepcopy(base.model)
         q8_embeddings(model)
