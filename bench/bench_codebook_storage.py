@@ -10,7 +10,8 @@ to their integer grid before the error is measured. Same plan as bench_base_quan
 no calibration: weight MSE), every byte of the file counted as that bench counts it.
 
 Columns: level bits (16 = today's float16), effective bits (the file with the cheaper codebooks), rows at 1/2/4 bits,
-MSE/var with the fitted (unrounded) levels, MSE/var with the stored (rounded) levels.
+MSE/var with the fitted (unrounded) levels, with the stored (rounded) levels, and with the levels refit on their grid
+(three Lloyd steps whose levels stay integers times the row's scale, each weight on its nearest level).
 
     python bench/bench_codebook_storage.py --level-bits 16,8,6,5,4 --threads 1
 """
@@ -46,6 +47,34 @@ def rounded_levels(levels: np.ndarray, level_bits: int) -> np.ndarray:
     return (np.round(levels / scale) * scale).astype(np.float16) if scale > 0 else levels.astype(np.float16)
 
 
+def refit_on_grid(row: np.ndarray, levels: np.ndarray, level_bits: int, steps: int = 3) -> np.ndarray:
+    """Lloyd steps whose levels stay on the row's integer grid: each weight to its nearest stored level, then each
+    level to the grid point nearest its cell's mean (the scale kept: it is fixed by the float levels' absmax)."""
+    if level_bits == 16:
+        return levels
+    scale = np.float32(np.float16(np.abs(levels).max() / ((1 << (level_bits - 1)) - 1)))
+    if scale <= 0:
+        return levels
+    grid = levels.astype(np.float64)
+    limit = (1 << (level_bits - 1)) - 1
+    for _ in range(steps):
+        order = np.argsort(grid, kind="stable")
+        edges = (grid[order][1:] + grid[order][:-1]) / 2
+        cell = order[np.searchsorted(edges, row)]
+        sums = np.bincount(cell, weights=row, minlength=grid.size)
+        counts = np.bincount(cell, minlength=grid.size)
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), grid)
+        grid = np.clip(np.round(means / scale), -limit, limit) * float(scale)
+    return np.sort(grid).astype(np.float16)
+
+
+def nearest_error(row: np.ndarray, levels: np.ndarray) -> float:
+    """Squared error of ``row`` with each weight on its nearest level."""
+    grid = np.sort(levels.astype(np.float64))
+    edges = (grid[1:] + grid[:-1]) / 2
+    return float(((row - grid[np.searchsorted(edges, row)]) ** 2).sum())
+
+
 def run(model, plan, level_bits: int) -> dict:
     original_size, original_costs = plan_module.serialized_size, plan.row_costs
 
@@ -64,14 +93,15 @@ def run(model, plan, level_bits: int) -> dict:
         base = plan.quantize(BUDGET, progress=False)
     finally:
         plan_module.serialized_size, plan.row_costs = original_size, original_costs
-    fitted = stored = energy = 0.0
+    fitted = stored = refit = energy = 0.0
     for name, q in base.layers.items():
         ref = model.get_submodule(name).weight.detach().double().numpy()
         books = np.asarray(q.codebooks, dtype=np.float32).copy()
         offset = 0
-        for w in q.widths:
+        for r, w in enumerate(q.widths):
             k = 1 << int(w)
             books[offset : offset + k] = rounded_levels(books[offset : offset + k], level_bits)
+            refit += nearest_error(ref[r], refit_on_grid(ref[r], books[offset : offset + k], level_bits))
             offset += k
         q8 = type(q)(out_features=q.out_features, in_features=q.in_features, group_size=q.group_size, widths=q.widths,
                      codes=q.codes, codebooks=books.astype(np.float16), scales=q.scales)
@@ -82,7 +112,8 @@ def run(model, plan, level_bits: int) -> dict:
     rows = sum(widths.values())
     return {"level_bits": level_bits, "effective_bits": float(base.bits_report()["effective_bits"]),
             "rows_pct": {w: round(100 * widths[w] / rows, 1) for w in widths},
-            "mse_over_var_fitted": fitted / energy, "mse_over_var_stored": stored / energy}
+            "mse_over_var_fitted": fitted / energy, "mse_over_var_stored": stored / energy,
+            "mse_over_var_refit": refit / energy}
 
 
 def main() -> None:
@@ -96,12 +127,13 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = plan_model(model, QuantizeConfig(group_size=0, calibration=None), progress=False)
     print(f"plan: {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
-    print(f"{'level bits':>10} {'eff. bits':>9} {'rows 1/2/4-bit %':>17} {'MSE/var fitted':>14} {'MSE/var stored':>14}")
+    print(f"{'level bits':>10} {'eff. bits':>9} {'rows 1/2/4-bit %':>17} {'MSE/var fitted':>14} {'MSE/var stored':>14} "
+          f"{'MSE/var refit':>13}")
     for level_bits in (int(b) for b in args.level_bits.split(",") if b):
         r = run(model, plan, level_bits)
         mix = "/".join(f"{r['rows_pct'][str(w)]:.0f}" for w in CODED_WIDTHS)
         print(f"{level_bits:>10} {r['effective_bits']:9.4f} {mix:>17} {r['mse_over_var_fitted']:14.4f} "
-              f"{r['mse_over_var_stored']:14.4f}", flush=True)
+              f"{r['mse_over_var_stored']:14.4f} {r['mse_over_var_refit']:13.4f}", flush=True)
 
 
 if __name__ == "__main__":
