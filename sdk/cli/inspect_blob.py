@@ -1,4 +1,5 @@
-"""``lowra inspect``: what a blob holds, and for a signed one who signed it, what it claims, and whether it verifies.
+"""``lowra inspect``: what a blob (or a quantized base) holds, and for a signed one who signed it, what it claims, and
+whether it verifies.
 
 It runs on the numpy-only device side (never torch: it answers in a fraction of a second). A signed file's claims
 are shown whether or not a key is given, marked "not verified" without one; ``--trust`` verifies the signature
@@ -9,15 +10,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
+from pathlib import Path
 from typing import Any
 
 from lowra.device_runtime.errors import UnsignedFileError
 from lowra.device_runtime.formats import signed
 from lowra.device_runtime.formats.adapter import Blob, parse_blob, read_blob_bytes
-from lowra.device_runtime.formats.constants import ADAPTER_FORMAT
+from lowra.device_runtime.formats.constants import ADAPTER_FORMAT, BASE_FORMAT
+from lowra.device_runtime.formats.quantized_base import LIMITS, QuantizedBase, read_quantized_base
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if _is_quantized_base(Path(args.blob)):
+        if args.trust is not None:
+            raise UnsignedFileError(f"{args.blob} is not signed (format v1): there is no signature to verify")
+        base = read_quantized_base(args.blob)  # every check of the device's reader, memory-mapped
+        if args.json:
+            print(json.dumps({"signed": None, "base": _base_json(base)}, indent=2))
+        else:
+            _print_base(base, f"{args.blob}: ", "  ")
+        return 0
     data, what = read_blob_bytes(args.blob)
     envelope, verified_by = _envelope(data, what, args.trust)
     if envelope is None:
@@ -42,6 +55,61 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  signed size       {len(data)} bytes = {8.0 * len(data) / max(blob.layout.n_params, 1):.4f} "
               "effective bits/param with the envelope")
     return 0
+
+
+def _is_quantized_base(path: Path) -> bool:
+    """Whether ``path`` is an unsigned quantized base file (its safetensors header names the format), read from its
+    header alone; anything else (a blob, a signed file, a damaged file) is left to the blob reader's checks."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8 or signed.is_signed(head):
+                return False
+            n = struct.unpack("<Q", head)[0]
+            if n > LIMITS.max_header_bytes:
+                return False
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(header, dict) and isinstance(header.get("__metadata__"), dict) and \
+        header["__metadata__"].get("format") == BASE_FORMAT
+
+
+def _base_json(base: QuantizedBase) -> dict[str, Any]:
+    out: dict[str, Any] = {"format_version": base.metadata["format_version"], "fingerprint": base.fingerprint,
+                           "source": base.metadata.get("source"), "layers": len(base.layers),
+                           "bits": base.bits_report(), "recovery": None}
+    rec = base.recovery
+    if rec is not None:
+        out["recovery"] = {"rank": rec.rank, "scaling": rec.scaling, "modules": len(rec.factors),
+                           "stored": "compressed blob" if rec.blob is not None else "float16 factors",
+                           **{k: v for k, v in rec.info.items() if k != "training"}}
+    return out
+
+
+def _print_base(base: QuantizedBase, title: str, indent: str) -> None:
+    r = base.bits_report()
+    print(f"{title}lowra quantized base v{base.metadata['format_version']} (checksum and fingerprint ok)")
+    print(f"{indent}fingerprint       {base.fingerprint}")
+    print(f"{indent}source            {base.metadata.get('source')}")
+    print(f"{indent}layers            {len(base.layers)}, quantized weights {r['n_quantized_params']}, dense "
+          f"parameters {r['n_dense_params']}")
+    print(f"{indent}size              {r['file_bytes']} bytes = {r['effective_bits']:.4f} effective bits per quantized "
+          f"weight (code bits {r['code_bits']:.4f}; dense tensors {r['bytes']['dense']} bytes apart)")
+    total = sum(r["width_histogram"].values())
+    print(f"{indent}row widths        " + ", ".join(
+        f"{w}-bit {n} ({100 * n / total:.0f}%)" for w, n in r["width_histogram"].items()))
+    rec = base.recovery
+    if rec is None:
+        print(f"{indent}recovery adapter  none")
+        return
+    bits = rec.info.get("compressed_bits")
+    stored = ("float16 factors (version 2)" if rec.blob is None
+              else f"compressed{f' at {bits:g} bits' if isinstance(bits, (int, float)) else ''} (version 3)")
+    print(f"{indent}recovery adapter  rank {rec.rank} on {len(rec.factors)} layers, {stored}: {r['recovery_bytes']} "
+          f"bytes = {r['recovery_bits']:.4f} bits per quantized weight, {r['effective_bits_with_recovery']:.4f} "
+          "effective bits with it")
+    print(f"{indent}plain base        {rec.info.get('plain_fingerprint')}")
 
 
 def _envelope(data: bytes, what: str, trust: str | None) -> tuple[signed.Envelope | None, str | None]:

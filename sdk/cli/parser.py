@@ -287,13 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "inspect",
-        help="show a blob's metadata, effective bits and bit-width histogram",
+        help="show a blob's (or a quantized base's) metadata, effective bits and bit-width histogram",
         description="Verify a blob (format, version, checksum) and print its metadata, effective bits (every byte) "
-        "beside code bits, the byte breakdown and the histogram of channel widths. A signed file also shows its "
+        "beside code bits, the byte breakdown and the histogram of channel widths; a quantized base file shows its "
+        "fingerprint, effective bits, row widths and recovery adapter. A signed file also shows its "
         "key id, every claim and whether it is encrypted (an encrypted blob's content is not shown); with "
         "--trust its signature is verified.",
     )
-    p.add_argument("blob", help="blob file")
+    p.add_argument("blob", help="blob file (or quantized base file)")
     p.add_argument("--trust", default=None, metavar="KEYS",
                    help="verify the signature with a key folder (its *.pub.pem and revocations.json) or one "
                    ".pub.pem file; exits 2 when it does not verify")

@@ -75,6 +75,31 @@ def test_every_subcommand_has_help():
         assert "--help" in p.format_help()
 
 
+def test_inspect_a_quantized_base_and_its_recovery_adapter(tmp_path, capsys):
+    """`lowra inspect` on a base file shows the base (not a blob parser's refusal): bits, widths, recovery."""
+    from tests.device_runtime.native.test_liblowra import write_recovered_blob
+
+    recovered = write_recovered_blob(tmp_path / "rec.safetensors")
+    plain = tmp_path / "plain-rec.safetensors"
+    assert main(["inspect", str(plain)]) == 0
+    out = capsys.readouterr().out
+    assert "lowra quantized base v1 (checksum and fingerprint ok)" in out and "recovery adapter  none" in out
+    assert main(["inspect", str(recovered)]) == 0
+    out = capsys.readouterr().out
+    assert "lowra quantized base v3" in out and "rank 3 on 2 layers, compressed (version 3)" in out
+    assert main(["inspect", "--json", str(recovered)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["base"]["recovery"]["stored"] == "compressed blob" and doc["base"]["layers"] == 3
+    assert doc["base"]["bits"]["recovery_bytes"] > 0
+    assert main(["inspect", "--trust", str(tmp_path), str(recovered)]) == 2  # nothing signed to verify
+    assert "is not signed" in capsys.readouterr().err
+    data = bytearray(recovered.read_bytes())
+    data[-1] ^= 1
+    recovered.write_bytes(bytes(data))
+    assert main(["inspect", str(recovered)]) == 2  # the device reader's checks
+    assert "sha256" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, bits", [("1", 1.0), ("0.5", 0.5), ("float16", None), ("None", None)])
 def test_recover_takes_bits_or_float16(text, bits):
     args = build_parser().parse_args(["recover", "--quantized-base", "b", "--out", "o", "--recovery-bits", text])
