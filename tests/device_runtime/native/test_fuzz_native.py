@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowra.device_runtime.errors import BlobContentError, LowraError
+from lowra.device_runtime.errors import BlobContentError
 
 from tests.device_runtime.native.liblowra import Liblowra
+from tests.device_runtime.native.test_liblowra import python_error
 from tests.fuzz_mutations import NOW, USER, FuzzContext, raw_public_key
 
 # Where liblowra is stricter by design (device_runtime/native/README.md): JSON nested deeper than 64 levels.
@@ -28,15 +29,7 @@ def native(build_dir) -> Liblowra:
     return Liblowra(build_dir / "liblowra.so")
 
 
-def outcome(load) -> type[Exception] | None:
-    try:
-        load()
-    except LowraError as exc:
-        return type(exc)
-    return None
-
-
-def native_outcome(native: Liblowra, ctx: FuzzContext, seed, data: bytes) -> type[Exception] | None:
+def native_python_error(native: Liblowra, ctx: FuzzContext, seed, data: bytes) -> type[Exception] | None:
     """The device's call natively, under the policy ctx.policy(seed) stands for (a fresh replay store each time)."""
     keys = [raw_public_key(ctx.keys.trusted)] if seed.signed else []
     trust = native.trust(keys, allow_unsigned=-1 if seed.signed else 1, now=NOW.timestamp())
@@ -47,17 +40,17 @@ def native_outcome(native: Liblowra, ctx: FuzzContext, seed, data: bytes) -> typ
                 native.load(handle, data, user_id=USER, decryption_key=ctx.keys.aes if seed.encrypted else None)
             finally:
                 native.close(handle)
-        return outcome(load)
+        return python_error(load)
     path = ctx.workdir / "native-input.safetensors"
     path.write_bytes(data)
-    return outcome(lambda: native.close(native.open(path, trust)))
+    return python_error(lambda: native.close(native.open(path, trust)))
 
 
 def compare(native: Liblowra, ctx: FuzzContext, seed, mutation, rng_seed: int) -> str | None:
     data = mutation.apply(random.Random(rng_seed), seed.data)
-    python = outcome(ctx._load(seed, data))
+    python = python_error(ctx._load(seed, data))
     expected = STRICTER.get(mutation.name.split("/")[-1], python) if python is None else python
-    got = native_outcome(native, ctx, seed, data)
+    got = native_python_error(native, ctx, seed, data)
     if got is not expected:
         return (f"{seed.name} / {mutation.name} / rng {rng_seed}: python {python and python.__name__}, "
                 f"liblowra {got and got.__name__}")

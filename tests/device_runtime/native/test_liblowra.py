@@ -481,6 +481,17 @@ def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+def assert_bases_refused_alike(native, tmp_path: Path, cases: dict[str, bytes]) -> None:
+    """Each case written as a base file is refused by the numpy reader, and by liblowra with the same error kind."""
+    for case, data in cases.items():
+        path = tmp_path / f"{case}.safetensors"
+        path.write_bytes(data)
+        expected = python_error(lambda path=path: BaseWeights(path))
+        got = python_error(lambda path=path: native.close(native.open(path)))
+        assert expected is not None, f"{case}: the numpy reader accepted it"
+        assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
+
+
 def write_recovered(path: Path, scaling: float = 0.375) -> Path:
     """write_quantized's base with an accuracy-recovery adapter on two of its layers (format version 2)."""
     from lowra.device_runtime.formats.quantized_base import Recovery
@@ -574,13 +585,7 @@ def test_corrupt_recovered_bases_are_refused_alike(native, tmp_path):
     rewrite("stray_tensor", tensor_edit=lambda t: t.__setitem__("recovery.model.norm.lora_A", np.zeros(2, np.float16)))
     rewrite("tampered_factor", tensor_edit=lambda t: t[a_name].__setitem__((0, 0), t[a_name][0, 0] + 1))
     rewrite("scaling_changed", recovery_meta(scaling=0.5))  # valid, but not the adapter the fingerprint covers
-    for case, data in cases.items():
-        path = tmp_path / f"{case}.safetensors"
-        path.write_bytes(data)
-        expected = python_error(lambda path=path: BaseWeights(path))
-        got = python_error(lambda path=path: native.close(native.open(path)))
-        assert expected is not None, f"{case}: the numpy reader accepted it"
-        assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
+    assert_bases_refused_alike(native, tmp_path, cases)
 
 
 def test_corrupt_compressed_recovery_is_refused_alike(native, tmp_path):
@@ -629,13 +634,7 @@ def test_corrupt_compressed_recovery_is_refused_alike(native, tmp_path):
             "scheme": {"method": "test"}, "created": CREATED, "card": {}}
     rewrite("two_ranks", tensor_edit=blob(fmt.build_blob_bytes(
         entries, *random_channels(np.random.default_rng(0), entries, (4, 2, 1), normal_levels), meta)))
-    for case, data in cases.items():
-        path = tmp_path / f"{case}.safetensors"
-        path.write_bytes(data)
-        expected = python_error(lambda path=path: BaseWeights(path))
-        got = python_error(lambda path=path: native.close(native.open(path)))
-        assert expected is not None, f"{case}: the numpy reader accepted it"
-        assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
+    assert_bases_refused_alike(native, tmp_path, cases)
 
 
 def test_corrupt_bases_are_refused_alike(native, tmp_path):

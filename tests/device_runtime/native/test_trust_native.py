@@ -20,7 +20,6 @@ from lowra.device_runtime.errors import (
     DecryptionKeyError,
     ExpiredFileError,
     ForgedSignatureError,
-    LowraError,
     PayloadTamperedError,
     ReplayedFileError,
     RevokedKeyError,
@@ -35,7 +34,7 @@ from lowra.sdk.signing import adapter_base_content, load_private_key, new_key, s
 
 from tests.device_runtime.conftest import make_blob_bytes
 from tests.device_runtime.native.liblowra import Liblowra
-from tests.device_runtime.native.test_liblowra import blob_for, dyadic_levels, write_quantized
+from tests.device_runtime.native.test_liblowra import blob_for, dyadic_levels, python_error, write_quantized
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -96,21 +95,13 @@ def native_trust(native, keys, revoked=(), allow_unsigned=-1, device_id=None, se
                         NOW.timestamp())
 
 
-def outcome(load) -> type[Exception] | None:
-    try:
-        load()
-    except LowraError as exc:
-        return type(exc)
-    return None
-
-
 def load_both(native, base: Path, keys, data: bytes, user_id=None, key=None, policy_kw=None, trust_kw=None):
     """(Python error kind, native error kind, the runtimes) of loading ``data`` on ``base`` under equal policies."""
     runtime = DeviceRuntime(base, trust=python_policy(keys, **(policy_kw or {})))
     trust = native_trust(native, keys, **(trust_kw or {}))
     handle = native.open(base, trust)
-    py = outcome(lambda: runtime.load_user(data, user_id=user_id, decryption_key=key))
-    nat = outcome(lambda: native.load(handle, data, user_id=user_id, decryption_key=key))
+    py = python_error(lambda: runtime.load_user(data, user_id=user_id, decryption_key=key))
+    nat = python_error(lambda: native.load(handle, data, user_id=user_id, decryption_key=key))
     return py, nat, runtime, handle
 
 
@@ -329,8 +320,8 @@ def test_replays_are_refused_and_the_store_is_shared_with_python(native, tiny_ba
     try:
         for i, (data, expected) in enumerate(steps):
             user = "carol" if i == 5 else "alice"
-            assert outcome(lambda: runtime.load_user(data, user_id=user)) is expected, i
-            assert outcome(lambda: native.load(handle, data, user_id=user)) is expected, i
+            assert python_error(lambda: runtime.load_user(data, user_id=user)) is expected, i
+            assert python_error(lambda: native.load(handle, data, user_id=user)) is expected, i
     finally:
         native.close(handle)
     # The file the native store wrote is what FileSequenceStore reads, and the other way round.
@@ -396,8 +387,8 @@ def test_signed_bases_and_base_content_claims(native, tmp_path, keys):
         ("default policy", signed_base, None, UntrustedKeyError),
         ("unsigned base, key pinned", base, trust, UnsignedFileError),
     ]:
-        py = outcome(lambda: DeviceRuntime(path, trust=TrustPolicy() if kw is None else python_policy(keys)))
-        nat = outcome(lambda: native.close(native.open(path, kw)))
+        py = python_error(lambda: DeviceRuntime(path, trust=TrustPolicy() if kw is None else python_policy(keys)))
+        nat = python_error(lambda: native.close(native.open(path, kw)))
         assert (py, nat) == (expected, expected), name
     # A base signed with claims of another base (re-signed by the trusted key), and a flipped byte.
     swapped = tmp_path / "swapped.lowra"
@@ -409,8 +400,8 @@ def test_signed_bases_and_base_content_claims(native, tmp_path, keys):
     data[len(data) // 2] ^= 1
     flipped.write_bytes(bytes(data))
     for path, expected in ((swapped, BlobContentError), (flipped, ForgedSignatureError)):
-        py = outcome(lambda: DeviceRuntime(path, trust=python_policy(keys)))
-        nat = outcome(lambda: native.close(native.open(path, native_trust(native, keys))))
+        py = python_error(lambda: DeviceRuntime(path, trust=python_policy(keys)))
+        nat = python_error(lambda: native.close(native.open(path, native_trust(native, keys))))
         assert (py, nat) == (expected, expected), path.name
 
 
