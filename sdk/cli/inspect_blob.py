@@ -18,7 +18,12 @@ from lowra.device_runtime.errors import UnsignedFileError
 from lowra.device_runtime.formats import signed
 from lowra.device_runtime.formats.adapter import Blob, parse_blob, read_blob_bytes
 from lowra.device_runtime.formats.constants import ADAPTER_FORMAT, BASE_FORMAT
-from lowra.device_runtime.formats.quantized_base import LIMITS, QuantizedBase, read_quantized_base
+from lowra.device_runtime.formats.quantized_base import (
+    LIMITS,
+    QuantizedBase,
+    parse_quantized_base,
+    read_quantized_base,
+)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -33,14 +38,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     data, what = read_blob_bytes(args.blob)
     envelope, verified_by = _envelope(data, what, args.trust)
+    base = None
     if envelope is None:
         blob = parse_blob(data, what)
-    elif envelope.encrypted or envelope.claims["format"] != ADAPTER_FORMAT:
-        blob = None  # an encrypted body needs the user's key; a signed base is inspected by its claims here
+    elif envelope.encrypted or envelope.claims["format"] not in (ADAPTER_FORMAT, BASE_FORMAT):
+        blob = None  # an encrypted body needs the user's key
+    elif envelope.claims["format"] == BASE_FORMAT:
+        blob, base = None, parse_quantized_base(signed.decrypt_payload(envelope, None, what), what)
     else:
         blob = parse_blob(signed.decrypt_payload(envelope, None, what), what)
     if args.json:
-        print(json.dumps(_as_json(envelope, verified_by, blob, len(data), args.modules), indent=2))
+        out = _as_json(envelope, verified_by, blob, len(data), args.modules)
+        if base is not None:
+            out["base"] = _base_json(base)
+        print(json.dumps(out, indent=2))
         return 0
     if envelope is None:
         _print_blob(blob, f"{args.blob}: ", "  ", args.modules)
@@ -48,6 +59,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _print_envelope(args.blob, envelope, verified_by, len(data))
     if envelope.encrypted:
         print("  inner file        not shown: encrypted (its metadata, modules and bits need the user's key)")
+    elif base is not None:
+        _print_base(base, "  inner file: ", "    ")
     elif blob is None:
         print(f"  inner file        {envelope.claims['format']}, {envelope.claims['body_bytes']} bytes")
     else:

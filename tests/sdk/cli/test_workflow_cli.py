@@ -93,6 +93,17 @@ def test_inspect_a_quantized_base_and_its_recovery_adapter(tmp_path, capsys):
     assert doc["base"]["bits"]["recovery_bytes"] > 0
     assert main(["inspect", "--trust", str(tmp_path), str(recovered)]) == 2  # nothing signed to verify
     assert "is not signed" in capsys.readouterr().err
+    from lowra.sdk.signing import load_private_key, new_key, sign_bytes
+
+    key = new_key(tmp_path / "keys", "server")
+    signed_base = tmp_path / "rec.signed"
+    signed_base.write_bytes(sign_bytes(recovered.read_bytes(), load_private_key(key.private_path), sequence=1))
+    assert main(["inspect", "--trust", str(tmp_path / "keys"), str(signed_base)]) == 0
+    out = capsys.readouterr().out
+    assert "signature         verified" in out and "inner file: lowra quantized base v3" in out
+    assert "rank 3 on 2 layers" in out
+    doc = json.loads(main(["inspect", "--json", str(signed_base)]) == 0 and capsys.readouterr().out)
+    assert doc["signed"]["claims"]["format"] == "lowra-base" and doc["base"]["recovery"]["modules"] == 2
     data = bytearray(recovered.read_bytes())
     data[-1] ^= 1
     recovered.write_bytes(bytes(data))
