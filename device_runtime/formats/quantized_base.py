@@ -140,13 +140,14 @@ class Recovery:
         levels; zeros where a component was dropped) and the scaling folded in (1.0)."""
         from lowra.device_runtime.formats.adapter import parse_blob
 
-        blob = parse_blob(bytes(data), what)
+        raw = bytes(data)  # one copy: parsed here and kept as what the file stores
+        blob = parse_blob(raw, what)
         ranks = sorted({m.rank for m in blob.modules})
         if len(ranks) != 1:
             raise BlobContentError(f"{what}: its modules have ranks {ranks[:4]}; a recovery adapter has one rank")
         factors = {name: (down.astype(np.float16), up.astype(np.float16))
                    for name, (up, down) in blob.all_factors().items()}
-        return cls(rank=ranks[0], scaling=1.0, factors=factors, info=dict(info or {}), blob=bytes(data))
+        return cls(rank=ranks[0], scaling=1.0, factors=factors, info=dict(info or {}), blob=raw)
 
     def apply(self, module: str, decoded: np.ndarray) -> np.ndarray:
         """The module's weight with the adapter: :func:`recovered_weight` of its decoded float32 weight."""
