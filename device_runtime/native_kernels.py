@@ -24,7 +24,7 @@ from lowra.device_runtime.formats.int8_rows import Q8_BLOCK
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 
 __all__ = ["ISAS", "KERNEL_SOURCE", "LAYOUTS", "PackedLinear", "build_library", "f16_gemm", "isa_available",
-           "load_library", "q8_gemm"]
+           "load_library", "lowrank_add", "attention", "q8_gemm"]
 
 KERNEL_DIR = Path(__file__).parent / "native" / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "lowbit_gemv.cpp"
@@ -86,12 +86,15 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_lowbit_gemm.argtypes = [ctypes.POINTER(_Layer), ptr, i64, ptr, c_int, c_int]
     lib.lowra_f16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_q8_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
+    lib.lowra_lowrank_add.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
+    lib.lowra_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, c_int,
+                                    ctypes.c_float, ptr, c_int, c_int]
     lib.lowra_lowbit_isa_available.argtypes = [c_int]
     lib.lowra_lowbit_status_name.argtypes = [c_int]
     lib.lowra_lowbit_status_name.restype = ctypes.c_char_p
     for name in ("lowra_lowbit_repack", "lowra_lowbit_block", "lowra_lowbit_plan_create", "lowra_lowbit_plan_gemv",
                  "lowra_lowbit_plan_gemm", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm", "lowra_q8_gemm",
-                 "lowra_lowbit_isa_available"):
+                 "lowra_lowrank_add", "lowra_attention", "lowra_lowbit_isa_available"):
         getattr(lib, name).restype = c_int
     return lib
 
@@ -236,3 +239,62 @@ def q8_gemm(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, threads: int =
                                           _isa_code(isa))  # fmt: skip
     _check(status, "lowra_q8_gemm")
     return y
+
+
+def lowrank_add(down: np.ndarray, up: np.ndarray, x: np.ndarray, y: np.ndarray, isa: str = "auto") -> np.ndarray:
+    """``y += (x @ down.T) @ up.T`` in place for float32 factors ``down`` [rank, in], ``up`` [out, rank], ``x``
+    [n_tokens, in] and ``y`` [n_tokens, out]; returns ``y``.
+
+    The kernel of a user's side branch in an exported program (``lowra_lowrank_add``): a fixed order of additions
+    (scalar and AVX2 give the same bits); a token whose ``x @ down.T`` is all zeros (no user: zero factors) is left
+    as it is.
+    """
+    down, up = np.ascontiguousarray(down, dtype=np.float32), np.ascontiguousarray(up, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or 0 in down.shape + up.shape:
+        raise ConfigError(f"factors down {list(down.shape)} / up {list(up.shape)}; expected [rank, in] and [out, rank]")
+    rank, inputs = down.shape
+    if x.ndim != 2 or x.shape[1] != inputs or x.shape[0] < 1:
+        raise ConfigError(f"input has shape {list(x.shape)}, expected [n_tokens >= 1, {inputs}]")
+    if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or not y.flags.c_contiguous
+            or y.shape != (x.shape[0], up.shape[0])):
+        raise ConfigError(f"output must be a C-contiguous float32 array of shape [{x.shape[0]}, {up.shape[0]}]")
+    status = load_library().lowra_lowrank_add(_pointer(down), _pointer(up), rank, inputs, up.shape[0], _pointer(x),
+                                              x.shape[0], _pointer(y), _isa_code(isa))  # fmt: skip
+    _check(status, "lowra_lowrank_add")
+    return y
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None, scale: float = 1.0,
+              causal: bool = False, threads: int = 1, isa: str = "auto") -> np.ndarray:
+    """``softmax(scale * q @ k^T + mask) @ v`` for float32 ``q`` [B, H, Q, D] and ``k`` = ``v`` [B, KV, S, D] (H a
+    multiple of KV) -> float32 [B, Q, H, D] (``lowra_attention``, the kernel of ``lowra::attention``).
+
+    ``mask``: bool (False = masked) or float32 (added; -inf = masked) [1|B, 1|H, Q, S]; without one, ``causal``
+    masks key j > query i. A query whose keys are all masked gets zeros.
+    """
+    q, k, v = (np.ascontiguousarray(t, dtype=np.float32) for t in (q, k, v))
+    if (q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]
+            or q.shape[1] % k.shape[1]):
+        raise ConfigError(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}; expected q [B, H, Q, D] and "
+                          "k = v [B, KV, S, D] with H a multiple of KV")
+    (batch, heads, queries, dim), (kv_heads, keys) = q.shape, k.shape[1:3]
+    keep = add = None
+    mask_b = mask_h = 0
+    if mask is not None:
+        mask = np.asarray(mask)
+        if (mask.ndim != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads)
+                or mask.shape[2:] != (queries, keys) or mask.dtype not in (np.bool_, np.float32)):
+            raise ConfigError(f"mask is {mask.dtype} {list(mask.shape)}; expected bool or float32 "
+                              f"[1|{batch}, 1|{heads}, {queries}, {keys}]")
+        mask = np.ascontiguousarray(mask)
+        keep, add = (mask.view(np.uint8), None) if mask.dtype == np.bool_ else (None, mask)
+        mask_h = 0 if mask.shape[1] == 1 else queries * keys
+        mask_b = 0 if mask.shape[0] == 1 else mask.shape[1] * queries * keys
+    out = np.empty((batch, queries, heads, dim), dtype=np.float32)
+    status = load_library().lowra_attention(
+        _pointer(q), _pointer(k), _pointer(v), batch, heads, queries, dim, kv_heads, keys,
+        None if keep is None else _pointer(keep), None if add is None else _pointer(add), mask_b, mask_h, int(causal),
+        scale, _pointer(out), PackedLinear._threads(threads), _isa_code(isa))  # fmt: skip
+    _check(status, "lowra_attention")
+    return out

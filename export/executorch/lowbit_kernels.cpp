@@ -217,11 +217,18 @@ static bool read_weight(
            static_cast<long long>(w->out_features));
     return false;
   }
+  bool widths_ok = true;  // one branch-free pass (it runs on every call); the message looks for the row
   for (int64_t r = 0; r < w->out_features; ++r) {
-    const int width = w->widths[r];
-    if (width != 1 && width != 2 && width != 4) {
-      ET_LOG(Error, "lowra low-bit op: row %lld has width %d, expected 1, 2 or 4", static_cast<long long>(r), width);
-      return false;
+    const uint8_t width = w->widths[r];
+    widths_ok &= width == 1 || width == 2 || width == 4;
+  }
+  if (!widths_ok) {
+    for (int64_t r = 0; r < w->out_features; ++r) {
+      const int width = w->widths[r];
+      if (width != 1 && width != 2 && width != 4) {
+        ET_LOG(Error, "lowra low-bit op: row %lld has width %d, expected 1, 2 or 4", static_cast<long long>(r), width);
+        return false;
+      }
     }
   }
   if (w->code_offsets[w->out_features] != codes.numel() || w->level_offsets[w->out_features] != codebooks.numel()) {
@@ -571,52 +578,14 @@ Tensor& attention_out(
   ET_KERNEL_CHECK(
       ctx, executorch::runtime::resize_tensor(out, {sizes, 4}) == Error::Ok && out.scalar_type() == ScalarType::Float,
       InvalidArgument, out);
-  const float* qs = q.const_data_ptr<float>();
-  const float* ks = k.const_data_ptr<float>();
-  const float* vs = v.const_data_ptr<float>();
-  float* os = out.mutable_data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-  const int64_t group = H / KV;
-  const bool causal = !mask.has_value() && Q > 1;
-  std::vector<float> scores(static_cast<size_t>(S));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const float* kh = ks + (b * KV + h / group) * S * D;
-      const float* vh = vs + (b * KV + h / group) * S * D;
-      for (int64_t i = 0; i < Q; ++i) {
-        const float* qi = qs + ((b * H + h) * Q + i) * D;
-        const int64_t mask_row = b * mask_b + h * mask_h + i * S;
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < S; ++j) {
-          float add = 0.0f;
-          if (mask_bool != nullptr) {
-            if (!mask_bool[mask_row + j]) { scores[j] = -std::numeric_limits<float>::infinity(); continue; }
-          } else if (mask_add != nullptr) {
-            add = mask_add[mask_row + j];
-            if (add == -std::numeric_limits<float>::infinity()) { scores[j] = add; continue; }
-          } else if (causal && j > i) {
-            scores[j] = -std::numeric_limits<float>::infinity();
-            continue;
-          }
-          scores[j] = dot(qi, kh + j * D, D) * fscale + add;
-          best = std::max(best, scores[j]);
-        }
-        float* oi = os + ((b * Q + i) * H + h) * D;
-        std::fill(oi, oi + D, 0.0f);
-        if (best == -std::numeric_limits<float>::infinity()) continue;  // every key masked: zeros
-        float total = 0.0f;
-        for (int64_t j = 0; j < S; ++j) {
-          if (scores[j] == -std::numeric_limits<float>::infinity()) continue;
-          const float p = std::exp(scores[j] - best);
-          total += p;
-          const float* vj = vh + j * D;
-          for (int64_t d = 0; d < D; ++d) oi[d] += p * vj[d];
-        }
-        const float inv = 1.0f / total;
-        for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
-      }
-    }
-  }
+  // lowra's kernel library: vector dots where the CPU has them, (batch, head, query) triples split over threads.
+  const int status = lowra_attention(
+      q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), B, H, Q, D, KV, S,
+      reinterpret_cast<const uint8_t*>(mask_bool), mask_add, mask_b, mask_h, !mask.has_value() && Q > 1,
+      static_cast<float>(scale), out.mutable_data_ptr<float>(), thread_count(2 * B * H * Q * S * D),
+      LOWRA_LOWBIT_ISA_AUTO);
+  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out, "lowra::attention: kernel failed: %s",
+                      lowra_lowbit_status_name(status));
   return out;
 }
 
@@ -647,17 +616,12 @@ Tensor& lowbit_linear_lora_out(
   lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
                      group_size, bias, out, kKind);
   if (ctx.failure_state() != Error::Ok) return out;
-  const int64_t rank = down.size(0), m = x.numel() / in_features;
-  const float* xs = x.const_data_ptr<float>();
-  const float* ds = down.const_data_ptr<float>();
-  const float* us = up.const_data_ptr<float>();
-  float* ys = out.mutable_data_ptr<float>();
-  std::vector<float> low(static_cast<size_t>(rank));
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t k = 0; k < rank; ++k) low[k] = dot(xs + i * in_features, ds + k * in_features, in_features);
-    float* yi = ys + i * n_out;
-    for (int64_t r = 0; r < n_out; ++r) yi[r] += dot(us + r * rank, low.data(), rank);
-  }
+  // lowra's kernel library (vector path where the CPU has one); a token with no user (zero factors) costs rank dots.
+  const int status = lowra_lowrank_add(down.const_data_ptr<float>(), up.const_data_ptr<float>(), down.size(0),
+                                       in_features, n_out, x.const_data_ptr<float>(), x.numel() / in_features,
+                                       out.mutable_data_ptr<float>(), LOWRA_LOWBIT_ISA_AUTO);
+  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out,
+                      "lowra::lowbit_linear_*_lora: kernel failed: %s", lowra_lowbit_status_name(status));
   return out;
 }
 

@@ -10,9 +10,9 @@
 //   three bit-planes, three lookups per 4 inputs into the same table. lowra_lowbit_repack stores each byte
 //   bit-planar (b0 of its 4 elements in the low nibble, b1 in the high one), so the indices are byte & 15,
 //   byte >> 4 and their AND, and the codes keep the file's size and row offsets.
-// - A 4-bit row decodes 16 codes at a time in registers (a 16-level codebook lookup; a byte's low nibbles meet the
-//   even inputs, its high nibbles the odd ones) and multiply-adds with x: four planes would need 15 coefficient
-//   tables, more work than the decode.
+// - A 4-bit row decodes 64 codes at a time in registers: one load of eight 32-bit words, then per nibble position a
+//   shift and a 16-level codebook lookup, multiply-added with x stored in that order (no widening shuffle: the
+//   lookups are the bound); four planes would need 15 coefficient tables, more work than the decode.
 // - Absmax groups: the bit-plane sums are accumulated per group and the group's scale multiplies its partial result
 //   (sum(x) is taken per group too). Group sizes that are multiples of 32 keep every table word inside one group;
 //   others (lowra's quantizer uses 32/64/128) take a generic per-element decode, correct but slower.
@@ -48,6 +48,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -405,7 +406,8 @@ class Tables {
   void build(const Layer& L, const float* x_raw, bool avx2) {
     in_ = group_ = -1;  // invalid until built
     padded_in_ = ceil_div(L.in, kPadInputs) * kPadInputs;
-    buffer_.resize(static_cast<size_t>(padded_in_ * 6 + L.n_spans()));
+    padded_x4_ = ceil_div(L.in, 64) * 64;
+    buffer_.resize(static_cast<size_t>(padded_in_ * 5 + padded_x4_ + L.n_spans()));
     float* x = buffer_.data();
     std::memcpy(x, x_raw, sizeof(float) * L.in);
     std::fill(x + L.in, x + padded_in_, 0.0f);
@@ -420,15 +422,15 @@ class Tables {
     (void)avx2;
     build_tables_scalar(x, padded_in_, tables);
 #endif
-    // x for the 4-bit decode: per 16 inputs, the 8 even ones then the 8 odd ones (a byte's low and high nibble).
+    // x for the 4-bit decode: per 64 inputs (a 32-byte chunk of a row), nibble k of each of its eight 32-bit words
+    // (input 8 i + k of word i) in lanes i of vector k.
     float* x4 = tables + padded_in_ * 4;
-    for (int64_t c = 0; c < padded_in_ / 16; ++c) {
-      for (int i = 0; i < 8; ++i) {
-        x4[16 * c + i] = x[16 * c + 2 * i];
-        x4[16 * c + 8 + i] = x[16 * c + 2 * i + 1];
+    for (int64_t c = 0; c < padded_x4_ / 64; ++c) {
+      for (int k = 0; k < 8; ++k) {
+        for (int i = 0; i < 8; ++i) x4[64 * c + 8 * k + i] = 64 * c + 8 * i + k < L.in ? x[64 * c + 8 * i + k] : 0.0f;
       }
     }
-    float* sums = x4 + padded_in_;
+    float* sums = x4 + padded_x4_;
     const int64_t span = L.group ? L.group : padded_in_;
     for (int64_t g = 0; g < L.n_spans(); ++g) {  // in order, as the scalar kernels' reference sums
       float sum = 0.0f;
@@ -443,7 +445,7 @@ class Tables {
   const float* x() const { return buffer_.data(); }
   const float* tables() const { return buffer_.data() + padded_in_; }
   const float* x4() const { return buffer_.data() + padded_in_ * 5; }
-  const float* sums() const { return buffer_.data() + padded_in_ * 6; }
+  const float* sums() const { return buffer_.data() + padded_in_ * 5 + padded_x4_; }
 
   // T[q][m] = sum of x[4q + k] over the bits k of m, summed in the order of k: T[2^k + m] = T[m] + x[4q + k].
   static void build_tables_scalar(const float* x, int64_t padded_in, float* tables) {
@@ -475,7 +477,7 @@ class Tables {
 #endif
 
  private:
-  int64_t in_ = -1, group_ = -1, padded_in_ = 0;
+  int64_t in_ = -1, group_ = -1, padded_in_ = 0, padded_x4_ = 0;
   std::vector<float> buffer_;
 };
 
@@ -492,7 +494,7 @@ struct Gemv {
   const int32_t* order;  // the plan's
   const float* x;        // padded to padded_in with zeros
   const float* tables;   // [padded_in / 4][16]
-  const float* x4;       // x with each 16 inputs' even ones first, then the odd ones (the 4-bit decode's order)
+  const float* x4;       // x in the 4-bit decode's order (Tables::build), zero-padded to a multiple of 64
   const float* sums;     // sum of x per scale span
   int64_t padded_in;
   const float* x_raw;
@@ -1062,6 +1064,195 @@ int q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out, int64_t i
   return LOWRA_LOWBIT_OK;
 }
 
+// ------------------------------------------------------------------------------------------------ low-rank side branch
+// low[k] = <down_k, x>: input j in lane j % 8 (fused multiply-adds in input order), lanes added as half_sum adds them;
+// y[r] += (sum over k in order of up[r, k] * low[k], fused).
+float lane_dot_scalar(const float* a, const float* x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t j = 0; j < n; ++j) acc[j % 8] = std::fma(a[j], x[j], acc[j % 8]);
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+void lowrank_up_scalar(const float* up, int64_t rank, const float* low, float* y, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    float t = 0.0f;
+    for (int64_t k = 0; k < rank; ++k) t = std::fma(up[r * rank + k], low[k], t);
+    y[r] += t;
+  }
+}
+
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+// R of the dots at once (independent chains: the loads of x shared, the latencies overlapped), each in lane_dot's order.
+template <int R>
+LOWRA_AVX2_FN void lane_dots_avx2(const float* a, int64_t stride, const float* x, int64_t n, float* out) {
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xj = _mm256_loadu_ps(x + j);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * stride + j), xj, acc[i]);
+  }
+  if (j < n) {  // the tail's missing lanes multiply zeros: acc + 0 is acc
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 xj = _mm256_maskload_ps(x + j, live);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(_mm256_maskload_ps(a + i * stride + j, live), xj, acc[i]);
+  }
+  for (int i = 0; i < R; ++i) out[i] = half_sum(acc[i]);
+}
+
+// 8 outputs at a time: their up rows (8 values of k each) transposed so lane i holds row r + i, then one fused
+// multiply-add per k: each lane's order is the scalar one. Ranks that are a multiple of 8 only.
+LOWRA_AVX2_FN void lowrank_up_avx2(const float* up, int64_t rank, const float* low, float* y, int64_t out) {
+  int64_t r = 0;
+  for (; r + 8 <= out; r += 8) {
+    __m256 t = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < rank; k0 += 8) {
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(up + (r + i) * rank + k0);
+      // 8 x 8 transpose: afterwards v[k] holds up[r + i, k0 + k] in lane i.
+      const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+      const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+      const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+      const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+      const __m256 col[8] = {
+          _mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
+          _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
+          _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
+          _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
+      for (int k = 0; k < 8; ++k) t = _mm256_fmadd_ps(col[k], _mm256_broadcast_ss(low + k0 + k), t);
+    }
+    _mm256_storeu_ps(y + r, _mm256_add_ps(_mm256_loadu_ps(y + r), t));
+  }
+  lowrank_up_scalar(up, rank, low, y, r, out);  // the last < 8 outputs: the same order
+}
+#endif
+
+int lowrank_add(const float* down, const float* up, int64_t rank, int64_t in, int64_t out, const float* x, int64_t m,
+                float* y, int isa) {
+  bool avx2 = false;
+  if (!down || !up || !x || !y || rank <= 0 || in <= 0 || out <= 0 || m <= 0) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (int status = resolve_isa(isa, avx2)) return status;
+  std::vector<float> low(static_cast<size_t>(rank));
+  for (int64_t t = 0; t < m; ++t) {
+    int64_t k = 0;
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (avx2) {
+      for (; k + 4 <= rank; k += 4) lane_dots_avx2<4>(down + k * in, in, x + t * in, in, low.data() + k);
+      for (; k < rank; ++k) lane_dots_avx2<1>(down + k * in, in, x + t * in, in, low.data() + k);
+    }
+#endif
+    for (; k < rank; ++k) low[k] = lane_dot_scalar(down + k * in, x + t * in, in);
+    if (std::all_of(low.begin(), low.end(), [](float v) { return v == 0.0f; })) continue;
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (avx2 && rank % 8 == 0) {
+      lowrank_up_avx2(up, rank, low.data(), y + t * out, out);
+      continue;
+    }
+#endif
+    lowrank_up_scalar(up, rank, low.data(), y + t * out, 0, out);
+  }
+  return LOWRA_LOWBIT_OK;
+}
+
+// ------------------------------------------------------------------------------------------------ attention
+struct Attention {
+  const float *q, *k, *v;
+  int64_t heads, queries, dim, kv_heads, keys;
+  const uint8_t* keep;
+  const float* add;
+  int64_t mask_b, mask_h;
+  bool causal;
+  float scale;
+  float* out;
+};
+
+// o += p * row (fused, element order): the weighted sum of values.
+void axpy_scalar(float p, const float* row, float* o, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) o[d] = std::fma(p, row[d], o[d]);
+}
+
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+LOWRA_AVX2_FN void axpy_avx2(float p, const float* row, float* o, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + d), _mm256_loadu_ps(o + d)));
+  axpy_scalar(p, row + d, o + d, n - d);
+}
+#endif
+
+// Query (b, h, i): scores[j] for the keys it sees, then the softmax-weighted sum of their values.
+void attend_one(const Attention& a, int64_t b, int64_t h, int64_t i, bool avx2, float* scores) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t kv = b * a.kv_heads + h / (a.heads / a.kv_heads);
+  const float* kh = a.k + kv * a.keys * a.dim;
+  const float* vh = a.v + kv * a.keys * a.dim;
+  const float* qi = a.q + ((b * a.heads + h) * a.queries + i) * a.dim;
+  const int64_t mask_row = b * a.mask_b + h * a.mask_h + i * a.keys;
+  float* oi = a.out + ((b * a.queries + i) * a.heads + h) * a.dim;
+  float best = neg_inf;
+  for (int64_t j = 0; j < a.keys; ++j) {
+    float add = 0.0f;
+    if (a.keep != nullptr) {
+      if (!a.keep[mask_row + j]) { scores[j] = neg_inf; continue; }
+    } else if (a.add != nullptr) {
+      add = a.add[mask_row + j];
+      if (add == neg_inf) { scores[j] = neg_inf; continue; }
+    } else if (a.causal && j > i) {
+      scores[j] = neg_inf;
+      continue;
+    }
+    float dot = 0.0f;
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (avx2) lane_dots_avx2<1>(kh + j * a.dim, 0, qi, a.dim, &dot);
+    else dot = lane_dot_scalar(kh + j * a.dim, qi, a.dim);
+#else
+    dot = lane_dot_scalar(kh + j * a.dim, qi, a.dim);
+#endif
+    scores[j] = dot * a.scale + add;
+    best = std::max(best, scores[j]);
+  }
+  std::fill(oi, oi + a.dim, 0.0f);
+  if (best == neg_inf) return;  // every key masked: zeros
+  float total = 0.0f;
+  for (int64_t j = 0; j < a.keys; ++j) {
+    if (scores[j] == neg_inf) continue;
+    const float p = std::exp(scores[j] - best);
+    total += p;
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (avx2) {
+      axpy_avx2(p, vh + j * a.dim, oi, a.dim);
+      continue;
+    }
+#endif
+    axpy_scalar(p, vh + j * a.dim, oi, a.dim);
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < a.dim; ++d) oi[d] *= inv;
+}
+
+int attention(const Attention& a, int64_t batch, int threads, int isa) {
+  bool avx2 = false;
+  if (int status = resolve_isa(isa, avx2)) return status;
+  const int64_t tasks = batch * a.heads * a.queries;
+  // Parts of at least ~16k multiply-adds (below that a hand-off costs more than it saves).
+  const int64_t per_task = 2 * a.keys * a.dim;
+  const int64_t min_tasks = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, per_task));
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks / min_tasks)));
+  const std::function<void(int)> body = [&](int p) {
+    std::vector<float> scores(static_cast<size_t>(a.keys));
+    for (int64_t t = tasks * p / parts; t < tasks * (p + 1) / parts; ++t) {
+      const int64_t i = t % a.queries, h = t / a.queries % a.heads, b = t / (a.queries * a.heads);
+      attend_one(a, b, h, i, avx2, scores.data());
+    }
+  };
+  WorkerPool::instance().run(parts, body);
+  return LOWRA_LOWBIT_OK;
+}
+
 // 2-bit byte of the file (element k's code at bits 2k, 2k+1) -> bit-planar byte (b0 at bit k, b1 at bit 4 + k).
 uint8_t planar_byte(unsigned byte) {
   unsigned out = 0;
@@ -1192,6 +1383,32 @@ int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_feat
                   const float* x, int64_t n_tokens, float* y, int threads, int isa) {
   try {
     return q8_gemm(weight, scales, out_features, in_features, x, n_tokens, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_lowrank_add(const float* down, const float* up, int64_t rank, int64_t in_features, int64_t out_features,
+                      const float* x, int64_t n_tokens, float* y, int isa) {
+  try {
+    return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_attention(const float* q, const float* k, const float* v, int64_t batch, int64_t heads, int64_t queries,
+                    int64_t dim, int64_t kv_heads, int64_t keys, const uint8_t* mask_keep, const float* mask_add,
+                    int64_t mask_batch_stride, int64_t mask_head_stride, int causal, float scale, float* out,
+                    int threads, int isa) {
+  if (!q || !k || !v || !out || batch <= 0 || heads <= 0 || queries <= 0 || dim <= 0 || kv_heads <= 0 || keys <= 0 ||
+      heads % kv_heads || (mask_keep && mask_add) || mask_batch_stride < 0 || mask_head_stride < 0 || threads < 1) {
+    return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  }
+  const Attention a{q, k, v, heads, queries, dim, kv_heads, keys, mask_keep, mask_add, mask_batch_stride,
+                    mask_head_stride, causal != 0, scale, out};
+  try {
+    return attention(a, batch, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }

@@ -112,6 +112,28 @@ int lowra_f16_gemm(const uint16_t* weight, int64_t out_features, int64_t in_feat
 int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_features, int64_t in_features,
                   const float* x, int64_t n_tokens, float* y, int threads, int isa);
 
+/* y[t] += up (down x[t]) for each of n_tokens tokens: a user's low-rank side branch beside a base product, with
+ * float32 factors down [rank, in_features] and up [out_features, rank] (row-major). down x[t] is summed in 8 lanes
+ * (input j in lane j % 8, fused multiply-adds in input order, the lanes added as the float16 GEMM adds them), each
+ * output's rank products in rank order; scalar and AVX2 give the same bits. A token whose down x[t] is all zeros
+ * (no user loaded: zero factors) leaves y[t] as it is and up is not read. One thread (the work is ~rank x (in + out)
+ * multiply-adds per token, less than a hand-off). */
+int lowra_lowrank_add(const float* down, const float* up, int64_t rank, int64_t in_features, int64_t out_features,
+                      const float* x, int64_t n_tokens, float* y, int isa);
+
+/* out [batch, queries, heads, dim] = softmax(scale q k^T + mask) v for q [batch, heads, queries, dim] and k = v
+ * [batch, kv_heads, keys, dim] (heads a multiple of kv_heads: head h reads kv head h / (heads / kv_heads)), all
+ * float32, read where they are (a program's KV cache). Mask, at most one of: mask_keep (bytes, 0 = masked) or
+ * mask_add (float32, added to the scores; -inf = masked), indexed [b * mask_batch_stride + h * mask_head_stride +
+ * i * keys + j] (stride 0 broadcasts); with neither, causal (key j > query i masked) when `causal` is nonzero.
+ * Masked keys are skipped; a query with every key masked gets zeros. Each query's scores are dots in 8 lanes (as
+ * lowra_lowrank_add's), exp in float32, the weighted sum fused in key order: scalar and AVX2 give the same bits, for
+ * any thread count (work is split over (batch, head, query) triples). */
+int lowra_attention(const float* q, const float* k, const float* v, int64_t batch, int64_t heads, int64_t queries,
+                    int64_t dim, int64_t kv_heads, int64_t keys, const uint8_t* mask_keep, const float* mask_add,
+                    int64_t mask_batch_stride, int64_t mask_head_stride, int causal, float scale, float* out,
+                    int threads, int isa);
+
 /* 1 when lowra_lowbit_gemv/gemm accept this isa on this CPU (AUTO and SCALAR always do), else 0. */
 int lowra_lowbit_isa_available(int isa);
 

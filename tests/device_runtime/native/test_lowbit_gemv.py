@@ -15,7 +15,9 @@ from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.device_runtime.formats.int8_rows import dequantize_q8, quantize_q8
 from lowra.device_runtime.native_kernels import (
     PackedLinear,
+    attention,
     f16_gemm,
+    lowrank_add,
     isa_available,
     load_library,
     q8_gemm,
@@ -234,6 +236,102 @@ def test_q8_rows_refuse_what_they_cannot_hold() -> None:
     with pytest.raises(ConfigError, match=r"expected \[n_tokens >= 1, 32\]"):
         q8_gemm(codes, scales, np.zeros((1, 31), dtype=np.float32))
     assert load_library().lowra_q8_gemm(None, None, 1, 32, None, 1, None, 1, 0) == 1  # null pointers: invalid
+
+
+# ------------------------------------------------------------------------------------------------ low-rank side branch
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("rank", "out", "inputs", "tokens"),
+                         [(8, 1536, 576, 1), (8, 203, 575, 5), (16, 64, 1536, 2), (3, 19, 7, 3), (1, 1, 1, 1)])
+def test_lowrank_add_matches_float64_and_is_the_same_on_every_path(rank: int, out: int, inputs: int, tokens: int,
+                                                                   isa: str) -> None:
+    rng = np.random.default_rng(rank * out + inputs)
+    down = rng.standard_normal((rank, inputs)).astype(np.float32)
+    up = rng.standard_normal((out, rank)).astype(np.float32)
+    x = rng.standard_normal((tokens, inputs)).astype(np.float32)
+    y0 = rng.standard_normal((tokens, out)).astype(np.float32)
+    got = lowrank_add(down, up, x, y0.copy(), isa=isa)
+    reference = y0.astype(np.float64) + (x.astype(np.float64) @ down.T.astype(np.float64)) @ up.T.astype(np.float64)
+    scale = np.abs(x).max() * np.abs(down).max() * np.abs(up).max() * inputs * rank + np.abs(y0).max()
+    assert np.abs(got - reference).max() <= 1e-6 * scale
+    assert np.array_equal(got[-1:], lowrank_add(down, up, x[-1:], y0[-1:].copy(), isa=isa))  # tokens are independent
+    if isa != "scalar":
+        assert np.array_equal(got, lowrank_add(down, up, x, y0.copy(), isa="scalar"))  # the same order of additions
+
+
+def test_lowrank_add_leaves_a_token_without_a_user_alone() -> None:
+    """Zero factors (no user loaded) add nothing and up is not even read: a NaN there does not reach y."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    y = rng.standard_normal((2, 24)).astype(np.float32)
+    up = np.full((24, 8), np.nan, dtype=np.float32)
+    assert np.array_equal(lowrank_add(np.zeros((8, 64), np.float32), up, x, y.copy()), y)
+    down = rng.standard_normal((8, 64)).astype(np.float32)
+    x[1] = 0  # a zero input: that token alone is skipped
+    got = lowrank_add(down, up, x, y.copy())
+    assert np.isnan(got[0]).all() and np.array_equal(got[1], y[1])
+
+
+def test_lowrank_add_refuses_what_it_cannot_multiply() -> None:
+    down, up = np.zeros((8, 16), np.float32), np.zeros((4, 8), np.float32)
+    with pytest.raises(ConfigError, match=r"expected \[rank, in\] and \[out, rank\]"):
+        lowrank_add(down, np.zeros((4, 7), np.float32), np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float32))
+    with pytest.raises(ConfigError, match=r"expected \[n_tokens >= 1, 16\]"):
+        lowrank_add(down, up, np.zeros((1, 15), np.float32), np.zeros((1, 4), np.float32))
+    with pytest.raises(ConfigError, match=r"float32 array of shape \[1, 4\]"):
+        lowrank_add(down, up, np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float64))
+    assert load_library().lowra_lowrank_add(None, None, 8, 16, 4, None, 1, None, 0) == 1  # null pointers: invalid
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def attention_float64(q, k, v, mask, scale, causal):
+    """The definition, in float64: [B, H, Q, D] x [B, KV, S, D] -> [B, Q, H, D]."""
+    heads, kv_heads, queries, keys = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k64, v64 = (np.repeat(t.astype(np.float64), heads // kv_heads, axis=1) for t in (k, v))
+    scores = scale * q.astype(np.float64) @ k64.transpose(0, 1, 3, 2)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
+    elif causal:
+        scores = np.where(np.tril(np.ones((queries, keys), bool)), scores, -np.inf)
+    best = scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores - np.where(np.isfinite(best), best, 0))
+    total = weights.sum(axis=-1, keepdims=True)
+    out = np.where(total > 0, weights @ v64 / np.where(total > 0, total, 1), 0)
+    return out.transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", ["bool", "float", "causal", "none"])
+def test_attention_matches_float64_and_is_the_same_on_every_path(case: str, isa: str) -> None:
+    rng = np.random.default_rng(len(case))
+    batch, heads, kv_heads, queries, keys, dim = 2, 9, 3, 3, 37, 64
+    q = rng.standard_normal((batch, heads, queries, dim)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, kv_heads, keys, dim)).astype(np.float32) for _ in range(2))
+    mask = None
+    if case == "bool":  # per batch, broadcast over heads; one query sees no key at all
+        mask = rng.random((batch, 1, queries, keys)) < 0.6
+        mask[1, 0, 2] = False
+    elif case == "float":  # per head, broadcast over the batch; -inf masks
+        mask = rng.standard_normal((1, heads, queries, keys)).astype(np.float32)
+        mask[rng.random(mask.shape) < 0.3] = -np.inf
+    got = attention(q, k, v, mask, scale=0.125, causal=case == "causal", isa=isa)
+    reference = attention_float64(q, k, v, mask, 0.125, case == "causal")
+    assert got.shape == (batch, queries, heads, dim)
+    assert np.abs(got - reference).max() <= 1e-5
+    if case == "bool":
+        assert not got[1, 2, :3].any()  # every key masked: zeros (heads 0-2 read that batch's mask row)
+    assert np.array_equal(got, attention(q, k, v, mask, 0.125, case == "causal", threads=3, isa=isa))
+    if isa != "scalar":
+        assert np.array_equal(got, attention(q, k, v, mask, 0.125, case == "causal", isa="scalar"))
+
+
+def test_attention_refuses_what_it_cannot_attend() -> None:
+    q, kv = np.zeros((1, 4, 2, 8), np.float32), np.zeros((1, 3, 5, 8), np.float32)
+    with pytest.raises(ConfigError, match="H a multiple of KV"):
+        attention(q, kv, kv)
+    kv = np.zeros((1, 2, 5, 8), np.float32)
+    with pytest.raises(ConfigError, match=r"expected bool or float32 \[1\|1, 1\|4, 2, 5\]"):
+        attention(q, kv, kv, np.zeros((1, 1, 2, 4), bool))
+    assert load_library().lowra_attention(None, None, None, 1, 1, 1, 1, 1, 1, None, None, 0, 0, 0, 1.0, None, 1, 0) == 1
 
 
 def test_kernel_layout_codes_is_the_c_repack_and_inverts() -> None:
