@@ -217,12 +217,14 @@ static bool read_weight(
            static_cast<long long>(w->out_features));
     return false;
   }
-  bool widths_ok = true;  // one branch-free pass (it runs on every call); the message looks for the row
+  // One branch-free pass of byte arithmetic (vectorized; it runs on every call): 1, 2 and 4 are the powers of two
+  // in [1, 4]. The message then looks for the row.
+  uint8_t bad = 0;
   for (int64_t r = 0; r < w->out_features; ++r) {
     const uint8_t width = w->widths[r];
-    widths_ok &= width == 1 || width == 2 || width == 4;
+    bad |= static_cast<uint8_t>(((width - 1) & width) | (width == 0) | (width > 4));
   }
-  if (!widths_ok) {
+  if (bad) {
     for (int64_t r = 0; r < w->out_features; ++r) {
       const int width = w->widths[r];
       if (width != 1 && width != 2 && width != 4) {
