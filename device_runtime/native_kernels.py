@@ -23,8 +23,8 @@ from lowra.device_runtime.errors import ConfigError, KernelLibraryError
 from lowra.device_runtime.formats.int8_rows import Q8_BLOCK
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 
-__all__ = ["ISAS", "KERNEL_SOURCE", "LAYOUTS", "PackedLinear", "build_library", "f16_gemm", "isa_available",
-           "load_library", "lowrank_add", "attention", "q8_gemm"]
+__all__ = ["ISAS", "KERNEL_SOURCE", "LAYOUTS", "PackedLinear", "attention", "build_library", "f16_gemm",
+           "isa_available", "load_library", "lowrank_add", "q8_gemm"]
 
 KERNEL_DIR = Path(__file__).parent / "native" / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "lowbit_gemv.cpp"

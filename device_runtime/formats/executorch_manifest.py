@@ -25,7 +25,8 @@ PTD_MAGIC = b"FT01"  # flatbuffer file identifier of ExecuTorch's FlatTensor (.p
 KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::dequantize.out", "lowra::lowbit_linear_planar.out",
               "lowra::lowbit_linear_planar_lora.out", "lowra::f16_linear.out", "lowra::attention.out",
               "lowra::lowbit_linear_blocked.out", "lowra::lowbit_linear_blocked_lora.out", "lowra::q8_linear.out",
-              "lowra::q8_embedding.out", "lowra::rms_norm.out")
+              "lowra::q8_embedding.out", "lowra::rms_norm.out", "lowra::rope.out",
+              "lowra::silu_mul.out")
 LEGACY_KERNEL_OPS = KERNEL_OPS[:2]
 EMBEDDING_DTYPES = ("float16", "float32", "int8")  # how a program stores the token embedding and output head
 LOGITS_MODES = ("last", "all")  # which positions' logits a program outputs ("all" in folders without the key)

@@ -34,6 +34,7 @@ byte range, so the numpy-only device copies the template and overwrites those ra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -64,6 +65,7 @@ from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
 from lowra.device_runtime.formats.quantized_weight import kernel_blocked_codes, kernel_layout_codes
 from lowra.export.executorch.attention import use_lowra_attention
 from lowra.export.executorch.norm import use_lowra_rms_norm
+from lowra.export.executorch.pointwise import lowra_rope, use_lowra_gated_mlp
 from lowra.export.executorch.kernels import LIBRARY_NAME, build_kernel_library
 from lowra.export.tokenizer import save_tokenizer
 from lowra.sdk.modules import linear_module_names
@@ -99,6 +101,9 @@ class ExecutorchExportConfig:
     # Custom ops only: each RMSNorm (Llama-style: Llama, Qwen2, Mistral, SmolLM) as one lowra::rms_norm call (see
     # export/executorch/norm.py) instead of six portable kernels.
     fused_norm: bool = True
+    # Custom ops only: each rotary embedding of q and k as one lowra::rope call and each gated MLP's silu(gate) * up
+    # as one lowra::silu_mul call (see export/executorch/pointwise.py) instead of ~19 portable kernels per layer.
+    fused_pointwise: bool = True
     # "last": the programs output the logits of the last position only ([1, 1, vocab]: what generation reads; the head
     # runs on one token per call and the output buffer is one row); "all": every position ([1, n, vocab]).
     logits: str = "last"
@@ -478,6 +483,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
         use_lowra_attention(model)
     if config.ops == "custom" and config.fused_norm:
         use_lowra_rms_norm(model)
+    if config.ops == "custom" and config.fused_pointwise:
+        use_lowra_gated_mlp(model)
     fix_empty_strides(model)
     wrapper_class = TorchExportableModuleWithStaticCache if config.logits == "all" else _last_logits_wrapper()
     wrapper = wrapper_class(model, batch_size=1, max_cache_len=config.max_seq_len)
@@ -495,7 +502,8 @@ def _lower(program: _Program, config: ExecutorchExportConfig, out_dir: Path) -> 
     example = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "cache_position": torch.arange(2)}
     seq = torch.export.Dim("seq", min=1, max=config.max_seq_len - 1)
     shapes = {"input_ids": {1: seq}, "cache_position": {0: seq}}
-    with torch.no_grad():
+    rope = lowra_rope(program.wrapper) if config.ops == "custom" and config.fused_pointwise else contextlib.nullcontext()
+    with torch.no_grad(), rope:
         # strict=True: the non-strict trace of transformers' static cache fails later in run_decompositions
         # ("expected compiled_fn to be GraphModule", torch 2.13 + transformers 5.24).
         exported = torch.export.export(program.wrapper, (), example, dynamic_shapes=shapes, strict=True)

@@ -14,6 +14,9 @@
 //   q8_embedding.out(Tensor weight, Tensor scales, Tensor indices, *, Tensor(a!) out) -> Tensor(a!)
 //     (8-bit rows: weight int8 [N, K], scales float16 [N, K / 32]; device_runtime/formats/int8_rows.py)
 //   rms_norm.out(Tensor x, Tensor weight, float eps, *, Tensor(a!) out) -> Tensor(a!)   (export/executorch/norm.py)
+//   rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Tensor(a!)   (export/executorch/pointwise.py:
+//     x [B, H, S, D], cos = sin [B|1, S, D]; x * cos + rotate_half(x) * sin)
+//   silu_mul.out(Tensor gate, Tensor up, *, Tensor(a!) out) -> Tensor(a!)   (silu(gate) * up; pointwise.py)
 //   attention.out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, *, Tensor(a!) out) -> Tensor(a!)
 //     (export/executorch/attention.py: q [B, H, Q, D], k = v [B, KV, S, D], mask bool/float [B|1, H|1, Q, S] or
 //     none = causal from the top left when Q > 1; out [B, Q, H, D])
@@ -490,6 +493,58 @@ Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& w
   return out;
 }
 
+// x * cos + rotate_half(x) * sin per head (export/executorch/pointwise.py; transformers' apply_rotary_pos_emb), each
+// product rounded, then the sum, as torch computes it: rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] after.
+Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
+  const bool ok = x.dim() == 4 && cos.dim() == 3 && sin.dim() == 3 && x.scalar_type() == ScalarType::Float &&
+      cos.scalar_type() == ScalarType::Float && sin.scalar_type() == ScalarType::Float && x.size(3) % 2 == 0 &&
+      (cos.size(0) == 1 || cos.size(0) == x.size(0)) && cos.size(1) == x.size(2) && cos.size(2) == x.size(3) &&
+      sin.size(0) == cos.size(0) && sin.size(1) == cos.size(1) && sin.size(2) == cos.size(2);
+  ET_KERNEL_CHECK_MSG(ctx, ok, InvalidArgument, out,
+                      "lowra::rope: expected float32 x [B, H, S, D] (D even) and cos = sin [B or 1, S, D]");
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok &&
+                           out.scalar_type() == ScalarType::Float, InvalidArgument, out);
+  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), D = x.size(3), half = D / 2;
+  const float* xs = x.const_data_ptr<float>();
+  const float* cs = cos.const_data_ptr<float>();
+  const float* ss = sin.const_data_ptr<float>();
+  float* os = out.mutable_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t row = ((b * H + h) * S + i) * D, at = ((cos.size(0) == 1 ? 0 : b) * S + i) * D;
+        const float* xr = xs + row;
+        const float* c = cs + at;
+        const float* sn = ss + at;
+        float* o = os + row;
+        for (int64_t d = 0; d < half; ++d) {
+          const float a = xr[d] * c[d], r = -xr[d + half] * sn[d];
+          o[d] = a + r;
+        }
+        for (int64_t d = half; d < D; ++d) {
+          const float a = xr[d] * c[d], r = xr[d - half] * sn[d];
+          o[d] = a + r;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise (export/executorch/pointwise.py).
+Tensor& silu_mul_out(KernelRuntimeContext& ctx, const Tensor& gate, const Tensor& up, Tensor& out) {
+  bool ok = gate.scalar_type() == ScalarType::Float && up.scalar_type() == ScalarType::Float && gate.dim() == up.dim();
+  for (int64_t i = 0; ok && i < gate.dim(); ++i) ok = gate.size(i) == up.size(i);
+  ET_KERNEL_CHECK_MSG(ctx, ok, InvalidArgument, out, "lowra::silu_mul: expected float32 gate and up of one shape");
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, gate.sizes()) == Error::Ok &&
+                           out.scalar_type() == ScalarType::Float, InvalidArgument, out);
+  const float* g = gate.const_data_ptr<float>();
+  const float* u = up.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < gate.numel(); ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  return out;
+}
+
 // 8-bit rows (device_runtime/formats/int8_rows.py): int8 weight [N, K], float16 scales [N, K / 32].
 static bool q8_rows_ok(const Tensor& weight, const Tensor& scales) {
   return weight.scalar_type() == ScalarType::Char && weight.dim() == 2 && weight.size(1) > 0 &&
@@ -637,6 +692,8 @@ EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);
 EXECUTORCH_LIBRARY(lowra, "f16_linear.out", lowra_et::f16_linear_out);
 EXECUTORCH_LIBRARY(lowra, "q8_linear.out", lowra_et::q8_linear_out);
 EXECUTORCH_LIBRARY(lowra, "rms_norm.out", lowra_et::rms_norm_out);
+EXECUTORCH_LIBRARY(lowra, "rope.out", lowra_et::rope_out);
+EXECUTORCH_LIBRARY(lowra, "silu_mul.out", lowra_et::silu_mul_out);
 EXECUTORCH_LIBRARY(lowra, "q8_embedding.out", lowra_et::q8_embedding_out);
 EXECUTORCH_LIBRARY(lowra, "dequantize.out", lowra_et::dequantize_out);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kFile>);
