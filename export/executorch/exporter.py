@@ -635,6 +635,8 @@ def export_executorch(
         "embeddings": embeddings,
         "attention": "lowra" if config.ops == "custom" and config.fused_attention else "sdpa",
         "norm": "lowra" if config.ops == "custom" and config.fused_norm else "torch",
+        # What the programs call (the swaps apply where a model family computes the same: export/executorch/pointwise).
+        "pointwise": "lowra" if kernel_ops & {"lowra::rope.out", "lowra::silu_mul.out"} else "torch",
         "logits": config.logits,
         "kernel_library": LIBRARY_NAME if library is not None else None,
         "kernel_ops": sorted(kernel_ops),

@@ -129,9 +129,13 @@ def test_swaps_apply_to_llama_and_leave_other_code_alone():
 
 
 def test_exported_program_calls_one_op_per_rotary_embedding_and_mlp():
+    import json
+
     from tests.export.executorch.test_executorch_artifacts import _operator_calls, exported, lowbit_tiny
 
     folder = exported()
+    assert json.loads((folder / "manifest.json").read_text())["pointwise"] == "lowra"
+    assert json.loads((exported("aten", ("side",), False) / "manifest.json").read_text())["pointwise"] == "torch"
     n_layers = len(lowbit_tiny()[0].model.layers)
     for mode in ("side", "merge"):
         calls = _operator_calls(folder / f"{mode}.pte")
