@@ -87,6 +87,7 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_f16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_q8_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_lowrank_add.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
+    lib.lowra_lowrank_add_f16.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
     lib.lowra_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, c_int,
                                     ctypes.c_float, ptr, c_int, c_int]
     lib.lowra_lowbit_isa_available.argtypes = [c_int]
@@ -94,7 +95,7 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_lowbit_status_name.restype = ctypes.c_char_p
     for name in ("lowra_lowbit_repack", "lowra_lowbit_block", "lowra_lowbit_plan_create", "lowra_lowbit_plan_gemv",
                  "lowra_lowbit_plan_gemm", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm", "lowra_q8_gemm",
-                 "lowra_lowrank_add", "lowra_attention", "lowra_lowbit_isa_available"):
+                 "lowra_lowrank_add", "lowra_lowrank_add_f16", "lowra_attention", "lowra_lowbit_isa_available"):
         getattr(lib, name).restype = c_int
     return lib
 
@@ -242,14 +243,16 @@ def q8_gemm(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, threads: int =
 
 
 def lowrank_add(down: np.ndarray, up: np.ndarray, x: np.ndarray, y: np.ndarray, isa: str = "auto") -> np.ndarray:
-    """``y += (x @ down.T) @ up.T`` in place for float32 factors ``down`` [rank, in], ``up`` [out, rank], ``x``
-    [n_tokens, in] and ``y`` [n_tokens, out]; returns ``y``.
+    """``y += (x @ down.T) @ up.T`` in place for factors ``down`` [rank, in], ``up`` [out, rank] (both float32 or both
+    float16), ``x`` [n_tokens, in] and ``y`` [n_tokens, out] float32; returns ``y``.
 
-    The kernel of a user's side branch in an exported program (``lowra_lowrank_add``): a fixed order of additions
-    (scalar and AVX2 give the same bits); a token whose ``x @ down.T`` is all zeros (no user: zero factors) is left
-    as it is.
+    The kernel of a user's side branch in an exported program (``lowra_lowrank_add``, ``lowra_lowrank_add_f16``): a
+    fixed order of additions (scalar and AVX2 give the same bits; float16 factors the bits of the same values in
+    float32); a token whose ``x @ down.T`` is all zeros (no user: zero factors) is left as it is.
     """
-    down, up = np.ascontiguousarray(down, dtype=np.float32), np.ascontiguousarray(up, dtype=np.float32)
+    half = np.asarray(down).dtype == np.float16 and np.asarray(up).dtype == np.float16
+    dtype = np.float16 if half else np.float32
+    down, up = np.ascontiguousarray(down, dtype=dtype), np.ascontiguousarray(up, dtype=dtype)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or 0 in down.shape + up.shape:
         raise ConfigError(f"factors down {list(down.shape)} / up {list(up.shape)}; expected [rank, in] and [out, rank]")
@@ -259,9 +262,10 @@ def lowrank_add(down: np.ndarray, up: np.ndarray, x: np.ndarray, y: np.ndarray, 
     if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or not y.flags.c_contiguous
             or y.shape != (x.shape[0], up.shape[0])):
         raise ConfigError(f"output must be a C-contiguous float32 array of shape [{x.shape[0]}, {up.shape[0]}]")
-    status = load_library().lowra_lowrank_add(_pointer(down), _pointer(up), rank, inputs, up.shape[0], _pointer(x),
-                                              x.shape[0], _pointer(y), _isa_code(isa))  # fmt: skip
-    _check(status, "lowra_lowrank_add")
+    name = "lowra_lowrank_add_f16" if half else "lowra_lowrank_add"
+    status = getattr(load_library(), name)(_pointer(down), _pointer(up), rank, inputs, up.shape[0], _pointer(x),
+                                           x.shape[0], _pointer(y), _isa_code(isa))  # fmt: skip
+    _check(status, name)
     return y
 
 

@@ -37,7 +37,13 @@ from lowra.device_runtime.engines.generation import GenerationConfig, Tokenizer,
 from lowra.device_runtime.errors import BlobContentError, KernelLibraryError, LowraError, ProgramError
 from lowra.device_runtime.executorch_native import NativeProgram, register_kernel_library
 from lowra.device_runtime.formats.constants import TOKENIZER_FILE, USER_MODES
-from lowra.device_runtime.formats.executorch_manifest import PTD_MAGIC, Manifest, tensor_view, verify_file
+from lowra.device_runtime.formats.executorch_manifest import (
+    PTD_MAGIC,
+    SIDE_FACTOR_DTYPES,
+    Manifest,
+    tensor_view,
+    verify_file,
+)
 from lowra.device_runtime.runtime import merge_into
 
 __all__ = ["ExecutorchEngine", "compose_user_data"]
@@ -54,15 +60,20 @@ def compose_user_data(
     """One ``.ptd`` for a user: the template with each user tensor's bytes replaced (numpy only).
 
     ``template``: the template file's bytes (read-only uint8, e.g. a memory map); ``factors``: module ->
-    ``(up [out, k], down [k, in])`` decoded from a blob (empty for the base). Side mode zero-pads to ``rank``;
-    merge mode writes ``template + up @ down`` (the template holds the pristine base).
+    ``(up [out, k], down [k, in])`` decoded from a blob (empty for the base). Side mode zero-pads to ``rank`` (in
+    the tensor's dtype: float16 holds a blob's values exactly); merge mode writes ``template + up @ down`` (the
+    template holds the pristine base).
     """
     data = bytearray(template)
     tensors = program["tensors"]
     for key, entry in tensors.items():
         module, role = key.rsplit(":", 1)
+        dtypes = SIDE_FACTOR_DTYPES if mode == "side" else ("float32",)
+        if entry.get("dtype") not in dtypes:
+            raise ProgramError(f"tensor {key} is {entry.get('dtype')!r}; a {mode} program's user tensors are one of "
+                               f"{dtypes}. Re-export the folder")
         end = int(entry["offset"]) + int(entry["nbytes"])
-        if end > len(data) or int(entry["nbytes"]) != 4 * int(np.prod(entry["shape"])):
+        if end > len(data) or int(entry["nbytes"]) != np.dtype(entry["dtype"]).itemsize * int(np.prod(entry["shape"])):
             raise ProgramError(
                 f"data template has {len(data)} bytes but tensor {key} should end at byte {end}: the .ptd does not "
                 "belong to this program's manifest. Copy the model folder again or re-export"

@@ -29,6 +29,7 @@ KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::dequantize.out", "lowra::lowbi
               "lowra::silu_mul.out")
 LEGACY_KERNEL_OPS = KERNEL_OPS[:2]
 EMBEDDING_DTYPES = ("float16", "float32", "int8")  # how a program stores the token embedding and output head
+SIDE_FACTOR_DTYPES = ("float16", "float32")  # how a side program stores a user's factors ("dtype" of its tensors)
 LOGITS_MODES = ("last", "all")  # which positions' logits a program outputs ("all" in folders without the key)
 
 

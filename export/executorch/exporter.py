@@ -59,6 +59,7 @@ from lowra.device_runtime.formats.executorch_manifest import (
     FORMAT_VERSION,
     LOGITS_MODES,
     MANIFEST_FILE,
+    SIDE_FACTOR_DTYPES,
 )
 from lowra.device_runtime.formats.int8_rows import Q8_BLOCK, quantize_q8
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
@@ -101,6 +102,10 @@ class ExecutorchExportConfig:
     # Custom ops only: each RMSNorm (Llama-style: Llama, Qwen2, Mistral, SmolLM) as one lowra::rms_norm call (see
     # export/executorch/norm.py) instead of six portable kernels.
     fused_norm: bool = True
+    # Custom ops only: the dtype of the users' side-branch factors in the side program, "float16" (the default: a
+    # blob's values are float16 codebook levels, so nothing is rounded, and a decode step reads half the bytes) or
+    # "float32" (as folders exported before it). The aten ops keep float32.
+    side_factors: str = "float16"
     # Custom ops only: each rotary embedding of q and k as one lowra::rope call and each gated MLP's silu(gate) * up
     # as one lowra::silu_mul call (see export/executorch/pointwise.py) instead of ~19 portable kernels per layer.
     fused_pointwise: bool = True
@@ -121,6 +126,8 @@ class ExecutorchExportConfig:
             raise ConfigError(f"logits={self.logits!r}; expected one of {LOGITS_MODES}")
         if self.kernel_layout not in KERNEL_LAYOUTS:
             raise ConfigError(f"kernel_layout={self.kernel_layout!r}; expected one of {sorted(KERNEL_LAYOUTS)}")
+        if self.side_factors not in SIDE_FACTOR_DTYPES:
+            raise ConfigError(f"side_factors={self.side_factors!r}; expected one of {SIDE_FACTOR_DTYPES}")
         if self.embeddings == "int8" and self.ops != "custom":
             raise ConfigError("embeddings='int8' needs ops='custom' (lowra::q8_embedding and lowra::q8_linear)")
         if self.embeddings == "float16" and self.ops != "custom":
@@ -230,13 +237,14 @@ class KernelLowBitLinear(nn.Module):
 class KernelSideBranchLinear(nn.Module):
     """:class:`SideBranchLinear` over a :class:`KernelLowBitLinear` in one op call
     (``lowra::lowbit_linear_<layout>_lora``): the user's factors are program data under the same names
-    (``lora_down`` [rank, in], ``lora_up`` [out, rank])."""
+    (``lora_down`` [rank, in], ``lora_up`` [out, rank]), float16 by default (a blob's values are float16 levels, so
+    nothing is rounded) or float32."""
 
-    def __init__(self, base: KernelLowBitLinear, down: Tensor, up: Tensor) -> None:
+    def __init__(self, base: KernelLowBitLinear, down: Tensor, up: Tensor, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer("lora_down", down.float().contiguous())
-        self.register_buffer("lora_up", up.float().contiguous())
+        self.register_buffer("lora_down", down.to(dtype).contiguous())
+        self.register_buffer("lora_up", up.to(dtype).contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.base
@@ -470,8 +478,8 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
                              else KernelLowBitLinear(layer, config.kernel_layout))
         if mode == "side" and path in targets:
             down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
-            packed = (KernelSideBranchLinear(packed, down, up) if isinstance(packed, KernelLowBitLinear)
-                      else SideBranchLinear(packed, config.rank, down, up))
+            packed = (KernelSideBranchLinear(packed, down, up, getattr(torch, config.side_factors))
+                      if isinstance(packed, KernelLowBitLinear) else SideBranchLinear(packed, config.rank, down, up))
             user_modules[f"model.{path}.lora_down"] = (path, "down")
             user_modules[f"model.{path}.lora_up"] = (path, "up")
         _replace(model, path, packed)
@@ -571,7 +579,7 @@ def _locate(program: _Program, ptd: Path) -> dict[str, dict[str, Any]]:
         key, offset, nbytes = hit
         module, role = program.user_modules[fqn]
         located[f"{module}:{role}"] = {
-            "key": key, "offset": offset, "nbytes": nbytes, "dtype": "float32", "shape": list(array.shape),
+            "key": key, "offset": offset, "nbytes": nbytes, "dtype": str(array.dtype), "shape": list(array.shape),
         }  # fmt: skip
     if len(segments) != len(located):
         raise ConfigError(f"{ptd.name} holds {len(segments)} tensors but {len(located)} were expected (user data only)")
@@ -675,6 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel-layout", choices=sorted(KERNEL_LAYOUTS), default="blocked",
                         help="custom ops: how the programs store the codes (blocked: each layer read as one stream; "
                              "planar: rows in the file's order, as folders exported before it)")
+    parser.add_argument("--side-factors", choices=SIDE_FACTOR_DTYPES, default="float16",
+                        help="custom ops, side mode: the dtype of a user's factors in the program (float16: exact for "
+                             "a blob's values, half the bytes; float32: as folders exported before it)")
     args = parser.parse_args(argv)
 
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
@@ -686,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_quantized_base(base.model, read_quantized_base(args.quantized))
     config = ExecutorchExportConfig(ops=args.ops, modes=tuple(args.modes), max_seq_len=args.max_seq_len,
                                     rank=args.rank, xnnpack=args.xnnpack, embeddings=args.embeddings,
-                                    kernel_layout=args.kernel_layout)
+                                    kernel_layout=args.kernel_layout, side_factors=args.side_factors)
     manifest = export_executorch(base.model, args.out, config, tokenizer=base.tokenizer,
                                  source=str(args.quantized))
     for mode, program in manifest["programs"].items():

@@ -6,7 +6,8 @@
 //   lowbit_linear.out(Tensor x, <same buffers>, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)
 //   lowbit_linear_planar.out(<the same>): codes already in the kernels' ROWS layout (2-bit rows bit-planar per byte)
 //   lowbit_linear_planar_lora.out(Tensor x, <buffers>, Tensor? bias, Tensor down, Tensor up, *, Tensor(a!) out):
-//     the planar product plus a LoRA side branch (x @ down^T) @ up^T, down float32 [rank, in], up [out, rank]
+//     the planar product plus a LoRA side branch (x @ down^T) @ up^T, down [rank, in], up [out, rank], both float32
+//     or both float16
 //   lowbit_linear_blocked.out / lowbit_linear_blocked_lora.out (<the same>): codes in the kernels' BLOCKED layout
 //     (lowbit_gemv.h: each layer one sequential stream), what the exporter writes
 //   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
@@ -665,18 +666,24 @@ Tensor& lowbit_linear_lora_out(
     const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
     int64_t group_size, const std::optional<Tensor>& bias, const Tensor& down, const Tensor& up, Tensor& out) {
   const int64_t n_out = widths.numel();
-  const bool factors_ok = down.scalar_type() == ScalarType::Float && up.scalar_type() == ScalarType::Float &&
+  const bool half = down.scalar_type() == ScalarType::Half;
+  const bool factors_ok = (half || down.scalar_type() == ScalarType::Float) && up.scalar_type() == down.scalar_type() &&
       down.dim() == 2 && up.dim() == 2 && down.size(1) == in_features && up.size(0) == n_out &&
       up.size(1) == down.size(0);
   ET_KERNEL_CHECK_MSG(ctx, factors_ok, InvalidArgument, out,
-                      "lowra::lowbit_linear_*_lora: down must be float32 [rank, in], up float32 [out, rank]");
+                      "lowra::lowbit_linear_*_lora: down must be [rank, in], up [out, rank], both float32 or float16");
   lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
                      group_size, bias, out, kKind);
   if (ctx.failure_state() != Error::Ok) return out;
   // lowra's kernel library (vector path where the CPU has one); a token with no user (zero factors) costs rank dots.
-  const int status = lowra_lowrank_add(down.const_data_ptr<float>(), up.const_data_ptr<float>(), down.size(0),
-                                       in_features, n_out, x.const_data_ptr<float>(), x.numel() / in_features,
-                                       out.mutable_data_ptr<float>(), LOWRA_LOWBIT_ISA_AUTO);
+  const int64_t m = x.numel() / in_features;
+  const int status =
+      half ? lowra_lowrank_add_f16(reinterpret_cast<const uint16_t*>(down.const_data_ptr<Half>()),
+                                   reinterpret_cast<const uint16_t*>(up.const_data_ptr<Half>()), down.size(0),
+                                   in_features, n_out, x.const_data_ptr<float>(), m, out.mutable_data_ptr<float>(),
+                                   LOWRA_LOWBIT_ISA_AUTO)
+           : lowra_lowrank_add(down.const_data_ptr<float>(), up.const_data_ptr<float>(), down.size(0), in_features,
+                               n_out, x.const_data_ptr<float>(), m, out.mutable_data_ptr<float>(), LOWRA_LOWBIT_ISA_AUTO);
   ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out,
                       "lowra::lowbit_linear_*_lora: kernel failed: %s", lowra_lowbit_status_name(status));
   return out;

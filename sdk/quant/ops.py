@@ -433,10 +433,15 @@ def lowbit_linear_planar_reference(x: Tensor, *packed_and_bias: Any) -> Tensor:
 def _check_side_branch(x: Tensor, down: Tensor, up: Tensor, out_features: int) -> None:
     rank = down.shape[0] if down.dim() == 2 else -1
     if (down.dim() != 2 or up.dim() != 2 or down.shape[1] != x.shape[-1] or tuple(up.shape) != (out_features, rank)
-            or down.dtype != torch.float32 or up.dtype != torch.float32):
+            or down.dtype not in (torch.float32, torch.float16) or up.dtype != down.dtype):
         raise ConfigError(
             f"side-branch factors down {down.dtype} {list(down.shape)} / up {up.dtype} {list(up.shape)}; expected "
-            f"float32 [rank, {x.shape[-1]}] and [{out_features}, rank]")
+            f"[rank, {x.shape[-1]}] and [{out_features}, rank], both float32 or both float16")
+
+
+def _side_branch(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """``(x @ down^T) @ up^T`` in float32 (float16 factors are converted exactly)."""
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, down.float()), up.float())
 
 
 def lowbit_linear_planar_lora_reference(x: Tensor, *packed_bias_factors: Any) -> Tensor:
@@ -444,7 +449,7 @@ def lowbit_linear_planar_lora_reference(x: Tensor, *packed_bias_factors: Any) ->
     *packed_and_bias, down, up = packed_bias_factors
     y = lowbit_linear_planar_reference(x, *packed_and_bias)
     _check_side_branch(x, down, up, y.shape[-1])
-    return y + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+    return y + _side_branch(x, down, up)
 
 
 def lowbit_linear_blocked_reference(x: Tensor, *packed_and_bias: Any) -> Tensor:
@@ -464,7 +469,7 @@ def lowbit_linear_blocked_lora_reference(x: Tensor, *packed_bias_factors: Any) -
     *packed_and_bias, down, up = packed_bias_factors
     y = lowbit_linear_blocked_reference(x, *packed_and_bias)
     _check_side_branch(x, down, up, y.shape[-1])
-    return y + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+    return y + _side_branch(x, down, up)
 
 
 for _name, _reference in (("lowbit_linear_planar", lowbit_linear_planar_reference),

@@ -1068,49 +1068,68 @@ int q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out, int64_t i
 
 // ------------------------------------------------------------------------------------------------ low-rank side branch
 // low[k] = <down_k, x>: input j in lane j % 8 (fused multiply-adds in input order), lanes added as half_sum adds them;
-// y[r] += (sum over k in order of up[r, k] * low[k], fused).
-float lane_dot_scalar(const float* a, const float* x, int64_t n) {
+// y[r] += (sum over k in order of up[r, k] * low[k], fused). Factors are float32 or float16 (uint16_t bits, converted
+// exactly): the same values give the same bits.
+inline float factor(float v) { return v; }
+inline float factor(uint16_t h) { return half_to_float(h); }
+
+template <typename T = float>
+float lane_dot_scalar(const T* a, const float* x, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t j = 0; j < n; ++j) acc[j % 8] = std::fma(a[j], x[j], acc[j % 8]);
+  for (int64_t j = 0; j < n; ++j) acc[j % 8] = std::fma(factor(a[j]), x[j], acc[j % 8]);
   return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-void lowrank_up_scalar(const float* up, int64_t rank, const float* low, float* y, int64_t begin, int64_t end) {
+template <typename T>
+void lowrank_up_scalar(const T* up, int64_t rank, const float* low, float* y, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     float t = 0.0f;
-    for (int64_t k = 0; k < rank; ++k) t = std::fma(up[r * rank + k], low[k], t);
+    for (int64_t k = 0; k < rank; ++k) t = std::fma(factor(up[r * rank + k]), low[k], t);
     y[r] += t;
   }
 }
 
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
+LOWRA_AVX2_FN inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+LOWRA_AVX2_FN inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The first n < 8 values of p, zeros after (a copy: no load leaves the buffer).
+template <typename T>
+LOWRA_AVX2_FN inline __m256 load_tail(const T* p, int64_t n) {
+  T tail[8] = {};
+  std::memcpy(tail, p, sizeof(T) * static_cast<size_t>(n));
+  return load8(tail);
+}
+
 // R of the dots at once (independent chains: the loads of x shared, the latencies overlapped), each in lane_dot's order.
-template <int R>
-LOWRA_AVX2_FN void lane_dots_avx2(const float* a, int64_t stride, const float* x, int64_t n, float* out) {
+template <int R, typename T = float>
+LOWRA_AVX2_FN void lane_dots_avx2(const T* a, int64_t stride, const float* x, int64_t n, float* out) {
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 xj = _mm256_loadu_ps(x + j);
-    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * stride + j), xj, acc[i]);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(load8(a + i * stride + j), xj, acc[i]);
   }
   if (j < n) {  // the tail's missing lanes multiply zeros: acc + 0 is acc
-    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 xj = _mm256_maskload_ps(x + j, live);
-    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(_mm256_maskload_ps(a + i * stride + j, live), xj, acc[i]);
+    const __m256 xj = load_tail(x + j, n - j);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(load_tail(a + i * stride + j, n - j), xj, acc[i]);
   }
   for (int i = 0; i < R; ++i) out[i] = half_sum(acc[i]);
 }
 
 // 8 outputs at a time: their up rows (8 values of k each) transposed so lane i holds row r + i, then one fused
 // multiply-add per k: each lane's order is the scalar one. Ranks that are a multiple of 8 only.
-LOWRA_AVX2_FN void lowrank_up_avx2(const float* up, int64_t rank, const float* low, float* y, int64_t out) {
+template <typename T>
+LOWRA_AVX2_FN void lowrank_up_avx2(const T* up, int64_t rank, const float* low, float* y, int64_t out) {
   int64_t r = 0;
   for (; r + 8 <= out; r += 8) {
     __m256 t = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < rank; k0 += 8) {
       __m256 v[8];
-      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(up + (r + i) * rank + k0);
+      for (int i = 0; i < 8; ++i) v[i] = load8(up + (r + i) * rank + k0);
       // 8 x 8 transpose: afterwards v[k] holds up[r + i, k0 + k] in lane i.
       const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
       const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
@@ -1133,7 +1152,8 @@ LOWRA_AVX2_FN void lowrank_up_avx2(const float* up, int64_t rank, const float* l
 }
 #endif
 
-int lowrank_add(const float* down, const float* up, int64_t rank, int64_t in, int64_t out, const float* x, int64_t m,
+template <typename T>
+int lowrank_add(const T* down, const T* up, int64_t rank, int64_t in, int64_t out, const float* x, int64_t m,
                 float* y, int isa) {
   bool avx2 = false;
   if (!down || !up || !x || !y || rank <= 0 || in <= 0 || out <= 0 || m <= 0) return LOWRA_LOWBIT_INVALID_ARGUMENT;
@@ -1392,6 +1412,15 @@ int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_feat
 
 int lowra_lowrank_add(const float* down, const float* up, int64_t rank, int64_t in_features, int64_t out_features,
                       const float* x, int64_t n_tokens, float* y, int isa) {
+  try {
+    return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_lowrank_add_f16(const uint16_t* down, const uint16_t* up, int64_t rank, int64_t in_features,
+                          int64_t out_features, const float* x, int64_t n_tokens, float* y, int isa) {
   try {
     return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, isa);
   } catch (const std::bad_alloc&) {

@@ -120,6 +120,10 @@ int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_feat
  * multiply-adds per token, less than a hand-off). */
 int lowra_lowrank_add(const float* down, const float* up, int64_t rank, int64_t in_features, int64_t out_features,
                       const float* x, int64_t n_tokens, float* y, int isa);
+/* lowra_lowrank_add with float16 factors (uint16_t bits): each value converted exactly, so factors that are float16
+ * values give the bits of the float32 call. */
+int lowra_lowrank_add_f16(const uint16_t* down, const uint16_t* up, int64_t rank, int64_t in_features,
+                          int64_t out_features, const float* x, int64_t n_tokens, float* y, int isa);
 
 /* out [batch, queries, heads, dim] = softmax(scale q k^T + mask) v for q [batch, heads, queries, dim] and k = v
  * [batch, kv_heads, keys, dim] (heads a multiple of kv_heads: head h reads kv head h / (heads / kv_heads)), all

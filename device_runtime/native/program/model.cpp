@@ -51,6 +51,7 @@ struct TensorRange {
   std::string module, role;  // role: "down" / "up" (side) or "weight" (merge)
   uint64_t offset = 0, nbytes = 0;
   std::vector<int64_t> shape;
+  bool half = false;  // float16 (a side program's factors, by default), else float32
 };
 
 struct ModuleInfo {
@@ -165,17 +166,27 @@ struct lowra_model {
   void write_user(uint8_t* out, const std::map<std::string, lowra::Factors>& factors) const {
     if (mode == "merge") return merge_user(out, factors);
     for (const TensorRange& r : ranges) {
-      float* target = reinterpret_cast<float*>(out + r.offset);
       auto it = factors.find(r.module);
       const lowra::Factors* f = it == factors.end() ? nullptr : &it->second;
       const int64_t rows = r.shape[0], cols = r.shape[1];
-      std::fill(target, target + rows * cols, 0.0f);
+      std::memset(out + r.offset, 0, r.nbytes);  // zeros in both dtypes
       if (f == nullptr || f->kept == 0) continue;
-      if (r.role == "down") {  // [rank, in] <- down [kept, in]
-        std::copy(f->down.begin(), f->down.end(), target);
-      } else {  // [out, rank] <- up [out, kept]
+      // Rows [0, kept) of down, or columns [0, kept) of up, from the factors: float32 copied, float16 rounded (exact
+      // for a blob's values, which are float16 levels).
+      auto put = [&](uint64_t element, const float* values, size_t count) {
+        if (r.half) {
+          lowra::floats_to_halves(values, count, reinterpret_cast<uint16_t*>(out + r.offset) + element);
+        } else {
+          std::memcpy(reinterpret_cast<float*>(out + r.offset) + element, values, 4 * count);
+        }
+      };
+      if (r.role == "down") {  // [rank, in] <- down [kept, in]: one block
+        put(0, f->down.data(), f->down.size());
+      } else if (f->kept == cols) {  // [out, rank] <- up [out, rank]: one block
+        put(0, f->up.data(), f->up.size());
+      } else {  // [out, rank] <- up [out, kept], row by row
         for (int64_t row = 0; row < rows; ++row)
-          std::copy(f->up.begin() + row * f->kept, f->up.begin() + (row + 1) * f->kept, target + row * cols);
+          put(static_cast<uint64_t>(row * cols), f->up.data() + row * f->kept, static_cast<size_t>(f->kept));
       }
     }
   }
@@ -317,13 +328,19 @@ void read_manifest(lowra_model& m, bool verify) {
     r.nbytes = static_cast<uint64_t>(int_of(entry, "nbytes", where, 0, int64_t{1} << 50));
     auto module = m.modules.find(r.module);
     const bool side = m.mode == "side";
+    const std::string dtype = string_of(entry, "dtype", where + " tensor " + key);
+    if (dtype != "float32" && !(side && dtype == "float16"))
+      fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " is '" + dtype + "'; a " + m.mode + " program's user " +
+                                  "tensors are " + (side ? "float16 or float32" : "float32") + ". Re-export the folder");
+    r.half = dtype == "float16";
+    const uint64_t elem = r.half ? 2 : 4;
     const bool role_ok = side ? (r.role == "down" || r.role == "up") : r.role == "weight";
     if (module == m.modules.end() || !role_ok)
       fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " names no adaptable module and role of this mode");
     const auto& base = module->second.shape;
     const std::vector<int64_t> want = !side ? base : r.role == "down" ? std::vector<int64_t>{m.rank, base[1]}
                                                                       : std::vector<int64_t>{base[0], m.rank};
-    if (r.shape != want || r.nbytes != static_cast<uint64_t>(4 * want[0] * want[1]) || r.offset % 4 != 0 ||
+    if (r.shape != want || r.nbytes != elem * static_cast<uint64_t>(want[0] * want[1]) || r.offset % elem != 0 ||
         r.offset + r.nbytes > m.tmpl->size())
       fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " (" + lowra::shape_text(r.shape) + ", bytes " +
                                   std::to_string(r.offset) + "+" + std::to_string(r.nbytes) + ") does not fit the " +

@@ -1,7 +1,11 @@
 #include "container.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <unordered_set>
 
 #include "error.hpp"
@@ -89,6 +93,45 @@ float half_to_float(uint16_t h) {
   float out;
   std::memcpy(&out, &bits, 4);
   return out;
+}
+
+uint16_t float_to_half(float value) {
+  uint32_t x;
+  std::memcpy(&x, &value, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000);
+  x &= 0x7FFFFFFF;
+  if (x >= 0x7F800000) return static_cast<uint16_t>(sign | 0x7C00 | (x > 0x7F800000 ? 0x200 : 0));  // inf, NaN
+  if (x >= 0x477FF000) return static_cast<uint16_t>(sign | 0x7C00);  // >= 65520 rounds past 65504: infinity
+  if (x < 0x38800000) {  // below 2^-14: a subnormal half, round(|value| * 2^24) (the scaling is exact)
+    float magnitude;
+    std::memcpy(&magnitude, &x, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(magnitude * 16777216.0f)));
+  }
+  uint32_t half = ((((x >> 23) - 112) << 10) | ((x & 0x7FFFFF) >> 13));  // exponent rebiased (127 -> 15), 10 bits
+  const uint32_t rest = x & 0x1FFF;
+  if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;  // to nearest even; a carry moves into the exponent
+  return static_cast<uint16_t>(sign | half);
+}
+
+#if defined(__x86_64__) && !defined(LOWRA_NO_F16C)
+namespace {
+__attribute__((target("avx,f16c"))) void floats_to_halves_f16c(const float* values, size_t count, uint16_t* out) {
+  size_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(values + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < count; ++i) out[i] = float_to_half(values[i]);
+}
+}  // namespace
+#endif
+
+void floats_to_halves(const float* values, size_t count, uint16_t* out) {
+#if defined(__x86_64__) && !defined(LOWRA_NO_F16C)
+  static const bool f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  if (f16c) return floats_to_halves_f16c(values, count, out);
+#endif
+  for (size_t i = 0; i < count; ++i) out[i] = float_to_half(values[i]);
 }
 
 void to_float32(const std::string& dtype, const uint8_t* p, size_t count, float* out, bool bf16_as_float) {

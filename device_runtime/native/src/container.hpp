@@ -54,6 +54,10 @@ const char* numpy_dtype_str(const std::string& dtype);
 // `bf16_as_float` false a BF16 tensor is read as the uint16 numpy holds it as.
 void to_float32(const std::string& dtype, const uint8_t* data, size_t count, float* out, bool bf16_as_float);
 float half_to_float(uint16_t bits);
+// float32 -> float16 bits as numpy's astype does: round to nearest even, overflow to infinity, NaN kept NaN.
+uint16_t float_to_half(float value);
+// float_to_half over `count` values (F16C's conversion, the same rounding, where the CPU has it).
+void floats_to_halves(const float* values, size_t count, uint16_t* out);
 
 // container.parse_header over a file of `file_size` bytes, all of them at `data`.
 Header parse_header(const uint8_t* data, uint64_t file_size, const std::string& what, const Limits& limits);

@@ -256,6 +256,10 @@ def test_lowrank_add_matches_float64_and_is_the_same_on_every_path(rank: int, ou
     assert np.array_equal(got[-1:], lowrank_add(down, up, x[-1:], y0[-1:].copy(), isa=isa))  # tokens are independent
     if isa != "scalar":
         assert np.array_equal(got, lowrank_add(down, up, x, y0.copy(), isa="scalar"))  # the same order of additions
+    # float16 factors (what a blob's levels are): the bits of the same values in float32.
+    down16, up16 = down.astype(np.float16), up.astype(np.float16)
+    assert np.array_equal(lowrank_add(down16, up16, x, y0.copy(), isa=isa),
+                          lowrank_add(down16.astype(np.float32), up16.astype(np.float32), x, y0.copy(), isa=isa))
 
 
 def test_lowrank_add_leaves_a_token_without_a_user_alone() -> None:

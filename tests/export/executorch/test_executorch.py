@@ -242,8 +242,9 @@ def test_kernel_layout_program_matches_the_reference(tokens, layout):
     from lowra.export.executorch.exporter import KernelSideBranchLinear
 
     g = torch.Generator().manual_seed(tokens)
-    factors = [(torch.randn(3, qw.in_features, generator=g), torch.randn(qw.out_features, 3, generator=g))
-               for qw in WEIGHTS]
+    # float16 values, as a blob's levels are: the float16 factors the program stores hold them exactly.
+    factors = [(torch.randn(3, qw.in_features, generator=g).half().float(),
+                torch.randn(qw.out_features, 3, generator=g).half().float()) for qw in WEIGHTS]
     module.layers = torch.nn.ModuleList(KernelSideBranchLinear(layer, d, u) for layer, (d, u) in zip(layers, factors))
     program = to_edge_transform_and_lower(torch.export.export(module, tuple(torch.from_numpy(x) for x in xs),
                                                               strict=True)).to_executorch()

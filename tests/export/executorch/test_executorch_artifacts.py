@@ -145,9 +145,12 @@ def test_program_holds_packed_codes_not_fp32_weights_and_user_data_is_separate()
         assert kernel_blocked_codes(qw.codes, qw.widths, qw.in_features).tobytes() in pte, name
         assert qw.dequantize()[0].tobytes() not in pte, name  # no decoded float32 row anywhere
     side, merge = manifest["programs"]["side"], manifest["programs"]["merge"]
-    n_factor_floats = sum(RANK * (w.in_features + w.out_features) for w in layers.values())
-    assert n_factor_floats * 4 <= side["data_bytes"] < n_factor_floats * 4 + 128 * 2 * len(layers) + 8192
+    n_factors = sum(RANK * (w.in_features + w.out_features) for w in layers.values())
+    # float16 factors (a blob's values are float16 levels): two bytes each, plus segment alignment
+    assert n_factors * 2 <= side["data_bytes"] < n_factors * 2 + 128 * 2 * len(layers) + 8192
     assert set(side["tensors"]) == {f"{m}:{r}" for m in layers for r in ("down", "up")}
+    assert {entry["dtype"] for entry in side["tensors"].values()} == {"float16"}
+    assert {entry["dtype"] for entry in merge["tensors"].values()} == {"float32"}
     fp32_linears = sum(w.out_features * w.in_features * 4 for w in layers.values())
     assert merge["data_bytes"] >= fp32_linears  # merge at load keeps the adapted weights dense
     assert manifest["packed_base_bytes"]["codes"] == sum(w.codes.size for w in layers.values())
@@ -224,6 +227,8 @@ def test_embeddings_choice_is_checked_and_auto_keeps_float32_when_rounding_would
         ExecutorchExportConfig(embeddings="int4")
     with pytest.raises(Exception, match="embeddings='int8' needs ops='custom'"):
         ExecutorchExportConfig(ops="aten", embeddings="int8")
+    with pytest.raises(Exception, match=r"side_factors='bfloat16'; expected one of \('float16', 'float32'\)"):
+        ExecutorchExportConfig(side_factors="bfloat16")
     assert embedding_dtype(lowbit_tiny()[0], ExecutorchExportConfig(ops="aten")) == "float32"
     with pytest.warns(UserWarning, match="not float16, so the programs keep them in float32"):
         assert embedding_dtype(tiny_llama(), ExecutorchExportConfig()) == "float32"
