@@ -86,8 +86,8 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_lowbit_gemm.argtypes = [ctypes.POINTER(_Layer), ptr, i64, ptr, c_int, c_int]
     lib.lowra_f16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_q8_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
-    lib.lowra_lowrank_add.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
-    lib.lowra_lowrank_add_f16.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
+    lib.lowra_lowrank_add.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int, c_int]
+    lib.lowra_lowrank_add_f16.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, c_int,
                                     ctypes.c_float, ptr, c_int, c_int]
     lib.lowra_lowbit_isa_available.argtypes = [c_int]
@@ -242,7 +242,8 @@ def q8_gemm(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, threads: int =
     return y
 
 
-def lowrank_add(down: np.ndarray, up: np.ndarray, x: np.ndarray, y: np.ndarray, isa: str = "auto") -> np.ndarray:
+def lowrank_add(down: np.ndarray, up: np.ndarray, x: np.ndarray, y: np.ndarray, threads: int = 1,
+                isa: str = "auto") -> np.ndarray:
     """``y += (x @ down.T) @ up.T`` in place for factors ``down`` [rank, in], ``up`` [out, rank] (both float32 or both
     float16), ``x`` [n_tokens, in] and ``y`` [n_tokens, out] float32; returns ``y``.
 
@@ -264,7 +265,8 @@ def lowrank_add(down: np.ndarray, up: np.ndarray, x: np.ndarray, y: np.ndarray, 
         raise ConfigError(f"output must be a C-contiguous float32 array of shape [{x.shape[0]}, {up.shape[0]}]")
     name = "lowra_lowrank_add_f16" if half else "lowra_lowrank_add"
     status = getattr(load_library(), name)(_pointer(down), _pointer(up), rank, inputs, up.shape[0], _pointer(x),
-                                           x.shape[0], _pointer(y), _isa_code(isa))  # fmt: skip
+                                           x.shape[0], _pointer(y), PackedLinear._threads(threads),
+                                           _isa_code(isa))  # fmt: skip
     _check(status, name)
     return y
 

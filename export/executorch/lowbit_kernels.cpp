@@ -677,13 +677,15 @@ Tensor& lowbit_linear_lora_out(
   if (ctx.failure_state() != Error::Ok) return out;
   // lowra's kernel library (vector path where the CPU has one); a token with no user (zero factors) costs rank dots.
   const int64_t m = x.numel() / in_features;
+  const int threads = thread_count(int64_t{1} << 20);  // the configured count; the kernel splits only enough work
   const int status =
       half ? lowra_lowrank_add_f16(reinterpret_cast<const uint16_t*>(down.const_data_ptr<Half>()),
                                    reinterpret_cast<const uint16_t*>(up.const_data_ptr<Half>()), down.size(0),
                                    in_features, n_out, x.const_data_ptr<float>(), m, out.mutable_data_ptr<float>(),
-                                   LOWRA_LOWBIT_ISA_AUTO)
+                                   threads, LOWRA_LOWBIT_ISA_AUTO)
            : lowra_lowrank_add(down.const_data_ptr<float>(), up.const_data_ptr<float>(), down.size(0), in_features,
-                               n_out, x.const_data_ptr<float>(), m, out.mutable_data_ptr<float>(), LOWRA_LOWBIT_ISA_AUTO);
+                               n_out, x.const_data_ptr<float>(), m, out.mutable_data_ptr<float>(), threads,
+                               LOWRA_LOWBIT_ISA_AUTO);
   ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out,
                       "lowra::lowbit_linear_*_lora: kernel failed: %s", lowra_lowbit_status_name(status));
   return out;

@@ -1154,28 +1154,47 @@ LOWRA_AVX2_FN void lowrank_up_avx2(const T* up, int64_t rank, const float* low, 
 
 template <typename T>
 int lowrank_add(const T* down, const T* up, int64_t rank, int64_t in, int64_t out, const float* x, int64_t m,
-                float* y, int isa) {
+                float* y, int threads, int isa) {
   bool avx2 = false;
-  if (!down || !up || !x || !y || rank <= 0 || in <= 0 || out <= 0 || m <= 0) return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  if (!down || !up || !x || !y || rank <= 0 || in <= 0 || out <= 0 || m <= 0 || threads < 1) {
+    return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  }
   if (int status = resolve_isa(isa, avx2)) return status;
   std::vector<float> low(static_cast<size_t>(rank));
+  // Two parts per product where there is enough work (the rank dots by groups of 4, then the outputs by blocks of
+  // 8): each dot and each output is computed the same way whichever thread takes it.
+  const int parts = static_cast<int>(std::min<int64_t>(threads, rank * (in + out) >= (int64_t{1} << 12) ? 2 : 1));
   for (int64_t t = 0; t < m; ++t) {
-    int64_t k = 0;
+    const float* xt = x + t * in;
+    const int64_t groups = ceil_div(rank, 4);
+    const std::function<void(int)> dots = [&](int p) {
+      for (int64_t k = groups * p / parts * 4; k < std::min(rank, groups * (p + 1) / parts * 4); ++k) {
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-    if (avx2) {
-      for (; k + 4 <= rank; k += 4) lane_dots_avx2<4>(down + k * in, in, x + t * in, in, low.data() + k);
-      for (; k < rank; ++k) lane_dots_avx2<1>(down + k * in, in, x + t * in, in, low.data() + k);
-    }
+        if (avx2) {
+          if (k + 4 <= rank && k % 4 == 0) {
+            lane_dots_avx2<4>(down + k * in, in, xt, in, low.data() + k);
+            k += 3;
+          } else {
+            lane_dots_avx2<1>(down + k * in, in, xt, in, low.data() + k);
+          }
+          continue;
+        }
 #endif
-    for (; k < rank; ++k) low[k] = lane_dot_scalar(down + k * in, x + t * in, in);
+        low[k] = lane_dot_scalar(down + k * in, xt, in);
+      }
+    };
+    WorkerPool::instance().run(parts, dots);
     if (std::all_of(low.begin(), low.end(), [](float v) { return v == 0.0f; })) continue;
+    const int64_t blocks = ceil_div(out, 8);
+    const std::function<void(int)> ups = [&](int p) {
+      const int64_t begin = blocks * p / parts * 8, end = std::min(out, blocks * (p + 1) / parts * 8);
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-    if (avx2 && rank % 8 == 0) {
-      lowrank_up_avx2(up, rank, low.data(), y + t * out, out);
-      continue;
-    }
+      if (avx2 && rank % 8 == 0) return lowrank_up_avx2(up + begin * rank, rank, low.data(), y + t * out + begin,
+                                                        end - begin);
 #endif
-    lowrank_up_scalar(up, rank, low.data(), y + t * out, 0, out);
+      lowrank_up_scalar(up, rank, low.data(), y + t * out, begin, end);
+    };
+    WorkerPool::instance().run(parts, ups);
   }
   return LOWRA_LOWBIT_OK;
 }
@@ -1411,18 +1430,18 @@ int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_feat
 }
 
 int lowra_lowrank_add(const float* down, const float* up, int64_t rank, int64_t in_features, int64_t out_features,
-                      const float* x, int64_t n_tokens, float* y, int isa) {
+                      const float* x, int64_t n_tokens, float* y, int threads, int isa) {
   try {
-    return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, isa);
+    return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }
 }
 
 int lowra_lowrank_add_f16(const uint16_t* down, const uint16_t* up, int64_t rank, int64_t in_features,
-                          int64_t out_features, const float* x, int64_t n_tokens, float* y, int isa) {
+                          int64_t out_features, const float* x, int64_t n_tokens, float* y, int threads, int isa) {
   try {
-    return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, isa);
+    return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }

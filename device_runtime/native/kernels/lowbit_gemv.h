@@ -116,14 +116,14 @@ int lowra_q8_gemm(const int8_t* weight, const uint16_t* scales, int64_t out_feat
  * float32 factors down [rank, in_features] and up [out_features, rank] (row-major). down x[t] is summed in 8 lanes
  * (input j in lane j % 8, fused multiply-adds in input order, the lanes added as the float16 GEMM adds them), each
  * output's rank products in rank order; scalar and AVX2 give the same bits. A token whose down x[t] is all zeros
- * (no user loaded: zero factors) leaves y[t] as it is and up is not read. One thread (the work is ~rank x (in + out)
- * multiply-adds per token, less than a hand-off). */
+ * (no user loaded: zero factors) leaves y[t] as it is and up is not read. Up to two threads (the dots, then the
+ * outputs, split between them) where rank x (in + out) >= 4096; the bits do not depend on the count. */
 int lowra_lowrank_add(const float* down, const float* up, int64_t rank, int64_t in_features, int64_t out_features,
-                      const float* x, int64_t n_tokens, float* y, int isa);
+                      const float* x, int64_t n_tokens, float* y, int threads, int isa);
 /* lowra_lowrank_add with float16 factors (uint16_t bits): each value converted exactly, so factors that are float16
  * values give the bits of the float32 call. */
 int lowra_lowrank_add_f16(const uint16_t* down, const uint16_t* up, int64_t rank, int64_t in_features,
-                          int64_t out_features, const float* x, int64_t n_tokens, float* y, int isa);
+                          int64_t out_features, const float* x, int64_t n_tokens, float* y, int threads, int isa);
 
 /* out [batch, queries, heads, dim] = softmax(scale q k^T + mask) v for q [batch, heads, queries, dim] and k = v
  * [batch, kv_heads, keys, dim] (heads a multiple of kv_heads: head h reads kv head h / (heads / kv_heads)), all

@@ -254,6 +254,7 @@ def test_lowrank_add_matches_float64_and_is_the_same_on_every_path(rank: int, ou
     scale = np.abs(x).max() * np.abs(down).max() * np.abs(up).max() * inputs * rank + np.abs(y0).max()
     assert np.abs(got - reference).max() <= 1e-6 * scale
     assert np.array_equal(got[-1:], lowrank_add(down, up, x[-1:], y0[-1:].copy(), isa=isa))  # tokens are independent
+    assert np.array_equal(got, lowrank_add(down, up, x, y0.copy(), threads=2, isa=isa))  # the split changes no bit
     if isa != "scalar":
         assert np.array_equal(got, lowrank_add(down, up, x, y0.copy(), isa="scalar"))  # the same order of additions
     # float16 factors (what a blob's levels are): the bits of the same values in float32.
@@ -283,7 +284,7 @@ def test_lowrank_add_refuses_what_it_cannot_multiply() -> None:
         lowrank_add(down, up, np.zeros((1, 15), np.float32), np.zeros((1, 4), np.float32))
     with pytest.raises(ConfigError, match=r"float32 array of shape \[1, 4\]"):
         lowrank_add(down, up, np.zeros((1, 16), np.float32), np.zeros((1, 4), np.float64))
-    assert load_library().lowra_lowrank_add(None, None, 8, 16, 4, None, 1, None, 0) == 1  # null pointers: invalid
+    assert load_library().lowra_lowrank_add(None, None, 8, 16, 4, None, 1, None, 1, 0) == 1  # null pointers: invalid
 
 
 # ------------------------------------------------------------------------------------------------ attention
