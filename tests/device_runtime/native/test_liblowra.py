@@ -18,7 +18,7 @@ from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
 
 from tests.device_runtime.conftest import CREATED, TINY_MODULES, make_blob_bytes, random_channels, write_base
-from tests.device_runtime.native.liblowra import Liblowra, UserInfo
+from tests.device_runtime.native.liblowra import NATIVE_DIR, Liblowra, UserInfo
 from tests.device_runtime.native.printable_table import TABLE, table_text
 
 U = 2.0 ** -24  # unit roundoff of float32
@@ -669,3 +669,53 @@ def test_example_app_swaps_users(build_dir, tiny_base, tmp_path):
     assert lines[6] == "ok user bob"  # the refused blob kept the previous user
     assert lines[7] == "ok unloaded" and lines[8] == f"ok sum {name} {pristine}" and lines[9] == "ok user none"
     assert lines[2].split()[-1] != pristine and lines[4].split()[-1] not in (pristine, lines[2].split()[-1])
+
+
+FLOAT_TO_HALF_PROGRAM = r"""
+#include <cstdio>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include "container.hpp"
+// argv[1]: float32 values; writes float_to_half of each, then floats_to_halves of all (the bulk path), to stdout.
+int main(int, char** argv) {
+  std::FILE* in = std::fopen(argv[1], "rb");
+  std::vector<float> values;
+  float v;
+  while (std::fread(&v, 4, 1, in) == 1) values.push_back(v);
+  std::fclose(in);
+  std::vector<uint16_t> one(values.size()), bulk(values.size());
+  for (size_t i = 0; i < values.size(); ++i) one[i] = lowra::float_to_half(values[i]);
+  lowra::floats_to_halves(values.data(), values.size(), bulk.data());
+  std::fwrite(one.data(), 2, one.size(), stdout);
+  std::fwrite(bulk.data(), 2, bulk.size(), stdout);
+}
+"""
+
+
+def test_float_to_half_rounds_as_numpy(build_dir: Path, tmp_path: Path):
+    """liblowra's float32 -> float16 conversion (how a side program's float16 factors are written): every 4,093rd
+    float32 bit pattern (all exponents, subnormals, the overflow edge, infinities, NaNs) and the values around each
+    float16 step, one at a time and in bulk (F16C where the CPU has it), against numpy's astype."""
+    rng = np.random.default_rng(0)
+    patterns = np.arange(0, 2**32, 4093, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    halves = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    finite = halves[np.isfinite(halves)]
+    steps = np.concatenate([np.nextafter(finite, np.float32(np.inf)), np.nextafter(finite, np.float32(-np.inf))])
+    edges = np.array([65504, 65519.996, 65520, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-26], np.float32)
+    values = np.concatenate([patterns, finite, steps, edges, -edges, rng.standard_normal(1001).astype(np.float32)])
+    source = tmp_path / "float_to_half.cpp"
+    source.write_text(FLOAT_TO_HALF_PROGRAM)
+    program = tmp_path / "float_to_half"
+    subprocess.run(["c++", "-std=c++17", "-O2", f"-I{NATIVE_DIR / 'src'}", f"-I{NATIVE_DIR / 'include'}", str(source),
+                    str(build_dir / "liblowra.a"), "-lcrypto", "-o", str(program)], check=True, capture_output=True)
+    (tmp_path / "values.bin").write_bytes(values.tobytes())
+    out = np.frombuffer(subprocess.run([str(program), str(tmp_path / "values.bin")], check=True,
+                                       capture_output=True).stdout, dtype=np.uint16)
+    one, bulk = out[: values.size], out[values.size:]
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = values.astype(np.float16)
+    nan = np.isnan(values)
+    for got in (one, bulk):
+        assert np.array_equal(got[~nan], want[~nan].view(np.uint16))
+        assert np.isnan(got[nan].view(np.float16)).all()
