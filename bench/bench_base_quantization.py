@@ -156,14 +156,14 @@ def timing(model, group: int, threads: int | None) -> None:
           f"(dense float16 {r['bytes']['dense']:,}, header {r['bytes']['header_and_metadata']:,})")
 
 
-def groups(model, weights: Weights) -> None:
+def groups(model, weights: Weights, budgets: tuple[float, ...] = GROUP_BUDGETS) -> None:
     table = []
     for group in GROUP_SIZES:
         t0 = time.perf_counter()
         plan = plan_model(model, QuantizeConfig(group_size=group, calibration=None), progress=False)
         lo, _ = plan.budget_range()
         cells = []
-        for bits in GROUP_BUDGETS:
+        for bits in budgets:
             try:
                 cells.append(f"{plan.quantize(bits, progress=False).report['total']['mse_over_var']:.4f}")
             except BudgetError:
@@ -174,7 +174,7 @@ def groups(model, weights: Weights) -> None:
         dq = []
         if group:
             freed = 16 / group - 8 / group - 16 / (256 * group)
-            for bits in GROUP_BUDGETS:
+            for bits in budgets:
                 try:
                     dq.append(f"{plan.quantize(bits + freed, progress=False).report['total']['mse_over_var']:.4f}")
                 except BudgetError:
@@ -183,7 +183,7 @@ def groups(model, weights: Weights) -> None:
                       f"{time.perf_counter() - t0:.0f} s"))
     print_table(
         "Group size: MSE/var at equal effective bits (float16 scales counted)",
-        ("groups", "min bits", *[f"@{b}" for b in GROUP_BUDGETS], "8-bit DQ scales (bound) @same", "time"), table,
+        ("groups", "min bits", *[f"@{b}" for b in budgets], "8-bit DQ scales (bound) @same", "time"), table,
     )
 
 
@@ -248,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=QuantizeConfig().group_size, help="lowra's group size")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: table,timing,groups,milp")
     ap.add_argument("--scoring-check", action="store_true", help="also score every row with the final starts (slow)")
+    ap.add_argument("--group-budgets", default=",".join(map(str, GROUP_BUDGETS)),
+                    help="effective bits of the group-size section, comma-separated (e.g. 3.0,4.0: where groups pay)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # baselines too: see TORCH_THREADS in sdk/quant/base/fit.py
     torch.set_grad_enabled(False)
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
     if "table" not in skip:
         main_table(model, weights, args.group_size)
     if "groups" not in skip:
-        groups(model, weights)
+        groups(model, weights, tuple(float(b) for b in args.group_budgets.split(",")))
     if "milp" not in skip:
         milp_gap(model, args.group_size)
     if args.scoring_check:
