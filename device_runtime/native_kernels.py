@@ -24,7 +24,7 @@ from lowra.device_runtime.formats.int8_rows import Q8_BLOCK
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 
 __all__ = ["ISAS", "KERNEL_SOURCE", "LAYOUTS", "PackedLinear", "attention", "build_library", "f16_gemm",
-           "isa_available", "load_library", "lowrank_add", "q8_gemm"]
+           "isa_available", "load_library", "lowrank4_add", "lowrank_add", "q8_gemm"]
 
 KERNEL_DIR = Path(__file__).parent / "native" / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "lowbit_gemv.cpp"
@@ -88,6 +88,7 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_q8_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_lowrank_add.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_lowrank_add_f16.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int, c_int]
+    lib.lowra_lowrank4_add.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int, c_int]
     lib.lowra_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, c_int,
                                     ctypes.c_float, ptr, c_int, c_int]
     lib.lowra_lowbit_isa_available.argtypes = [c_int]
@@ -95,7 +96,7 @@ def load_library() -> ctypes.CDLL:
     lib.lowra_lowbit_status_name.restype = ctypes.c_char_p
     for name in ("lowra_lowbit_repack", "lowra_lowbit_block", "lowra_lowbit_plan_create", "lowra_lowbit_plan_gemv",
                  "lowra_lowbit_plan_gemm", "lowra_lowbit_gemv", "lowra_lowbit_gemm", "lowra_f16_gemm", "lowra_q8_gemm",
-                 "lowra_lowrank_add", "lowra_lowrank_add_f16", "lowra_attention", "lowra_lowbit_isa_available"):
+                 "lowra_lowrank_add", "lowra_lowrank_add_f16", "lowra_lowrank4_add", "lowra_attention", "lowra_lowbit_isa_available"):
         getattr(lib, name).restype = c_int
     return lib
 
@@ -304,3 +305,34 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
         scale, _pointer(out), PackedLinear._threads(threads), _isa_code(isa))  # fmt: skip
     _check(status, "lowra_attention")
     return out
+
+
+def lowrank4_add(down_codes: np.ndarray, down_books: np.ndarray, up_codes: np.ndarray, up_books: np.ndarray,
+                 x: np.ndarray, y: np.ndarray, threads: int = 1, isa: str = "auto") -> np.ndarray:
+    """:func:`lowrank_add` with the factors as 4-bit codes (``lowra_lowrank4_add``): ``down_codes`` uint8 [rank,
+    ceil(in / 2)] and ``down_books`` float16 [rank, 16] (down row k = books[k][code]), ``up_codes`` uint8 [rank,
+    ceil(out / 2)] and ``up_books`` float16 [rank, 16] (up column k), two codes per byte, the even one in the low
+    nibble. The same bits as :func:`lowrank_add` on the decoded factors."""
+    down_codes, up_codes = (np.ascontiguousarray(c) for c in (down_codes, up_codes))
+    down_books, up_books = (np.ascontiguousarray(b) for b in (down_books, up_books))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rank = down_codes.shape[0] if down_codes.ndim == 2 else -1
+    if (down_codes.dtype != np.uint8 or up_codes.dtype != np.uint8 or down_books.dtype != np.float16
+            or up_books.dtype != np.float16 or up_codes.ndim != 2 or up_codes.shape[0] != rank
+            or down_books.shape != (rank, 16) or up_books.shape != (rank, 16) or rank < 1):
+        raise ConfigError(f"packed factors {down_codes.dtype} {list(down_codes.shape)} / {down_books.dtype} "
+                          f"{list(down_books.shape)} / {up_codes.dtype} {list(up_codes.shape)} / {up_books.dtype} "
+                          f"{list(up_books.shape)}; expected uint8 codes [rank, bytes] and float16 books [rank, 16]")
+    if x.ndim != 2 or x.shape[0] < 1 or -(-x.shape[1] // 2) != down_codes.shape[1]:
+        raise ConfigError(f"input has shape {list(x.shape)}, expected [n_tokens >= 1, in] with ceil(in / 2) = "
+                          f"{down_codes.shape[1]}")
+    out = y.shape[1] if isinstance(y, np.ndarray) and y.ndim == 2 else -1
+    if (not isinstance(y, np.ndarray) or y.dtype != np.float32 or not y.flags.c_contiguous or y.shape[0] != x.shape[0]
+            or -(-out // 2) != up_codes.shape[1]):
+        raise ConfigError(f"output must be a C-contiguous float32 [{x.shape[0]}, out] array with ceil(out / 2) = "
+                          f"{up_codes.shape[1]}")
+    status = load_library().lowra_lowrank4_add(
+        _pointer(down_codes), _pointer(down_books), _pointer(up_codes), _pointer(up_books), rank, x.shape[1], out,
+        _pointer(x), x.shape[0], _pointer(y), PackedLinear._threads(threads), _isa_code(isa))  # fmt: skip
+    _check(status, "lowra_lowrank4_add")
+    return y

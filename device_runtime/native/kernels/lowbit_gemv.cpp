@@ -1200,6 +1200,112 @@ int lowrank_add(const T* down, const T* up, int64_t rank, int64_t in, int64_t ou
   return LOWRA_LOWBIT_OK;
 }
 
+// ------------------------------------------------------------------------------------------------ packed side branch
+// The factors as 4-bit codes: down row k = down_books[k][code], code j of row k in byte j / 2 (low nibble for even j,
+// as the blob packs 4-bit channels); up column k likewise over the outputs (up_codes row k, up_books row k). The
+// same sums as lowrank_add: low[k] in 8 lanes (input j in lane j % 8, fused, input order), y[r] += fused sum over k.
+inline int nibble(const uint8_t* codes, int64_t j) { return (codes[j >> 1] >> ((j & 1) * 4)) & 15; }
+
+float packed_dot_scalar(const uint8_t* codes, const float* book, const float* x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t j = 0; j < n; ++j) acc[j % 8] = std::fma(book[nibble(codes, j)], x[j], acc[j % 8]);
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+void packed_up_scalar(const uint8_t* codes, int64_t code_bytes, const float* books, int64_t rank, const float* low,
+                      float* y, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    float t = 0.0f;
+    for (int64_t k = 0; k < rank; ++k) t = std::fma(books[16 * k + nibble(codes + k * code_bytes, r)], low[k], t);
+    y[r] += t;
+  }
+}
+
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+// The 8 codes of bytes [b, b + 4) in lanes 0..7 (lane i: code 2 * (i / 2) + i % 2 of those bytes, i.e. in order).
+LOWRA_AVX2_FN inline __m256i nibbles8(const uint8_t* bytes) {
+  uint32_t word;
+  std::memcpy(&word, bytes, 4);
+  return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+}
+
+LOWRA_AVX2_FN float packed_dot_avx2(const uint8_t* codes, const float* book, const float* x, int64_t n) {
+  const __m256 lo = _mm256_loadu_ps(book), hi = _mm256_loadu_ps(book + 8);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(lut_avx2::lookup16(lo, hi, nibbles8(codes + j / 2)), _mm256_loadu_ps(x + j), acc);
+  float total = half_sum(acc);
+  if (j < n) {  // the last < 8 inputs, each in its lane: the scalar order
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    for (; j < n; ++j) lanes[j % 8] = std::fma(book[nibble(codes, j)], x[j], lanes[j % 8]);
+    total = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+  }
+  return total;
+}
+
+LOWRA_AVX2_FN void packed_up_avx2(const uint8_t* codes, int64_t code_bytes, const float* books, int64_t rank,
+                                  const float* low, float* y, int64_t begin, int64_t end) {
+  int64_t r = begin;
+  for (; r + 8 <= end; r += 8) {  // begin is a multiple of 8: byte r / 2 starts the block's codes
+    __m256 t = _mm256_setzero_ps();
+    for (int64_t k = 0; k < rank; ++k) {
+      const __m256 value = lut_avx2::lookup16(_mm256_loadu_ps(books + 16 * k), _mm256_loadu_ps(books + 16 * k + 8),
+                                    nibbles8(codes + k * code_bytes + r / 2));
+      t = _mm256_fmadd_ps(value, _mm256_set1_ps(low[k]), t);
+    }
+    _mm256_storeu_ps(y + r, _mm256_add_ps(_mm256_loadu_ps(y + r), t));
+  }
+  packed_up_scalar(codes, code_bytes, books, rank, low, y, r, end);
+}
+#endif
+
+int packed_lowrank_add(const uint8_t* down_codes, const uint16_t* down_books, const uint8_t* up_codes,
+                       const uint16_t* up_books, int64_t rank, int64_t in, int64_t out, const float* x, int64_t m,
+                       float* y, int threads, int isa) {
+  bool avx2 = false;
+  if (!down_codes || !down_books || !up_codes || !up_books || !x || !y || rank <= 0 || in <= 0 || out <= 0 || m <= 0 ||
+      threads < 1) {
+    return LOWRA_LOWBIT_INVALID_ARGUMENT;
+  }
+  if (int status = resolve_isa(isa, avx2)) return status;
+  std::vector<float> books(static_cast<size_t>(32 * rank)), low(static_cast<size_t>(rank));
+  for (int64_t i = 0; i < 16 * rank; ++i) {
+    books[i] = half_to_float(down_books[i]);
+    books[16 * rank + i] = half_to_float(up_books[i]);
+  }
+  const float* down_levels = books.data();
+  const float* up_levels = books.data() + 16 * rank;
+  const int64_t down_bytes = ceil_div(in, 2), up_bytes = ceil_div(out, 2);
+  const int parts = static_cast<int>(std::min<int64_t>(threads, rank * (in + out) >= (int64_t{1} << 12) ? 2 : 1));
+  for (int64_t t = 0; t < m; ++t) {
+    const float* xt = x + t * in;
+    const std::function<void(int)> dots = [&](int p) {
+      for (int64_t k = rank * p / parts; k < rank * (p + 1) / parts; ++k) {
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+        if (avx2) {
+          low[k] = packed_dot_avx2(down_codes + k * down_bytes, down_levels + 16 * k, xt, in);
+          continue;
+        }
+#endif
+        low[k] = packed_dot_scalar(down_codes + k * down_bytes, down_levels + 16 * k, xt, in);
+      }
+    };
+    WorkerPool::instance().run(parts, dots);
+    if (std::all_of(low.begin(), low.end(), [](float v) { return v == 0.0f; })) continue;
+    const int64_t blocks = ceil_div(out, 8);
+    const std::function<void(int)> ups = [&](int p) {
+      const int64_t begin = blocks * p / parts * 8, end = std::min(out, blocks * (p + 1) / parts * 8);
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+      if (avx2) return packed_up_avx2(up_codes, up_bytes, up_levels, rank, low.data(), y + t * out, begin, end);
+#endif
+      packed_up_scalar(up_codes, up_bytes, up_levels, rank, low.data(), y + t * out, begin, end);
+    };
+    WorkerPool::instance().run(parts, ups);
+  }
+  return LOWRA_LOWBIT_OK;
+}
+
 // ------------------------------------------------------------------------------------------------ attention
 struct Attention {
   const float *q, *k, *v;
@@ -1443,6 +1549,17 @@ int lowra_lowrank_add_f16(const uint16_t* down, const uint16_t* up, int64_t rank
                           int64_t out_features, const float* x, int64_t n_tokens, float* y, int threads, int isa) {
   try {
     return lowrank_add(down, up, rank, in_features, out_features, x, n_tokens, y, threads, isa);
+  } catch (const std::bad_alloc&) {
+    return LOWRA_LOWBIT_OUT_OF_MEMORY;
+  }
+}
+
+int lowra_lowrank4_add(const uint8_t* down_codes, const uint16_t* down_books, const uint8_t* up_codes,
+                       const uint16_t* up_books, int64_t rank, int64_t in_features, int64_t out_features,
+                       const float* x, int64_t n_tokens, float* y, int threads, int isa) {
+  try {
+    return packed_lowrank_add(down_codes, down_books, up_codes, up_books, rank, in_features, out_features, x, n_tokens,
+                              y, threads, isa);
   } catch (const std::bad_alloc&) {
     return LOWRA_LOWBIT_OUT_OF_MEMORY;
   }

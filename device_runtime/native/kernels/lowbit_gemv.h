@@ -125,6 +125,14 @@ int lowra_lowrank_add(const float* down, const float* up, int64_t rank, int64_t 
 int lowra_lowrank_add_f16(const uint16_t* down, const uint16_t* up, int64_t rank, int64_t in_features,
                           int64_t out_features, const float* x, int64_t n_tokens, float* y, int threads, int isa);
 
+/* lowra_lowrank_add with the factors as 4-bit codes (a user's blob channels, each widened to a 4-bit slot): down row k
+ * = float(down_books[16 k + code]) with code j of the row in byte j / 2 of down_codes row k (ceil(in / 2) bytes; low
+ * nibble for even j), up column k likewise (up_codes row k: ceil(out / 2) bytes, up_books row k). The same order of
+ * sums as lowra_lowrank_add (so the same bits as the decoded factors there); a token whose down x is zero leaves y. */
+int lowra_lowrank4_add(const uint8_t* down_codes, const uint16_t* down_books, const uint8_t* up_codes,
+                       const uint16_t* up_books, int64_t rank, int64_t in_features, int64_t out_features,
+                       const float* x, int64_t n_tokens, float* y, int threads, int isa);
+
 /* out [batch, queries, heads, dim] = softmax(scale q k^T + mask) v for q [batch, heads, queries, dim] and k = v
  * [batch, kv_heads, keys, dim] (heads a multiple of kv_heads: head h reads kv head h / (heads / kv_heads)), all
  * float32, read where they are (a program's KV cache). Mask, at most one of: mask_keep (bytes, 0 = masked) or

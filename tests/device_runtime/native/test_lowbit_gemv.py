@@ -17,6 +17,7 @@ from lowra.device_runtime.native_kernels import (
     PackedLinear,
     attention,
     f16_gemm,
+    lowrank4_add,
     lowrank_add,
     isa_available,
     load_library,
@@ -261,6 +262,31 @@ def test_lowrank_add_matches_float64_and_is_the_same_on_every_path(rank: int, ou
     down16, up16 = down.astype(np.float16), up.astype(np.float16)
     assert np.array_equal(lowrank_add(down16, up16, x, y0.copy(), isa=isa),
                           lowrank_add(down16.astype(np.float32), up16.astype(np.float32), x, y0.copy(), isa=isa))
+
+
+def unpack4(codes: np.ndarray, length: int) -> np.ndarray:
+    """[rows, ceil(length / 2)] bytes -> [rows, length] 4-bit codes (the even one in the low nibble)."""
+    return np.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[0], -1)[:, :length]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("rank", "out", "inputs", "tokens"), [(8, 1536, 576, 1), (8, 203, 575, 3), (3, 19, 7, 2)])
+def test_lowrank4_add_is_lowrank_add_on_the_decoded_factors(rank: int, out: int, inputs: int, tokens: int,
+                                                            isa: str) -> None:
+    """4-bit codes and float16 books give the bits lowrank_add gives on the factors they decode to."""
+    rng = np.random.default_rng(rank + out + inputs)
+    down_codes = rng.integers(0, 256, (rank, -(-inputs // 2)), dtype=np.uint8)
+    up_codes = rng.integers(0, 256, (rank, -(-out // 2)), dtype=np.uint8)
+    down_books, up_books = (rng.standard_normal((rank, 16)).astype(np.float16) for _ in range(2))
+    down = np.take_along_axis(down_books, unpack4(down_codes, inputs).astype(np.int64), axis=1)
+    up = np.take_along_axis(up_books, unpack4(up_codes, out).astype(np.int64), axis=1).T
+    x = rng.standard_normal((tokens, inputs)).astype(np.float32)
+    y0 = rng.standard_normal((tokens, out)).astype(np.float32)
+    got = lowrank4_add(down_codes, down_books, up_codes, up_books, x, y0.copy(), isa=isa)
+    assert np.array_equal(got, lowrank_add(down, up, x, y0.copy(), isa=isa))
+    assert np.array_equal(got, lowrank4_add(down_codes, down_books, up_codes, up_books, x, y0.copy(), threads=2, isa=isa))
+    if isa != "scalar":
+        assert np.array_equal(got, lowrank4_add(down_codes, down_books, up_codes, up_books, x, y0.copy(), isa="scalar"))
 
 
 def test_lowrank_add_leaves_a_token_without_a_user_alone() -> None:
