@@ -38,9 +38,11 @@ from lowra.device_runtime.errors import BlobContentError, KernelLibraryError, Lo
 from lowra.device_runtime.executorch_native import NativeProgram, register_kernel_library
 from lowra.device_runtime.formats.constants import TOKENIZER_FILE, USER_MODES
 from lowra.device_runtime.formats.executorch_manifest import (
+    PACKED_ROLES,
     PTD_MAGIC,
     SIDE_FACTOR_DTYPES,
     Manifest,
+    pack4_factors,
     tensor_view,
     verify_file,
 )
@@ -56,19 +58,22 @@ def compose_user_data(
     mode: str,
     factors: dict[str, tuple[np.ndarray, np.ndarray]],
     rank: int,
+    blob: fmt.Blob | None = None,
 ) -> bytearray:
     """One ``.ptd`` for a user: the template with each user tensor's bytes replaced (numpy only).
 
     ``template``: the template file's bytes (read-only uint8, e.g. a memory map); ``factors``: module ->
     ``(up [out, k], down [k, in])`` decoded from a blob (empty for the base). Side mode zero-pads to ``rank`` (in
     the tensor's dtype: float16 holds a blob's values exactly); merge mode writes ``template + up @ down`` (the
-    template holds the pristine base).
+    template holds the pristine base). A program holding the factors as 4-bit codes (roles ``down_codes``,
+    ``down_books``, ``up_codes``, ``up_books``) takes them from ``blob``'s channels (``pack4_factors``).
     """
     data = bytearray(template)
     tensors = program["tensors"]
+    packed: dict[str, dict[str, np.ndarray]] = {}
     for key, entry in tensors.items():
         module, role = key.rsplit(":", 1)
-        dtypes = SIDE_FACTOR_DTYPES if mode == "side" else ("float32",)
+        dtypes = ("float32",) if mode != "side" else ("uint8",) if role.endswith("_codes") else SIDE_FACTOR_DTYPES
         if entry.get("dtype") not in dtypes:
             raise ProgramError(f"tensor {key} is {entry.get('dtype')!r}; a {mode} program's user tensors are one of "
                                f"{dtypes}. Re-export the folder")
@@ -80,6 +85,13 @@ def compose_user_data(
             )
         target = tensor_view(data, entry)
         target.flags.writeable = True
+        if role in PACKED_ROLES:
+            target[...] = 0
+            if blob is not None and module in factors:
+                if module not in packed:
+                    packed[module] = pack4_factors(blob, module, rank)
+                target[...] = packed[module][role]
+            continue
         up, down = factors.get(module, (None, None))
         if mode == "side":
             target[...] = 0.0
@@ -150,10 +162,11 @@ class ExecutorchEngine:
             self._templates[mode] = template
         return self._templates[mode]
 
-    def _activate(self, mode: str, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def _activate(self, mode: str, factors: dict[str, tuple[np.ndarray, np.ndarray]],
+                  blob: fmt.Blob | None = None) -> None:
         template = self._template(mode)
         program = self.manifest.program(mode)
-        data = compose_user_data(template, program, mode, factors, self.rank)
+        data = compose_user_data(template, program, mode, factors, self.rank, blob)
         # A fresh file per load: the runtime may map the data file, so the live one is never rewritten in place.
         fd, name = tempfile.mkstemp(prefix=f"{mode}-", suffix=".ptd", dir=self._workdir)
         with os.fdopen(fd, "wb") as fh:
@@ -191,7 +204,7 @@ class ExecutorchEngine:
                     f"{self.rank}. Use mode='merge' or export with rank >= {k}"
                 )
         t1 = time.perf_counter()
-        self._activate(mode, factors)
+        self._activate(mode, factors, parsed)
         t2 = time.perf_counter()
         self.user = UserInfo(
             adapter_id=parsed.adapter_id, mode=mode, modules=tuple(factors), file_bytes=parsed.file_bytes,

@@ -13,6 +13,8 @@ import numpy as np
 
 from lowra.device_runtime._files import file_sha256
 from lowra.device_runtime.errors import ConfigError, ProgramError
+from lowra.device_runtime.formats.adapter import Blob
+from lowra.device_runtime.formats.bitpack import unpack_codes
 from lowra.device_runtime.formats.constants import USER_MODES
 from lowra.device_runtime.formats.manifest import prompt_template_of, read_manifest_json
 
@@ -26,10 +28,13 @@ KERNEL_OPS = ("lowra::lowbit_linear.out", "lowra::dequantize.out", "lowra::lowbi
               "lowra::lowbit_linear_planar_lora.out", "lowra::f16_linear.out", "lowra::attention.out",
               "lowra::lowbit_linear_blocked.out", "lowra::lowbit_linear_blocked_lora.out", "lowra::q8_linear.out",
               "lowra::q8_embedding.out", "lowra::rms_norm.out", "lowra::rope.out",
-              "lowra::silu_mul.out")
+              "lowra::silu_mul.out", "lowra::lowbit_linear_blocked_lora4.out")
 LEGACY_KERNEL_OPS = KERNEL_OPS[:2]
 EMBEDDING_DTYPES = ("float16", "float32", "int8")  # how a program stores the token embedding and output head
 SIDE_FACTOR_DTYPES = ("float16", "float32")  # how a side program stores a user's factors ("dtype" of its tensors)
+# ... or as 4-bit codes: roles down_codes / down_books / up_codes / up_books (see pack4_factors)
+SIDE_FACTORS = (*SIDE_FACTOR_DTYPES, "packed4")
+PACKED_ROLES = ("down_codes", "down_books", "up_codes", "up_books")
 LOGITS_MODES = ("last", "all")  # which positions' logits a program outputs ("all" in folders without the key)
 
 
@@ -125,3 +130,35 @@ def tensor_view(buffer: bytearray | np.ndarray, entry: dict[str, Any]) -> np.nda
     array = np.frombuffer(buffer, dtype=np.dtype(entry["dtype"]), count=int(np.prod(entry["shape"])),
                           offset=int(entry["offset"]))
     return array.reshape(entry["shape"])
+
+
+
+def pack4_factors(blob: Blob, name: str, slots: int) -> dict[str, np.ndarray]:
+    """A side program's packed factors of one module (``side_factors="packed4"``; liblowra's ``pack_factors4`` writes
+    the same bytes): the components decode_factors keeps (down and up widths both > 0), in order, each in a 4-bit slot
+    -> ``down_codes`` uint8 [slots, ceil(in / 2)] and ``up_codes`` uint8 [slots, ceil(out / 2)] (two codes per byte,
+    the even one in the low nibble: the blob's 4-bit channel layout, 1- and 2-bit channels widened) and
+    ``down_books`` / ``up_books`` float16 [slots, 16] (the channel's levels, then zeros); slots past them are zeros."""
+    lay = blob.layout
+    i = blob._by_name[name]
+    m = lay.modules[i]
+    first = int(lay.module_offsets[i])
+    out: dict[str, np.ndarray] = {
+        "down_codes": np.zeros((slots, -(-m.in_features // 2)), np.uint8),
+        "up_codes": np.zeros((slots, -(-m.out_features // 2)), np.uint8),
+        "down_books": np.zeros((slots, 16), np.float16), "up_books": np.zeros((slots, 16), np.float16),
+    }  # fmt: skip
+    slot = 0
+    for k in range(m.rank):
+        channels = {"down": first + k, "up": first + m.rank + k}
+        if any(lay.widths[c] == 0 for c in channels.values()) or slot == slots:
+            continue
+        for part, c in channels.items():
+            w, length = int(lay.widths[c]), int(lay.lengths[c])
+            packed = blob.codes[lay.code_offsets[c] : lay.code_offsets[c + 1]]
+            codes = np.concatenate([unpack_codes(packed[None], w, length)[0], np.zeros(length % 2, np.uint8)])
+            out[f"{part}_codes"][slot] = codes[0::2] | (codes[1::2] << 4)
+            levels = blob.codebooks[lay.level_offsets[c] : lay.level_offsets[c + 1]]
+            out[f"{part}_books"][slot, : levels.size] = levels.astype(np.float16)  # float16 levels: exact
+        slot += 1
+    return out

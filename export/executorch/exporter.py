@@ -59,7 +59,8 @@ from lowra.device_runtime.formats.executorch_manifest import (
     FORMAT_VERSION,
     LOGITS_MODES,
     MANIFEST_FILE,
-    SIDE_FACTOR_DTYPES,
+    PACKED_ROLES,
+    SIDE_FACTORS,
 )
 from lowra.device_runtime.formats.int8_rows import Q8_BLOCK, quantize_q8
 from lowra.device_runtime.formats.manifest import PROMPT_TEMPLATE_KEY
@@ -102,10 +103,11 @@ class ExecutorchExportConfig:
     # Custom ops only: each RMSNorm (Llama-style: Llama, Qwen2, Mistral, SmolLM) as one lowra::rms_norm call (see
     # export/executorch/norm.py) instead of six portable kernels.
     fused_norm: bool = True
-    # Custom ops only: the dtype of the users' side-branch factors in the side program, "float16" (the default: a
-    # blob's values are float16 codebook levels, so nothing is rounded, and a decode step reads half the bytes) or
-    # "float32" (as folders exported before it). The aten ops keep float32.
-    side_factors: str = "float16"
+    # Custom ops only: how the side program holds the users' side-branch factors: "packed4" (the default: the blob's
+    # codes, each channel in a 4-bit slot with its float16 levels, lowra::lowbit_linear_blocked_lora4; about an
+    # eighth of float32's bytes), "float16" (the decoded values; a blob's levels are float16, so nothing is rounded)
+    # or "float32" (as folders exported before them). The aten ops keep float32.
+    side_factors: str = "packed4"
     # Custom ops only: each rotary embedding of q and k as one lowra::rope call and each gated MLP's silu(gate) * up
     # as one lowra::silu_mul call (see export/executorch/pointwise.py) instead of ~19 portable kernels per layer.
     fused_pointwise: bool = True
@@ -126,8 +128,8 @@ class ExecutorchExportConfig:
             raise ConfigError(f"logits={self.logits!r}; expected one of {LOGITS_MODES}")
         if self.kernel_layout not in KERNEL_LAYOUTS:
             raise ConfigError(f"kernel_layout={self.kernel_layout!r}; expected one of {sorted(KERNEL_LAYOUTS)}")
-        if self.side_factors not in SIDE_FACTOR_DTYPES:
-            raise ConfigError(f"side_factors={self.side_factors!r}; expected one of {SIDE_FACTOR_DTYPES}")
+        if self.side_factors not in SIDE_FACTORS:
+            raise ConfigError(f"side_factors={self.side_factors!r}; expected one of {SIDE_FACTORS}")
         if self.embeddings == "int8" and self.ops != "custom":
             raise ConfigError("embeddings='int8' needs ops='custom' (lowra::q8_embedding and lowra::q8_linear)")
         if self.embeddings == "float16" and self.ops != "custom":
@@ -249,6 +251,29 @@ class KernelSideBranchLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = self.base
         y = getattr(torch.ops.lowra, f"lowbit_linear_{b.layout}_lora")(x, *b.packed(), self.lora_down, self.lora_up)
+        return with_recovery(x, y, b.recovery_A, b.recovery_B, b.recovery_scaling)
+
+
+class KernelPacked4SideBranchLinear(nn.Module):
+    """:class:`KernelSideBranchLinear` with the user's factors as 4-bit codes and float16 levels
+    (``lowra::lowbit_linear_blocked_lora4``; ``formats.executorch_manifest.pack4_factors``): program data
+    ``lora_down_codes`` [rank, ceil(in / 2)], ``lora_down_books`` [rank, 16], ``lora_up_codes`` [rank, ceil(out / 2)],
+    ``lora_up_books`` [rank, 16]."""
+
+    def __init__(self, base: KernelLowBitLinear, down_codes: Tensor, down_books: Tensor, up_codes: Tensor,
+                 up_books: Tensor) -> None:  # fmt: skip
+        super().__init__()
+        if base.layout != "blocked":
+            raise ConfigError("packed side-branch factors need the blocked kernel layout")
+        self.base = base
+        for name, value in (("lora_down_codes", down_codes), ("lora_down_books", down_books),
+                            ("lora_up_codes", up_codes), ("lora_up_books", up_books)):
+            self.register_buffer(name, value.contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.base
+        y = torch.ops.lowra.lowbit_linear_blocked_lora4(x, *b.packed(), self.lora_down_codes, self.lora_down_books,
+                                                        self.lora_up_codes, self.lora_up_books)
         return with_recovery(x, y, b.recovery_A, b.recovery_B, b.recovery_scaling)
 
 
@@ -396,6 +421,18 @@ def _side_template(rank: int, out_f: int, in_f: int, generator: torch.Generator)
     return down, up
 
 
+def _packed4_template(rank: int, out_f: int, in_f: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+    """Packed factors whose product is exactly zero yet whose bytes are unique per module (see _side_template): random
+    down codes and levels; up codes that only index levels 0-7, which are zero, beside random levels 8-15."""
+    down_codes = torch.randint(0, 256, (rank, -(-in_f // 2)), generator=generator, dtype=torch.uint8)
+    low, high = (torch.randint(0, 8, (rank, -(-out_f // 2)), generator=generator, dtype=torch.uint8) for _ in range(2))
+    up_codes = low | (high << 4)  # both nibbles below 8
+    down_books = (torch.randn(rank, 16, generator=generator) * 0.01).half()
+    up_books = (torch.randn(rank, 16, generator=generator) * 0.01).half()
+    up_books[:, :8] = 0
+    return down_codes, down_books, up_codes, up_books
+
+
 def fix_empty_strides(module: nn.Module) -> None:
     """Give empty buffers (e.g. ``scales [out, 0]`` without groups) ordinary strides.
 
@@ -478,10 +515,16 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
                              else KernelLowBitLinear(layer, config.kernel_layout))
         if mode == "side" and path in targets:
             down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
-            packed = (KernelSideBranchLinear(packed, down, up, getattr(torch, config.side_factors))
-                      if isinstance(packed, KernelLowBitLinear) else SideBranchLinear(packed, config.rank, down, up))
-            user_modules[f"model.{path}.lora_down"] = (path, "down")
-            user_modules[f"model.{path}.lora_up"] = (path, "up")
+            if isinstance(packed, KernelLowBitLinear) and config.side_factors == "packed4":
+                packed = KernelPacked4SideBranchLinear(packed, *_packed4_template(config.rank, layer.out_features,
+                                                                                  layer.in_features, generator))
+                for role in PACKED_ROLES:
+                    user_modules[f"model.{path}.lora_{role}"] = (path, role)
+            else:
+                packed = (KernelSideBranchLinear(packed, down, up, getattr(torch, config.side_factors))
+                          if isinstance(packed, KernelLowBitLinear) else SideBranchLinear(packed, config.rank, down, up))
+                user_modules[f"model.{path}.lora_down"] = (path, "down")
+                user_modules[f"model.{path}.lora_up"] = (path, "up")
         _replace(model, path, packed)
     if embeddings == "float16":
         _half_embeddings(model)
@@ -683,9 +726,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel-layout", choices=sorted(KERNEL_LAYOUTS), default="blocked",
                         help="custom ops: how the programs store the codes (blocked: each layer read as one stream; "
                              "planar: rows in the file's order, as folders exported before it)")
-    parser.add_argument("--side-factors", choices=SIDE_FACTOR_DTYPES, default="float16",
-                        help="custom ops, side mode: the dtype of a user's factors in the program (float16: exact for "
-                             "a blob's values, half the bytes; float32: as folders exported before it)")
+    parser.add_argument("--side-factors", choices=SIDE_FACTORS, default="packed4",
+                        help="custom ops, side mode: how the program holds a user's factors (packed4: the blob's "
+                             "codes in 4-bit slots; float16: the decoded values, exact; float32: as folders exported "
+                             "before them)")
     args = parser.parse_args(argv)
 
     from lowra.device_runtime.formats.quantized_base import read_quantized_base

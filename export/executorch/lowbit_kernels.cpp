@@ -8,6 +8,9 @@
 //   lowbit_linear_planar_lora.out(Tensor x, <buffers>, Tensor? bias, Tensor down, Tensor up, *, Tensor(a!) out):
 //     the planar product plus a LoRA side branch (x @ down^T) @ up^T, down [rank, in], up [out, rank], both float32
 //     or both float16
+//   lowbit_linear_blocked_lora4.out(..., bias?, down_codes, down_books, up_codes, up_books, *, out): the blocked
+//     product plus the side branch with the factors as 4-bit codes (uint8 [rank, ceil(n / 2)]) and float16 books
+//     [rank, 16] (sdk/quant/ops.py)
 //   lowbit_linear_blocked.out / lowbit_linear_blocked_lora.out (<the same>): codes in the kernels' BLOCKED layout
 //     (lowbit_gemv.h: each layer one sequential stream), what the exporter writes
 //   f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)   (weight float16 [N, K])
@@ -691,10 +694,40 @@ Tensor& lowbit_linear_lora_out(
   return out;
 }
 
+// y += (x @ down^T) @ up^T with a user's factors as 4-bit codes and float16 books (lowbit_linear_blocked_lora4.out:
+// sdk/quant/ops.py): down row k = down_books[k][code], up column k likewise.
+Tensor& lowbit_linear_lora4_out(
+    KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+    const Tensor& widths, const Tensor& row_code_offsets, const Tensor& row_level_offsets, int64_t in_features,
+    int64_t group_size, const std::optional<Tensor>& bias, const Tensor& down_codes, const Tensor& down_books,
+    const Tensor& up_codes, const Tensor& up_books, Tensor& out) {
+  const int64_t n_out = widths.numel(), rank = down_codes.dim() == 2 ? down_codes.size(0) : -1;
+  const bool factors_ok = down_codes.scalar_type() == ScalarType::Byte && up_codes.scalar_type() == ScalarType::Byte &&
+      down_books.scalar_type() == ScalarType::Half && up_books.scalar_type() == ScalarType::Half && rank >= 1 &&
+      down_codes.size(1) == (in_features + 1) / 2 && up_codes.dim() == 2 && up_codes.size(0) == rank &&
+      up_codes.size(1) == (n_out + 1) / 2 && down_books.dim() == 2 && down_books.size(0) == rank &&
+      down_books.size(1) == 16 && up_books.dim() == 2 && up_books.size(0) == rank && up_books.size(1) == 16;
+  ET_KERNEL_CHECK_MSG(ctx, factors_ok, InvalidArgument, out,
+                      "lowra::lowbit_linear_blocked_lora4: expected uint8 codes [rank, ceil(in / 2)] and "
+                      "[rank, ceil(out / 2)], float16 books [rank, 16]");
+  lowbit_linear_impl(ctx, x, codes, codebooks, scales, widths, row_code_offsets, row_level_offsets, in_features,
+                     group_size, bias, out, Codes::kBlocked);
+  if (ctx.failure_state() != Error::Ok) return out;
+  const int status = lowra_lowrank4_add(
+      down_codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(down_books.const_data_ptr<Half>()),
+      up_codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(up_books.const_data_ptr<Half>()), rank,
+      in_features, n_out, x.const_data_ptr<float>(), x.numel() / in_features, out.mutable_data_ptr<float>(),
+      thread_count(int64_t{1} << 20), LOWRA_LOWBIT_ISA_AUTO);
+  ET_KERNEL_CHECK_MSG(ctx, status == LOWRA_LOWBIT_OK, InvalidArgument, out,
+                      "lowra::lowbit_linear_blocked_lora4: kernel failed: %s", lowra_lowbit_status_name(status));
+  return out;
+}
+
 }  // namespace lowra_et
 
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear_blocked_lora.out", lowra_et::lowbit_linear_lora_out<lowra_et::Codes::kBlocked>);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear_blocked.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kBlocked>);
+EXECUTORCH_LIBRARY(lowra, "lowbit_linear_blocked_lora4.out", lowra_et::lowbit_linear_lora4_out);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar_lora.out", lowra_et::lowbit_linear_lora_out<lowra_et::Codes::kPlanar>);
 EXECUTORCH_LIBRARY(lowra, "lowbit_linear_planar.out", lowra_et::lowbit_linear_variant_out<lowra_et::Codes::kPlanar>);
 EXECUTORCH_LIBRARY(lowra, "attention.out", lowra_et::attention_out);

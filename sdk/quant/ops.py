@@ -18,6 +18,11 @@ width in {1, 2, 4}, rows of codes packed LSB-first, per-row codebooks, absmax sc
 - ``lowra::lowbit_linear_blocked`` / ``lowra::lowbit_linear_blocked_lora``: the same two products with the codes in
   the kernels' BLOCKED layout (:func:`lowra.device_runtime.formats.quantized_weight.kernel_blocked_codes`: the same
   bytes reordered so each layer is read as one stream), what the exporter writes now.
+- ``lowra::lowbit_linear_blocked_lora4(x, <same buffers>, bias?, down_codes, down_books, up_codes, up_books)``: the
+  blocked product plus the side branch with a user's factors as 4-bit codes (uint8 ``down_codes`` [rank,
+  ceil(in / 2)], float16 ``down_books`` [rank, 16]: down row k = ``down_books[k][code]``; ``up_codes`` [rank,
+  ceil(out / 2)], ``up_books`` [rank, 16]: up column k; two codes per byte, the even one in the low nibble): a
+  blob's channels kept as codes (:func:`lowra.device_runtime.formats.executorch_manifest.pack4_channels`).
 - ``lowra::f16_linear(x, weight, bias?) -> Tensor``: ``x @ float32(weight)^T (+ bias)`` for a dense float16
   ``weight`` [out, in]: how an exported program multiplies by a model's float16 embedding/output head without a
   float32 copy (the native kernel converts in registers; docs/FORMAT.md, ExecuTorch model folder).
@@ -57,6 +62,7 @@ __all__ = [
     "q8_dequantize_reference",
     "q8_embedding_reference",
     "q8_linear_reference",
+    "lowbit_linear_blocked_lora4_reference",
     "lowbit_linear_blocked_lora_reference",
     "lowbit_linear_blocked_reference",
     "lowbit_linear_planar_lora_reference",
@@ -139,6 +145,10 @@ _LIB.define(f"lowbit_linear_blocked.out(Tensor x, {_BUFFERS}, Tensor? bias, *, T
 _LIB.define(f"lowbit_linear_blocked_lora(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up) -> Tensor")
 _LIB.define(f"lowbit_linear_blocked_lora.out(Tensor x, {_BUFFERS}, Tensor? bias, Tensor down, Tensor up, *, "
             "Tensor(a!) out) -> Tensor(a!)")
+_LORA4 = "Tensor down_codes, Tensor down_books, Tensor up_codes, Tensor up_books"
+_LIB.define(f"lowbit_linear_blocked_lora4(Tensor x, {_BUFFERS}, Tensor? bias, {_LORA4}) -> Tensor")
+_LIB.define(f"lowbit_linear_blocked_lora4.out(Tensor x, {_BUFFERS}, Tensor? bias, {_LORA4}, *, Tensor(a!) out) -> "
+            "Tensor(a!)")
 F16_LINEAR_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
 _LIB.define("f16_linear" + F16_LINEAR_SCHEMA)
 _LIB.define("f16_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
@@ -472,10 +482,40 @@ def lowbit_linear_blocked_lora_reference(x: Tensor, *packed_bias_factors: Any) -
     return y + _side_branch(x, down, up)
 
 
+def unpack4_channels(codes: Tensor, books: Tensor, length: int) -> Tensor:
+    """[rank, ceil(length / 2)] uint8 codes and [rank, 16] float16 books -> float32 [rank, length] channel values."""
+    nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(codes.shape[0], -1)[:, :length].long()
+    return torch.gather(books.float(), 1, nibbles)
+
+
+def _check_side_branch4(x: Tensor, out_features: int, down_codes: Tensor, down_books: Tensor, up_codes: Tensor,
+                        up_books: Tensor) -> None:  # fmt: skip
+    rank = down_codes.shape[0] if down_codes.dim() == 2 else -1
+    ok = (down_codes.dtype == up_codes.dtype == torch.uint8 and down_books.dtype == up_books.dtype == torch.float16
+          and tuple(down_codes.shape) == (rank, -(-x.shape[-1] // 2)) and tuple(up_codes.shape)
+          == (rank, -(-out_features // 2)) and tuple(down_books.shape) == tuple(up_books.shape) == (rank, 16))
+    if not ok:
+        raise ConfigError(
+            f"packed side-branch factors {list(down_codes.shape)} / {list(down_books.shape)} / {list(up_codes.shape)} "
+            f"/ {list(up_books.shape)}; expected uint8 [rank, {-(-x.shape[-1] // 2)}], float16 [rank, 16], uint8 "
+            f"[rank, {-(-out_features // 2)}], float16 [rank, 16]")
+
+
+def lowbit_linear_blocked_lora4_reference(x: Tensor, *packed_bias_factors: Any) -> Tensor:
+    """The blocked product plus ``(x @ down^T) @ up^T`` with the factors decoded from their 4-bit codes."""
+    *packed_and_bias, down_codes, down_books, up_codes, up_books = packed_bias_factors
+    y = lowbit_linear_blocked_reference(x, *packed_and_bias)
+    _check_side_branch4(x, y.shape[-1], down_codes, down_books, up_codes, up_books)
+    down = unpack4_channels(down_codes, down_books, x.shape[-1])
+    up = unpack4_channels(up_codes, up_books, y.shape[-1]).T
+    return y + _side_branch(x, down, up)
+
+
 for _name, _reference in (("lowbit_linear_planar", lowbit_linear_planar_reference),
                           ("lowbit_linear_planar_lora", lowbit_linear_planar_lora_reference),
                           ("lowbit_linear_blocked", lowbit_linear_blocked_reference),
-                          ("lowbit_linear_blocked_lora", lowbit_linear_blocked_lora_reference)):
+                          ("lowbit_linear_blocked_lora", lowbit_linear_blocked_lora_reference),
+                          ("lowbit_linear_blocked_lora4", lowbit_linear_blocked_lora4_reference)):
     _LIB.impl(_name, _reference, "CompositeExplicitAutograd")
     _LIB.impl(f"{_name}.out", out_variant(_reference), "CompositeExplicitAutograd")
 
@@ -561,6 +601,14 @@ def _lowbit_linear_lora_fake(x: Tensor, *packed_bias_factors: Any) -> Tensor:
 for _layout in ("planar", "blocked"):
     torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_{_layout}", _lowbit_linear_fake, lib=_LIB)
     torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_{_layout}_lora", _lowbit_linear_lora_fake, lib=_LIB)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_blocked_lora4", lib=_LIB)
+def _lowbit_linear_lora4_fake(x: Tensor, *packed_bias_factors: Any) -> Tensor:
+    *packed_and_bias, down_codes, down_books, up_codes, up_books = packed_bias_factors
+    y = _lowbit_linear_fake(x, *packed_and_bias)
+    _check_side_branch4(x, y.shape[-1], down_codes, down_books, up_codes, up_books)
+    return y
 
 
 @torch.library.register_fake(f"{NAMESPACE}::lowbit_linear_grad_input", lib=_LIB)

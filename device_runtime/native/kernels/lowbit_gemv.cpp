@@ -593,6 +593,27 @@ void decode4_scalar(const Gemv& g, const Task& task) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------ packed side branch
+// The factors as 4-bit codes: down row k = down_books[k][code], code j of row k in byte j / 2 (low nibble for even j,
+// as the blob packs 4-bit channels); up column k likewise over the outputs (up_codes row k, up_books row k). The
+// same sums as lowrank_add: low[k] in 8 lanes (input j in lane j % 8, fused, input order), y[r] += fused sum over k.
+inline int nibble(const uint8_t* codes, int64_t j) { return (codes[j >> 1] >> ((j & 1) * 4)) & 15; }
+
+float packed_dot_scalar(const uint8_t* codes, const float* book, const float* x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t j = 0; j < n; ++j) acc[j % 8] = std::fma(book[nibble(codes, j)], x[j], acc[j % 8]);
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+void packed_up_scalar(const uint8_t* codes, int64_t code_bytes, const float* books, int64_t rank, const float* low,
+                      float* y, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    float t = 0.0f;
+    for (int64_t k = 0; k < rank; ++k) t = std::fma(books[16 * k + nibble(codes + k * code_bytes, r)], low[k], t);
+    y[r] += t;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ AVX2 GEMV
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
 LOWRA_AVX2_FN inline float horizontal_sum(__m256 v) {
@@ -666,6 +687,14 @@ LOWRA_AVX2_FN inline void store_lanes(const Gemv& g, const Task& task, __m256 re
   alignas(32) float out[kBlockRows];
   _mm256_store_ps(out, result);
   for (int i = 0; i < task.count; ++i) g.y[g.order[task.first + i]] = out[i];
+}
+
+// The 8 codes of bytes [b, b + 4) in lanes 0..7, in order (two per byte, the even one in the low nibble): the
+// word shifted right by 4 * lane (the lookups read the low 4 bits only).
+LOWRA_AVX2_FN inline __m256i nibbles8(const uint8_t* bytes) {
+  uint32_t word;
+  std::memcpy(&word, bytes, 4);
+  return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
 }
 
 namespace lut_avx2 {
@@ -1200,75 +1229,15 @@ int lowrank_add(const T* down, const T* up, int64_t rank, int64_t in, int64_t ou
   return LOWRA_LOWBIT_OK;
 }
 
-// ------------------------------------------------------------------------------------------------ packed side branch
-// The factors as 4-bit codes: down row k = down_books[k][code], code j of row k in byte j / 2 (low nibble for even j,
-// as the blob packs 4-bit channels); up column k likewise over the outputs (up_codes row k, up_books row k). The
-// same sums as lowrank_add: low[k] in 8 lanes (input j in lane j % 8, fused, input order), y[r] += fused sum over k.
-inline int nibble(const uint8_t* codes, int64_t j) { return (codes[j >> 1] >> ((j & 1) * 4)) & 15; }
-
-float packed_dot_scalar(const uint8_t* codes, const float* book, const float* x, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t j = 0; j < n; ++j) acc[j % 8] = std::fma(book[nibble(codes, j)], x[j], acc[j % 8]);
-  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-}
-
-void packed_up_scalar(const uint8_t* codes, int64_t code_bytes, const float* books, int64_t rank, const float* low,
-                      float* y, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    float t = 0.0f;
-    for (int64_t k = 0; k < rank; ++k) t = std::fma(books[16 * k + nibble(codes + k * code_bytes, r)], low[k], t);
-    y[r] += t;
-  }
-}
-
-#ifdef LOWRA_LOWBIT_HAVE_AVX2
-// The 8 codes of bytes [b, b + 4) in lanes 0..7 (lane i: code 2 * (i / 2) + i % 2 of those bytes, i.e. in order).
-LOWRA_AVX2_FN inline __m256i nibbles8(const uint8_t* bytes) {
-  uint32_t word;
-  std::memcpy(&word, bytes, 4);
-  return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
-}
-
-LOWRA_AVX2_FN float packed_dot_avx2(const uint8_t* codes, const float* book, const float* x, int64_t n) {
-  const __m256 lo = _mm256_loadu_ps(book), hi = _mm256_loadu_ps(book + 8);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(lut_avx2::lookup16(lo, hi, nibbles8(codes + j / 2)), _mm256_loadu_ps(x + j), acc);
-  float total = half_sum(acc);
-  if (j < n) {  // the last < 8 inputs, each in its lane: the scalar order
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, acc);
-    for (; j < n; ++j) lanes[j % 8] = std::fma(book[nibble(codes, j)], x[j], lanes[j % 8]);
-    total = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
-  }
-  return total;
-}
-
-LOWRA_AVX2_FN void packed_up_avx2(const uint8_t* codes, int64_t code_bytes, const float* books, int64_t rank,
-                                  const float* low, float* y, int64_t begin, int64_t end) {
-  int64_t r = begin;
-  for (; r + 8 <= end; r += 8) {  // begin is a multiple of 8: byte r / 2 starts the block's codes
-    __m256 t = _mm256_setzero_ps();
-    for (int64_t k = 0; k < rank; ++k) {
-      const __m256 value = lut_avx2::lookup16(_mm256_loadu_ps(books + 16 * k), _mm256_loadu_ps(books + 16 * k + 8),
-                                    nibbles8(codes + k * code_bytes + r / 2));
-      t = _mm256_fmadd_ps(value, _mm256_set1_ps(low[k]), t);
-    }
-    _mm256_storeu_ps(y + r, _mm256_add_ps(_mm256_loadu_ps(y + r), t));
-  }
-  packed_up_scalar(codes, code_bytes, books, rank, low, y, r, end);
-}
-#endif
-
 int packed_lowrank_add(const uint8_t* down_codes, const uint16_t* down_books, const uint8_t* up_codes,
                        const uint16_t* up_books, int64_t rank, int64_t in, int64_t out, const float* x, int64_t m,
                        float* y, int threads, int isa) {
-  bool avx2 = false;
+  bool avx2 = false, permute2 = false;
   if (!down_codes || !down_books || !up_codes || !up_books || !x || !y || rank <= 0 || in <= 0 || out <= 0 || m <= 0 ||
       threads < 1) {
     return LOWRA_LOWBIT_INVALID_ARGUMENT;
   }
-  if (int status = resolve_isa(isa, avx2)) return status;
+  if (int status = resolve_isa(isa, avx2, &permute2)) return status;
   std::vector<float> books(static_cast<size_t>(32 * rank)), low(static_cast<size_t>(rank));
   for (int64_t i = 0; i < 16 * rank; ++i) {
     books[i] = half_to_float(down_books[i]);
@@ -1280,15 +1249,29 @@ int packed_lowrank_add(const uint8_t* down_codes, const uint16_t* down_books, co
   const int parts = static_cast<int>(std::min<int64_t>(threads, rank * (in + out) >= (int64_t{1} << 12) ? 2 : 1));
   for (int64_t t = 0; t < m; ++t) {
     const float* xt = x + t * in;
+    const int64_t groups = ceil_div(rank, 4);
     const std::function<void(int)> dots = [&](int p) {
-      for (int64_t k = rank * p / parts; k < rank * (p + 1) / parts; ++k) {
+      for (int64_t group = groups * p / parts; group < groups * (p + 1) / parts; ++group) {
+        const int64_t first = 4 * group, last = std::min(rank, first + 4);
+        const uint8_t* codes = down_codes + first * down_bytes;
+        const float* levels = down_levels + 16 * first;
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
+        if (avx2 && last - first == 4) {
+          permute2 ? lut_avx512::packed_dots<4>(codes, down_bytes, levels, xt, in, low.data() + first)
+                   : lut_avx2::packed_dots<4>(codes, down_bytes, levels, xt, in, low.data() + first);
+          continue;
+        }
         if (avx2) {
-          low[k] = packed_dot_avx2(down_codes + k * down_bytes, down_levels + 16 * k, xt, in);
+          for (int64_t k = first; k < last; ++k) {
+            const int64_t i = k - first;
+            permute2 ? lut_avx512::packed_dots<1>(codes + i * down_bytes, down_bytes, levels + 16 * i, xt, in, &low[k])
+                     : lut_avx2::packed_dots<1>(codes + i * down_bytes, down_bytes, levels + 16 * i, xt, in, &low[k]);
+          }
           continue;
         }
 #endif
-        low[k] = packed_dot_scalar(down_codes + k * down_bytes, down_levels + 16 * k, xt, in);
+        for (int64_t k = first; k < last; ++k)
+          low[k] = packed_dot_scalar(down_codes + k * down_bytes, down_levels + 16 * k, xt, in);
       }
     };
     WorkerPool::instance().run(parts, dots);
@@ -1296,10 +1279,12 @@ int packed_lowrank_add(const uint8_t* down_codes, const uint16_t* down_books, co
     const int64_t blocks = ceil_div(out, 8);
     const std::function<void(int)> ups = [&](int p) {
       const int64_t begin = blocks * p / parts * 8, end = std::min(out, blocks * (p + 1) / parts * 8);
+      float* yt = y + t * out;
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-      if (avx2) return packed_up_avx2(up_codes, up_bytes, up_levels, rank, low.data(), y + t * out, begin, end);
+      if (permute2) return lut_avx512::packed_up(up_codes, up_bytes, up_levels, rank, low.data(), yt, begin, end);
+      if (avx2) return lut_avx2::packed_up(up_codes, up_bytes, up_levels, rank, low.data(), yt, begin, end);
 #endif
-      packed_up_scalar(up_codes, up_bytes, up_levels, rank, low.data(), y + t * out, begin, end);
+      packed_up_scalar(up_codes, up_bytes, up_levels, rank, low.data(), yt, begin, end);
     };
     WorkerPool::instance().run(parts, ups);
   }

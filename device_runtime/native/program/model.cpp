@@ -51,8 +51,15 @@ struct TensorRange {
   std::string module, role;  // role: "down" / "up" (side) or "weight" (merge)
   uint64_t offset = 0, nbytes = 0;
   std::vector<int64_t> shape;
-  bool half = false;  // float16 (a side program's factors, by default), else float32
+  bool half = false;  // float16 (a side program's factors, by default), else float32 (uint8 for *_codes roles)
 };
+
+// A side program's factors as 4-bit codes (roles down_codes / down_books / up_codes / up_books).
+bool packed_role(const std::string& role) {
+  return role == "down_codes" || role == "down_books" || role == "up_codes" || role == "up_books";
+}
+
+using PackedUsers = std::map<std::string, lowra::Packed4>;
 
 struct ModuleInfo {
   std::vector<int64_t> shape;  // [out, in]
@@ -154,18 +161,35 @@ struct lowra_model {
   std::shared_ptr<lowra::TrustPolicy> trust = std::make_shared<lowra::TrustPolicy>();
 
   // A copy of the template with the user's tensors written (module -> decoded factors; empty = the base).
-  std::vector<uint8_t> compose(const std::map<std::string, lowra::Factors>& factors = {}) const {
+  std::vector<uint8_t> compose(const std::map<std::string, lowra::Factors>& factors = {},
+                               const PackedUsers& packed = {}) const {
     std::vector<uint8_t> out(tmpl->data(), tmpl->data() + tmpl->size());
-    write_user(out.data(), factors);
+    write_user(out.data(), factors, packed);
     return out;
+  }
+
+  // Whether the side program keeps users' factors as 4-bit codes (then a load packs the blob's channels).
+  bool packed_factors() const {
+    return std::any_of(ranges.begin(), ranges.end(), [](const TensorRange& r) { return packed_role(r.role); });
   }
 
   // Write every user tensor range of `out` (a buffer laid out like the template): side, the factors zero-padded to
   // the program's rank (zeros = the base); merge, the pristine base weight plus up @ down (the pristine weight for
   // modules the user does not adapt). Every range is written, so the result does not depend on what `out` held.
-  void write_user(uint8_t* out, const std::map<std::string, lowra::Factors>& factors) const {
+  void write_user(uint8_t* out, const std::map<std::string, lowra::Factors>& factors, const PackedUsers& packed) const {
     if (mode == "merge") return merge_user(out, factors);
     for (const TensorRange& r : ranges) {
+      if (packed_role(r.role)) {  // the codes / books as packed (zeros for a module the user does not adapt)
+        std::memset(out + r.offset, 0, r.nbytes);
+        auto p = packed.find(r.module);
+        if (p == packed.end()) continue;
+        const void* source = r.role == "down_codes" ? static_cast<const void*>(p->second.down_codes.data())
+                             : r.role == "up_codes" ? static_cast<const void*>(p->second.up_codes.data())
+                             : r.role == "down_books" ? static_cast<const void*>(p->second.down_books.data())
+                                                      : static_cast<const void*>(p->second.up_books.data());
+        std::memcpy(out + r.offset, source, r.nbytes);
+        continue;
+      }
       auto it = factors.find(r.module);
       const lowra::Factors* f = it == factors.end() ? nullptr : &it->second;
       const int64_t rows = r.shape[0], cols = r.shape[1];
@@ -225,7 +249,9 @@ struct lowra_model {
   // A user swap. ExecuTorch reads the program's external data through the BufferDataLoader without copying it (its
   // constant tensors point into `data`), so rewriting the user's ranges in place is the whole swap: no program
   // reload, no second copy of the data. The caller has verified and decoded the user first, so this cannot fail.
-  void switch_user(const std::map<std::string, lowra::Factors>& factors) { write_user(data.data(), factors); }
+  void switch_user(const std::map<std::string, lowra::Factors>& factors, const PackedUsers& packed) {
+    write_user(data.data(), factors, packed);
+  }
 
   // Load the program over `next` and make both active; on failure nothing changes.
   void activate(std::vector<uint8_t> next) {
@@ -329,17 +355,25 @@ void read_manifest(lowra_model& m, bool verify) {
     auto module = m.modules.find(r.module);
     const bool side = m.mode == "side";
     const std::string dtype = string_of(entry, "dtype", where + " tensor " + key);
-    if (dtype != "float32" && !(side && dtype == "float16"))
-      fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " is '" + dtype + "'; a " + m.mode + " program's user " +
-                                  "tensors are " + (side ? "float16 or float32" : "float32") + ". Re-export the folder");
+    const bool codes = r.role == "down_codes" || r.role == "up_codes", books = r.role == "down_books" ||
+                                                                               r.role == "up_books";
+    const bool dtype_ok = codes ? dtype == "uint8" : books ? dtype == "float16"
+                                                           : dtype == "float32" || (side && dtype == "float16");
+    if (!dtype_ok)
+      fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " is '" + dtype + "'; expected uint8 codes, float16 books, "
+                                  "float16 or float32 factors (side) or float32 weights (merge). Re-export the folder");
     r.half = dtype == "float16";
-    const uint64_t elem = r.half ? 2 : 4;
-    const bool role_ok = side ? (r.role == "down" || r.role == "up") : r.role == "weight";
+    const uint64_t elem = codes ? 1 : r.half ? 2 : 4;
+    const bool role_ok = side ? (r.role == "down" || r.role == "up" || codes || books) : r.role == "weight";
     if (module == m.modules.end() || !role_ok)
       fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " names no adaptable module and role of this mode");
     const auto& base = module->second.shape;
-    const std::vector<int64_t> want = !side ? base : r.role == "down" ? std::vector<int64_t>{m.rank, base[1]}
-                                                                      : std::vector<int64_t>{base[0], m.rank};
+    const std::vector<int64_t> want = !side                 ? base
+                                      : r.role == "down"      ? std::vector<int64_t>{m.rank, base[1]}
+                                      : r.role == "up"        ? std::vector<int64_t>{base[0], m.rank}
+                                      : r.role == "down_codes" ? std::vector<int64_t>{m.rank, (base[1] + 1) / 2}
+                                      : r.role == "up_codes"   ? std::vector<int64_t>{m.rank, (base[0] + 1) / 2}
+                                                               : std::vector<int64_t>{m.rank, 16};
     if (r.shape != want || r.nbytes != elem * static_cast<uint64_t>(want[0] * want[1]) || r.offset % elem != 0 ||
         r.offset + r.nbytes > m.tmpl->size())
       fail(LOWRA_ERR_PROGRAM, where + ": tensor " + key + " (" + lowra::shape_text(r.shape) + ", bytes " +
@@ -409,17 +443,27 @@ lowra_status lowra_model_user_load_signed(lowra_model* model, const uint8_t* blo
     lowra::check_base_binding(parsed, "the program at " + model->folder, shape_lookup, digest_lookup);
     // A program cannot prove its base's content (ExecutorchEngine: check_base_content(parsed, None, ...)).
     lowra::check_base_content(parsed, &claims, nullptr, "the program at " + model->folder);
+    // A program holding packed factors takes the blob's codes (pack_factors4 below); decoding them to float32 would
+    // only cost time, so its factors carry the kept count alone.
+    const bool packed_program = model->mode == "side" && model->packed_factors();
     std::map<std::string, lowra::Factors> factors;
     for (size_t i = 0; i < parsed.modules.size(); ++i) {
-      const int64_t kept = (factors[parsed.modules[i].name] = lowra::decode_factors(parsed, i)).kept;
+      lowra::Factors& f = factors[parsed.modules[i].name];
+      f = packed_program ? lowra::Factors{lowra::kept_components(parsed, i), {}, {}} : lowra::decode_factors(parsed, i);
+      const int64_t kept = f.kept;
       if (model->mode == "side" && kept > model->rank)
         fail(LOWRA_ERR_CONTENT, "adapter '" + parsed.adapter_id + "' keeps " + std::to_string(kept) +
                                     " components in " + parsed.modules[i].name + "; the side-branch program has "
                                     "rank " + std::to_string(model->rank) + ". Use mode 'merge' or export with "
                                     "rank >= " + std::to_string(kept));
     }
+    PackedUsers packed;
+    if (packed_program) {
+      for (size_t i = 0; i < parsed.modules.size(); ++i)
+        packed[parsed.modules[i].name] = lowra::pack_factors4(parsed, i, model->rank);
+    }
     const auto apply = std::chrono::steady_clock::now();
-    model->switch_user(factors);
+    model->switch_user(factors, packed);
     auto user = std::make_unique<UserState>();
     user->adapter_id = parsed.adapter_id;
     user->base_fingerprint = parsed.base_fingerprint;
@@ -441,7 +485,7 @@ lowra_status lowra_model_user_load_signed(lowra_model* model, const uint8_t* blo
 lowra_status lowra_model_user_unload(lowra_model* model) {
   if (model == nullptr) return lowra_program_detail::fail(LOWRA_ERR_ARGUMENT, "lowra_model_user_unload: null model");
   return guarded([&] {
-    model->switch_user({});
+    model->switch_user({}, {});
     model->user.reset();
   });
 }

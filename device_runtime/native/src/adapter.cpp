@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 
 #include "error.hpp"
@@ -156,6 +157,14 @@ Blob parse_blob(const uint8_t* data, size_t size, const std::string& what) {
   return blob;
 }
 
+int64_t kept_components(const Blob& blob, size_t index) {
+  const AdapterModule& m = blob.modules[index];
+  const int64_t first = blob.module_offsets[index];
+  int64_t kept = 0;
+  for (int64_t k = 0; k < m.rank; ++k) kept += blob.widths[first + k] > 0 && blob.widths[first + m.rank + k] > 0;
+  return kept;
+}
+
 Factors decode_factors(const Blob& blob, size_t index) {
   const AdapterModule& m = blob.modules[index];
   int64_t first = blob.module_offsets[index];
@@ -171,6 +180,53 @@ Factors decode_factors(const Blob& blob, size_t index) {
     decode_channel(blob, first + m.rank + keep[i], f.up.data() + i, f.kept);  // column i of up
   }
   return f;
+}
+
+namespace {
+
+// Channel `c`'s codes widened to 4-bit slots at `out` (ceil(length / 2) bytes, zeroed by the caller).
+void widen_codes4(const Blob& blob, int64_t c, uint8_t* out) {
+  const int w = blob.widths[c];
+  const int64_t length = blob.lengths[c];
+  const uint8_t* codes = blob.codes.data() + blob.code_offsets[c];
+  if (w == 4) {  // the blob's own layout
+    std::memcpy(out, codes, static_cast<size_t>((length + 1) / 2));
+    return;
+  }
+  const int mask = (1 << w) - 1;
+  for (int64_t j = 0; j < length; ++j) {
+    const int code = (codes[(j * w) >> 3] >> ((j * w) & 7)) & mask;
+    out[j >> 1] = static_cast<uint8_t>(out[j >> 1] | (code << ((j & 1) * 4)));
+  }
+}
+
+void channel_book(const Blob& blob, int64_t c, uint16_t* out) {  // 16 slots, zeroed by the caller
+  for (int64_t i = blob.level_offsets[c]; i < blob.level_offsets[c + 1]; ++i)
+    out[i - blob.level_offsets[c]] = float_to_half(blob.codebooks[static_cast<size_t>(i)]);  // float16 levels: exact
+}
+
+}  // namespace
+
+Packed4 pack_factors4(const Blob& blob, size_t index, int64_t rank) {
+  const AdapterModule& m = blob.modules[index];
+  const int64_t first = blob.module_offsets[index];
+  const int64_t down_bytes = (m.in_features + 1) / 2, up_bytes = (m.out_features + 1) / 2;
+  Packed4 p;
+  p.down_codes.assign(static_cast<size_t>(rank * down_bytes), 0);
+  p.up_codes.assign(static_cast<size_t>(rank * up_bytes), 0);
+  p.down_books.assign(static_cast<size_t>(16 * rank), 0);
+  p.up_books.assign(static_cast<size_t>(16 * rank), 0);
+  int64_t slot = 0;
+  for (int64_t k = 0; k < m.rank && slot < rank; ++k) {
+    const int64_t down = first + k, up = first + m.rank + k;
+    if (blob.widths[down] == 0 || blob.widths[up] == 0) continue;  // dropped: not kept (decode_factors' rule)
+    widen_codes4(blob, down, p.down_codes.data() + slot * down_bytes);
+    widen_codes4(blob, up, p.up_codes.data() + slot * up_bytes);
+    channel_book(blob, down, p.down_books.data() + 16 * slot);
+    channel_book(blob, up, p.up_books.data() + 16 * slot);
+    ++slot;
+  }
+  return p;
 }
 
 }  // namespace lowra

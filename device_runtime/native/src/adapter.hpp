@@ -44,5 +44,17 @@ struct Factors {
   std::vector<float> up, down;
 };
 Factors decode_factors(const Blob& blob, size_t module);
+// How many components decode_factors keeps (down and up widths both > 0), without decoding them.
+int64_t kept_components(const Blob& blob, size_t module);
+
+// The same components as decode_factors (kept ones first, in order), as 4-bit codes in `rank` slots: down_codes
+// [rank, ceil(in / 2)] and up_codes [rank, ceil(out / 2)] (two codes per byte, the even one in the low nibble: a
+// blob's 4-bit channel layout; 1- and 2-bit channels widened), books float16 bits [rank, 16] (the channel's levels,
+// then zeros); slots past the kept components are all zero. rank >= kept (the caller checks).
+struct Packed4 {
+  std::vector<uint8_t> down_codes, up_codes;
+  std::vector<uint16_t> down_books, up_books;
+};
+Packed4 pack_factors4(const Blob& blob, size_t module, int64_t rank);
 
 }  // namespace lowra

@@ -288,24 +288,29 @@ def test_data_composition_runs_without_torch():
         parsed = read_blob({str(blob)!r})
         check_base_binding(parsed, manifest.digests, manifest.shapes, "the program")  # raises on a mismatch
         factors = parsed.all_factors(drop_empty=True)
+        packed = dict()
         for mode in ("side", "merge"):
             program = manifest.program(mode)
             template = np.memmap(manifest.folder / program["data"], dtype=np.uint8, mode="r")
-            data = compose_user_data(template, program, mode, factors, manifest.data["rank"])
+            data = compose_user_data(template, program, mode, factors, manifest.data["rank"], parsed)
             assert len(data) == template.size
             for key, entry in program["tensors"].items():
                 module, role = key.rsplit(":", 1)
-                dtype = np.dtype(entry["dtype"])  # side: float16 (exact for a blob's values), merge: float32
+                dtype = np.dtype(entry["dtype"])  # side: 4-bit codes and float16 levels, merge: float32
                 got = np.frombuffer(data, dtype, int(np.prod(entry["shape"])), entry["offset"]).reshape(entry["shape"])
                 up, down = factors[module]
                 if mode == "side":
-                    assert dtype == np.float16, key
-                    want = np.zeros(entry["shape"], np.float32)
-                    if role == "down":
-                        want[: down.shape[0]] = down
-                    else:
-                        want[:, : up.shape[1]] = up
-                    assert np.array_equal(got.astype(np.float32), want), key  # no value rounded
+                    packed[(module, role)] = got
+                    if len(packed) % 4:
+                        continue
+                    k = up.shape[1]
+                    for part, length, values in (("down", down.shape[1], down), ("up", up.shape[0], up.T)):
+                        codes, books = packed[(module, part + "_codes")], packed[(module, part + "_books")]
+                        nibbles = np.stack([codes & 15, codes >> 4], -1)
+                        nibbles = nibbles.reshape(len(nibbles), -1)[:, :length].astype(np.int64)
+                        decoded = np.take_along_axis(books, nibbles, 1).astype(np.float32)
+                        assert np.array_equal(decoded[:k], values), key  # the blob's values, none rounded
+                        assert not decoded[k:].any(), key  # slots past the user's components: zeros
                 else:
                     base = np.frombuffer(template, np.float32, got.size, entry["offset"]).reshape(got.shape)
                     assert np.allclose(got, base + up @ down, atol=1e-6), key

@@ -72,6 +72,50 @@ def test_logits_and_tokens_equal_the_python_engine_and_swaps_are_exact(program_b
         model.close()
 
 
+def test_packed_factors_give_the_float16_programs_logits(program_build):
+    """A side program holding users' factors as 4-bit codes (side_factors="packed4", the default: the blob's codes,
+    each channel in a 4-bit slot) computes with the same values as a float16 one: liblowra_program (packing the blob
+    natively) and the Python engine (formats.executorch_manifest.pack4_factors) give the float16 program's logits bit
+    for bit, users and base alike, from a quarter of its factor bytes (at SmolLM2's widths)."""
+    import json
+
+    from lowra.device_runtime.engines.executorch import ExecutorchEngine
+
+    folder = exported(modes=("side",))
+    float16_folder = exported(modes=("side",), side_factors="float16")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    roles = {key.rsplit(":", 1)[1] for key in manifest["programs"]["side"]["tensors"]}
+    assert roles == {"down_codes", "down_books", "up_codes", "up_books"}
+    assert "lowra::lowbit_linear_blocked_lora4.out" in manifest["kernel_ops"]
+    def factor_bytes(data: dict) -> int:
+        return sum(entry["nbytes"] for entry in data["programs"]["side"]["tensors"].values())
+
+    float16 = factor_bytes(json.loads((float16_folder / "manifest.json").read_text()))
+    rank = manifest["rank"]
+    codes_and_books = sum(rank * (-(-i // 2) + -(-o // 2) + 2 * 16 * 2) for o, i in
+                          (m["shape"] for m in manifest["modules"].values()))
+    assert factor_bytes(manifest) == codes_and_books  # half a byte per value, 2 x 16 float16 levels per component
+    assert float16 == sum(2 * rank * (o + i) for o, i in (m["shape"] for m in manifest["modules"].values()))
+    model = Model(program_build / "liblowra_program.so", folder, "side")
+    packed_engine, float16_engine = ExecutorchEngine(folder), ExecutorchEngine(float16_folder)
+    try:
+        assert np.array_equal(model.logits(IDS), float16_engine.logits(IDS))
+        for blob in user_blobs():
+            model.load(blob.read_bytes())
+            packed_engine.load_user(blob)
+            float16_engine.load_user(blob)
+            want = float16_engine.logits(IDS)
+            assert np.array_equal(model.logits(IDS), want)
+            assert np.array_equal(packed_engine.logits(IDS), want)
+        model.unload()
+        float16_engine.unload_user()
+        assert np.array_equal(model.logits(IDS), float16_engine.logits(IDS))
+    finally:
+        model.close()
+        packed_engine.close()
+        float16_engine.close()
+
+
 def test_refusals_keep_the_active_user(program_build, tmp_path):
     from tests.device_runtime.engines.test_executorch import other_base_blob
 

@@ -253,3 +253,34 @@ def test_kernel_layout_program_matches_the_reference(tokens, layout):
         reference = (x.astype(np.float64) @ qw.dequantize().T.astype(np.float64) + bias.numpy()
                      + (x.astype(np.float64) @ d.double().numpy().T) @ u.double().numpy().T)
         np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_packed_side_branch_reference_decodes_codes_and_books():
+    """lowra::lowbit_linear_blocked_lora4's reference (what the exporter traces) is the float reference on the values
+    its 4-bit codes and float16 books decode to; bad shapes are refused by name."""
+    import torch
+
+    from lowra.device_runtime.errors import ConfigError
+    from lowra.export.executorch.exporter import KernelLowBitLinear
+    from lowra.sdk.quant.lowbit_linear import LowBitLinear
+
+    qw = WEIGHTS[0]
+    layer = KernelLowBitLinear(LowBitLinear.from_quantized(qw), "blocked")
+    g = torch.Generator().manual_seed(3)
+    rank, out, inputs = 3, qw.out_features, qw.in_features
+    down_codes = torch.randint(0, 256, (rank, -(-inputs // 2)), generator=g, dtype=torch.uint8)
+    up_codes = torch.randint(0, 256, (rank, -(-out // 2)), generator=g, dtype=torch.uint8)
+    down_books, up_books = (torch.randn(rank, 16, generator=g).half() for _ in range(2))
+
+    def decode(codes, books, length):
+        nibbles = torch.stack((codes & 15, codes >> 4), -1).reshape(rank, -1)[:, :length].long()
+        return torch.gather(books.float(), 1, nibbles)
+
+    x = torch.randn(2, inputs, generator=g)
+    got = torch.ops.lowra.lowbit_linear_blocked_lora4(x, *layer.packed(), down_codes, down_books, up_codes, up_books)
+    want = torch.ops.lowra.lowbit_linear_blocked_lora(x, *layer.packed(), decode(down_codes, down_books, inputs),
+                                                      decode(up_codes, up_books, out).T.contiguous())
+    assert torch.equal(got, want)
+    with pytest.raises(ConfigError, match=r"expected uint8 \[rank, \d+\], float16 \[rank, 16\]"):
+        torch.ops.lowra.lowbit_linear_blocked_lora4(x, *layer.packed(), down_codes[:, 1:], down_books, up_codes,
+                                                    up_books)

@@ -101,7 +101,7 @@ def user_blobs() -> tuple[Path, Path]:
 
 @functools.cache
 def exported(ops: str = "custom", modes: tuple[str, ...] = ("side", "merge"), xnnpack: bool = False,
-             embeddings: str = "auto") -> Path:
+             embeddings: str = "auto", side_factors: str = "packed4") -> Path:
     """An exported model folder of the tiny low-bit model (cached per argument set).
 
     XNNPACK is off here to keep the suite fast (delegation adds a re-export and ~2x the lowering time); the
@@ -111,10 +111,11 @@ def exported(ops: str = "custom", modes: tuple[str, ...] = ("side", "merge"), xn
     from tests.conftest import _build_tokenizer
 
     model, _ = lowbit_tiny()
-    folder = _ROOT / f"{ops}-{'-'.join(modes)}-{'xnn' if xnnpack else 'portable'}-{embeddings}"
+    folder = _ROOT / f"{ops}-{'-'.join(modes)}-{'xnn' if xnnpack else 'portable'}-{embeddings}-{side_factors}"
     # The core-ATen folder keeps every position's logits, so both program outputs stay covered by the engine tests.
     config = ExecutorchExportConfig(ops=ops, modes=modes, max_seq_len=MAX_SEQ_LEN, rank=RANK, xnnpack=xnnpack,
-                                    logits="all" if ops == "aten" else "last", embeddings=embeddings)
+                                    logits="all" if ops == "aten" else "last", embeddings=embeddings,
+                                    side_factors=side_factors)
     export_executorch(model, folder, config, tokenizer=_build_tokenizer())
     return folder
 
@@ -145,11 +146,12 @@ def test_program_holds_packed_codes_not_fp32_weights_and_user_data_is_separate()
         assert kernel_blocked_codes(qw.codes, qw.widths, qw.in_features).tobytes() in pte, name
         assert qw.dequantize()[0].tobytes() not in pte, name  # no decoded float32 row anywhere
     side, merge = manifest["programs"]["side"], manifest["programs"]["merge"]
-    n_factors = sum(RANK * (w.in_features + w.out_features) for w in layers.values())
-    # float16 factors (a blob's values are float16 levels): two bytes each, plus segment alignment
-    assert n_factors * 2 <= side["data_bytes"] < n_factors * 2 + 128 * 2 * len(layers) + 8192
-    assert set(side["tensors"]) == {f"{m}:{r}" for m in layers for r in ("down", "up")}
-    assert {entry["dtype"] for entry in side["tensors"].values()} == {"float16"}
+    # the factors as 4-bit codes (half a byte per value) and 16 float16 levels per channel, plus segment alignment
+    n_packed = sum(RANK * (-(-w.in_features // 2) + -(-w.out_features // 2) + 2 * 16 * 2) for w in layers.values())
+    assert n_packed <= side["data_bytes"] < n_packed + 128 * 4 * len(layers) + 8192
+    roles = ("down_codes", "down_books", "up_codes", "up_books")
+    assert set(side["tensors"]) == {f"{m}:{r}" for m in layers for r in roles}
+    assert {entry["dtype"] for entry in side["tensors"].values()} == {"uint8", "float16"}
     assert {entry["dtype"] for entry in merge["tensors"].values()} == {"float32"}
     fp32_linears = sum(w.out_features * w.in_features * 4 for w in layers.values())
     assert merge["data_bytes"] >= fp32_linears  # merge at load keeps the adapted weights dense
@@ -170,15 +172,16 @@ def _operator_calls(pte: Path) -> dict[str, int]:
 
 
 def test_each_layer_is_one_op_call_and_no_weight_is_copied_transposed():
-    """What a decode step calls, per program. Side: each adaptable linear is one lowra::lowbit_linear_blocked_lora call
-    (the packed codes read in place plus the user's side branch). Merge: aten.linear kept whole on the merged weights
+    """What a decode step calls, per program. Side: each adaptable linear is one lowra::lowbit_linear_blocked_lora4
+    call (the packed codes read in place plus the user's side branch, its factors as 4-bit codes). Merge: aten.linear kept whole on the merged weights
     (decomposed, every call copied W^T first: ETDump on SmolLM2 put half of a decode step in permute_copy). Both: the
     float16 head in lowra::f16_linear and attention in one lowra::attention per layer (no matmuls over a transposed
     key cache, no separate softmax), the new keys and values written into the cache in place. The permute_copy calls left are the q/k/v head transposes, as many in both."""
     folder = exported()
     _, layers = lowbit_tiny()
     side, merge = _operator_calls(folder / "side.pte"), _operator_calls(folder / "merge.pte")
-    assert side["lowra::lowbit_linear_blocked_lora.out"] == len(layers)
+    assert side["lowra::lowbit_linear_blocked_lora4.out"] == len(layers)
+    assert side["lowra::lowbit_linear_blocked_lora.out"] == 0
     assert side["lowra::lowbit_linear.out"] == side["lowra::lowbit_linear_blocked.out"] == side["aten::linear.out"] == 0
     assert side["lowra::lowbit_linear_planar.out"] == side["lowra::lowbit_linear_planar_lora.out"] == 0
     assert merge["aten::linear.out"] == len(layers)  # every merged weight
@@ -227,7 +230,7 @@ def test_embeddings_choice_is_checked_and_auto_keeps_float32_when_rounding_would
         ExecutorchExportConfig(embeddings="int4")
     with pytest.raises(Exception, match="embeddings='int8' needs ops='custom'"):
         ExecutorchExportConfig(ops="aten", embeddings="int8")
-    with pytest.raises(Exception, match=r"side_factors='bfloat16'; expected one of \('float16', 'float32'\)"):
+    with pytest.raises(Exception, match=r"side_factors='bfloat16'; expected one of \('float16', 'float32', 'packed4'\)"):
         ExecutorchExportConfig(side_factors="bfloat16")
     assert embedding_dtype(lowbit_tiny()[0], ExecutorchExportConfig(ops="aten")) == "float32"
     with pytest.warns(UserWarning, match="not float16, so the programs keep them in float32"):
