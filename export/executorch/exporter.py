@@ -514,13 +514,13 @@ def _build_program(model: nn.Module, config: ExecutorchExportConfig, mode: str, 
         packed: nn.Module = (AtenLowBitLinear(layer) if config.ops == "aten"
                              else KernelLowBitLinear(layer, config.kernel_layout))
         if mode == "side" and path in targets:
-            down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
             if isinstance(packed, KernelLowBitLinear) and config.side_factors == "packed4":
                 packed = KernelPacked4SideBranchLinear(packed, *_packed4_template(config.rank, layer.out_features,
                                                                                   layer.in_features, generator))
                 for role in PACKED_ROLES:
                     user_modules[f"model.{path}.lora_{role}"] = (path, role)
             else:
+                down, up = _side_template(config.rank, layer.out_features, layer.in_features, generator)
                 packed = (KernelSideBranchLinear(packed, down, up, getattr(torch, config.side_factors))
                           if isinstance(packed, KernelLowBitLinear) else SideBranchLinear(packed, config.rank, down, up))
                 user_modules[f"model.{path}.lora_down"] = (path, "down")

@@ -1182,6 +1182,31 @@ LOWRA_AVX2_FN void lowrank_up_avx2(const T* up, int64_t rank, const float* low, 
 }
 #endif
 
+// The side branch's schedule, shared by the value and code paths: per token, the rank dots by groups of 4 over up
+// to two threads (where rank x (in + out) >= 4096), nothing more when they are all zero (no user loaded), then the
+// outputs by blocks of 8. dots(first, last, x_t, low) fills low[first, last); ups(begin, end, low, y_t) adds to
+// y_t[begin, end). Each dot and output is computed the same way whichever thread takes it.
+template <typename Dots, typename Ups>
+void side_branch_schedule(int64_t rank, int64_t in, int64_t out, const float* x, int64_t m, float* y, int threads,
+                          const Dots& dots, const Ups& ups) {
+  std::vector<float> low(static_cast<size_t>(rank));
+  const int parts = static_cast<int>(std::min<int64_t>(threads, rank * (in + out) >= (int64_t{1} << 12) ? 2 : 1));
+  const int64_t groups = ceil_div(rank, 4), blocks = ceil_div(out, 8);
+  for (int64_t t = 0; t < m; ++t) {
+    const float* xt = x + t * in;
+    const std::function<void(int)> dot_parts = [&](int p) {
+      for (int64_t group = groups * p / parts; group < groups * (p + 1) / parts; ++group)
+        dots(4 * group, std::min(rank, 4 * group + 4), xt, low.data());
+    };
+    WorkerPool::instance().run(parts, dot_parts);
+    if (std::all_of(low.begin(), low.end(), [](float v) { return v == 0.0f; })) continue;
+    const std::function<void(int)> up_parts = [&](int p) {
+      ups(blocks * p / parts * 8, std::min(out, blocks * (p + 1) / parts * 8), low.data(), y + t * out);
+    };
+    WorkerPool::instance().run(parts, up_parts);
+  }
+}
+
 template <typename T>
 int lowrank_add(const T* down, const T* up, int64_t rank, int64_t in, int64_t out, const float* x, int64_t m,
                 float* y, int threads, int isa) {
@@ -1190,42 +1215,23 @@ int lowrank_add(const T* down, const T* up, int64_t rank, int64_t in, int64_t ou
     return LOWRA_LOWBIT_INVALID_ARGUMENT;
   }
   if (int status = resolve_isa(isa, avx2)) return status;
-  std::vector<float> low(static_cast<size_t>(rank));
-  // Two parts per product where there is enough work (the rank dots by groups of 4, then the outputs by blocks of
-  // 8): each dot and each output is computed the same way whichever thread takes it.
-  const int parts = static_cast<int>(std::min<int64_t>(threads, rank * (in + out) >= (int64_t{1} << 12) ? 2 : 1));
-  for (int64_t t = 0; t < m; ++t) {
-    const float* xt = x + t * in;
-    const int64_t groups = ceil_div(rank, 4);
-    const std::function<void(int)> dots = [&](int p) {
-      for (int64_t group = groups * p / parts; group < groups * (p + 1) / parts; ++group) {
-        const int64_t first = 4 * group, last = std::min(rank, first + 4);
+  const auto dots = [&](int64_t first, int64_t last, const float* xt, float* low) {
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-        if (avx2 && last - first == 4) {
-          lane_dots_avx2<4>(down + first * in, in, xt, in, low.data() + first);
-          continue;
-        }
-        if (avx2) {
-          for (int64_t k = first; k < last; ++k) lane_dots_avx2<1>(down + k * in, in, xt, in, low.data() + k);
-          continue;
-        }
+    if (avx2 && last - first == 4) return lane_dots_avx2<4>(down + first * in, in, xt, in, low + first);
+    if (avx2) {
+      for (int64_t k = first; k < last; ++k) lane_dots_avx2<1>(down + k * in, in, xt, in, low + k);
+      return;
+    }
 #endif
-        for (int64_t k = first; k < last; ++k) low[k] = lane_dot_scalar(down + k * in, xt, in);
-      }
-    };
-    WorkerPool::instance().run(parts, dots);
-    if (std::all_of(low.begin(), low.end(), [](float v) { return v == 0.0f; })) continue;
-    const int64_t blocks = ceil_div(out, 8);
-    const std::function<void(int)> ups = [&](int p) {
-      const int64_t begin = blocks * p / parts * 8, end = std::min(out, blocks * (p + 1) / parts * 8);
+    for (int64_t k = first; k < last; ++k) low[k] = lane_dot_scalar(down + k * in, xt, in);
+  };
+  const auto ups = [&](int64_t begin, int64_t end, const float* low, float* yt) {
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-      if (avx2 && rank % 8 == 0) return lowrank_up_avx2(up + begin * rank, rank, low.data(), y + t * out + begin,
-                                                        end - begin);
+    if (avx2 && rank % 8 == 0) return lowrank_up_avx2(up + begin * rank, rank, low, yt + begin, end - begin);
 #endif
-      lowrank_up_scalar(up, rank, low.data(), y + t * out, begin, end);
-    };
-    WorkerPool::instance().run(parts, ups);
-  }
+    lowrank_up_scalar(up, rank, low, yt, begin, end);
+  };
+  side_branch_schedule(rank, in, out, x, m, y, threads, dots, ups);
   return LOWRA_LOWBIT_OK;
 }
 
@@ -1238,7 +1244,7 @@ int packed_lowrank_add(const uint8_t* down_codes, const uint16_t* down_books, co
     return LOWRA_LOWBIT_INVALID_ARGUMENT;
   }
   if (int status = resolve_isa(isa, avx2, &permute2)) return status;
-  std::vector<float> books(static_cast<size_t>(32 * rank)), low(static_cast<size_t>(rank));
+  std::vector<float> books(static_cast<size_t>(32 * rank));
   for (int64_t i = 0; i < 16 * rank; ++i) {
     books[i] = half_to_float(down_books[i]);
     books[16 * rank + i] = half_to_float(up_books[i]);
@@ -1246,48 +1252,36 @@ int packed_lowrank_add(const uint8_t* down_codes, const uint16_t* down_books, co
   const float* down_levels = books.data();
   const float* up_levels = books.data() + 16 * rank;
   const int64_t down_bytes = ceil_div(in, 2), up_bytes = ceil_div(out, 2);
-  const int parts = static_cast<int>(std::min<int64_t>(threads, rank * (in + out) >= (int64_t{1} << 12) ? 2 : 1));
-  for (int64_t t = 0; t < m; ++t) {
-    const float* xt = x + t * in;
-    const int64_t groups = ceil_div(rank, 4);
-    const std::function<void(int)> dots = [&](int p) {
-      for (int64_t group = groups * p / parts; group < groups * (p + 1) / parts; ++group) {
-        const int64_t first = 4 * group, last = std::min(rank, first + 4);
-        const uint8_t* codes = down_codes + first * down_bytes;
-        const float* levels = down_levels + 16 * first;
+  const auto dots = [&](int64_t first, int64_t last, const float* xt, float* low) {
 #ifdef LOWRA_LOWBIT_HAVE_AVX2
-        if (avx2 && last - first == 4) {
-          permute2 ? lut_avx512::packed_dots<4>(codes, down_bytes, levels, xt, in, low.data() + first)
-                   : lut_avx2::packed_dots<4>(codes, down_bytes, levels, xt, in, low.data() + first);
-          continue;
+    if (avx2) {
+      for (int64_t k = first; k < last;) {
+        const uint8_t* codes = down_codes + k * down_bytes;
+        const float* levels = down_levels + 16 * k;
+        if (last - k == 4) {
+          permute2 ? lut_avx512::packed_dots<4>(codes, down_bytes, levels, xt, in, low + k)
+                   : lut_avx2::packed_dots<4>(codes, down_bytes, levels, xt, in, low + k);
+          k += 4;
+        } else {
+          permute2 ? lut_avx512::packed_dots<1>(codes, down_bytes, levels, xt, in, low + k)
+                   : lut_avx2::packed_dots<1>(codes, down_bytes, levels, xt, in, low + k);
+          ++k;
         }
-        if (avx2) {
-          for (int64_t k = first; k < last; ++k) {
-            const int64_t i = k - first;
-            permute2 ? lut_avx512::packed_dots<1>(codes + i * down_bytes, down_bytes, levels + 16 * i, xt, in, &low[k])
-                     : lut_avx2::packed_dots<1>(codes + i * down_bytes, down_bytes, levels + 16 * i, xt, in, &low[k]);
-          }
-          continue;
-        }
-#endif
-        for (int64_t k = first; k < last; ++k)
-          low[k] = packed_dot_scalar(down_codes + k * down_bytes, down_levels + 16 * k, xt, in);
       }
-    };
-    WorkerPool::instance().run(parts, dots);
-    if (std::all_of(low.begin(), low.end(), [](float v) { return v == 0.0f; })) continue;
-    const int64_t blocks = ceil_div(out, 8);
-    const std::function<void(int)> ups = [&](int p) {
-      const int64_t begin = blocks * p / parts * 8, end = std::min(out, blocks * (p + 1) / parts * 8);
-      float* yt = y + t * out;
-#ifdef LOWRA_LOWBIT_HAVE_AVX2
-      if (permute2) return lut_avx512::packed_up(up_codes, up_bytes, up_levels, rank, low.data(), yt, begin, end);
-      if (avx2) return lut_avx2::packed_up(up_codes, up_bytes, up_levels, rank, low.data(), yt, begin, end);
+      return;
+    }
 #endif
-      packed_up_scalar(up_codes, up_bytes, up_levels, rank, low.data(), yt, begin, end);
-    };
-    WorkerPool::instance().run(parts, ups);
-  }
+    for (int64_t k = first; k < last; ++k)
+      low[k] = packed_dot_scalar(down_codes + k * down_bytes, down_levels + 16 * k, xt, in);
+  };
+  const auto ups = [&](int64_t begin, int64_t end, const float* low, float* yt) {
+#ifdef LOWRA_LOWBIT_HAVE_AVX2
+    if (permute2) return lut_avx512::packed_up(up_codes, up_bytes, up_levels, rank, low, yt, begin, end);
+    if (avx2) return lut_avx2::packed_up(up_codes, up_bytes, up_levels, rank, low, yt, begin, end);
+#endif
+    packed_up_scalar(up_codes, up_bytes, up_levels, rank, low, yt, begin, end);
+  };
+  side_branch_schedule(rank, in, out, x, m, y, threads, dots, ups);
   return LOWRA_LOWBIT_OK;
 }
 
