@@ -29,6 +29,11 @@ rank. Its decoded factors (float16 levels, the scaling folded into ``up``) are t
 ``B = up``, and the metadata's ``scaling`` is 1.0; the layer's weight is computed exactly as in version 2. The
 fingerprint hashes ``recovery.blob`` as stored. At 1 bit per factor the adapter costs ~0.05 bits per quantized weight
 instead of ~0.74 as float16 (docs/RESULTS.md).
+
+Version 4 stores every layer's codebook levels as 6-bit integers times a power of two per row (:mod:`.int6_levels`):
+``M.levels`` and ``M.level_exponents`` instead of ``M.codebooks``, half the bits of a 2-bit row's codebook. The reader
+expands them to the float16 codebooks exactly, so a layer decodes, and the fingerprint hashes, as the float16 file of
+the same levels would. A recovery adapter may come with it in either form (``recovery.blob`` or float16 factors).
 """
 from __future__ import annotations
 
@@ -44,10 +49,12 @@ from lowra.device_runtime.errors import BlobContentError, ChecksumMismatchError
 from lowra.device_runtime.formats.bitpack import decode_widths, encode_widths, packed_bytes
 from lowra.device_runtime.formats.constants import (
     BASE_FORMAT as FORMAT_NAME,
+    BASE_INT6_VERSION as INT6_VERSION,
     BASE_READS as SUPPORTED_VERSIONS,
     BASE_COMPRESSED_RECOVERY_VERSION as COMPRESSED_RECOVERY_VERSION,
     BASE_RECOVERY_VERSION as RECOVERY_VERSION,
     BASE_VERSION as FORMAT_VERSION,
+    CODEBOOK_FORMATS,
     CODED_WIDTHS,
 )
 from lowra.device_runtime.formats.container import (
@@ -68,9 +75,11 @@ from lowra.device_runtime.formats.container import (
     tensor_from_buffer,
     verify_payload,
 )
+from lowra.device_runtime.formats.int6_levels import decode_levels, encode_levels, packed_level_bytes
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 
 LAYER_TENSORS = ("codebooks", "codes", "scales", "widths")
+INT6_LEVEL_TENSORS = ("levels", "level_exponents")  # version 4, instead of "codebooks"
 DENSE_DTYPE = np.dtype("<f2")
 
 REQUIRED_METADATA = (
@@ -97,13 +106,38 @@ DERIVED_METADATA = ("format", "format_version", "modules", "fingerprint", "paylo
 
 
 def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, np.ndarray]:
-    """The four stored tensors of one quantized module (widths packed to 2 bits per row)."""
+    """The four tensors of one quantized module as a float16 (version 1-3) file stores them (widths packed to 2
+    bits per row): what the fingerprint hashes, whatever the storage."""
     return {
         f"{name}.codebooks": np.ascontiguousarray(weight.codebooks, dtype="<f2"),
         f"{name}.codes": np.ascontiguousarray(weight.codes, dtype=np.uint8),
         f"{name}.scales": np.ascontiguousarray(weight.scales, dtype="<f2"),
         f"{name}.widths": encode_widths(weight.widths),
     }
+
+
+def stored_layer_tensors(name: str, weight: QuantizedWeight, codebook_format: str) -> dict[str, np.ndarray]:
+    """The tensors the file stores for one module: :func:`layer_tensors`, with ``codebooks`` replaced by ``levels``
+    and ``level_exponents`` when ``codebook_format`` is "int6" (ValueError if its levels are not on that grid)."""
+    tensors = layer_tensors(name, weight)
+    if codebook_format == "int6":
+        books = tensors.pop(f"{name}.codebooks")
+        levels, exponents = encode_levels(books, weight.widths, f"module {name!r}")
+        tensors.update({f"{name}.levels": levels, f"{name}.level_exponents": exponents})
+    return tensors
+
+
+def check_codebook_format(codebook_format: object) -> str:
+    if codebook_format not in CODEBOOK_FORMATS:
+        raise ValueError(f"codebook_format must be one of {CODEBOOK_FORMATS}, got {codebook_format!r}")
+    return str(codebook_format)
+
+
+def file_version(recovery: "Recovery | None", codebook_format: str) -> int:
+    """The version a base is written as: 4 with int6 codebooks, else 2/3 with a recovery adapter, else 1."""
+    if codebook_format == "int6":
+        return INT6_VERSION
+    return FORMAT_VERSION if recovery is None else recovery.version
 
 
 def recovered_weight(decoded: np.ndarray, a: np.ndarray, b: np.ndarray, scaling: float) -> np.ndarray:
@@ -215,6 +249,7 @@ class QuantizedBase:
     aliases: dict[str, str] = field(default_factory=dict)
     claims: dict[str, object] | None = None  # the verified signed claims, when the file came signed
     recovery: Recovery | None = None  # the accuracy-recovery adapter of a version-2 base
+    codebook_format: str = "float16"  # how the file stores the levels: "float16" or "int6" (version 4)
 
     @property
     def report(self) -> dict[str, object]:
@@ -239,8 +274,9 @@ class QuantizedBase:
         hist = {"1": 0, "2": 0, "4": 0}
         code_bits = 0
         for name, w in self.layers.items():
-            for tname, arr in layer_tensors(name, w).items():
-                layer_bytes[tname.rsplit(".", 1)[1]] += arr.nbytes
+            for tname, arr in stored_layer_tensors(name, w, self.codebook_format).items():
+                kind = tname.rsplit(".", 1)[1]
+                layer_bytes["codebooks" if kind in INT6_LEVEL_TENSORS else kind] += arr.nbytes
             for width in CODED_WIDTHS:
                 hist[str(width)] += int(np.sum(w.widths == width))
             code_bits += w.code_bits()
@@ -284,7 +320,8 @@ class QuantizedBase:
         return out
 
     def to_bytes(self) -> bytes:
-        return build_quantized_base_bytes(self.layers, self.dense, self._caller_metadata(), recovery=self.recovery)
+        return build_quantized_base_bytes(self.layers, self.dense, self._caller_metadata(), recovery=self.recovery,
+                                          codebook_format=self.codebook_format)
 
     def write(self, path: str | Path, overwrite: bool = False) -> Path:
         return atomic_write_bytes(path, self.to_bytes(), overwrite=overwrite)
@@ -307,11 +344,11 @@ def _modules_json(modules: Sequence[tuple[str, int, int, int]]) -> str:
 
 def _encode_metadata(
     layers: Mapping[str, QuantizedWeight], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object],
-    recovery: Recovery | None = None,
+    recovery: Recovery | None = None, codebook_format: str = "float16",
 ) -> dict[str, str]:
     meta = _caller_fields({k: v for k, v in metadata.items() if k != RECOVERY_KEY})
     meta["format"] = FORMAT_NAME
-    meta["format_version"] = str(FORMAT_VERSION if recovery is None else recovery.version)
+    meta["format_version"] = str(file_version(recovery, codebook_format))
     meta["modules"] = _modules_json([(n, w.out_features, w.in_features, w.group_size) for n, w in layers.items()])
     meta["fingerprint"] = quantized_fingerprint(layers, recovery)
     if recovery is not None:
@@ -324,11 +361,12 @@ def _encode_metadata(
 
 
 def _all_tensors(layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], aliases: Mapping[str, str],
-                 recovery: Recovery | None = None):
+                 recovery: Recovery | None = None, codebook_format: str = "float16"):
     tensors: dict[str, np.ndarray] = {}
+    check_codebook_format(codebook_format)
     for name, w in layers.items():
         w.validate(f"module {name!r}")
-        tensors.update(layer_tensors(name, w))
+        tensors.update(stored_layer_tensors(name, w, codebook_format))
     if recovery is not None:
         _check_recovery(recovery, layers, "recovery adapter")
         tensors.update(recovery.tensors())
@@ -352,28 +390,31 @@ def _all_tensors(layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.n
 
 def build_quantized_base_bytes(
     layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object],
-    recovery: Recovery | None = None,
+    recovery: Recovery | None = None, codebook_format: str = "float16",
 ) -> bytes:
     """Serialize a quantized base. ``metadata`` needs source, group_size, scheme, report (created and aliases
-    default to now and {}); format, version, modules, fingerprint and checksum are derived here. With ``recovery``
-    the file is version 2."""
-    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}), recovery)
-    return serialize(tensors, _encode_metadata(layers, tensors, metadata, recovery))
+    default to now and {}); format, version, modules, fingerprint and checksum are derived here. The version is
+    :func:`file_version`'s: 1, 2 or 3 (with ``recovery``) with float16 codebooks, 4 with ``codebook_format="int6"``
+    (every layer's levels must then be on the int6 grid, as ``QuantizeConfig(codebook_format="int6")`` fits them)."""
+    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}), recovery, codebook_format)
+    return serialize(tensors, _encode_metadata(layers, tensors, metadata, recovery, codebook_format))
 
 
 def serialized_size(
-    layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+    layers: Mapping[str, QuantizedWeight], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object],
+    codebook_format: str = "float16",
 ) -> tuple[int, int]:
     """(file bytes, header bytes) that :func:`build_quantized_base_bytes` produces, without building the buffer."""
-    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}))
-    meta = _encode_metadata(layers, tensors, metadata)
+    tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}), codebook_format=codebook_format)
+    meta = _encode_metadata(layers, tensors, metadata, codebook_format=codebook_format)
     entries = {k: (dtype_name(v.dtype), tuple(v.shape), v.nbytes) for k, v in tensors.items()}
     head = header_size(entries, meta)
     return head + sum(v.nbytes for v in tensors.values()), head
 
 
 def header_bytes_bound(
-    modules: Sequence[tuple[str, int, int, int]], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object]
+    modules: Sequence[tuple[str, int, int, int]], dense: Mapping[str, np.ndarray], metadata: Mapping[str, object],
+    codebook_format: str = "float16",
 ) -> int:
     """Header bytes of a file with these modules [(name, out, in, group_size)], dense tensors and metadata,
     whatever the row widths: an upper bound, exact when every row is 4 bits.
@@ -386,7 +427,12 @@ def header_bytes_bound(
     for name, out_f, in_f, group in modules:
         n_groups = -(-in_f // group) if group else 0
         code_bytes = out_f * packed_bytes(in_f, 4)
-        entries[f"{name}.codebooks"] = ("F16", (out_f * 16,), 2 * out_f * 16)
+        if codebook_format == "int6":
+            level_bytes = packed_level_bytes(out_f * 16)
+            entries[f"{name}.levels"] = ("U8", (level_bytes,), level_bytes)
+            entries[f"{name}.level_exponents"] = ("I8", (out_f,), out_f)
+        else:
+            entries[f"{name}.codebooks"] = ("F16", (out_f * 16,), 2 * out_f * 16)
         entries[f"{name}.codes"] = ("U8", (code_bytes,), code_bytes)
         entries[f"{name}.scales"] = ("F16", (out_f, n_groups), 2 * out_f * n_groups)
         entries[f"{name}.widths"] = ("U8", ((out_f + 3) // 4,), (out_f + 3) // 4)
@@ -395,7 +441,7 @@ def header_bytes_bound(
     meta = _caller_fields(metadata)
     meta.update(
         format=FORMAT_NAME,
-        format_version=str(FORMAT_VERSION),
+        format_version=str(file_version(None, codebook_format)),
         modules=_modules_json(modules),
         fingerprint="sha256:" + "0" * 64,
         payload_sha256="0" * 64,
@@ -409,9 +455,11 @@ def write_quantized_base(
     dense: Mapping[str, np.ndarray],
     metadata: Mapping[str, object],
     overwrite: bool = False,
+    codebook_format: str = "float16",
 ) -> Path:
     """Write atomically (temp file + rename): a crash never leaves a half-written base under ``path``."""
-    return atomic_write_bytes(path, build_quantized_base_bytes(layers, dense, metadata), overwrite=overwrite)
+    data = build_quantized_base_bytes(layers, dense, metadata, codebook_format=codebook_format)
+    return atomic_write_bytes(path, data, overwrite=overwrite)
 
 
 # A reader's bounds: SmolLM2's base has ~950 tensors and a ~150 KB header.
@@ -456,9 +504,9 @@ def _check_recovery(recovery: Recovery, layers: Mapping[str, QuantizedWeight], w
 
 
 def _read_recovery(value: object, tensors: Mapping[str, np.ndarray], layers: Mapping[str, QuantizedWeight],
-                   what: str, version: int) -> Recovery:
+                   what: str, compressed: bool) -> Recovery:
     """The recovery adapter: its metadata object and exactly the tensors it names (version 2), or the blob that
-    holds it (version 3)."""
+    holds it (``compressed``: version 3, or version 4 with ``recovery.blob``)."""
     if not isinstance(value, dict) or not {"rank", "scaling", "modules"} <= set(value):
         raise BlobContentError(f"{what}: the recovery metadata must be an object with rank, scaling and modules")
     modules = value["modules"]
@@ -466,7 +514,7 @@ def _read_recovery(value: object, tensors: Mapping[str, np.ndarray], layers: Map
             isinstance(m, str) for m in modules):
         raise BlobContentError(f"{what}: recovery modules must be a list of distinct module names")
     info = {k: v for k, v in value.items() if k not in ("rank", "scaling", "modules")}
-    if version == COMPRESSED_RECOVERY_VERSION:
+    if compressed:
         return _read_recovery_blob(value, tensors, layers, info, what)
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in modules:
@@ -490,7 +538,8 @@ def _read_recovery_blob(value: dict, tensors: Mapping[str, np.ndarray], layers: 
     """Version 3: ``recovery.blob`` read as an adapter blob; its modules, rank and scaling are the metadata's."""
     raw = tensors.get(RECOVERY_BLOB)
     if raw is None:
-        raise BlobContentError(f"{what}: a version-{COMPRESSED_RECOVERY_VERSION} base lacks {RECOVERY_BLOB}")
+        raise BlobContentError(f"{what}: a compressed recovery adapter (version {COMPRESSED_RECOVERY_VERSION}) needs "
+                               f"{RECOVERY_BLOB}")
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise BlobContentError(f"{what}: {RECOVERY_BLOB} is {raw.dtype} {list(raw.shape)}, expected uint8 [bytes]")
     where = f"{what}: recovery adapter"
@@ -567,12 +616,22 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
         verify_payload(tensors, meta, what, "Copy it again or re-quantize the base")
     decoded = decode_json_metadata(meta, JSON_METADATA, what)
     modules = _module_table(decoded["modules"], what)
+    version = int(meta["format_version"])
+    int6 = version == INT6_VERSION
+    stored = [t for t in LAYER_TENSORS if t != "codebooks"] + list(INT6_LEVEL_TENSORS) if int6 else list(LAYER_TENSORS)
+    other = ["codebooks"] if int6 else list(INT6_LEVEL_TENSORS)
     layers: dict[str, QuantizedWeight] = {}
     for name, out_f, in_f, group in modules:
-        names = {t: f"{name}.{t}" for t in LAYER_TENSORS}
+        names = {t: f"{name}.{t}" for t in stored}
         absent = [n for n in names.values() if n not in tensors]
         if absent:
             raise BlobContentError(f"{what}: module {name!r} lacks tensors {absent}")
+        foreign = [f"{name}.{t}" for t in other if f"{name}.{t}" in tensors]
+        if foreign:
+            raise BlobContentError(
+                f"{what}: a version-{version} base stores codebooks as {'int6 levels' if int6 else 'float16'}, but "
+                f"module {name!r} also has {foreign}"
+            )
         packed = tensors[names["widths"]]
         if packed.dtype != np.uint8 or packed.shape != ((out_f + 3) // 4,):
             raise BlobContentError(
@@ -582,29 +641,35 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
         widths = decode_widths(packed, out_f)
         if np.any(widths == 0):
             raise BlobContentError(f"{what}: module {name!r} has rows of width 0; every base row needs 1, 2 or 4 bits")
+        if int6:
+            books = decode_levels(tensors[names["levels"]], tensors[names["level_exponents"]], widths,
+                                  f"{what}: module {name!r}")
+        else:
+            books = tensors[names["codebooks"]]
         weight = QuantizedWeight(
             out_features=out_f, in_features=in_f, group_size=group, widths=widths,
-            codes=tensors[names["codes"]], codebooks=tensors[names["codebooks"]], scales=tensors[names["scales"]],
+            codes=tensors[names["codes"]], codebooks=books, scales=tensors[names["scales"]],
         )
         weight.validate(f"{what}: module {name!r}")
         layers[name] = weight
-    layer_names = {f"{n}.{t}" for n, *_ in modules for t in LAYER_TENSORS}
+    layer_names = {f"{n}.{t}" for n, *_ in modules for t in stored}
     recovery = None
-    if meta["format_version"] in (str(RECOVERY_VERSION), str(COMPRESSED_RECOVERY_VERSION)):
-        version = int(meta["format_version"])
+    carries = RECOVERY_KEY in meta or any(k.startswith(RECOVERY_PREFIX) for k in tensors)
+    if version in (RECOVERY_VERSION, COMPRESSED_RECOVERY_VERSION) or (int6 and carries):
         if RECOVERY_KEY not in meta:
             raise BlobContentError(f"{what}: a version-{version} base needs the {RECOVERY_KEY!r} metadata")
+        compressed = version == COMPRESSED_RECOVERY_VERSION or (int6 and RECOVERY_BLOB in tensors)
         recovery = _read_recovery(decode_json_metadata(meta, [RECOVERY_KEY], what)[RECOVERY_KEY], tensors, layers,
-                                  what, version)
+                                  what, compressed)
         layer_names |= {k for k in tensors if k.startswith(RECOVERY_PREFIX)}
         named = set(recovery.tensors())
         stray = sorted(k for k in tensors if k.startswith(RECOVERY_PREFIX) and k not in named)
         if stray:
             raise BlobContentError(f"{what}: recovery tensors {stray[:3]} belong to no module the metadata names")
-    elif RECOVERY_KEY in meta or any(k.startswith(RECOVERY_PREFIX) for k in tensors):
+    elif carries:
         raise BlobContentError(
-            f"{what}: a version-{FORMAT_VERSION} base carries recovery data; only versions {RECOVERY_VERSION} and "
-            f"{COMPRESSED_RECOVERY_VERSION} may (re-run `lowra recover`)"
+            f"{what}: a version-{version} base carries recovery data; only versions {RECOVERY_VERSION}, "
+            f"{COMPRESSED_RECOVERY_VERSION} and {INT6_VERSION} may (re-run `lowra recover`)"
         )
     dense = {k: v for k, v in tensors.items() if k not in layer_names}
     fingerprint = quantized_fingerprint(layers, recovery)
@@ -618,4 +683,5 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
     return QuantizedBase(
         layers=layers, dense=dense, metadata=decoded, fingerprint=fingerprint,
         file_bytes=file_bytes, header_bytes=header.header_bytes, aliases=aliases, recovery=recovery,
+        codebook_format="int6" if int6 else "float16",
     )

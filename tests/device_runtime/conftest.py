@@ -50,6 +50,22 @@ def random_channels(rng: np.random.Generator, entries, widths, levels_of):
     return np.array(all_widths, np.uint8), codes, levels
 
 
+def normal_levels(rng: np.random.Generator, width: int) -> np.ndarray:
+    return np.sort(rng.standard_normal(1 << width) * 0.05).astype(np.float16)
+
+
+def recovery_blob(modules: dict[str, tuple[int, int]], rank: int = 3, seed: int = 4, widths=(4, 2, 0),
+                  fingerprint: str = "sha256:" + "0" * 64) -> bytes:
+    """An adapter blob over ``modules`` (name -> (out, in)) as a version-3 base stores its recovery adapter; component
+    2 of every module is dropped (width 0), so the decode keeps fewer components than the rank."""
+    rng = np.random.default_rng(seed)
+    entries = [fmt.ModuleEntry(m, o, i, rank) for m, (o, i) in modules.items()]
+    all_widths, codes, levels = random_channels(rng, entries, widths, normal_levels)
+    meta = {"adapter_id": "recovery", "base_fingerprint": fingerprint, "lora": {"rank": rank},
+            "scheme": {"method": "test"}, "created": CREATED, "card": {}}
+    return fmt.build_blob_bytes(entries, all_widths, codes, levels, meta)
+
+
 def make_blob_bytes(base_dir: Path, seed: int = 1, rank: int = 4, widths: tuple[int, ...] = (4, 2, 1, 0),
                     adapter_id: str = "user-a", modules: dict | None = None) -> bytes:
     """A valid blob with random codes/levels; component k of every module gets widths[k] on both sides."""

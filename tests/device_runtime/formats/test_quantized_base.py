@@ -221,8 +221,8 @@ def rewrite_metadata(path: Path, **changes) -> None:
 
 def test_other_format_and_future_version_are_refused(tmp_path):
     path, *_ = write(tmp_path)
-    rewrite_metadata(path, format_version="4")
-    with pytest.raises(UnsupportedFormatError, match="version '4' is not supported.*reads versions \\[1, 2, 3\\]"):
+    rewrite_metadata(path, format_version="5")
+    with pytest.raises(UnsupportedFormatError, match="version '5' is not supported.*reads versions \\[1, 2, 3, 4\\]"):
         read_quantized_base(path)
     rewrite_metadata(path, format="lowra-adapter", format_version="1")
     with pytest.raises(UnsupportedFormatError, match="not a lowra quantized base"):

@@ -17,7 +17,15 @@ from lowra.device_runtime.formats.quantized_base import read_quantized_base, wri
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
 
-from tests.device_runtime.conftest import CREATED, TINY_MODULES, make_blob_bytes, random_channels, write_base
+from tests.device_runtime.conftest import (
+    CREATED,
+    TINY_MODULES,
+    make_blob_bytes,
+    normal_levels,
+    random_channels,
+    recovery_blob,
+    write_base,
+)
 from tests.device_runtime.native.liblowra import NATIVE_DIR, Liblowra, UserInfo
 from tests.device_runtime.native.printable_table import TABLE, table_text
 
@@ -48,10 +56,6 @@ def dyadic_levels(rng: np.random.Generator, width: int) -> np.ndarray:
     """Multiples of 1/64 in [-1, 1]: every product of two levels is a multiple of 2**-12 of magnitude <= 1, so
     every partial sum of up to 2**11 of them is exact in float32 and any summation order gives the same bits."""
     return np.sort(rng.choice(np.arange(-64, 65), 1 << width, replace=False) / 64).astype(np.float16)
-
-
-def normal_levels(rng: np.random.Generator, width: int) -> np.ndarray:
-    return np.sort(rng.standard_normal(1 << width) * 0.05).astype(np.float16)
 
 
 def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> bytes:
@@ -504,18 +508,6 @@ def write_recovered(path: Path, scaling: float = 0.375) -> Path:
     recovered = plain.__class__(layers=plain.layers, dense=plain.dense, metadata=plain.metadata, fingerprint="",
                                 aliases=plain.aliases, recovery=Recovery(rank=3, scaling=scaling, factors=factors))
     return recovered.write(path)
-
-
-def recovery_blob(modules: dict[str, tuple[int, int]], rank: int = 3, seed: int = 4, widths=(4, 2, 0),
-                  fingerprint: str = "sha256:" + "0" * 64) -> bytes:
-    """An adapter blob over ``modules`` (name -> (out, in)) as a version-3 base stores its recovery adapter; component
-    2 of every module is dropped (width 0), so the decode keeps fewer components than the rank."""
-    rng = np.random.default_rng(seed)
-    entries = [fmt.ModuleEntry(m, o, i, rank) for m, (o, i) in modules.items()]
-    all_widths, codes, levels = random_channels(rng, entries, widths, normal_levels)
-    meta = {"adapter_id": "recovery", "base_fingerprint": fingerprint, "lora": {"rank": rank},
-            "scheme": {"method": "test"}, "created": CREATED, "card": {}}
-    return fmt.build_blob_bytes(entries, all_widths, codes, levels, meta)
 
 
 def write_recovered_blob(path: Path) -> Path:
