@@ -39,7 +39,10 @@ from lowra.device_runtime.formats.bitpack import (
     encode_widths,
     pack_codes,
 )
+from lowra.device_runtime.formats.int6_levels import LEVEL_BITS, LEVEL_LIMIT, MAX_EXPONENT, MIN_EXPONENT
 from lowra.device_runtime.formats.quantized_base import (
+    INT6_LEVEL_TENSORS,
+    LAYER_TENSORS,
     build_quantized_base_bytes,
     parse_quantized_base,
     quantized_fingerprint,
@@ -142,13 +145,48 @@ def rechecksum(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     return container.serialize(tensors, meta)
 
 
+def _is_int6(tensors: dict[str, np.ndarray], name: str) -> bool:
+    """Whether module ``name`` stores its levels as int6 (a version-4 base) rather than float16 ``codebooks``."""
+    return f"{name}.levels" in tensors
+
+
+def level_ints(tensors: dict[str, np.ndarray], name: str, n_levels: int) -> np.ndarray:
+    """A version-4 layer's integer levels k (int64 [n_levels], sign-extended), read leniently: no range, order or
+    padding check (a mutator may have broken those on purpose)."""
+    bits = np.unpackbits(tensors[f"{name}.levels"], bitorder="little")[: LEVEL_BITS * n_levels]
+    values = (bits.reshape(n_levels, LEVEL_BITS).astype(np.int64) << np.arange(LEVEL_BITS)).sum(1)
+    return np.where(values >= 1 << (LEVEL_BITS - 1), values - (1 << LEVEL_BITS), values)
+
+
+def store_level_ints(tensors: dict[str, np.ndarray], name: str, ints: np.ndarray) -> None:
+    """``ints`` (any of -32..31) packed as a version-4 layer's ``levels``: 6 bits each, LSB-first, zero padding."""
+    six = (np.asarray(ints, dtype=np.int64) & ((1 << LEVEL_BITS) - 1)).astype(np.uint8)
+    bits = np.unpackbits(six[:, None], axis=1, bitorder="little")[:, :LEVEL_BITS].reshape(-1)
+    tensors[f"{name}.levels"] = np.packbits(bits, bitorder="little")
+
+
+def layer_codebooks(tensors: dict[str, np.ndarray], name: str, widths: np.ndarray) -> np.ndarray:
+    """A layer's float16 codebooks as the fingerprint hashes them: stored (versions 1-3), or ``k * 2**e`` of its int6
+    levels (version 4, leniently: what a forger who recomputes the fingerprint hashes)."""
+    if not _is_int6(tensors, name):
+        return tensors[f"{name}.codebooks"]
+    counts = 1 << np.asarray(widths, dtype=np.int64)
+    exponents = tensors[f"{name}.level_exponents"].astype(np.int64)
+    if exponents.shape != counts.shape or 8 * tensors[f"{name}.levels"].size < LEVEL_BITS * int(counts.sum()):
+        return np.zeros(0, np.float16)  # sizes the reader refuses before it hashes the layer (e.g. a row of width 0)
+    ints = level_ints(tensors, name, int(counts.sum()))
+    with np.errstate(over="ignore"):
+        return (ints * np.exp2(np.repeat(exponents, counts))).astype(np.float16)
+
+
 def refingerprint(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     """A quantized base with its ``fingerprint`` and checksum recomputed after an edit of its tensors."""
     layers = {}
     for name, out_f, in_f, group in json.loads(meta["modules"]):
+        widths = decode_widths(tensors[f"{name}.widths"], out_f)
         layers[name] = QuantizedWeight(
-            out_f, in_f, group, decode_widths(tensors[f"{name}.widths"], out_f), tensors[f"{name}.codes"],
-            tensors[f"{name}.codebooks"], tensors[f"{name}.scales"])
+            out_f, in_f, group, widths, tensors[f"{name}.codes"], layer_codebooks(tensors, name, widths),
+            tensors[f"{name}.scales"])
     meta = dict(meta)
     meta["fingerprint"] = quantized_fingerprint(layers)
     return rechecksum(tensors, meta)
@@ -619,26 +657,91 @@ def _row_levels(tensors: dict[str, np.ndarray], name: str, out_f: int, rng: rand
     return int(offsets[r]), int(offsets[r + 1])
 
 
+def _n_levels(tensors: dict[str, np.ndarray], name: str, out_f: int) -> int:
+    return int((1 << decode_widths(tensors[f"{name}.widths"], out_f).astype(np.int64)).sum())
+
+
 def base_unsorted_codebook(rng: random.Random, data: bytes) -> bytes:
+    """A row's levels reversed (descending: the seeds' levels are distinct); in a version-4 base, its integers."""
     tensors, meta, table = _base_parts(data)
     name, out_f, _, _ = _pick(rng, table)
     start, end = _row_levels(tensors, name, out_f, rng)
+    if _is_int6(tensors, name):
+        ints = level_ints(tensors, name, _n_levels(tensors, name, out_f))
+        ints[start:end] = ints[start:end][::-1].copy()
+        store_level_ints(tensors, name, ints)
+        return refingerprint(tensors, meta)
     levels = tensors[f"{name}.codebooks"]
     levels[start:end] = levels[start:end][::-1].copy()
     return refingerprint(tensors, meta)
 
 
 def base_nonfinite(rng: random.Random, data: bytes) -> bytes:
+    """A level or a scale set to NaN or an infinity; in a version-4 base, a level made unrepresentable instead: a
+    row's exponent outside -24..11 (which the 6-bit integers would otherwise reach, up to 31 * 2**127) or an integer
+    of -32."""
     tensors, meta, table = _base_parts(data)
-    name = _pick(rng, table)[0]
-    arr = tensors[f"{name}.{_pick(rng, ['codebooks', 'scales'])}"]
+    name, out_f, _, _ = _pick(rng, table)
+    field = _pick(rng, ['codebooks', 'scales'])
+    if field == "codebooks" and _is_int6(tensors, name):
+        if rng.random() < 0.5:
+            exponents = tensors[f"{name}.level_exponents"]
+            exponents[rng.randrange(out_f)] = _pick(rng, [MIN_EXPONENT - 1, MAX_EXPONENT + 1, -128, 127, 16])
+        else:
+            ints = level_ints(tensors, name, _n_levels(tensors, name, out_f))
+            ints[rng.randrange(ints.size)] = -LEVEL_LIMIT - 1
+            store_level_ints(tensors, name, ints)
+        return refingerprint(tensors, meta)
+    arr = tensors[f"{name}.{field}"]
     if arr.size:
         arr.reshape(-1)[rng.randrange(arr.size)] = _pick(rng, [np.nan, np.inf, -np.inf])
     return refingerprint(tensors, meta)
 
 
+def base_level_padding(rng: random.Random, data: bytes) -> bytes:
+    """Bits set after a version-4 layer's last level (no level changes; the fingerprint hashes the decoded levels,
+    so only the reader's padding check can refuse it). A float16 base, or layers without padding: unchanged."""
+    tensors, meta, table = _base_parts(data)
+    padded = [(e[0], e[1]) for e in table if _is_int6(tensors, e[0]) and LEVEL_BITS * _n_levels(tensors, e[0], e[1]) % 8]
+    if padded:
+        name, out_f = _pick(rng, padded)
+        used = LEVEL_BITS * _n_levels(tensors, name, out_f) % 8
+        tensors[f"{name}.levels"][-1] |= np.uint8((0xFF << used) & 0xFF & (1 << rng.randrange(used, 8)))
+    return refingerprint(tensors, meta)
+
+
+def base_level_edit(rng: random.Random, data: bytes) -> bytes:
+    """A valid change of a row's levels (legit: re-fingerprinted, every rule kept). Float16: a level moved strictly
+    between its neighbours. Version 4: a row's exponent moved within -24..11, or a level's integer moved within its
+    neighbours' range."""
+    tensors, meta, table = _base_parts(data)
+    name, out_f, _, _ = _pick(rng, table)
+    start, end = _row_levels(tensors, name, out_f, rng)
+    if _is_int6(tensors, name):
+        row = int(np.searchsorted(np.concatenate([[0], np.cumsum(
+            1 << decode_widths(tensors[f"{name}.widths"], out_f).astype(np.int64))]), start))
+        if rng.random() < 0.5:
+            exponents = tensors[f"{name}.level_exponents"]
+            e = int(exponents[row])
+            exponents[row] = _pick(rng, [x for x in range(MIN_EXPONENT, MAX_EXPONENT + 1) if x != e])
+        else:
+            ints = level_ints(tensors, name, _n_levels(tensors, name, out_f))
+            k = rng.randrange(start, end)
+            low = ints[k - 1] if k > start else -LEVEL_LIMIT
+            high = ints[k + 1] if k + 1 < end else LEVEL_LIMIT
+            ints[k] = rng.randint(int(low), int(high))
+            store_level_ints(tensors, name, ints)
+        return refingerprint(tensors, meta)
+    levels = tensors[f"{name}.codebooks"].astype(np.float32)
+    k = rng.randrange(start, end)
+    low = levels[k - 1] if k > start else levels[k] - 0.1
+    high = levels[k + 1] if k + 1 < end else levels[k] + 0.1
+    tensors[f"{name}.codebooks"][k] = np.float16((low + high) / 2)
+    return refingerprint(tensors, meta)
+
+
 def _dense_names(tensors: dict[str, np.ndarray], table: list[list[Any]]) -> list[str]:
-    layer = {f"{e[0]}.{t}" for e in table for t in ("codebooks", "codes", "scales", "widths")}
+    layer = {f"{e[0]}.{t}" for e in table for t in LAYER_TENSORS + INT6_LEVEL_TENSORS}
     return sorted(n for n in tensors if n not in layer)
 
 
@@ -684,20 +787,38 @@ def base_width_zero(rng: random.Random, data: bytes) -> bytes:
     code_off = np.concatenate([[0], np.cumsum((in_f * widths + 7) // 8)])
     level_off = np.concatenate([[0], np.cumsum(1 << widths)])
     tensors[f"{name}.codes"] = np.delete(tensors[f"{name}.codes"], np.s_[code_off[r] : code_off[r + 1]])
-    tensors[f"{name}.codebooks"] = np.delete(tensors[f"{name}.codebooks"], np.s_[level_off[r] : level_off[r + 1]])
+    if _is_int6(tensors, name):  # the row's integers and its exponent
+        ints = level_ints(tensors, name, int(level_off[-1]))
+        store_level_ints(tensors, name, np.delete(ints, np.s_[level_off[r] : level_off[r + 1]]))
+        tensors[f"{name}.level_exponents"] = np.delete(tensors[f"{name}.level_exponents"], r)
+    else:
+        tensors[f"{name}.codebooks"] = np.delete(tensors[f"{name}.codebooks"], np.s_[level_off[r] : level_off[r + 1]])
     widths[r] = 0
     tensors[f"{name}.widths"] = encode_widths(widths)
     return refingerprint(tensors, meta)
 
 
 def base_layer_tensor(rng: random.Random, data: bytes) -> bytes:
-    """A layer tensor dropped or stored at another dtype (fingerprint recomputed over what the file keeps)."""
+    """A layer tensor dropped or stored at another dtype (fingerprint recomputed over what the file keeps); in a
+    version-4 base, one of its int6 tensors, or a float16 ``codebooks`` added beside them (the other layout)."""
     tensors, meta, table = _base_parts(data)
-    name = f"{_pick(rng, table)[0]}.{_pick(rng, ['codebooks', 'codes', 'scales', 'widths'])}"
+    module, out_f, _, _ = _pick(rng, table)
+    int6 = _is_int6(tensors, module)
+    name = f"{module}.{_pick(rng, ['codebooks', 'codes', 'scales', 'widths'] + (['level_exponents'] if int6 else []))}"
+    if int6 and name.endswith(".codebooks"):
+        if rng.random() < 0.5:  # the levels under their float16 name, beside or instead of the int6 tensors
+            widths = decode_widths(tensors[f"{module}.widths"], out_f)
+            tensors[name] = layer_codebooks(tensors, module, widths).copy()
+            if rng.random() < 0.5:
+                for t in INT6_LEVEL_TENSORS:
+                    del tensors[f"{module}.{t}"]
+            return rechecksum(tensors, meta)
+        name = f"{module}.levels"
     if rng.random() < 0.3:
         del tensors[name]
         return rechecksum(tensors, meta)
-    tensors[name] = tensors[name].astype(_pick(rng, [np.float32, np.int8, np.int16]))
+    tensors[name] = tensors[name].astype(_pick(rng, [t for t in (np.float32, np.int8, np.int16, np.uint8)
+                                                     if np.dtype(t) != tensors[name].dtype][:3]))
     return rechecksum(tensors, meta)
 
 
@@ -745,6 +866,7 @@ def base_mutations() -> tuple[Mutation, ...]:
     return CONTAINER_MUTATIONS + _meta_mutations("", _base_meta_edits(), rechecksum) + (
         Mutation("sum:base_unsorted_codebook", base_unsorted_codebook),
         Mutation("sum:base_nonfinite", base_nonfinite),
+        Mutation("sum:base_level_padding", base_level_padding),
         Mutation("sum:dense_nonfinite", dense_nonfinite),
         Mutation("sum:dense_shadow", dense_shadow),
         Mutation("sum:base_width_zero", base_width_zero),
@@ -753,6 +875,7 @@ def base_mutations() -> tuple[Mutation, ...]:
         Mutation("sum:alias_same_kind", _alias_edit(True), legit=True),
         Mutation("sum:dense_edit", dense_edit, legit=True),
         Mutation("sum:base_code_byte", base_code_byte, legit=True),
+        Mutation("sum:base_level_edit", base_level_edit, legit=True),
     )
 
 
@@ -936,24 +1059,28 @@ BASE_META = {"source": "fuzz", "group_size": 4, "scheme": {"method": "fuzz"}, "r
              "created": "2026-01-01T00:00:00+00:00", "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
 
 
-def random_layer(rng: np.random.Generator, out_f: int, in_f: int, group: int) -> QuantizedWeight:
-    """A valid quantized weight from random widths, indices, sorted distinct levels and scales."""
+def random_layer(rng: np.random.Generator, out_f: int, in_f: int, group: int, grid: bool = False) -> QuantizedWeight:
+    """A valid quantized weight from random widths, indices, sorted distinct levels and scales; with ``grid``, levels
+    on version 4's int6 grid (distinct k / 32, k in -31..31)."""
     widths = rng.choice([1, 2, 4], out_f).astype(np.uint8)
     codes = np.concatenate([pack_codes(rng.integers(0, 1 << w, (1, in_f)).astype(np.uint8), int(w))[0] for w in widths])
-    levels = np.concatenate([np.sort(rng.choice(np.linspace(-1, 1, 64), 1 << w, replace=False)) for w in widths])
+    values = np.arange(-LEVEL_LIMIT, LEVEL_LIMIT + 1) / 32 if grid else np.linspace(-1, 1, 64)
+    levels = np.concatenate([np.sort(rng.choice(values, 1 << w, replace=False)) for w in widths])
     n_groups = -(-in_f // group) if group else 0
     scales = rng.uniform(0.1, 2, (out_f, n_groups)).astype(np.float16)
     return QuantizedWeight(out_f, in_f, group, widths, codes, levels.astype(np.float16), scales)
 
 
-def base_seed_bytes(seed: int = 0) -> bytes:
+def base_seed_bytes(seed: int = 0, codebook_format: str = "float16") -> bytes:
+    """A tiny quantized base: version 1, or version 4 (levels on the int6 grid) with ``codebook_format="int6"``."""
     rng = np.random.default_rng(seed)
-    layers = {"model.layers.0.self_attn.q_proj": random_layer(rng, 6, 10, 4),
-              "model.layers.0.mlp.down_proj": random_layer(rng, 5, 7, 0)}
+    grid = codebook_format == "int6"
+    layers = {"model.layers.0.self_attn.q_proj": random_layer(rng, 6, 10, 4, grid),
+              "model.layers.0.mlp.down_proj": random_layer(rng, 5, 7, 0, grid)}
     dense = {"model.embed_tokens.weight": rng.standard_normal((12, 10)).astype(np.float16),
              "model.norm.weight": np.ones(10, np.float16),
              "model.layers.0.input_layernorm.weight": np.ones(10, np.float16)}
-    return build_quantized_base_bytes(layers, dense, BASE_META)
+    return build_quantized_base_bytes(layers, dense, BASE_META, codebook_format=codebook_format)
 
 
 def _distinct_blob(base_dir: Path, **kw: Any) -> bytes:
@@ -1019,6 +1146,7 @@ class FuzzContext:
             "base": Seed("base", "base", base),
             "base-signed": Seed("base-signed", "base", sign_bytes(base, self.keys.trusted, now=NOW, sequence=SEQUENCE),
                                 signed=True),
+            "base-int6": Seed("base-int6", "base", base_seed_bytes(codebook_format="int6")),  # version 4
         }
         unsigned = {"blob": blob_mutations(self.base), "base": base_mutations()}
         self._mutations = {

@@ -59,6 +59,10 @@ def _report(ctx: FuzzContext, runs: list[tuple[str, str, int]]) -> list[str]:
 def test_seeds_are_accepted_as_themselves(ctx):
     assert {s.family for s in ctx.seeds.values()} == {"blob", "base"}
     assert any(s.signed for s in ctx.seeds.values()) and any(s.encrypted for s in ctx.seeds.values())
+    # Every base mutation runs on both layouts: float16 codebooks (version 1) and int6 levels (version 4).
+    versions = {s.name: split(s.data)[0]["__metadata__"]["format_version"] for s in ctx.seeds.values()
+                if s.family == "base" and not s.signed}
+    assert versions == {"base": "1", "base-int6": "4"}
 
 
 def test_every_mutation_of_every_seed_once(ctx):
@@ -86,6 +90,12 @@ def test_valid_edits_are_reached(ctx):
         ("blob-signed", "resigned/sum:code_byte", "valid-edit-accepted"),
         ("blob", "sum:unsorted_codebook", "refused"),
         ("base-signed", "untrusted_key", "refused"),
+        ("base-int6", "sum:dense_edit", "valid-edit-accepted"),
+        ("base-int6", "sum:base_code_byte", "valid-edit-accepted"),
+        ("base-int6", "sum:base_level_edit", "valid-edit-accepted"),
+        ("base", "sum:base_level_edit", "valid-edit-accepted"),
+        ("base-int6", "sum:base_unsorted_codebook", "refused"),
+        ("base-int6", "sum:base_level_padding", "refused"),
     ]:
         seed, mutation = by_name[seed_name, mutation_name]
         assert ctx.run(seed, mutation, 0)[1].outcome == expected, (seed_name, mutation_name)

@@ -21,14 +21,28 @@ namespace {
 const Limits kBaseLimits{16ull << 20, 200000, 1ull << 40, 1024};
 constexpr int64_t kMaxFeatures = int64_t{1} << 20;
 constexpr const char* kLayerTensors[] = {"codebooks", "codes", "scales", "widths"};  // sorted, as the fingerprint hashes
+constexpr const char* kLevelTensors[] = {"levels", "level_exponents"};  // version 4, instead of "codebooks"
 constexpr uint8_t kWidthOfCode[4] = {0, 1, 2, 4};
+// formats.int6_levels: levels k * 2**e, k a 6-bit integer in -31..31, one e per row in -24..11.
+constexpr int kLevelBits = 6;
+constexpr int kLevelLimit = 31;
+constexpr int kMinExponent = -24;
+constexpr int kMaxExponent = 11;
 
 struct Layer {
   std::string name;
   int64_t out, in, group;
   std::vector<uint8_t> widths;  // decoded, one per row
-  const TensorInfo* tensor[4];  // codebooks, codes, scales, widths
+  const TensorInfo* tensor[4];  // codebooks (nullptr in version 4), codes, scales, widths
+  const TensorInfo* levels[2] = {nullptr, nullptr};  // version 4: levels, level_exponents
+  std::vector<uint16_t> decoded;  // version 4: the float16 codebooks (bits) expanded from them
   int64_t n_groups() const { return group == 0 ? 0 : (in + group - 1) / group; }
+  bool int6() const { return tensor[0] == nullptr; }
+  // The float16 codebooks, rows concatenated, as a version-1 file stores them (little-endian, as every host is).
+  const uint8_t* codebooks(const uint8_t* data) const {
+    return int6() ? reinterpret_cast<const uint8_t*>(decoded.data()) : data + tensor[0]->start;
+  }
+  int64_t n_levels() const { return int6() ? static_cast<int64_t>(decoded.size()) : tensor[0]->numel(); }
 };
 
 const char* numpy_name(const std::string& dtype) {
@@ -70,9 +84,67 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// QuantizedWeight.validate, after the widths were decoded.
+// int6_levels.decode_levels (version 4): the layer's levels and level_exponents -> its float16 codebooks (bits), with
+// its refusals in its order: dtypes and sizes, exponents in range, zero padding bits, no -32, ascending within each row.
+// Each k * 2**e (|k| <= 31, e in range) is a finite float16 exactly, so float_to_half never rounds here.
+std::vector<uint16_t> decode_levels(const Layer& layer, const uint8_t* data, const std::string& where) {
+  const TensorInfo& levels = *layer.levels[0];
+  const TensorInfo& exponents = *layer.levels[1];
+  int64_t n_levels = 0;
+  for (uint8_t w : layer.widths) n_levels += int64_t{1} << w;
+  const int64_t want = (kLevelBits * n_levels + 7) / 8;
+  if (levels.dtype != "U8" || levels.shape != std::vector<int64_t>{want})
+    fail(LOWRA_ERR_CONTENT, where + ": levels is " + numpy_name(levels.dtype) + " " + shape_text(levels.shape) +
+                                ", expected uint8 [" + std::to_string(want) + "] (" + std::to_string(n_levels) +
+                                " six-bit levels)");
+  if (exponents.dtype != "I8" || exponents.shape != std::vector<int64_t>{layer.out})
+    fail(LOWRA_ERR_CONTENT, where + ": level_exponents is " + numpy_name(exponents.dtype) + " " +
+                                shape_text(exponents.shape) + ", expected int8 [" + std::to_string(layer.out) +
+                                "] (one per row)");
+  const int8_t* e = reinterpret_cast<const int8_t*>(data + exponents.start);
+  const auto [low, high] = std::minmax_element(e, e + layer.out);
+  if (*low < kMinExponent || *high > kMaxExponent)
+    fail(LOWRA_ERR_CONTENT, where + ": level exponents span " + std::to_string(*low) + ".." + std::to_string(*high) +
+                                ", expected " + std::to_string(kMinExponent) + ".." + std::to_string(kMaxExponent));
+  const uint8_t* stream = data + levels.start;
+  const int64_t used_bits = kLevelBits * n_levels;
+  if (used_bits % 8 && (stream[want - 1] >> (used_bits % 8)) != 0)  // only the last byte holds padding
+    fail(LOWRA_ERR_CONTENT, where + ": levels has nonzero padding bits after its " + std::to_string(n_levels) +
+                                " levels");
+  std::vector<int8_t> k(static_cast<size_t>(n_levels));
+  for (int64_t i = 0; i < n_levels; ++i) {  // level i at stream bits 6 i .. 6 i + 5, LSB-first
+    const int64_t bit = kLevelBits * i;
+    unsigned value = stream[bit >> 3] >> (bit & 7);
+    if ((bit & 7) + kLevelBits > 8) value |= static_cast<unsigned>(stream[(bit >> 3) + 1]) << (8 - (bit & 7));
+    value &= (1u << kLevelBits) - 1;
+    k[i] = static_cast<int8_t>(value >= (1u << (kLevelBits - 1)) ? static_cast<int>(value) - (1 << kLevelBits)
+                                                                 : static_cast<int>(value));
+  }
+  const int8_t lowest = *std::min_element(k.begin(), k.end());
+  if (lowest < -kLevelLimit)
+    fail(LOWRA_ERR_CONTENT, where + ": a level is " + std::to_string(lowest) + ", expected integers in -" +
+                                std::to_string(kLevelLimit) + ".." + std::to_string(kLevelLimit));
+  int64_t offset = 0;
+  for (uint8_t w : layer.widths) {
+    for (int64_t i = offset + 1; i < offset + (int64_t{1} << w); ++i)
+      if (k[i] < k[i - 1]) fail(LOWRA_ERR_CONTENT, where + ": a row's codebook levels are not in ascending order");
+    offset += int64_t{1} << w;
+  }
+  std::vector<uint16_t> books(static_cast<size_t>(n_levels));
+  offset = 0;
+  for (int64_t r = 0; r < layer.out; ++r) {
+    const int64_t count = int64_t{1} << layer.widths[r];
+    for (int64_t i = offset; i < offset + count; ++i)  // k = 0 is +0.0, as numpy's 0 * 2.0**e
+      books[i] = float_to_half(std::ldexp(static_cast<float>(k[i]), e[r]));
+    offset += count;
+  }
+  return books;
+}
+
+// QuantizedWeight.validate, after the widths were decoded (and, in version 4, the codebooks: float16 of the size the
+// widths imply by construction, so only their values are checked).
 void validate_layer(const Layer& layer, const uint8_t* data, const std::string& where) {
-  const TensorInfo& codebooks = *layer.tensor[0];
+  const TensorInfo* codebooks = layer.tensor[0];
   const TensorInfo& codes = *layer.tensor[1];
   const TensorInfo& scales = *layer.tensor[2];
   std::vector<int64_t> scale_shape = {layer.out, layer.n_groups()};
@@ -82,9 +154,9 @@ void validate_layer(const Layer& layer, const uint8_t* data, const std::string& 
     const char* dtype;
     const std::vector<int64_t>* shape;
   };
-  for (const Check& c : {Check{&codes, "codes", "U8", nullptr}, Check{&codebooks, "codebooks", "F16", nullptr},
+  for (const Check& c : {Check{&codes, "codes", "U8", nullptr}, Check{codebooks, "codebooks", "F16", nullptr},
                          Check{&scales, "scales", "F16", &scale_shape}}) {
-    if (c.info->dtype != c.dtype || (c.shape && c.info->shape != *c.shape))
+    if (c.info && (c.info->dtype != c.dtype || (c.shape && c.info->shape != *c.shape)))
       fail(LOWRA_ERR_CONTENT, where + ": " + c.field + " is " + numpy_name(c.info->dtype) + " " +
                                   shape_text(c.info->shape) + ", expected " + numpy_name(c.dtype) + " " +
                                   (c.shape ? shape_text(*c.shape) : "1-D"));
@@ -92,13 +164,13 @@ void validate_layer(const Layer& layer, const uint8_t* data, const std::string& 
   int64_t code_bytes = 0, levels = 0;
   for (uint8_t w : layer.widths) code_bytes += (layer.in * w + 7) / 8, levels += int64_t{1} << w;
   for (const auto& [info, field, expected] : {std::make_tuple(&codes, "codes", code_bytes),
-                                              std::make_tuple(&codebooks, "codebooks", levels)}) {
-    if (info->shape != std::vector<int64_t>{expected})
+                                              std::make_tuple(codebooks, "codebooks", levels)}) {
+    if (info && info->shape != std::vector<int64_t>{expected})
       fail(LOWRA_ERR_CONTENT, where + ": " + field + " has " + std::to_string(info->numel()) + " entries, widths imply " +
                                   std::to_string(expected));
   }
-  std::vector<float> values(codebooks.numel()), scale_values(scales.numel());
-  to_float32("F16", data + codebooks.start, values.size(), values.data(), true);
+  std::vector<float> values(layer.n_levels()), scale_values(scales.numel());
+  to_float32("F16", layer.codebooks(data), values.size(), values.data(), true);
   to_float32("F16", data + scales.start, scale_values.size(), scale_values.data(), true);
   bool finite = std::all_of(values.begin(), values.end(), [](float v) { return std::isfinite(v); }) &&
                 std::all_of(scale_values.begin(), scale_values.end(), [](float v) { return std::isfinite(v); });
@@ -127,8 +199,9 @@ constexpr const char* kRecoveryPrefix = "recovery.";
 constexpr const char* kRecoveryBlob = "recovery.blob";
 constexpr int64_t kMaxRecoveryRank = 1024;
 
-// quantized_fingerprint: the modules sorted by name, each its line and its four tensors as stored (widths
-// re-encoded from the decoded widths, so padding bits do not count); with a recovery adapter, its line and its
+// quantized_fingerprint: the modules sorted by name, each its line and its four tensors as a version-1 file stores
+// them (widths re-encoded from the decoded widths, so padding bits do not count; a version-4 layer's codebooks as the
+// float16 decoded from its int6 levels, under the name M.codebooks); with a recovery adapter, its line and its
 // tensors sorted by name.
 std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_t* data, const Recovery* recovery) {
   std::sort(layers.begin(), layers.end(), [](const Layer* a, const Layer* b) { return a->name < b->name; });
@@ -137,9 +210,12 @@ std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_
     h.update(layer->name + "|[" + std::to_string(layer->out) + ", " + std::to_string(layer->in) + "]|" +
              std::to_string(layer->group) + "\n");
     for (int t = 0; t < 4; ++t) {
-      const TensorInfo& info = *layer->tensor[t];
       std::string name = layer->name + "." + kLayerTensors[t];
-      if (t == 3) {
+      if (t == 0) {  // validated as float16 [levels the widths imply]
+        const int64_t n = layer->n_levels();
+        h.update(name + "|" + numpy_dtype_str("F16") + "|" + shape_text({n}) + "|");
+        h.update(layer->codebooks(data), static_cast<size_t>(2 * n));
+      } else if (t == 3) {
         std::vector<uint8_t> packed((layer->out + 3) / 4, 0);
         for (int64_t r = 0; r < layer->out; ++r) {
           uint8_t code = layer->widths[r] == 4 ? 3 : layer->widths[r];
@@ -148,6 +224,7 @@ std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_
         h.update(name + "|" + numpy_dtype_str("U8") + "|[" + std::to_string(packed.size()) + "]|");
         h.update(packed.data(), packed.size());
       } else {
+        const TensorInfo& info = *layer->tensor[t];
         h.update(name + "|" + numpy_dtype_str(info.dtype) + "|" + shape_text(info.shape) + "|");
         h.update(data + info.start, info.end - info.start);
       }
@@ -171,12 +248,12 @@ std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_
   return "sha256:" + h.hex();
 }
 
-// formats.quantized_base._read_recovery_blob (version 3): recovery.blob read as an adapter blob (parse_blob's
+// formats.quantized_base._read_recovery_blob (version 3, or version 4 with recovery.blob): recovery.blob read as an adapter blob (parse_blob's
 // checks), one rank, the metadata's modules, rank and scaling 1.0, then _check_recovery's checks.
 Recovery read_recovery_blob(const Json& value, const Header& header, const std::map<std::string, size_t>& layer_index,
                             const std::vector<Layer>& layers, const uint8_t* data, const std::string& what) {
   const TensorInfo* raw = header.find(kRecoveryBlob);
-  if (!raw) fail(LOWRA_ERR_CONTENT, what + ": a version-3 base lacks " + kRecoveryBlob);
+  if (!raw) fail(LOWRA_ERR_CONTENT, what + ": a compressed recovery adapter (version 3) needs " + kRecoveryBlob);
   if (raw->dtype != "U8" || raw->shape.size() != 1)
     fail(LOWRA_ERR_CONTENT, what + ": " + kRecoveryBlob + " is " + numpy_name(raw->dtype) + " " +
                                 shape_text(raw->shape) + ", expected uint8 [bytes]");
@@ -327,11 +404,10 @@ void apply_recovery(std::vector<float>& weight, const Layer& layer, const Recove
 
 // QuantizedWeight.dequantize: W[r, j] = codebook_r[code[r, j]] * scale[r, j // group_size] in float32.
 std::vector<float> dequantize(const Layer& layer, const uint8_t* data) {
-  const TensorInfo& codebooks = *layer.tensor[0];
   const uint8_t* codes = data + layer.tensor[1]->start;
   const TensorInfo& scales = *layer.tensor[2];
-  std::vector<float> levels(codebooks.numel()), scale(scales.numel());
-  to_float32("F16", data + codebooks.start, levels.size(), levels.data(), true);
+  std::vector<float> levels(layer.n_levels()), scale(scales.numel());
+  to_float32("F16", layer.codebooks(data), levels.size(), levels.data(), true);
   to_float32("F16", data + scales.start, scale.size(), scale.data(), true);
   std::vector<float> out(layer.out * layer.in);
   int64_t code_offset = 0, level_offset = 0, groups = layer.n_groups();
@@ -356,7 +432,7 @@ std::vector<float> dequantize(const Layer& layer, const uint8_t* data) {
 
 BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::string& what, TensorTable& out) {
   Header header = parse_header(data, size, what, kBaseLimits);
-  check_envelope(header, what, "lowra-base", {"1", "2", "3"},
+  check_envelope(header, what, "lowra-base", {"1", "2", "3", "4"},
                  {"format", "format_version", "modules", "group_size", "aliases", "source", "scheme", "report",
                   "fingerprint", "payload_sha256", "created"},
                  "this is not a lowra quantized base (an adapter blob says 'lowra-adapter'; a plain model folder is "
@@ -375,19 +451,37 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
       fail(LOWRA_ERR_CONTENT, what + ": module " + short_repr(m.name, 1 << 20) + " shape [" + std::to_string(m.a) + ", " +
                                   std::to_string(m.b) + "] / group " + std::to_string(m.c) + " outside 1.." +
                                   std::to_string(kMaxFeatures));
+  const std::string& version = header.metadata.at("format_version");
+  const bool int6 = version == "4";  // codebooks stored as int6 levels (formats.int6_levels)
+  // The layer tensors this version stores, in Python's order, and the other layout's, which it refuses.
+  std::vector<std::string> stored_tensors = {"codes", "scales", "widths", "levels", "level_exponents"};
+  std::vector<std::string> other_tensors = {"codebooks"};
+  if (!int6) {
+    stored_tensors.assign(std::begin(kLayerTensors), std::end(kLayerTensors));
+    other_tensors.assign(std::begin(kLevelTensors), std::end(kLevelTensors));
+  }
   std::vector<Layer> layers;
   layers.reserve(table.size());
   std::map<std::string, size_t> layer_index;
   std::map<std::string, bool> layer_tensor_names;
   for (const ModuleRow& m : table) {
-    Layer layer{m.name, m.a, m.b, m.c, {}, {}};
-    std::string absent;
-    for (int t = 0; t < 4; ++t) {
-      std::string name = m.name + "." + kLayerTensors[t];
-      layer.tensor[t] = header.find(name);
-      if (!layer.tensor[t]) absent += (absent.empty() ? "" : ", ") + short_repr(name, 1 << 20);
+    Layer layer{m.name, m.a, m.b, m.c, {}, {}, {}, {}};
+    std::string absent, foreign;
+    for (const std::string& t : stored_tensors) {
+      const std::string name = m.name + "." + t;
+      if (!header.find(name)) absent += (absent.empty() ? "" : ", ") + short_repr(name, 1 << 20);
     }
     if (!absent.empty()) fail(LOWRA_ERR_CONTENT, what + ": module " + short_repr(m.name, 1 << 20) + " lacks tensors [" + absent + "]");
+    for (const std::string& t : other_tensors) {
+      const std::string name = m.name + "." + t;
+      if (header.find(name)) foreign += (foreign.empty() ? "" : ", ") + short_repr(name, 1 << 20);
+    }
+    if (!foreign.empty())
+      fail(LOWRA_ERR_CONTENT, what + ": a version-" + version + " base stores codebooks as " +
+                                  (int6 ? "int6 levels" : "float16") + ", but module " + short_repr(m.name, 1 << 20) +
+                                  " also has [" + foreign + "]");
+    for (int t = 0; t < 4; ++t) layer.tensor[t] = header.find(m.name + "." + kLayerTensors[t]);  // codebooks: v1-3
+    for (int t = 0; t < 2; ++t) layer.levels[t] = header.find(m.name + "." + kLevelTensors[t]);  // version 4
     const TensorInfo& packed = *layer.tensor[3];
     int64_t width_bytes = (m.a + 3) / 4;
     if (packed.dtype != "U8" || packed.shape != std::vector<int64_t>{width_bytes})
@@ -399,8 +493,9 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
     if (std::find(layer.widths.begin(), layer.widths.end(), 0) != layer.widths.end())
       fail(LOWRA_ERR_CONTENT, what + ": module " + short_repr(m.name, 1 << 20) +
                                   " has rows of width 0; every base row needs 1, 2 or 4 bits");
+    if (int6) layer.decoded = decode_levels(layer, data, what + ": module " + short_repr(m.name, 1 << 20));
     validate_layer(layer, data, what + ": module " + short_repr(m.name, 1 << 20));
-    for (const char* t : kLayerTensors) layer_tensor_names[m.name + "." + t] = true;
+    for (const std::string& t : stored_tensors) layer_tensor_names[m.name + "." + t] = true;
     layer_index[m.name] = layers.size();
     layers.push_back(std::move(layer));
   }
@@ -409,12 +504,13 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
   const bool has_recovery_tensor = std::any_of(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& t) {
     return t.name.rfind(kRecoveryPrefix, 0) == 0;
   });
-  const std::string& version = header.metadata.at("format_version");
-  if (version == "2" || version == "3") {
+  // Version 4 may carry an adapter of either kind: compressed when recovery.blob is there.
+  if (version == "2" || version == "3" || (int6 && (has_recovery_key || has_recovery_tensor))) {
     if (!has_recovery_key)
       fail(LOWRA_ERR_CONTENT, what + ": a version-" + version + " base needs the '" + kRecoveryKey + "' metadata");
+    const bool compressed = version == "3" || (int6 && header.find(kRecoveryBlob));
     recovery = std::make_unique<Recovery>(read_recovery(decode_json_metadata(header, kRecoveryKey, what), header,
-                                                        layer_index, layers, data, what, version == "3"));
+                                                        layer_index, layers, data, what, compressed));
     std::vector<std::string> stray;
     for (const auto& t : header.tensors) {
       if (t.name.rfind(kRecoveryPrefix, 0) != 0) continue;
@@ -431,8 +527,8 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
       fail(LOWRA_ERR_CONTENT, what + ": recovery tensors ['" + stray[0] + "'" + (stray.size() > 1 ? ", ..." : "") +
                                   "] belong to no module the metadata names");
   } else if (has_recovery_key || has_recovery_tensor) {
-    fail(LOWRA_ERR_CONTENT, what + ": a version-1 base carries recovery data; only versions 2 and 3 may (re-run "
-                                   "`lowra recover`)");
+    fail(LOWRA_ERR_CONTENT, what + ": a version-" + version + " base carries recovery data; only versions 2, 3 and 4 "
+                                   "may (re-run `lowra recover`)");
   }
   std::vector<const TensorInfo*> dense;
   for (const auto& t : header.tensors)

@@ -1,4 +1,4 @@
-// The quantized base file, "lowra-base" v1 (docs/FORMAT.md "Quantized base";
+// The quantized base file, "lowra-base" versions 1 to 4 (docs/FORMAT.md "Quantized base";
 // lowra.device_runtime.formats.quantized_base): verify like read_quantized_base, decode like
 // QuantizedBase.dequantized_state_dict().
 #pragma once

@@ -13,6 +13,13 @@ import pytest
 from lowra.device_runtime import formats as fmt
 from lowra.device_runtime.errors import BlobContentError, LowraError
 from lowra.device_runtime.formats.container import parse_header, serialize
+from lowra.device_runtime.formats.int6_levels import (
+    LEVEL_LIMIT,
+    MAX_EXPONENT,
+    MIN_EXPONENT,
+    decode_levels,
+    encode_levels,
+)
 from lowra.device_runtime.formats.quantized_base import read_quantized_base, write_quantized_base
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.device_runtime.runtime import BaseWeights, DeviceRuntime
@@ -69,9 +76,20 @@ def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) ->
     return struct.pack("<Q", len(header)) + header + b"".join(d for _, _, d in tensors.values())
 
 
-def write_quantized(path: Path, seed: int = 0, report: dict | None = None) -> Path:
+def grid_levels(rng: np.random.Generator, width: int) -> np.ndarray:
+    """Ascending levels k * 2**e on version 4's int6 grid (k in [-31, 31], e anywhere in [-24, 11]: subnormal
+    float16 levels to 31 * 2**11), so a base of them can be written with codebook_format="int6"."""
+    k = np.sort(rng.integers(-LEVEL_LIMIT, LEVEL_LIMIT + 1, 1 << width))
+    return (k * 2.0 ** rng.integers(MIN_EXPONENT, MAX_EXPONENT + 1)).astype(np.float16) + np.float16(0)  # no -0.0
+
+
+def write_quantized(path: Path, seed: int = 0, report: dict | None = None, codebook_format: str = "float16",
+                    grid: bool | None = None) -> Path:
     """A quantized base with mixed widths, grouped and ungrouped layers, a tied head and an int64 buffer (and
-    ``report`` as its report metadata)."""
+    ``report`` as its report metadata). Its levels are on the int6 grid (:func:`grid_levels`) when ``grid`` (by
+    default: when ``codebook_format`` is "int6", a version-4 file); the same ``seed`` and ``grid`` give the same
+    layers in either format."""
+    grid = codebook_format == "int6" if grid is None else grid
     rng = np.random.default_rng(seed)
     layers = {}
     for name, (out, n_in), group in (("model.layers.0.q_proj", (6, 20), 8), ("model.layers.0.down_proj", (4, 37), 8),
@@ -79,7 +97,8 @@ def write_quantized(path: Path, seed: int = 0, report: dict | None = None) -> Pa
         widths = rng.choice([1, 2, 4], out).astype(np.uint8)
         codes = np.concatenate([fmt.pack_codes(rng.integers(0, 1 << w, (1, n_in)).astype(np.uint8), int(w))[0]
                                 for w in widths])
-        books = np.concatenate([np.sort(rng.standard_normal(1 << w)).astype(np.float16) for w in widths])
+        books = np.concatenate([grid_levels(rng, int(w)) if grid else np.sort(rng.standard_normal(1 << w)).astype(np.float16)
+                                for w in widths])
         n_groups = -(-n_in // group) if group else 0
         scales = rng.uniform(0, 2, (out, n_groups)).astype(np.float16)
         layers[name] = QuantizedWeight(out, n_in, group, widths, codes, books, scales)
@@ -87,7 +106,7 @@ def write_quantized(path: Path, seed: int = 0, report: dict | None = None) -> Pa
              "model.norm.weight": np.ones(4, np.float32), "model.position_ids": np.arange(5, dtype=np.int64)}
     meta = {"source": "test", "group_size": 8, "scheme": {"method": "test"}, "report": report or {}, "created": CREATED,
             "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
-    return write_quantized_base(path, layers, dense, meta)
+    return write_quantized_base(path, layers, dense, meta, codebook_format=codebook_format)
 
 
 def merge_tolerance(blob: fmt.Blob, module: str, reference: np.ndarray) -> np.ndarray:
@@ -208,6 +227,141 @@ def test_quantized_base_decodes_bit_exactly(native, tmp_path):
         assert_same_weights(native, handle, runtime, blob, exact=False)
     finally:
         native.close(handle)
+
+
+def test_int6_base_decodes_as_the_float16_one(native, tmp_path):
+    """Version 4 (int6 codebook levels, exponents over the whole stored range): liblowra expands the levels to the
+    float16 codebooks bit for bit, so it decodes as the numpy reader does, verifies the fingerprint the writer hashed
+    over those codebooks (the float16 file's), and binds and merges a user's blob alike."""
+    f16 = write_quantized(tmp_path / "f16.safetensors", grid=True)
+    path = write_quantized(tmp_path / "int6.safetensors", codebook_format="int6")
+    metadata = [parse_header(p.read_bytes(), p.stat().st_size, "x").metadata for p in (f16, path)]
+    assert [m["format_version"] for m in metadata] == ["1", "4"]
+    assert metadata[0]["fingerprint"] == metadata[1]["fingerprint"]
+    runtime = DeviceRuntime(path)
+    handle, handle16 = native.open(path), native.open(f16)
+    try:
+        base = read_quantized_base(path)
+        assert base.codebook_format == "int6"
+        books = np.abs(np.concatenate([w.codebooks for w in base.layers.values()]).astype(np.float64))
+        assert books[books > 0].min() < 2.0 ** -14 and books.max() > 2.0 ** 10  # subnormal and large levels both met
+        reference = base.dequantized_state_dict()
+        assert sorted(native.tensor_names(handle)) == sorted(reference)  # levels, exponents: not model tensors
+        for name, array in reference.items():
+            if np.issubdtype(array.dtype, np.floating):
+                assert np.array_equal(native.weight(handle, name), array), name
+                assert np.array_equal(native.weight(handle16, name), array), name
+        modules = ["model.layers.0.q_proj", "model.layers.1.q_proj", "model.layers.0.down_proj"]
+        assert native.fingerprint(handle, modules) == native.fingerprint(handle16, modules) == (
+            runtime.base.fingerprint(modules)) == DeviceRuntime(f16).base.fingerprint(modules)
+        shapes = {m: runtime.base.tensors[f"{m}.weight"].shape for m in modules}
+        load_both(native, handle, runtime, blob_for(runtime.base, dyadic_levels, modules=shapes))
+        assert_same_weights(native, handle, runtime)
+        native.load(handle16, blob_for(runtime.base, dyadic_levels, modules=shapes))  # the same blob binds to both
+        native.unload(handle)
+        assert np.array_equal(native.weight(handle, "model.layers.0.q_proj.weight"),
+                              reference["model.layers.0.q_proj.weight"])
+    finally:
+        native.close(handle)
+        native.close(handle16)
+
+
+def test_corrupt_int6_bases_are_refused_alike(native, tmp_path):
+    """Version-4 layers the numpy reader refuses (int6_levels.decode_levels, the mixed layouts, the fingerprint over
+    the decoded codebooks), refused by liblowra with the same error kind."""
+    path = write_quantized(tmp_path / "good.safetensors", codebook_format="int6")
+    good = path.read_bytes()
+    base = read_quantized_base(path)
+    cases: dict[str, bytes] = {}
+    rewrite = rewriter(good, cases)
+    # A layer with padding bits in its levels (an odd number of width-1 rows) and a row of distinct levels.
+    padded = next(n for n, w in base.layers.items() if 6 * int((1 << w.widths.astype(int)).sum()) % 8)
+    name = "model.layers.0.q_proj"
+    w = base.layers[name]
+    levels, exponents = f"{name}.levels", f"{name}.level_exponents"
+    offsets = np.concatenate([[0], np.cumsum(1 << w.widths.astype(int))])
+    row = next(r for r in range(w.out_features) if w.codebooks[offsets[r]] != w.codebooks[offsets[r + 1] - 1])
+
+    def set_exponent(value):
+        return lambda t: t[exponents].__setitem__(row, value)
+
+    def set_first_level(six_bits):
+        return lambda t: t[levels].__setitem__(0, (t[levels][0] & 0xC0) | six_bits)
+
+    def descending(t):
+        books = decode_levels(t[levels], t[exponents], w.widths, "t").copy()
+        books[offsets[row]: offsets[row + 1]] = books[offsets[row]: offsets[row + 1]][::-1].copy()
+        t[levels], t[exponents] = encode_levels(books, w.widths, "t")
+
+    rewrite("exponent_12", tensor_edit=set_exponent(12))
+    rewrite("exponent_-25", tensor_edit=set_exponent(-25))
+    rewrite("exponent_-128", tensor_edit=set_exponent(-128))
+    rewrite("level_-32", tensor_edit=set_first_level(0x20))
+    rewrite("padding_bits", tensor_edit=lambda t: t[f"{padded}.levels"].__setitem__(-1, t[f"{padded}.levels"][-1] | 0x80))
+    rewrite("descending", tensor_edit=descending)
+    rewrite("stray_codebooks", tensor_edit=lambda t: t.__setitem__(f"{name}.codebooks", w.codebooks.copy()))
+    rewrite("no_exponents", tensor_edit=lambda t: t.pop(exponents))
+    rewrite("no_levels", tensor_edit=lambda t: t.pop(levels))
+    rewrite("levels_int8", tensor_edit=lambda t: t.__setitem__(levels, t[levels].view(np.int8)))
+    rewrite("levels_short", tensor_edit=lambda t: t.__setitem__(levels, t[levels][:-1].copy()))
+    rewrite("levels_long", tensor_edit=lambda t: t.__setitem__(levels, np.append(t[levels], np.uint8(0))))
+    rewrite("exponents_uint8", tensor_edit=lambda t: t.__setitem__(exponents, t[exponents].view(np.uint8)))
+    rewrite("exponents_short", tensor_edit=lambda t: t.__setitem__(exponents, t[exponents][:-1].copy()))
+    rewrite("exponents_2d", tensor_edit=lambda t: t.__setitem__(exponents, t[exponents].reshape(1, -1).copy()))
+    # Valid levels, but not the ones the fingerprint covers: a row's exponent one lower halves its levels.
+    rewrite("exponent_changed", tensor_edit=lambda t: t[exponents].__setitem__(
+        row, t[exponents][row] - 1 if t[exponents][row] > MIN_EXPONENT else MIN_EXPONENT + 1))
+
+    def negated(t):  # the row's levels negated and reversed: ascending, on the grid, another codebook
+        books = decode_levels(t[levels], t[exponents], w.widths, "t").copy()
+        flipped = -books[offsets[row]: offsets[row + 1]][::-1] + np.float16(0)
+        assert flipped.tobytes() != books[offsets[row]: offsets[row + 1]].tobytes()
+        books[offsets[row]: offsets[row + 1]] = flipped
+        t[levels], t[exponents] = encode_levels(books, w.widths, "t")
+
+    rewrite("level_changed", tensor_edit=negated)
+    rewrite("as_version_1", _set("format_version", "1"))
+    rewrite("as_version_3", _set("format_version", "3"))
+    rewrite("recovery_blob_without_metadata", tensor_edit=lambda t: t.__setitem__("recovery.blob", np.zeros(8, np.uint8)))
+    rewrite("recovery_metadata_without_tensors", _set("recovery", canonical({"rank": 1, "scaling": 1.0,
+                                                                            "modules": [name]})))
+    f16 = write_quantized(tmp_path / "f16.safetensors", grid=True).read_bytes()
+    rewrite16 = rewriter(f16, cases)
+    header16 = parse_header(f16, len(f16), "x")
+    int6_tensors = {n: np.frombuffer(good, np.uint8, i.end - i.start, i.start).view(
+        {"U8": np.uint8, "I8": np.int8}[i.dtype]).copy() for n, i in parse_header(good, len(good), "x").tensors.items()
+        if n.endswith((".levels", ".level_exponents"))}
+    assert not set(int6_tensors) & set(header16.tensors)
+    rewrite16("f16_with_levels", tensor_edit=lambda t: t.__setitem__(levels, int6_tensors[levels]))
+    rewrite16("f16_with_exponents", tensor_edit=lambda t: t.__setitem__(exponents, int6_tensors[exponents]))
+    rewrite16("f16_as_version_4", _set("format_version", "4"))
+    rewrite16("f16_as_version_4_with_both", _set("format_version", "4"), tensor_edit=lambda t: t.update(int6_tensors))
+    assert_bases_refused_alike(native, tmp_path, cases)
+
+
+def test_corrupt_int6_recovered_bases_are_refused_alike(native, tmp_path):
+    """A version-4 base's recovery adapter, either kind (told by recovery.blob), refused alike when it is wrong."""
+    cases: dict[str, bytes] = {}
+    for kind, path in (("blob", write_recovered_blob(tmp_path / "b.safetensors", "int6")),
+                       ("factors", write_recovered(tmp_path / "f.safetensors", codebook_format="int6"))):
+        good = path.read_bytes()
+        header = parse_header(good, len(good), "x")
+        recovery = json.loads(header.metadata["recovery"])
+        rewrite = rewriter(good, cases)
+        rewrite(f"{kind}_no_metadata", lambda m: m.pop("recovery"))
+        rewrite(f"{kind}_scaling", _set("recovery", canonical({**recovery, "scaling": 0.5})))
+        rewrite(f"{kind}_as_version_1", _set("format_version", "1"))
+        rewrite(f"{kind}_stray", tensor_edit=lambda t: t.__setitem__("recovery.model.norm.lora_A", np.zeros(2, np.float16)))
+        if kind == "blob":
+            rewrite("blob_dropped", tensor_edit=lambda t: t.pop("recovery.blob"))  # read as factors: none there
+            rewrite("blob_as_version_2", _set("format_version", "2"))
+        else:
+            a_name = f"recovery.{recovery['modules'][0]}.lora_A"
+            rewrite("factors_missing", tensor_edit=lambda t, a_name=a_name: t.pop(a_name))
+            rewrite("factors_nan", tensor_edit=lambda t, a_name=a_name: t[a_name].__setitem__((0, 0), np.nan))
+            # recovery.blob makes it a compressed adapter: this one is no blob (and the factors would be stray)
+            rewrite("factors_with_a_blob", tensor_edit=lambda t: t.__setitem__("recovery.blob", np.zeros(64, np.uint8)))
+    assert_bases_refused_alike(native, tmp_path, cases)
 
 
 def test_swaps_restore_the_base_bit_exactly(native, tiny_base):
@@ -437,7 +591,7 @@ def rewriter(good: bytes, cases: dict[str, bytes]):
     """``rewrite(name, meta_edit, tensor_edit, reseal)``: store in ``cases[name]`` a copy of the file ``good`` with its
     metadata and tensors edited, the payload checksum recomputed unless ``reseal`` is False."""
     header = parse_header(good, len(good), "x")
-    dtypes = {"U8": np.uint8, "F16": np.float16, "F32": np.float32, "I64": np.int64}
+    dtypes = {"U8": np.uint8, "I8": np.int8, "F16": np.float16, "F32": np.float32, "I64": np.int64}
 
     def rewrite(name: str, meta_edit=None, tensor_edit=None, reseal=True) -> None:
         tensors = {n: np.frombuffer(good, np.uint8, i.end - i.start, i.start).view(dtypes[i.dtype]).reshape(i.shape).copy()
@@ -496,39 +650,46 @@ def assert_bases_refused_alike(native, tmp_path: Path, cases: dict[str, bytes]) 
         assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
 
 
-def write_recovered(path: Path, scaling: float = 0.375) -> Path:
-    """write_quantized's base with an accuracy-recovery adapter on two of its layers (format version 2)."""
+def write_recovered(path: Path, scaling: float = 0.375, codebook_format: str = "float16") -> Path:
+    """write_quantized's base with an accuracy-recovery adapter on two of its layers (format version 2, or 4 with
+    int6 codebooks)."""
     from lowra.device_runtime.formats.quantized_base import Recovery
 
-    plain = read_quantized_base(write_quantized(path.with_name("plain-" + path.name)))
+    plain = read_quantized_base(write_quantized(path.with_name("plain-" + path.name), codebook_format=codebook_format))
     rng = np.random.default_rng(3)
     factors = {name: ((rng.standard_normal((3, w.in_features)) * 2).astype(np.float16),
                       (rng.standard_normal((w.out_features, 3)) * 0.01).astype(np.float16))
                for name, w in list(plain.layers.items())[:2]}
     recovered = plain.__class__(layers=plain.layers, dense=plain.dense, metadata=plain.metadata, fingerprint="",
-                                aliases=plain.aliases, recovery=Recovery(rank=3, scaling=scaling, factors=factors))
+                                aliases=plain.aliases, recovery=Recovery(rank=3, scaling=scaling, factors=factors),
+                                codebook_format=plain.codebook_format)
     return recovered.write(path)
 
 
-def write_recovered_blob(path: Path) -> Path:
-    """write_quantized's base with a compressed recovery adapter (format version 3) on two of its layers."""
+def write_recovered_blob(path: Path, codebook_format: str = "float16") -> Path:
+    """write_quantized's base with a compressed recovery adapter (format version 3, or 4 with int6 codebooks) on two
+    of its layers."""
     from lowra.device_runtime.formats.quantized_base import Recovery
 
-    plain = read_quantized_base(write_quantized(path.with_name("plain-" + path.name)))
+    plain = read_quantized_base(write_quantized(path.with_name("plain-" + path.name), codebook_format=codebook_format))
     modules = {name: (w.out_features, w.in_features) for name, w in list(plain.layers.items())[:2]}
     recovery = Recovery.from_blob(recovery_blob(modules, fingerprint=plain.fingerprint),
                                   {"plain_fingerprint": plain.fingerprint})
     recovered = plain.__class__(layers=plain.layers, dense=plain.dense, metadata=plain.metadata, fingerprint="",
-                                aliases=plain.aliases, recovery=recovery)
+                                aliases=plain.aliases, recovery=recovery, codebook_format=plain.codebook_format)
     return recovered.write(path)
 
 
-@pytest.mark.parametrize("scaling", [0.375, 2.0, 1e-05, "blob"])  # repr spellings: "0.375", "2.0", "1e-05"; version 3
+# repr spellings: "0.375", "2.0", "1e-05"; "blob": version 3; "int6", "int6-blob": version 4 with either kind
+@pytest.mark.parametrize("scaling", [0.375, 2.0, 1e-05, "blob", "int6", "int6-blob"])
 def test_recovered_base_decodes_bit_exactly_and_binds_users(native, tmp_path, scaling):
-    path = (write_recovered_blob(tmp_path / "recovered.safetensors") if scaling == "blob"
-            else write_recovered(tmp_path / "recovered.safetensors", scaling))
-    assert parse_header(path.read_bytes(), path.stat().st_size, "x").metadata["format_version"] == (
-        "3" if scaling == "blob" else "2")
+    codebook_format = "int6" if str(scaling).startswith("int6") else "float16"
+    path = (write_recovered_blob(tmp_path / "recovered.safetensors", codebook_format) if str(scaling).endswith("blob")
+            else write_recovered(tmp_path / "recovered.safetensors", 0.375 if scaling == "int6" else scaling,
+                                 codebook_format))
+    version = "4" if codebook_format == "int6" else "3" if scaling == "blob" else "2"
+    assert parse_header(path.read_bytes(), path.stat().st_size, "x").metadata["format_version"] == version
+    assert (read_quantized_base(path).recovery.blob is not None) == str(scaling).endswith("blob")
     runtime = DeviceRuntime(path)
     handle = native.open(path)
     try:
