@@ -246,7 +246,8 @@ def cmd_quantize_base(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     calibration = None if args.calibration == "none" else args.calibration
     config = QuantizeConfig(bits=args.bits, group_size=args.group_size, calibration=calibration,
-                            sensitivity=args.sensitivity, error_feedback=args.error_feedback)
+                            sensitivity=args.sensitivity, error_feedback=args.error_feedback,
+                            codebook_format=args.codebook_format)
     base = load_base(args.base)
     quantized = quantize_model(base.model, config, progress=True, source=str(base.path), tokenizer=base.tokenizer)
     quantized.write(out, overwrite=args.force)

@@ -91,7 +91,7 @@ def _is_quantized_base(path: Path) -> bool:
 def _base_json(base: QuantizedBase) -> dict[str, Any]:
     out: dict[str, Any] = {"format_version": base.metadata["format_version"], "fingerprint": base.fingerprint,
                            "source": base.metadata.get("source"), "layers": len(base.layers),
-                           "bits": base.bits_report(), "recovery": None}
+                           "codebook_format": base.codebook_format, "bits": base.bits_report(), "recovery": None}
     rec = base.recovery
     if rec is not None:
         out["recovery"] = {"rank": rec.rank, "scaling": rec.scaling, "modules": len(rec.factors),
@@ -112,13 +112,15 @@ def _print_base(base: QuantizedBase, title: str, indent: str) -> None:
     total = sum(r["width_histogram"].values())
     print(f"{indent}row widths        " + ", ".join(
         f"{w}-bit {n} ({100 * n / total:.0f}%)" for w, n in r["width_histogram"].items()))
+    kind = "6-bit integers x 2**e per row" if base.codebook_format == "int6" else "float16 levels"
+    print(f"{indent}codebooks         {kind}, {r['bytes']['codebooks']} bytes")
     rec = base.recovery
     if rec is None:
         print(f"{indent}recovery adapter  none")
         return
     bits = rec.info.get("compressed_bits")
-    stored = ("float16 factors (version 2)" if rec.blob is None
-              else f"compressed{f' at {bits:g} bits' if isinstance(bits, (int, float)) else ''} (version 3)")
+    stored = ("float16 factors" if rec.blob is None
+              else f"compressed{f' at {bits:g} bits' if isinstance(bits, (int, float)) else ''}")
     print(f"{indent}recovery adapter  rank {rec.rank} on {len(rec.factors)} layers, {stored}: {r['recovery_bytes']} "
           f"bytes = {r['recovery_bits']:.4f} bits per quantized weight, {r['effective_bits_with_recovery']:.4f} "
           "effective bits with it")

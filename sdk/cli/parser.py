@@ -10,6 +10,7 @@ import argparse
 import datetime as _dt
 import re
 
+from lowra.device_runtime.formats.constants import CODEBOOK_FORMATS
 from lowra.sdk.adapters.config import LoraConfig
 from lowra.sdk.cli.demo_config import DemoConfig
 from lowra.sdk.fleet.gate import GateConfig
@@ -369,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=qc.error_feedback,
                    help="round each layer's columns against the calibration inputs, feeding each rounding error "
                    "forward (GPTQ-style, with the rows' own codebooks); needs calibration (default on)")
+    p.add_argument("--codebook-format", default=qc.codebook_format, choices=CODEBOOK_FORMATS,
+                   help="how each row's levels are stored: 'int6' (6-bit integers times a power of two per row, "
+                   "format version 4: half the bits of float16 levels, spent on wider rows) or 'float16' (version 1, "
+                   f"for lowra readers older than version 4) (default {qc.codebook_format})")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     _add_base(p, quantized=False)
 

@@ -17,11 +17,13 @@ from tqdm.auto import tqdm
 from lowra.device_runtime._files import utc_now
 from lowra.device_runtime.formats.bitpack import packed_bytes
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.device_runtime.formats.int6_levels import codebook_bits as int6_codebook_bits
 from lowra.device_runtime.formats.quantized_base import (
     QuantizedBase,
     header_bytes_bound,
     quantized_fingerprint,
     serialized_size,
+    stored_layer_tensors,
 )
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.sdk.errors import BudgetError, ConfigError
@@ -50,9 +52,11 @@ METHOD = (
 )
 
 
-def row_costs(n_in: int) -> np.ndarray:
-    """Bits that vary with a row's width: packed codes (byte-padded) + float16 codebook, for widths 1, 2, 4."""
-    return np.array([8 * packed_bytes(n_in, w) + 16 * (1 << w) for w in CODED_WIDTHS], dtype=np.float64)
+def row_costs(n_in: int, codebook_format: str = "float16") -> np.ndarray:
+    """Bits of a row at widths 1, 2, 4: packed codes (byte-padded) + its codebook (float16 levels, or int6 levels and
+    the row's exponent)."""
+    book = int6_codebook_bits if codebook_format == "int6" else (lambda w: 16 * (1 << w))
+    return np.array([8 * packed_bytes(n_in, w) + book(w) for w in CODED_WIDTHS], dtype=np.float64)
 
 
 def dense_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -105,7 +109,7 @@ def refine(
     widths = [w for w in CODED_WIDTHS if FINAL_GRID[w] != plan.scoring_grid[w] and np.any(row_widths == w)]
     if not widths:
         return levels, distortion
-    batchers = {w: RowBatcher(w, FINAL_GRID[w]) for w in widths}
+    batchers = {w: RowBatcher(w, FINAL_GRID[w], plan.config.codebook_format) for w in widths}
     start = 0
     for name, (o, _) in tqdm(list(zip(plan.names, plan.shapes)), desc="refitting", unit="layer", disable=not progress):
         layer_widths = row_widths[start : start + o]
@@ -177,8 +181,9 @@ class QuantizePlan:
         return self.distortion * self.row_sensitivity()[:, None]
 
     def row_costs(self) -> np.ndarray:
-        """Bits that vary with the width, per row [rows, 3] (codes with byte padding + float16 codebook)."""
-        return np.concatenate([np.broadcast_to(row_costs(i), (o, len(CODED_WIDTHS))) for o, i in self.shapes])
+        """Bits of each row at each width [rows, 3] (codes with byte padding + its codebook, see :func:`row_costs`)."""
+        fmt = self.config.codebook_format
+        return np.concatenate([np.broadcast_to(row_costs(i, fmt), (o, len(CODED_WIDTHS))) for o, i in self.shapes])
 
     def _metadata(self, bits: float, created: str, report: dict[str, object]) -> dict[str, object]:
         g = self.config.group_size
@@ -192,19 +197,21 @@ class QuantizePlan:
                 "calibration": self.calibration_source, "calibration_tokens": self.calibration_tokens,
                 "sensitivity": self.config.sensitivity if self.calibrated else "none",
                 "error_feedback": self.feeds_back,
-                "scale_dtype": "float16", "codebook_dtype": "float16", "dense_dtype": "float16",
+                "scale_dtype": "float16", "dense_dtype": "float16",
+                "codebook_dtype": "int6 x 2**e per row" if self.config.codebook_format == "int6" else "float16",
             },
             "report": report,
             "created": created,
         }
 
     def fixed_bytes(self, bits: float, created: str) -> int:
-        """Bytes that do not depend on the widths: the header (bounded above), scales and the width maps."""
-        g = self.config.group_size
+        """Bytes that do not depend on the widths: the header (bounded above), scales and the width maps (and with
+        int6 codebooks each layer's last, partly filled level byte, counted as a whole byte)."""
+        g, fmt = self.config.group_size, self.config.codebook_format
         meta = self._metadata(bits, created, placeholder_report(self.shapes, self.calibrated, self.feeds_back))
         table = [(n, o, i, g) for n, (o, i) in zip(self.names, self.shapes)]
-        return header_bytes_bound(table, self.dense, meta) + sum(
-            o * 2 * (-(-i // g) if g else 0) + (o + 3) // 4 for o, i in self.shapes
+        return header_bytes_bound(table, self.dense, meta, fmt) + sum(
+            o * 2 * (-(-i // g) if g else 0) + (o + 3) // 4 + (fmt == "int6") for o, i in self.shapes
         )
 
     def budget_range(self, created: str = "2000-01-01T00:00:00+00:00") -> tuple[float, float]:
@@ -281,8 +288,7 @@ class QuantizePlan:
             W = prep.weight.cpu().numpy()
             err = W - qw.dequantize().astype(np.float64)
             sse, energy = float(np.sum(err * err)), float(W.size * np.var(W))
-            # storage_bits counts 2 bits per row for the width; the file pads each layer's width map to bytes.
-            stored_bits = qw.storage_bits() - 2 * o + 8 * ((o + 3) // 4)
+            stored_bits = 8 * sum(a.nbytes for a in stored_layer_tensors(name, qw, self.config.codebook_format).values())
             row = [report_round(sse / max(energy, 1e-300)), report_round(stored_bits / W.size), report_round(qw.code_bits() / W.size)]
             if weighted:
                 ms = prep.input_ms.cpu().numpy()
@@ -305,7 +311,7 @@ class QuantizePlan:
             total["output_error_nearest"] = report_round(fed_totals[0] / max(fed_totals[2], 1e-300))
             total["output_error_fed"] = report_round(fed_totals[1] / max(fed_totals[2], 1e-300))
         metadata = self._metadata(bits, created, report_json(module_rows, total, weighted, fed))
-        file_bytes, header = serialized_size(layers, self.dense, metadata)
+        file_bytes, header = serialized_size(layers, self.dense, metadata, self.config.codebook_format)
         effective = 8.0 * (file_bytes - sum(a.nbytes for a in self.dense.values())) / self.n_params
         if effective > bits + 1e-12:  # the header bound makes this unreachable; never hand out an over-budget base
             raise BudgetError(
@@ -315,6 +321,7 @@ class QuantizePlan:
         return QuantizedBase(
             layers=layers, dense=self.dense, metadata=metadata, fingerprint=quantized_fingerprint(layers),
             file_bytes=file_bytes, header_bytes=header, aliases=dict(self.aliases),
+            codebook_format=self.config.codebook_format,
         )
 
 
@@ -388,7 +395,7 @@ def _plan_model(
         calibration_tokens=calibration.tokens if config.calibrated else 0,
     )
     # Every row scored at every width: histograms fitted in chunks of rows across layers.
-    scoring = {w: RowBatcher(w, grid[w]) for w in CODED_WIDTHS}
+    scoring = {w: RowBatcher(w, grid[w], config.codebook_format) for w in CODED_WIDTHS}
     for name in tqdm(names, desc="scoring widths", unit="layer", disable=not progress):
         hist = row_histogram(plan.prepare(name))
         for batcher in scoring.values():

@@ -181,7 +181,7 @@ def recover_quantized_base(
     recovered = QuantizedBase(
         layers=plain.layers, dense=plain.dense, fingerprint="",
         metadata={k: v for k, v in plain.metadata.items() if k != "created"},  # written now
-        aliases=plain.aliases, recovery=recovery,
+        aliases=plain.aliases, recovery=recovery, codebook_format=plain.codebook_format,
     )
     recovered.write(out, overwrite=overwrite)
     return read_quantized_base(out)

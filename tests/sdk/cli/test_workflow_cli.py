@@ -86,10 +86,12 @@ def test_inspect_a_quantized_base_and_its_recovery_adapter(tmp_path, capsys):
     assert "lowra quantized base v1 (checksum and fingerprint ok)" in out and "recovery adapter  none" in out
     assert main(["inspect", str(recovered)]) == 0
     out = capsys.readouterr().out
-    assert "lowra quantized base v3" in out and "rank 3 on 2 layers, compressed (version 3)" in out
+    assert "lowra quantized base v3" in out and "rank 3 on 2 layers, compressed:" in out
+    assert "codebooks         float16 levels, " in out
     assert main(["inspect", "--json", str(recovered)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["base"]["recovery"]["stored"] == "compressed blob" and doc["base"]["layers"] == 3
+    assert doc["base"]["codebook_format"] == "float16"
     assert doc["base"]["bits"]["recovery_bytes"] > 0
     assert main(["inspect", "--trust", str(tmp_path), str(recovered)]) == 2  # nothing signed to verify
     assert "is not signed" in capsys.readouterr().err
@@ -234,7 +236,7 @@ def test_cli_train_compress_generate_on_a_quantized_base(tmp_path, capsys, tiny_
 
 
 def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, tiny_tokenizer, tiny_user_dir):
-    """`lowra recover` writes a version-3 base (its adapter compressed); a user's adapter trained on it binds to it (the recovery adapter is
+    """`lowra recover` writes a version-4 base (int6 codebooks, its adapter compressed); a user's adapter trained on it binds to it (the recovery adapter is
     part of the base, under the user's), the plain base refuses that blob, and `lowra eval` names the recovery."""
     from lowra.device_runtime.errors import BaseMismatchError
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
@@ -253,7 +255,10 @@ def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, ti
     assert "recovery adapter rank 2 on 14 layers" in out and "recovered base" in out and "plain low-bit base" in out
     stored = read_quantized_base(recovered)
     assert stored.recovery.info["plain_fingerprint"] == read_quantized_base(plain).fingerprint
-    assert stored.recovery.blob is not None and stored.metadata["format_version"] == "3"  # compressed (version 3)
+    assert stored.recovery.blob is not None and stored.metadata["format_version"] == "4"  # int6 codebooks
+    assert stored.codebook_format == "int6"
+    assert main(["inspect", str(recovered)]) == 0
+    assert "codebooks         6-bit integers x 2**e per row" in capsys.readouterr().out
     assert main(["recover", "--base", str(base_dir), "--quantized-base", str(plain), "--out", str(recovered)]) == 2
     assert "already exists" in capsys.readouterr().err
     common = ["--base", str(base_dir), "--quantized-base", str(recovered)]

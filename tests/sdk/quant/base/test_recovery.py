@@ -34,7 +34,8 @@ FAST = RecoveryConfig(rank=4, alpha=8.0, steps=40, learning_rate=1e-2, warmup_st
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("recovery")
-    plain = quantize_model(build_tiny_model(), QuantizeConfig(bits=6.0, group_size=0, calibration=None),
+    plain = quantize_model(build_tiny_model(), QuantizeConfig(bits=6.0, group_size=0, calibration=None,
+                                                              codebook_format="float16"),  # versions 2 and 3 here
                            progress=False, source="tiny")
     plain_path = plain.write(folder / "plain.safetensors")
     recovered = recover_quantized_base(build_tiny_model(), tiny_tokenizer, plain_path, folder / "recovered.safetensors",
@@ -86,6 +87,22 @@ def test_the_recovered_base_is_a_version_2_file_and_another_base(bases) -> None:
     for name, qw in plain.layers.items():  # the low-bit layers are the plain base's, untouched
         assert recovered.layers[name].codes.tobytes() == qw.codes.tobytes()
     assert recovered.bits_report()["recovery_bits"] > 0
+
+
+def test_recovering_an_int6_base_keeps_its_codebooks_in_a_version_4_file(tmp_path, tiny_tokenizer) -> None:
+    plain = quantize_model(build_tiny_model(), QuantizeConfig(bits=6.0, group_size=0, calibration=None),
+                           progress=False, source="tiny")
+    assert plain.codebook_format == "int6"  # the default
+    plain_path = plain.write(tmp_path / "plain.safetensors")
+    config = RecoveryConfig(**{**FAST.__dict__, "steps": 2})
+    recovered = recover_quantized_base(build_tiny_model(), tiny_tokenizer, plain_path, tmp_path / "r.safetensors",
+                                       config, progress=False)
+    header = parse_header((tmp_path / "r.safetensors").read_bytes(), (tmp_path / "r.safetensors").stat().st_size, "t")
+    assert header.metadata["format_version"] == "4" and recovered.codebook_format == "int6"
+    assert not any(n.endswith(".codebooks") for n in header.tensors)
+    for name, qw in read_quantized_base(plain_path).layers.items():
+        assert recovered.layers[name].codebooks.tobytes() == qw.codebooks.tobytes()
+    assert recovered.recovery.info["plain_fingerprint"] == plain.fingerprint != recovered.fingerprint
 
 
 def test_a_compressed_recovery_adapter_is_a_version_3_file_of_the_same_adapter(bases, compressed) -> None:
