@@ -39,9 +39,15 @@ from lowra.device_runtime.formats.bitpack import (
     encode_widths,
     pack_codes,
 )
-from lowra.device_runtime.formats.int6_levels import LEVEL_BITS, LEVEL_LIMIT, MAX_EXPONENT, MIN_EXPONENT
+from lowra.device_runtime.formats.int_levels import (
+    LEVEL_BITS,
+    MIN_EXPONENT,
+    level_limit,
+    max_exponent,
+    packed_level_bytes,
+)
 from lowra.device_runtime.formats.quantized_base import (
-    INT6_LEVEL_TENSORS,
+    INT_LEVEL_TENSORS,
     LAYER_TENSORS,
     build_quantized_base_bytes,
     parse_quantized_base,
@@ -145,36 +151,51 @@ def rechecksum(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     return container.serialize(tensors, meta)
 
 
-def _is_int6(tensors: dict[str, np.ndarray], name: str) -> bool:
-    """Whether module ``name`` stores its levels as int6 (a version-4 base) rather than float16 ``codebooks``."""
+def _is_int_levels(tensors: dict[str, np.ndarray], name: str) -> bool:
+    """Whether module ``name`` stores integer levels (a version-4 base) rather than float16 ``codebooks``."""
     return f"{name}.levels" in tensors
 
 
-def level_ints(tensors: dict[str, np.ndarray], name: str, n_levels: int) -> np.ndarray:
-    """A version-4 layer's integer levels k (int64 [n_levels], sign-extended), read leniently: no range, order or
-    padding check (a mutator may have broken those on purpose)."""
-    bits = np.unpackbits(tensors[f"{name}.levels"], bitorder="little")[: LEVEL_BITS * n_levels]
-    values = (bits.reshape(n_levels, LEVEL_BITS).astype(np.int64) << np.arange(LEVEL_BITS)).sum(1)
-    return np.where(values >= 1 << (LEVEL_BITS - 1), values - (1 << LEVEL_BITS), values)
+def level_bits(widths: np.ndarray) -> np.ndarray:
+    """The bits of each level of rows of these widths (int64, rows in order): ``LEVEL_BITS[w]`` (6 or 8), ``2**w``
+    times per row; a row of width 0 has none."""
+    w = np.asarray(widths, dtype=np.int64)
+    return np.repeat([LEVEL_BITS.get(int(v), 0) for v in w], np.where(w > 0, 1 << w, 0)).astype(np.int64)
 
 
-def store_level_ints(tensors: dict[str, np.ndarray], name: str, ints: np.ndarray) -> None:
-    """``ints`` (any of -32..31) packed as a version-4 layer's ``levels``: 6 bits each, LSB-first, zero padding."""
-    six = (np.asarray(ints, dtype=np.int64) & ((1 << LEVEL_BITS) - 1)).astype(np.uint8)
-    bits = np.unpackbits(six[:, None], axis=1, bitorder="little")[:, :LEVEL_BITS].reshape(-1)
-    tensors[f"{name}.levels"] = np.packbits(bits, bitorder="little")
+def level_ints(tensors: dict[str, np.ndarray], name: str, widths: np.ndarray) -> np.ndarray:
+    """A version-4 layer's integer levels k (int64, sign-extended; each on its row's bits: LEVEL_BITS[w]), read
+    leniently: no range, order or padding check (a mutator may have broken those on purpose)."""
+    bits = level_bits(widths)
+    stream = np.unpackbits(tensors[f"{name}.levels"], bitorder="little").astype(np.int64)
+    j = np.arange(8)
+    used = j[None, :] < bits[:, None]
+    at = np.where(used, (np.cumsum(bits) - bits)[:, None] + j, 0)  # each level's stream bits, LSB first
+    values = (np.where(used, stream[at] if stream.size else 0, 0) << j).sum(1)
+    half = 1 << (bits - 1)
+    return np.where(values >= half, values - 2 * half, values)
+
+
+def store_level_ints(tensors: dict[str, np.ndarray], name: str, ints: np.ndarray, widths: np.ndarray) -> None:
+    """``ints`` (each within its row's two's complement bits: -32..31 or -128..127) packed as a version-4 layer's
+    ``levels``: one LSB-first stream, each level on its row's bits, zero padding (``packed_level_bytes`` bytes)."""
+    bits = level_bits(widths)
+    unsigned = (np.asarray(ints, dtype=np.int64) & ((1 << bits) - 1)).astype(np.uint8)
+    stream = np.unpackbits(unsigned[:, None], axis=1, bitorder="little")[np.arange(8)[None, :] < bits[:, None]]
+    tensors[f"{name}.levels"] = np.packbits(stream, bitorder="little")
+    assert tensors[f"{name}.levels"].size == packed_level_bytes(widths)
 
 
 def layer_codebooks(tensors: dict[str, np.ndarray], name: str, widths: np.ndarray) -> np.ndarray:
-    """A layer's float16 codebooks as the fingerprint hashes them: stored (versions 1-3), or ``k * 2**e`` of its int6
-    levels (version 4, leniently: what a forger who recomputes the fingerprint hashes)."""
-    if not _is_int6(tensors, name):
+    """A layer's float16 codebooks as the fingerprint hashes them: stored (versions 1-3), or ``k * 2**e`` of its
+    integer levels (version 4, leniently: what a forger who recomputes the fingerprint hashes)."""
+    if not _is_int_levels(tensors, name):
         return tensors[f"{name}.codebooks"]
     counts = 1 << np.asarray(widths, dtype=np.int64)
     exponents = tensors[f"{name}.level_exponents"].astype(np.int64)
-    if exponents.shape != counts.shape or 8 * tensors[f"{name}.levels"].size < LEVEL_BITS * int(counts.sum()):
+    if exponents.shape != counts.shape or tensors[f"{name}.levels"].size < packed_level_bytes(widths):
         return np.zeros(0, np.float16)  # sizes the reader refuses before it hashes the layer (e.g. a row of width 0)
-    ints = level_ints(tensors, name, int(counts.sum()))
+    ints = level_ints(tensors, name, widths)
     with np.errstate(over="ignore"):
         return (ints * np.exp2(np.repeat(exponents, counts))).astype(np.float16)
 
@@ -650,26 +671,33 @@ def _base_parts(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str], lis
     return tensors, meta, json.loads(meta["modules"])
 
 
-def _row_levels(tensors: dict[str, np.ndarray], name: str, out_f: int, rng: random.Random) -> tuple[int, int]:
-    widths = decode_widths(tensors[f"{name}.widths"], out_f).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(1 << widths)])
+def _layer_widths(tensors: dict[str, np.ndarray], name: str, out_f: int) -> np.ndarray:
+    return decode_widths(tensors[f"{name}.widths"], out_f).astype(np.int64)
+
+
+def _row_levels(tensors: dict[str, np.ndarray], name: str, out_f: int, rng: random.Random) -> tuple[int, int, int]:
+    """A random row of the layer: (row, its first level, the end of its levels) in the layer's codebooks."""
+    offsets = np.concatenate([[0], np.cumsum(1 << _layer_widths(tensors, name, out_f))])
     r = rng.randrange(out_f)
-    return int(offsets[r]), int(offsets[r + 1])
+    return r, int(offsets[r]), int(offsets[r + 1])
 
 
-def _n_levels(tensors: dict[str, np.ndarray], name: str, out_f: int) -> int:
-    return int((1 << decode_widths(tensors[f"{name}.widths"], out_f).astype(np.int64)).sum())
+def _padding_bits(tensors: dict[str, np.ndarray], name: str, out_f: int) -> int:
+    """Unused high bits of a version-4 layer's last ``levels`` byte."""
+    widths = _layer_widths(tensors, name, out_f)
+    return 8 * packed_level_bytes(widths) - int(level_bits(widths).sum())
 
 
 def base_unsorted_codebook(rng: random.Random, data: bytes) -> bytes:
     """A row's levels reversed (descending: the seeds' levels are distinct); in a version-4 base, its integers."""
     tensors, meta, table = _base_parts(data)
     name, out_f, _, _ = _pick(rng, table)
-    start, end = _row_levels(tensors, name, out_f, rng)
-    if _is_int6(tensors, name):
-        ints = level_ints(tensors, name, _n_levels(tensors, name, out_f))
+    _, start, end = _row_levels(tensors, name, out_f, rng)
+    if _is_int_levels(tensors, name):
+        widths = _layer_widths(tensors, name, out_f)
+        ints = level_ints(tensors, name, widths)
         ints[start:end] = ints[start:end][::-1].copy()
-        store_level_ints(tensors, name, ints)
+        store_level_ints(tensors, name, ints, widths)
         return refingerprint(tensors, meta)
     levels = tensors[f"{name}.codebooks"]
     levels[start:end] = levels[start:end][::-1].copy()
@@ -678,19 +706,24 @@ def base_unsorted_codebook(rng: random.Random, data: bytes) -> bytes:
 
 def base_nonfinite(rng: random.Random, data: bytes) -> bytes:
     """A level or a scale set to NaN or an infinity; in a version-4 base, a level made unrepresentable instead: a
-    row's exponent outside -24..11 (which the 6-bit integers would otherwise reach, up to 31 * 2**127) or an integer
-    of -32."""
+    row's exponent outside its width's range (-24..11 for 6-bit levels, -24..9 for 8-bit ones, which the integers
+    would otherwise take up to 127 * 2**127) or an integer one below its row's limit (-32 or -128)."""
     tensors, meta, table = _base_parts(data)
     name, out_f, _, _ = _pick(rng, table)
     field = _pick(rng, ['codebooks', 'scales'])
-    if field == "codebooks" and _is_int6(tensors, name):
+    if field == "codebooks" and _is_int_levels(tensors, name):
+        widths = _layer_widths(tensors, name, out_f)
         if rng.random() < 0.5:
-            exponents = tensors[f"{name}.level_exponents"]
-            exponents[rng.randrange(out_f)] = _pick(rng, [MIN_EXPONENT - 1, MAX_EXPONENT + 1, -128, 127, 16])
+            r = rng.randrange(out_f)
+            top = max_exponent(int(widths[r]))
+            # above the row's range: 10..12 on a 4-bit row (10 and 11 are in a 1- or 2-bit row's), 12 on others
+            above = rng.randint(top + 1, 12)
+            tensors[f"{name}.level_exponents"][r] = _pick(rng, [MIN_EXPONENT - 1, above, -128, 127, 16])
         else:
-            ints = level_ints(tensors, name, _n_levels(tensors, name, out_f))
-            ints[rng.randrange(ints.size)] = -LEVEL_LIMIT - 1
-            store_level_ints(tensors, name, ints)
+            ints = level_ints(tensors, name, widths)
+            k = rng.randrange(ints.size)
+            ints[k] = -level_limit(int(np.repeat(widths, 1 << widths)[k])) - 1
+            store_level_ints(tensors, name, ints, widths)
         return refingerprint(tensors, meta)
     arr = tensors[f"{name}.{field}"]
     if arr.size:
@@ -700,37 +733,39 @@ def base_nonfinite(rng: random.Random, data: bytes) -> bytes:
 
 def base_level_padding(rng: random.Random, data: bytes) -> bytes:
     """Bits set after a version-4 layer's last level (no level changes; the fingerprint hashes the decoded levels,
-    so only the reader's padding check can refuse it). A float16 base, or layers without padding: unchanged."""
+    so only the reader's padding check can refuse it). A float16 base, or layers without padding (an even number of
+    1-bit rows): unchanged."""
     tensors, meta, table = _base_parts(data)
-    padded = [(e[0], e[1]) for e in table if _is_int6(tensors, e[0]) and LEVEL_BITS * _n_levels(tensors, e[0], e[1]) % 8]
+    padded = [(e[0], e[1]) for e in table if _is_int_levels(tensors, e[0]) and _padding_bits(tensors, e[0], e[1])]
     if padded:
         name, out_f = _pick(rng, padded)
-        used = LEVEL_BITS * _n_levels(tensors, name, out_f) % 8
-        tensors[f"{name}.levels"][-1] |= np.uint8((0xFF << used) & 0xFF & (1 << rng.randrange(used, 8)))
+        used = 8 - _padding_bits(tensors, name, out_f)
+        tensors[f"{name}.levels"][-1] |= np.uint8(1 << rng.randrange(used, 8))
     return refingerprint(tensors, meta)
 
 
 def base_level_edit(rng: random.Random, data: bytes) -> bytes:
     """A valid change of a row's levels (legit: re-fingerprinted, every rule kept). Float16: a level moved strictly
-    between its neighbours. Version 4: a row's exponent moved within -24..11, or a level's integer moved within its
-    neighbours' range."""
+    between its neighbours. Version 4: a row's exponent moved within its width's range (-24..11 or -24..9), or a
+    level's integer moved within its neighbours' range (at most its row's limit, 31 or 127)."""
     tensors, meta, table = _base_parts(data)
     name, out_f, _, _ = _pick(rng, table)
-    start, end = _row_levels(tensors, name, out_f, rng)
-    if _is_int6(tensors, name):
-        row = int(np.searchsorted(np.concatenate([[0], np.cumsum(
-            1 << decode_widths(tensors[f"{name}.widths"], out_f).astype(np.int64))]), start))
+    row, start, end = _row_levels(tensors, name, out_f, rng)
+    if _is_int_levels(tensors, name):
+        widths = _layer_widths(tensors, name, out_f)
         if rng.random() < 0.5:
             exponents = tensors[f"{name}.level_exponents"]
             e = int(exponents[row])
-            exponents[row] = _pick(rng, [x for x in range(MIN_EXPONENT, MAX_EXPONENT + 1) if x != e])
+            top = max_exponent(int(widths[row]))
+            exponents[row] = _pick(rng, [x for x in range(MIN_EXPONENT, top + 1) if x != e])
         else:
-            ints = level_ints(tensors, name, _n_levels(tensors, name, out_f))
+            ints = level_ints(tensors, name, widths)
             k = rng.randrange(start, end)
-            low = ints[k - 1] if k > start else -LEVEL_LIMIT
-            high = ints[k + 1] if k + 1 < end else LEVEL_LIMIT
+            limit = level_limit(int(widths[row]))
+            low = ints[k - 1] if k > start else -limit
+            high = ints[k + 1] if k + 1 < end else limit
             ints[k] = rng.randint(int(low), int(high))
-            store_level_ints(tensors, name, ints)
+            store_level_ints(tensors, name, ints, widths)
         return refingerprint(tensors, meta)
     levels = tensors[f"{name}.codebooks"].astype(np.float32)
     k = rng.randrange(start, end)
@@ -741,7 +776,7 @@ def base_level_edit(rng: random.Random, data: bytes) -> bytes:
 
 
 def _dense_names(tensors: dict[str, np.ndarray], table: list[list[Any]]) -> list[str]:
-    layer = {f"{e[0]}.{t}" for e in table for t in LAYER_TENSORS + INT6_LEVEL_TENSORS}
+    layer = {f"{e[0]}.{t}" for e in table for t in LAYER_TENSORS + INT_LEVEL_TENSORS}
     return sorted(n for n in tensors if n not in layer)
 
 
@@ -787,9 +822,9 @@ def base_width_zero(rng: random.Random, data: bytes) -> bytes:
     code_off = np.concatenate([[0], np.cumsum((in_f * widths + 7) // 8)])
     level_off = np.concatenate([[0], np.cumsum(1 << widths)])
     tensors[f"{name}.codes"] = np.delete(tensors[f"{name}.codes"], np.s_[code_off[r] : code_off[r + 1]])
-    if _is_int6(tensors, name):  # the row's integers and its exponent
-        ints = level_ints(tensors, name, int(level_off[-1]))
-        store_level_ints(tensors, name, np.delete(ints, np.s_[level_off[r] : level_off[r + 1]]))
+    if _is_int_levels(tensors, name):  # the row's integers and its exponent
+        ints = level_ints(tensors, name, widths)
+        store_level_ints(tensors, name, np.delete(ints, np.s_[level_off[r] : level_off[r + 1]]), np.delete(widths, r))
         tensors[f"{name}.level_exponents"] = np.delete(tensors[f"{name}.level_exponents"], r)
     else:
         tensors[f"{name}.codebooks"] = np.delete(tensors[f"{name}.codebooks"], np.s_[level_off[r] : level_off[r + 1]])
@@ -800,17 +835,19 @@ def base_width_zero(rng: random.Random, data: bytes) -> bytes:
 
 def base_layer_tensor(rng: random.Random, data: bytes) -> bytes:
     """A layer tensor dropped or stored at another dtype (fingerprint recomputed over what the file keeps); in a
-    version-4 base, one of its int6 tensors, or a float16 ``codebooks`` added beside them (the other layout)."""
+    version-4 base, one of its integer-level tensors, or a float16 ``codebooks`` added beside them (the other
+    layout)."""
     tensors, meta, table = _base_parts(data)
     module, out_f, _, _ = _pick(rng, table)
-    int6 = _is_int6(tensors, module)
-    name = f"{module}.{_pick(rng, ['codebooks', 'codes', 'scales', 'widths'] + (['level_exponents'] if int6 else []))}"
-    if int6 and name.endswith(".codebooks"):
-        if rng.random() < 0.5:  # the levels under their float16 name, beside or instead of the int6 tensors
+    has_levels = _is_int_levels(tensors, module)
+    fields = ['codebooks', 'codes', 'scales', 'widths'] + (['level_exponents'] if has_levels else [])
+    name = f"{module}.{_pick(rng, fields)}"
+    if has_levels and name.endswith(".codebooks"):
+        if rng.random() < 0.5:  # the levels under their float16 name, beside or instead of the integer-level tensors
             widths = decode_widths(tensors[f"{module}.widths"], out_f)
             tensors[name] = layer_codebooks(tensors, module, widths).copy()
             if rng.random() < 0.5:
-                for t in INT6_LEVEL_TENSORS:
+                for t in INT_LEVEL_TENSORS:
                     del tensors[f"{module}.{t}"]
             return rechecksum(tensors, meta)
         name = f"{module}.levels"
@@ -1061,20 +1098,25 @@ BASE_META = {"source": "fuzz", "group_size": 4, "scheme": {"method": "fuzz"}, "r
 
 def random_layer(rng: np.random.Generator, out_f: int, in_f: int, group: int, grid: bool = False) -> QuantizedWeight:
     """A valid quantized weight from random widths, indices, sorted distinct levels and scales; with ``grid``, levels
-    on version 4's int6 grid (distinct k / 32, k in -31..31)."""
+    on version 4's integer grid: distinct k / (L + 1), k in -L..L, L its row's limit (31 on 1- and 2-bit rows, 127 on
+    4-bit ones, whose levels then need their 8 bits)."""
     widths = rng.choice([1, 2, 4], out_f).astype(np.uint8)
     codes = np.concatenate([pack_codes(rng.integers(0, 1 << w, (1, in_f)).astype(np.uint8), int(w))[0] for w in widths])
-    values = np.arange(-LEVEL_LIMIT, LEVEL_LIMIT + 1) / 32 if grid else np.linspace(-1, 1, 64)
-    levels = np.concatenate([np.sort(rng.choice(values, 1 << w, replace=False)) for w in widths])
+
+    def values(w: int) -> np.ndarray:
+        limit = level_limit(w)
+        return np.arange(-limit, limit + 1) / (limit + 1) if grid else np.linspace(-1, 1, 64)
+
+    levels = np.concatenate([np.sort(rng.choice(values(int(w)), 1 << w, replace=False)) for w in widths])
     n_groups = -(-in_f // group) if group else 0
     scales = rng.uniform(0.1, 2, (out_f, n_groups)).astype(np.float16)
     return QuantizedWeight(out_f, in_f, group, widths, codes, levels.astype(np.float16), scales)
 
 
 def base_seed_bytes(seed: int = 0, codebook_format: str = "float16") -> bytes:
-    """A tiny quantized base: version 1, or version 4 (levels on the int6 grid) with ``codebook_format="int6"``."""
+    """A tiny quantized base: version 1, or version 4 (levels on the integer grid) with ``codebook_format="int"``."""
     rng = np.random.default_rng(seed)
-    grid = codebook_format == "int6"
+    grid = codebook_format == "int"
     layers = {"model.layers.0.self_attn.q_proj": random_layer(rng, 6, 10, 4, grid),
               "model.layers.0.mlp.down_proj": random_layer(rng, 5, 7, 0, grid)}
     dense = {"model.embed_tokens.weight": rng.standard_normal((12, 10)).astype(np.float16),
@@ -1146,7 +1188,7 @@ class FuzzContext:
             "base": Seed("base", "base", base),
             "base-signed": Seed("base-signed", "base", sign_bytes(base, self.keys.trusted, now=NOW, sequence=SEQUENCE),
                                 signed=True),
-            "base-int6": Seed("base-int6", "base", base_seed_bytes(codebook_format="int6")),  # version 4
+            "base-int": Seed("base-int", "base", base_seed_bytes(codebook_format="int")),  # version 4
         }
         unsigned = {"blob": blob_mutations(self.base), "base": base_mutations()}
         self._mutations = {
@@ -1235,7 +1277,6 @@ class FuzzContext:
             aborted = True
         except Exception as exc:  # classified below: LowraError is a refusal, anything else a bug
             error = exc
-            trace = "".join(traceback.format_exception(exc)[-4:])
         finally:
             seconds = time.perf_counter() - start
             signal.alarm(0)
@@ -1243,6 +1284,8 @@ class FuzzContext:
             peak = tracemalloc.get_traced_memory()[1] - base_memory
             if not tracing:
                 tracemalloc.stop()
+        if error is not None:  # after the measurement: a first traceback reads its files' source into linecache
+            trace = "".join(traceback.format_exception(error)[-4:])
         message = f"{type(error).__name__}: {error}" if error is not None else ""
         if aborted or seconds > HANG_SECONDS:
             outcome = HANG

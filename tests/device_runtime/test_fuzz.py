@@ -3,9 +3,11 @@ memory that follows what a header announces. Seeds, mutators and the classifier:
 run: bench/fuzz_formats.py. The findings tests at the end reproduce, one each, what the fuzzer found."""
 from __future__ import annotations
 
+import json
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +17,8 @@ from lowra.device_runtime.errors import (
     UnsupportedFormatError,
 )
 from lowra.device_runtime.formats import parse_blob, signed
+from lowra.device_runtime.formats.bitpack import decode_widths
+from lowra.device_runtime.formats.int_levels import decode_levels, level_limit, packed_level_bytes
 from lowra.device_runtime.formats.quantized_base import (
     parse_quantized_base,
     read_quantized_base,
@@ -31,9 +35,13 @@ from tests.fuzz_mutations import (
     Keys,
     base_seed_bytes,
     join,
+    layer_codebooks,
+    level_bits,
+    level_ints,
     raw_public_key,
     rechecksum,
     split,
+    store_level_ints,
     tensors_of,
 )
 
@@ -59,10 +67,10 @@ def _report(ctx: FuzzContext, runs: list[tuple[str, str, int]]) -> list[str]:
 def test_seeds_are_accepted_as_themselves(ctx):
     assert {s.family for s in ctx.seeds.values()} == {"blob", "base"}
     assert any(s.signed for s in ctx.seeds.values()) and any(s.encrypted for s in ctx.seeds.values())
-    # Every base mutation runs on both layouts: float16 codebooks (version 1) and int6 levels (version 4).
+    # Every base mutation runs on both layouts: float16 codebooks (version 1) and integer levels (version 4).
     versions = {s.name: split(s.data)[0]["__metadata__"]["format_version"] for s in ctx.seeds.values()
                 if s.family == "base" and not s.signed}
-    assert versions == {"base": "1", "base-int6": "4"}
+    assert versions == {"base": "1", "base-int": "4"}
 
 
 def test_every_mutation_of_every_seed_once(ctx):
@@ -90,15 +98,53 @@ def test_valid_edits_are_reached(ctx):
         ("blob-signed", "resigned/sum:code_byte", "valid-edit-accepted"),
         ("blob", "sum:unsorted_codebook", "refused"),
         ("base-signed", "untrusted_key", "refused"),
-        ("base-int6", "sum:dense_edit", "valid-edit-accepted"),
-        ("base-int6", "sum:base_code_byte", "valid-edit-accepted"),
-        ("base-int6", "sum:base_level_edit", "valid-edit-accepted"),
+        ("base-int", "sum:dense_edit", "valid-edit-accepted"),
+        ("base-int", "sum:base_code_byte", "valid-edit-accepted"),
+        ("base-int", "sum:base_level_edit", "valid-edit-accepted"),
         ("base", "sum:base_level_edit", "valid-edit-accepted"),
-        ("base-int6", "sum:base_unsorted_codebook", "refused"),
-        ("base-int6", "sum:base_level_padding", "refused"),
+        ("base-int", "sum:base_unsorted_codebook", "refused"),
+        ("base-int", "sum:base_level_padding", "refused"),
     ]:
         seed, mutation = by_name[seed_name, mutation_name]
         assert ctx.run(seed, mutation, 0)[1].outcome == expected, (seed_name, mutation_name)
+
+
+def test_integer_level_mutators_follow_each_row_width(ctx):
+    """The version-4 level mutators, whose edges follow each row's width (exponents to 11 or 9, integers to 31 or
+    127): an exponent or an integer past its row's range, a padding bit and a reversed row are refused, a move within
+    the range is accepted, over 24 draws each (or the file is left as it was)."""
+    by_name = {(s.name, m.name): (s, m) for s, m in ctx.cases()}
+    for mutation_name, expected in [("sum:base_nonfinite", "refused"), ("sum:base_level_padding", "refused"),
+                                    ("sum:base_unsorted_codebook", "refused"),
+                                    ("sum:base_level_edit", "valid-edit-accepted")]:
+        seed, mutation = by_name["base-int", mutation_name]
+        outcomes = {ctx.run(seed, mutation, rng_seed)[1].outcome for rng_seed in range(24)}
+        # accepted-same: no change made (base_nonfinite on an ungrouped layer's empty scales, an integer redrawn)
+        assert expected in outcomes and outcomes <= {expected, "accepted-same"}, (mutation_name, outcomes)
+
+
+def test_level_stream_helpers_agree_with_int_levels():
+    """The mutators' lenient reader and writer of a layer's ``levels`` (tests/fuzz_mutations.py) read and write the
+    seed's streams as int_levels does: 6-bit and 8-bit levels, 8-bit ones straddling bytes, padding bits."""
+    tensors, meta = tensors_of(base_seed_bytes(codebook_format="int"))
+    widths_seen, straddling = set(), False
+    for name, out_f, _, _ in json.loads(meta["modules"]):
+        widths = decode_widths(tensors[f"{name}.widths"], out_f)
+        levels, exponents = tensors[f"{name}.levels"], tensors[f"{name}.level_exponents"]
+        ints = level_ints(tensors, name, widths)
+        books = decode_levels(levels, exponents, widths, name)
+        counts = 1 << widths.astype(np.int64)
+        assert np.array_equal(ints * np.exp2(np.repeat(exponents.astype(np.int64), counts)), books.astype(np.float64))
+        assert np.array_equal(layer_codebooks(tensors, name, widths), books)
+        copy = dict(tensors)
+        store_level_ints(copy, name, ints, widths)
+        assert copy[f"{name}.levels"].tobytes() == levels.tobytes()
+        assert copy[f"{name}.levels"].size == packed_level_bytes(widths)
+        assert np.abs(ints[np.repeat(widths, counts) == 4]).max() > level_limit(2)  # 8-bit levels needed
+        starts = np.cumsum(level_bits(widths)) - level_bits(widths)
+        straddling |= bool(np.any((starts % 8 != 0) & (level_bits(widths) == 8)))
+        widths_seen |= set(widths.tolist())
+    assert widths_seen == {1, 2, 4} and straddling
 
 
 # ----------------------------------------------------------------------------------------------- findings

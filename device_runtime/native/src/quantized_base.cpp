@@ -23,11 +23,12 @@ constexpr int64_t kMaxFeatures = int64_t{1} << 20;
 constexpr const char* kLayerTensors[] = {"codebooks", "codes", "scales", "widths"};  // sorted, as the fingerprint hashes
 constexpr const char* kLevelTensors[] = {"levels", "level_exponents"};  // version 4, instead of "codebooks"
 constexpr uint8_t kWidthOfCode[4] = {0, 1, 2, 4};
-// formats.int6_levels: levels k * 2**e, k a 6-bit integer in -31..31, one e per row in -24..11.
-constexpr int kLevelBits = 6;
-constexpr int kLevelLimit = 31;
+// formats.int_levels: levels k * 2**e, one e per row; k has LEVEL_BITS[w] bits by the row's width w (6 for 1- and
+// 2-bit rows: k in -31..31, e in -24..11; 8 for 4-bit rows: k in -127..127, e in -24..9).
 constexpr int kMinExponent = -24;
-constexpr int kMaxExponent = 11;
+constexpr int level_bits(uint8_t width) { return width == 4 ? 8 : 6; }                    // LEVEL_BITS[width]
+constexpr int level_limit(uint8_t width) { return (1 << (level_bits(width) - 1)) - 1; }  // 31 or 127
+constexpr int max_exponent(uint8_t width) { return level_bits(width) == 6 ? 11 : 9; }    // 31 * 2**11, 127 * 2**9
 
 struct Layer {
   std::string name;
@@ -37,12 +38,12 @@ struct Layer {
   const TensorInfo* levels[2] = {nullptr, nullptr};  // version 4: levels, level_exponents
   std::vector<uint16_t> decoded;  // version 4: the float16 codebooks (bits) expanded from them
   int64_t n_groups() const { return group == 0 ? 0 : (in + group - 1) / group; }
-  bool int6() const { return tensor[0] == nullptr; }
+  bool int_levels() const { return tensor[0] == nullptr; }
   // The float16 codebooks, rows concatenated, as a version-1 file stores them (little-endian, as every host is).
   const uint8_t* codebooks(const uint8_t* data) const {
-    return int6() ? reinterpret_cast<const uint8_t*>(decoded.data()) : data + tensor[0]->start;
+    return int_levels() ? reinterpret_cast<const uint8_t*>(decoded.data()) : data + tensor[0]->start;
   }
-  int64_t n_levels() const { return int6() ? static_cast<int64_t>(decoded.size()) : tensor[0]->numel(); }
+  int64_t n_levels() const { return int_levels() ? static_cast<int64_t>(decoded.size()) : tensor[0]->numel(); }
 };
 
 const char* numpy_name(const std::string& dtype) {
@@ -84,46 +85,56 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// int6_levels.decode_levels (version 4): the layer's levels and level_exponents -> its float16 codebooks (bits), with
-// its refusals in its order: dtypes and sizes, exponents in range, zero padding bits, no -32, ascending within each row.
-// Each k * 2**e (|k| <= 31, e in range) is a finite float16 exactly, so float_to_half never rounds here.
+// int_levels.decode_levels (version 4): the layer's levels and level_exponents -> its float16 codebooks (bits), with
+// its refusals in its order: dtypes and sizes, each row's exponent in its width's range, zero padding bits, each level
+// within its row's limit (no -32 in a 6-bit row, no -128 in an 8-bit one), ascending within each row. The levels are
+// one LSB-first bit stream, rows in order, each level on its row's bits. Each k * 2**e (|k| <= 127, e in its row's
+// range) is a finite float16 exactly, so float_to_half never rounds here.
 std::vector<uint16_t> decode_levels(const Layer& layer, const uint8_t* data, const std::string& where) {
   const TensorInfo& levels = *layer.levels[0];
   const TensorInfo& exponents = *layer.levels[1];
-  int64_t n_levels = 0;
-  for (uint8_t w : layer.widths) n_levels += int64_t{1} << w;
-  const int64_t want = (kLevelBits * n_levels + 7) / 8;
+  int64_t n_levels = 0, used_bits = 0;
+  for (uint8_t w : layer.widths) n_levels += int64_t{1} << w, used_bits += int64_t{level_bits(w)} << w;
+  const int64_t want = (used_bits + 7) / 8;  // packed_level_bytes
   if (levels.dtype != "U8" || levels.shape != std::vector<int64_t>{want})
     fail(LOWRA_ERR_CONTENT, where + ": levels is " + numpy_name(levels.dtype) + " " + shape_text(levels.shape) +
                                 ", expected uint8 [" + std::to_string(want) + "] (" + std::to_string(n_levels) +
-                                " six-bit levels)");
+                                " levels of 6 or 8 bits)");
   if (exponents.dtype != "I8" || exponents.shape != std::vector<int64_t>{layer.out})
     fail(LOWRA_ERR_CONTENT, where + ": level_exponents is " + numpy_name(exponents.dtype) + " " +
                                 shape_text(exponents.shape) + ", expected int8 [" + std::to_string(layer.out) +
                                 "] (one per row)");
   const int8_t* e = reinterpret_cast<const int8_t*>(data + exponents.start);
-  const auto [low, high] = std::minmax_element(e, e + layer.out);
-  if (*low < kMinExponent || *high > kMaxExponent)
-    fail(LOWRA_ERR_CONTENT, where + ": level exponents span " + std::to_string(*low) + ".." + std::to_string(*high) +
-                                ", expected " + std::to_string(kMinExponent) + ".." + std::to_string(kMaxExponent));
+  for (int64_t r = 0; r < layer.out; ++r)
+    if (e[r] < kMinExponent || e[r] > max_exponent(layer.widths[r]))
+      fail(LOWRA_ERR_CONTENT, where + ": row " + std::to_string(r) + "'s level exponent is " + std::to_string(e[r]) +
+                                  ", expected " + std::to_string(kMinExponent) + ".." +
+                                  std::to_string(max_exponent(layer.widths[r])) + " for a " +
+                                  std::to_string(layer.widths[r]) + "-bit row");
   const uint8_t* stream = data + levels.start;
-  const int64_t used_bits = kLevelBits * n_levels;
   if (used_bits % 8 && (stream[want - 1] >> (used_bits % 8)) != 0)  // only the last byte holds padding
     fail(LOWRA_ERR_CONTENT, where + ": levels has nonzero padding bits after its " + std::to_string(n_levels) +
                                 " levels");
-  std::vector<int8_t> k(static_cast<size_t>(n_levels));
-  for (int64_t i = 0; i < n_levels; ++i) {  // level i at stream bits 6 i .. 6 i + 5, LSB-first
-    const int64_t bit = kLevelBits * i;
-    unsigned value = stream[bit >> 3] >> (bit & 7);
-    if ((bit & 7) + kLevelBits > 8) value |= static_cast<unsigned>(stream[(bit >> 3) + 1]) << (8 - (bit & 7));
-    value &= (1u << kLevelBits) - 1;
-    k[i] = static_cast<int8_t>(value >= (1u << (kLevelBits - 1)) ? static_cast<int>(value) - (1 << kLevelBits)
-                                                                 : static_cast<int>(value));
+  std::vector<int8_t> k(static_cast<size_t>(n_levels));  // 6- or 8-bit two's complement, sign-extended
+  int64_t bit = 0, level = 0;
+  for (uint8_t w : layer.widths) {
+    const int bits = level_bits(w);
+    for (int64_t j = 0; j < (int64_t{1} << w); ++j, ++level, bit += bits) {  // stream bits bit .. bit + bits - 1
+      unsigned value = stream[bit >> 3] >> (bit & 7);
+      if ((bit & 7) + bits > 8) value |= static_cast<unsigned>(stream[(bit >> 3) + 1]) << (8 - (bit & 7));
+      value &= (1u << bits) - 1;
+      k[level] = static_cast<int8_t>(value >= (1u << (bits - 1)) ? static_cast<int>(value) - (1 << bits)
+                                                                  : static_cast<int>(value));
+    }
   }
-  const int8_t lowest = *std::min_element(k.begin(), k.end());
-  if (lowest < -kLevelLimit)
-    fail(LOWRA_ERR_CONTENT, where + ": a level is " + std::to_string(lowest) + ", expected integers in -" +
-                                std::to_string(kLevelLimit) + ".." + std::to_string(kLevelLimit));
+  level = 0;
+  for (int64_t r = 0; r < layer.out; ++r) {  // the first level below its row's limit, in stream order
+    const int limit = level_limit(layer.widths[r]);
+    for (int64_t j = 0; j < (int64_t{1} << layer.widths[r]); ++j, ++level)
+      if (k[level] < -limit)
+        fail(LOWRA_ERR_CONTENT, where + ": row " + std::to_string(r) + " has the level " + std::to_string(k[level]) +
+                                    ", expected integers in -" + std::to_string(limit) + ".." + std::to_string(limit));
+  }
   int64_t offset = 0;
   for (uint8_t w : layer.widths) {
     for (int64_t i = offset + 1; i < offset + (int64_t{1} << w); ++i)
@@ -201,7 +212,7 @@ constexpr int64_t kMaxRecoveryRank = 1024;
 
 // quantized_fingerprint: the modules sorted by name, each its line and its four tensors as a version-1 file stores
 // them (widths re-encoded from the decoded widths, so padding bits do not count; a version-4 layer's codebooks as the
-// float16 decoded from its int6 levels, under the name M.codebooks); with a recovery adapter, its line and its
+// float16 decoded from its integer levels, under the name M.codebooks); with a recovery adapter, its line and its
 // tensors sorted by name.
 std::string quantized_fingerprint(std::vector<const Layer*> layers, const uint8_t* data, const Recovery* recovery) {
   std::sort(layers.begin(), layers.end(), [](const Layer* a, const Layer* b) { return a->name < b->name; });
@@ -452,11 +463,11 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
                                   std::to_string(m.b) + "] / group " + std::to_string(m.c) + " outside 1.." +
                                   std::to_string(kMaxFeatures));
   const std::string& version = header.metadata.at("format_version");
-  const bool int6 = version == "4";  // codebooks stored as int6 levels (formats.int6_levels)
+  const bool int_levels = version == "4";  // codebooks stored as integer levels (formats.int_levels)
   // The layer tensors this version stores, in Python's order, and the other layout's, which it refuses.
   std::vector<std::string> stored_tensors = {"codes", "scales", "widths", "levels", "level_exponents"};
   std::vector<std::string> other_tensors = {"codebooks"};
-  if (!int6) {
+  if (!int_levels) {
     stored_tensors.assign(std::begin(kLayerTensors), std::end(kLayerTensors));
     other_tensors.assign(std::begin(kLevelTensors), std::end(kLevelTensors));
   }
@@ -478,7 +489,7 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
     }
     if (!foreign.empty())
       fail(LOWRA_ERR_CONTENT, what + ": a version-" + version + " base stores codebooks as " +
-                                  (int6 ? "int6 levels" : "float16") + ", but module " + short_repr(m.name, 1 << 20) +
+                                  (int_levels ? "integer levels" : "float16") + ", but module " + short_repr(m.name, 1 << 20) +
                                   " also has [" + foreign + "]");
     for (int t = 0; t < 4; ++t) layer.tensor[t] = header.find(m.name + "." + kLayerTensors[t]);  // codebooks: v1-3
     for (int t = 0; t < 2; ++t) layer.levels[t] = header.find(m.name + "." + kLevelTensors[t]);  // version 4
@@ -493,7 +504,7 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
     if (std::find(layer.widths.begin(), layer.widths.end(), 0) != layer.widths.end())
       fail(LOWRA_ERR_CONTENT, what + ": module " + short_repr(m.name, 1 << 20) +
                                   " has rows of width 0; every base row needs 1, 2 or 4 bits");
-    if (int6) layer.decoded = decode_levels(layer, data, what + ": module " + short_repr(m.name, 1 << 20));
+    if (int_levels) layer.decoded = decode_levels(layer, data, what + ": module " + short_repr(m.name, 1 << 20));
     validate_layer(layer, data, what + ": module " + short_repr(m.name, 1 << 20));
     for (const std::string& t : stored_tensors) layer_tensor_names[m.name + "." + t] = true;
     layer_index[m.name] = layers.size();
@@ -505,10 +516,10 @@ BaseIdentity read_quantized_base(const uint8_t* data, uint64_t size, const std::
     return t.name.rfind(kRecoveryPrefix, 0) == 0;
   });
   // Version 4 may carry an adapter of either kind: compressed when recovery.blob is there.
-  if (version == "2" || version == "3" || (int6 && (has_recovery_key || has_recovery_tensor))) {
+  if (version == "2" || version == "3" || (int_levels && (has_recovery_key || has_recovery_tensor))) {
     if (!has_recovery_key)
       fail(LOWRA_ERR_CONTENT, what + ": a version-" + version + " base needs the '" + kRecoveryKey + "' metadata");
-    const bool compressed = version == "3" || (int6 && header.find(kRecoveryBlob));
+    const bool compressed = version == "3" || (int_levels && header.find(kRecoveryBlob));
     recovery = std::make_unique<Recovery>(read_recovery(decode_json_metadata(header, kRecoveryKey, what), header,
                                                         layer_index, layers, data, what, compressed));
     std::vector<std::string> stray;

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from lowra.device_runtime import formats as fmt
-from lowra.device_runtime.errors import BlobContentError, LowraError
+from lowra.device_runtime.errors import BlobContentError, ChecksumMismatchError, LowraError
 from lowra.device_runtime.formats.container import parse_header, serialize
-from lowra.device_runtime.formats.int6_levels import (
-    LEVEL_LIMIT,
-    MAX_EXPONENT,
+from lowra.device_runtime.formats.int_levels import (
+    LEVEL_BITS,
     MIN_EXPONENT,
     decode_levels,
     encode_levels,
+    level_limit,
+    max_exponent,
 )
 from lowra.device_runtime.formats.quantized_base import read_quantized_base, write_quantized_base
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
@@ -77,19 +78,23 @@ def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) ->
 
 
 def grid_levels(rng: np.random.Generator, width: int) -> np.ndarray:
-    """Ascending levels k * 2**e on version 4's int6 grid (k in [-31, 31], e anywhere in [-24, 11]: subnormal
-    float16 levels to 31 * 2**11), so a base of them can be written with codebook_format="int6"."""
-    k = np.sort(rng.integers(-LEVEL_LIMIT, LEVEL_LIMIT + 1, 1 << width))
-    return (k * 2.0 ** rng.integers(MIN_EXPONENT, MAX_EXPONENT + 1)).astype(np.float16) + np.float16(0)  # no -0.0
+    """Ascending levels k * 2**e on version 4's integer grid (k in [-31, 31] for 1- and 2-bit rows, [-127, 127] for
+    4-bit ones; e in [-24, max_exponent(width)]: subnormal float16 levels to 31 * 2**11 or 127 * 2**9), so a base of
+    them can be written with codebook_format="int". Half the rows take an edge exponent (the lowest, the highest, or
+    the highest but one: 10, above a 4-bit row's 9, on a 6-bit row)."""
+    limit, top = level_limit(width), max_exponent(width)
+    k = np.sort(rng.integers(-limit, limit + 1, 1 << width))
+    e = rng.choice([MIN_EXPONENT, top - 1, top]) if rng.random() < 0.5 else rng.integers(MIN_EXPONENT, top + 1)
+    return (k * 2.0 ** e).astype(np.float16) + np.float16(0)  # no -0.0
 
 
 def write_quantized(path: Path, seed: int = 0, report: dict | None = None, codebook_format: str = "float16",
                     grid: bool | None = None) -> Path:
     """A quantized base with mixed widths, grouped and ungrouped layers, a tied head and an int64 buffer (and
-    ``report`` as its report metadata). Its levels are on the int6 grid (:func:`grid_levels`) when ``grid`` (by
-    default: when ``codebook_format`` is "int6", a version-4 file); the same ``seed`` and ``grid`` give the same
+    ``report`` as its report metadata). Its levels are on the integer grid (:func:`grid_levels`) when ``grid`` (by
+    default: when ``codebook_format`` is "int", a version-4 file); the same ``seed`` and ``grid`` give the same
     layers in either format."""
-    grid = codebook_format == "int6" if grid is None else grid
+    grid = codebook_format == "int" if grid is None else grid
     rng = np.random.default_rng(seed)
     layers = {}
     for name, (out, n_in), group in (("model.layers.0.q_proj", (6, 20), 8), ("model.layers.0.down_proj", (4, 37), 8),
@@ -229,12 +234,13 @@ def test_quantized_base_decodes_bit_exactly(native, tmp_path):
         native.close(handle)
 
 
-def test_int6_base_decodes_as_the_float16_one(native, tmp_path):
-    """Version 4 (int6 codebook levels, exponents over the whole stored range): liblowra expands the levels to the
-    float16 codebooks bit for bit, so it decodes as the numpy reader does, verifies the fingerprint the writer hashed
-    over those codebooks (the float16 file's), and binds and merges a user's blob alike."""
-    f16 = write_quantized(tmp_path / "f16.safetensors", grid=True)
-    path = write_quantized(tmp_path / "int6.safetensors", codebook_format="int6")
+def test_integer_level_base_decodes_as_the_float16_one(native, tmp_path):
+    """Version 4 (integer codebook levels, 6 bits on 1- and 2-bit rows and 8 on 4-bit ones, exponents over each
+    width's whole stored range): liblowra expands the levels to the float16 codebooks bit for bit, so it decodes as
+    the numpy reader does, verifies the fingerprint the writer hashed over those codebooks (the float16 file's), and
+    binds and merges a user's blob alike."""
+    f16 = write_quantized(tmp_path / "f16.safetensors", seed=1, grid=True)  # seed 1 meets every edge checked below
+    path = write_quantized(tmp_path / "int.safetensors", seed=1, codebook_format="int")
     metadata = [parse_header(p.read_bytes(), p.stat().st_size, "x").metadata for p in (f16, path)]
     assert [m["format_version"] for m in metadata] == ["1", "4"]
     assert metadata[0]["fingerprint"] == metadata[1]["fingerprint"]
@@ -242,9 +248,17 @@ def test_int6_base_decodes_as_the_float16_one(native, tmp_path):
     handle, handle16 = native.open(path), native.open(f16)
     try:
         base = read_quantized_base(path)
-        assert base.codebook_format == "int6"
+        assert base.codebook_format == "int"
         books = np.abs(np.concatenate([w.codebooks for w in base.layers.values()]).astype(np.float64))
         assert books[books > 0].min() < 2.0 ** -14 and books.max() > 2.0 ** 10  # subnormal and large levels both met
+        # Each width's edges met: 6-bit rows at exponent 10 or 11 (above a 4-bit row's 9), 4-bit rows at 9 and with
+        # levels beyond 6 bits.
+        stored = stored_level_tensors(path.read_bytes())
+        rows = [(int(w), int(e), np.abs(layer.codebooks[start: start + (1 << int(w))].astype(np.float64)).max() / 2.0**e)
+                for m, layer in base.layers.items()
+                for w, e, start in zip(layer.widths, stored[f"{m}.level_exponents"], level_offsets(layer))]
+        assert any(w <= 2 and e >= 10 for w, e, _ in rows) and any(w == 4 and e == 9 for w, e, _ in rows)
+        assert any(w == 4 and k > level_limit(2) for w, _, k in rows)
         reference = base.dequantized_state_dict()
         assert sorted(native.tensor_names(handle)) == sorted(reference)  # levels, exponents: not model tensors
         for name, array in reference.items():
@@ -266,27 +280,58 @@ def test_int6_base_decodes_as_the_float16_one(native, tmp_path):
         native.close(handle16)
 
 
-def test_corrupt_int6_bases_are_refused_alike(native, tmp_path):
-    """Version-4 layers the numpy reader refuses (int6_levels.decode_levels, the mixed layouts, the fingerprint over
-    the decoded codebooks), refused by liblowra with the same error kind."""
-    path = write_quantized(tmp_path / "good.safetensors", codebook_format="int6")
+def stored_level_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """A version-4 file's ``levels`` (uint8) and ``level_exponents`` (int8) tensors, by name."""
+    dtypes = {"U8": np.uint8, "I8": np.int8}
+    return {n: np.frombuffer(data, np.uint8, i.end - i.start, i.start).view(dtypes[i.dtype]).copy()
+            for n, i in parse_header(data, len(data), "x").tensors.items()
+            if n.endswith((".levels", ".level_exponents"))}
+
+
+def test_corrupt_int_level_bases_are_refused_alike(native, tmp_path):
+    """Version-4 layers the numpy reader refuses (int_levels.decode_levels, the mixed layouts, the fingerprint over
+    the decoded codebooks), refused by liblowra with the same error kind, and decode_levels' refusals with the same
+    message; an exponent in range for its row's width (10 on a 6-bit row, 9 on a 4-bit one) decodes, and is refused
+    only by the fingerprint."""
+    path = write_quantized(tmp_path / "good.safetensors", codebook_format="int")
     good = path.read_bytes()
     base = read_quantized_base(path)
     cases: dict[str, bytes] = {}
     rewrite = rewriter(good, cases)
-    # A layer with padding bits in its levels (an odd number of width-1 rows) and a row of distinct levels.
-    padded = next(n for n, w in base.layers.items() if 6 * int((1 << w.widths.astype(int)).sum()) % 8)
-    name = "model.layers.0.q_proj"
+    # A layer with padding bits in its levels (an odd number of width-1 rows: 12 bits each), and a row of distinct
+    # levels of each bit count: 6 (a 1- or 2-bit row, at an exponent other than 10) and 8 (a 4-bit row, below 9, its
+    # levels straddling bytes: after an odd number of 1-bit rows).
+    padded = next(n for n, w in base.layers.items() if sum(LEVEL_BITS[int(v)] << int(v) for v in w.widths) % 8)
+    stored = stored_level_tensors(good)
+
+    def distinct_row(wanted) -> tuple[str, int]:
+        """The first row with distinct levels where ``wanted(width, exponent, first stream bit)``."""
+        return next((m, r) for m, w in base.layers.items() for r, start in enumerate(level_offsets(w)[:-1])
+                    if wanted(int(w.widths[r]), int(stored[f"{m}.level_exponents"][r]),
+                              sum(LEVEL_BITS[int(v)] << int(v) for v in w.widths[:r]))
+                    and w.codebooks[start] != w.codebooks[start + (1 << int(w.widths[r])) - 1])
+
+    small = distinct_row(lambda w, e, bit: w <= 2 and e != 10)
+    wide = distinct_row(lambda w, e, bit: w == 4 and e < 9 and bit % 8)
+    name, row = small
     w = base.layers[name]
     levels, exponents = f"{name}.levels", f"{name}.level_exponents"
-    offsets = np.concatenate([[0], np.cumsum(1 << w.widths.astype(int))])
-    row = next(r for r in range(w.out_features) if w.codebooks[offsets[r]] != w.codebooks[offsets[r + 1] - 1])
+    offsets = level_offsets(w)
 
-    def set_exponent(value):
-        return lambda t: t[exponents].__setitem__(row, value)
+    def set_exponent(value, at=small):
+        return lambda t: t[f"{at[0]}.level_exponents"].__setitem__(at[1], value)
 
-    def set_first_level(six_bits):
-        return lambda t: t[levels].__setitem__(0, (t[levels][0] & 0xC0) | six_bits)
+    def set_first_level(raw, at):  # the row's first level stored as ``raw``, on its row's bits
+        module, r = at
+        widths = base.layers[module].widths
+        bits = LEVEL_BITS[int(widths[r])]
+        start = sum(LEVEL_BITS[int(v)] << int(v) for v in widths[:r])
+
+        def edit(t):
+            stream = np.unpackbits(t[f"{module}.levels"], bitorder="little")
+            stream[start: start + bits] = (raw >> np.arange(bits)) & 1
+            t[f"{module}.levels"] = np.packbits(stream, bitorder="little")
+        return edit
 
     def descending(t):
         books = decode_levels(t[levels], t[exponents], w.widths, "t").copy()
@@ -296,7 +341,12 @@ def test_corrupt_int6_bases_are_refused_alike(native, tmp_path):
     rewrite("exponent_12", tensor_edit=set_exponent(12))
     rewrite("exponent_-25", tensor_edit=set_exponent(-25))
     rewrite("exponent_-128", tensor_edit=set_exponent(-128))
-    rewrite("level_-32", tensor_edit=set_first_level(0x20))
+    rewrite("exponent_10_on_a_4_bit_row", tensor_edit=set_exponent(10, wide))
+    # In range for their rows: decoded, then refused as other levels than the fingerprint covers.
+    rewrite("exponent_10_on_a_6_bit_row", tensor_edit=set_exponent(10, small))
+    rewrite("exponent_9_on_a_4_bit_row", tensor_edit=set_exponent(9, wide))
+    rewrite("level_-32_on_a_6_bit_row", tensor_edit=set_first_level(0x20, small))
+    rewrite("level_-128_on_a_4_bit_row", tensor_edit=set_first_level(0x80, wide))
     rewrite("padding_bits", tensor_edit=lambda t: t[f"{padded}.levels"].__setitem__(-1, t[f"{padded}.levels"][-1] | 0x80))
     rewrite("descending", tensor_edit=descending)
     rewrite("stray_codebooks", tensor_edit=lambda t: t.__setitem__(f"{name}.codebooks", w.codebooks.copy()))
@@ -328,22 +378,29 @@ def test_corrupt_int6_bases_are_refused_alike(native, tmp_path):
     f16 = write_quantized(tmp_path / "f16.safetensors", grid=True).read_bytes()
     rewrite16 = rewriter(f16, cases)
     header16 = parse_header(f16, len(f16), "x")
-    int6_tensors = {n: np.frombuffer(good, np.uint8, i.end - i.start, i.start).view(
-        {"U8": np.uint8, "I8": np.int8}[i.dtype]).copy() for n, i in parse_header(good, len(good), "x").tensors.items()
-        if n.endswith((".levels", ".level_exponents"))}
-    assert not set(int6_tensors) & set(header16.tensors)
-    rewrite16("f16_with_levels", tensor_edit=lambda t: t.__setitem__(levels, int6_tensors[levels]))
-    rewrite16("f16_with_exponents", tensor_edit=lambda t: t.__setitem__(exponents, int6_tensors[exponents]))
+    int_level_tensors = stored_level_tensors(good)
+    assert not set(int_level_tensors) & set(header16.tensors)
+    rewrite16("f16_with_levels", tensor_edit=lambda t: t.__setitem__(levels, int_level_tensors[levels]))
+    rewrite16("f16_with_exponents", tensor_edit=lambda t: t.__setitem__(exponents, int_level_tensors[exponents]))
     rewrite16("f16_as_version_4", _set("format_version", "4"))
-    rewrite16("f16_as_version_4_with_both", _set("format_version", "4"), tensor_edit=lambda t: t.update(int6_tensors))
-    assert_bases_refused_alike(native, tmp_path, cases)
+    rewrite16("f16_as_version_4_with_both", _set("format_version", "4"), tensor_edit=lambda t: t.update(int_level_tensors))
+    assert_bases_refused_alike(native, tmp_path, cases, same_message={
+        "exponent_12", "exponent_-25", "exponent_-128", "exponent_10_on_a_4_bit_row", "level_-32_on_a_6_bit_row",
+        "level_-128_on_a_4_bit_row", "padding_bits", "descending"})
+    for case in ("exponent_10_on_a_6_bit_row", "exponent_9_on_a_4_bit_row"):
+        assert python_error(lambda case=case: BaseWeights(tmp_path / f"{case}.safetensors")) is ChecksumMismatchError
 
 
-def test_corrupt_int6_recovered_bases_are_refused_alike(native, tmp_path):
+def level_offsets(layer: QuantizedWeight) -> np.ndarray:
+    """Where each row's levels start in the layer's codebooks, and their count last."""
+    return np.concatenate([[0], np.cumsum(1 << layer.widths.astype(int))])
+
+
+def test_corrupt_int_level_recovered_bases_are_refused_alike(native, tmp_path):
     """A version-4 base's recovery adapter, either kind (told by recovery.blob), refused alike when it is wrong."""
     cases: dict[str, bytes] = {}
-    for kind, path in (("blob", write_recovered_blob(tmp_path / "b.safetensors", "int6")),
-                       ("factors", write_recovered(tmp_path / "f.safetensors", codebook_format="int6"))):
+    for kind, path in (("blob", write_recovered_blob(tmp_path / "b.safetensors", "int")),
+                       ("factors", write_recovered(tmp_path / "f.safetensors", codebook_format="int"))):
         good = path.read_bytes()
         header = parse_header(good, len(good), "x")
         recovery = json.loads(header.metadata["recovery"])
@@ -458,6 +515,14 @@ def corrupt_blobs(base: Path) -> dict[str, bytes]:
     cases["fingerprint"] = _rewrite(good, _set("base_fingerprint", "sha256:" + "0" * 64))
     cases["signed"] = b"LOWRA\x00SG" + good
     return cases
+
+
+def python_message(load) -> str:
+    try:
+        load()
+    except LowraError as exc:
+        return str(exc)
+    raise AssertionError("accepted")
 
 
 def python_error(load) -> type[Exception] | None:
@@ -639,8 +704,9 @@ def corrupt_bases(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-def assert_bases_refused_alike(native, tmp_path: Path, cases: dict[str, bytes]) -> None:
-    """Each case written as a base file is refused by the numpy reader, and by liblowra with the same error kind."""
+def assert_bases_refused_alike(native, tmp_path: Path, cases: dict[str, bytes], same_message=frozenset()) -> None:
+    """Each case written as a base file is refused by the numpy reader, and by liblowra with the same error kind (and,
+    for the cases in ``same_message``, the same message after the module's name)."""
     for case, data in cases.items():
         path = tmp_path / f"{case}.safetensors"
         path.write_bytes(data)
@@ -648,11 +714,15 @@ def assert_bases_refused_alike(native, tmp_path: Path, cases: dict[str, bytes]) 
         got = python_error(lambda path=path: native.close(native.open(path)))
         assert expected is not None, f"{case}: the numpy reader accepted it"
         assert got is expected, f"{case}: numpy raised {expected.__name__}, liblowra {got and got.__name__}"
+        if case in same_message:
+            messages = [python_message(lambda path=path: BaseWeights(path)),
+                        python_message(lambda path=path: native.close(native.open(path)))]
+            assert messages[0].split("': ", 1)[-1] == messages[1].split("': ", 1)[-1], (case, messages)
 
 
 def write_recovered(path: Path, scaling: float = 0.375, codebook_format: str = "float16") -> Path:
     """write_quantized's base with an accuracy-recovery adapter on two of its layers (format version 2, or 4 with
-    int6 codebooks)."""
+    integer codebooks)."""
     from lowra.device_runtime.formats.quantized_base import Recovery
 
     plain = read_quantized_base(write_quantized(path.with_name("plain-" + path.name), codebook_format=codebook_format))
@@ -667,7 +737,7 @@ def write_recovered(path: Path, scaling: float = 0.375, codebook_format: str = "
 
 
 def write_recovered_blob(path: Path, codebook_format: str = "float16") -> Path:
-    """write_quantized's base with a compressed recovery adapter (format version 3, or 4 with int6 codebooks) on two
+    """write_quantized's base with a compressed recovery adapter (format version 3, or 4 with integer codebooks) on two
     of its layers."""
     from lowra.device_runtime.formats.quantized_base import Recovery
 
@@ -680,14 +750,14 @@ def write_recovered_blob(path: Path, codebook_format: str = "float16") -> Path:
     return recovered.write(path)
 
 
-# repr spellings: "0.375", "2.0", "1e-05"; "blob": version 3; "int6", "int6-blob": version 4 with either kind
-@pytest.mark.parametrize("scaling", [0.375, 2.0, 1e-05, "blob", "int6", "int6-blob"])
+# repr spellings: "0.375", "2.0", "1e-05"; "blob": version 3; "int", "int-blob": version 4 with either kind
+@pytest.mark.parametrize("scaling", [0.375, 2.0, 1e-05, "blob", "int", "int-blob"])
 def test_recovered_base_decodes_bit_exactly_and_binds_users(native, tmp_path, scaling):
-    codebook_format = "int6" if str(scaling).startswith("int6") else "float16"
+    codebook_format = "int" if str(scaling).startswith("int") else "float16"
     path = (write_recovered_blob(tmp_path / "recovered.safetensors", codebook_format) if str(scaling).endswith("blob")
-            else write_recovered(tmp_path / "recovered.safetensors", 0.375 if scaling == "int6" else scaling,
+            else write_recovered(tmp_path / "recovered.safetensors", 0.375 if scaling == "int" else scaling,
                                  codebook_format))
-    version = "4" if codebook_format == "int6" else "3" if scaling == "blob" else "2"
+    version = "4" if codebook_format == "int" else "3" if scaling == "blob" else "2"
     assert parse_header(path.read_bytes(), path.stat().st_size, "x").metadata["format_version"] == version
     assert (read_quantized_base(path).recovery.blob is not None) == str(scaling).endswith("blob")
     runtime = DeviceRuntime(path)
