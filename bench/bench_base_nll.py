@@ -2,7 +2,8 @@
 move it at 4.0 / 3.0 / 2.0 effective bits (issue 11, first part).
 
 NLL = mean nats per answer token over the sample users' held-out sets (:func:`lowra.sdk.training.eval.heldout_nll`;
-the same tokens for every row). Every lowra row stores the same file format (1/2/4-bit rows, every byte counted).
+the same tokens for every row). Every lowra row stores the same file format (1/2/4-bit rows, every byte counted; the
+levels as int, format version 4, or with --codebook-format float16 as version 1).
 
 Rows:
   fp              the fp32 base
@@ -56,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowra.device_runtime.formats.constants import CODED_WIDTHS
+from lowra.device_runtime.formats.constants import CODEBOOK_FORMATS, CODED_WIDTHS
 from lowra.sdk.adapters.model import delete_adapter, set_adapter_factors
 from lowra.sdk.base_model import load_base
 from lowra.sdk.quant.base.apply import calibrate
@@ -109,8 +110,9 @@ def weight_space_distortion(plan: QuantizePlan) -> np.ndarray:
 class Plans:
     """One scored plan per variant, reused across budgets (scoring is most of the work)."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, codebook_format: str = QuantizeConfig().codebook_format) -> None:
         self.base, self.plans, self.calibration, self.seconds = base, {}, None, {}
+        self.codebook_format = codebook_format
         self.recovered: dict[str, tuple[object, dict]] = {}  # bits -> (recovered base, its timing/KL info)
 
     def get(self, variant: str) -> QuantizePlan:
@@ -119,7 +121,8 @@ class Plans:
         model = self.base.model
         if variant == "weight":
             t0 = time.perf_counter()
-            plan = plan_model(model, QuantizeConfig(calibration=None), progress=False, source="SmolLM2-135M")
+            plan = plan_model(model, QuantizeConfig(calibration=None, codebook_format=self.codebook_format),
+                              progress=False, source="SmolLM2-135M")
             self.seconds["plan_weight"] = time.perf_counter() - t0
         else:
             if self.calibration is None:  # with the input Hessians, which only the gptq rows use
@@ -133,8 +136,9 @@ class Plans:
                 plan = self.plans["fisher"]
             else:
                 t0 = time.perf_counter()
-                plan = plan_model(model, QuantizeConfig(sensitivity=sensitivity, error_feedback=False),
-                                  self.calibration, progress=False, source="SmolLM2-135M")
+                config = QuantizeConfig(sensitivity=sensitivity, error_feedback=False,
+                                        codebook_format=self.codebook_format)
+                plan = plan_model(model, config, self.calibration, progress=False, source="SmolLM2-135M")
                 self.seconds[f"plan_{variant}"] = time.perf_counter() - t0
             if variant == "gptq":
                 plan = replace(plan, config=replace(plan.config, error_feedback=True),
@@ -331,6 +335,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for forward passes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "base_nll", help="row cache + table")
     ap.add_argument("--fresh", action="store_true", help="recompute rows even if cached")
+    ap.add_argument("--codebook-format", choices=CODEBOOK_FORMATS, default=QuantizeConfig().codebook_format,
+                    help="how the low-bit rows store their levels (QuantizeConfig.codebook_format; use another --out "
+                    "per format: the row cache does not tell them apart)")
     ap.add_argument("--recovery-steps", type=int, default=200, help="distillation steps of the recovered@b rows")
     ap.add_argument("--adapter-steps", type=int, default=0,
                     help="also train each sample user's adapter on each row's base for this many steps (the demo: "
@@ -341,7 +348,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = load_base()
     base.model.eval()
-    plans = Plans(base)
+    plans = Plans(base, args.codebook_format)
     for name in rows:
         path = args.out / f"{name.replace('@', '_at_').replace('+', '_plus_')}.json"
         cached = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
@@ -351,6 +358,7 @@ def main() -> None:
         info = run_row(name, base, plans, args.recovery_steps, args.adapter_steps)
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
         info["threads"] = args.threads
+        info["codebook_format"] = args.codebook_format
         info["plan_seconds"] = {k: round(v, 1) for k, v in plans.seconds.items()}
         path.write_text(json.dumps(info, indent=1))
         print(f"{name}: {info['bits']:.3f} bits, NLL {info['nll']:.4f} ({info['tokens']} tokens), load "

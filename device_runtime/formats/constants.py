@@ -18,12 +18,12 @@ BASE_VERSION = 1
 BASE_RECOVERY_VERSION = 2
 # Version 3: the recovery adapter stored compressed, as one adapter blob (the user adapters' codec) inside the base.
 BASE_COMPRESSED_RECOVERY_VERSION = 3
-# Version 4: every layer's codebook levels stored as 6-bit integers times a power of two per row
-# (:mod:`.int6_levels`), with or without a recovery adapter (either kind, told by its tensors).
-BASE_INT6_VERSION = 4
+# Version 4: every layer's codebook levels stored as integers (6 bits; 8 in 4-bit rows) times a power of two per row
+# (:mod:`.int_levels`), with or without a recovery adapter (either kind, told by its tensors).
+BASE_INT_LEVELS_VERSION = 4
 BASE_READS = (1, 2, 3, 4)
-# How a base file stores its layers' codebook levels: "float16" (versions 1-3) or "int6" (version 4).
-CODEBOOK_FORMATS = ("float16", "int6")
+# How a base file stores its layers' codebook levels: "float16" (versions 1-3) or "int" (version 4).
+CODEBOOK_FORMATS = ("float16", "int")
 
 # Bits a channel of an adapter may take; 0 drops the channel (decodes to zeros).
 ADAPTER_WIDTHS = (0, 1, 2, 4)

@@ -30,7 +30,8 @@ rank. Its decoded factors (float16 levels, the scaling folded into ``up``) are t
 fingerprint hashes ``recovery.blob`` as stored. At 1 bit per factor the adapter costs ~0.05 bits per quantized weight
 instead of ~0.74 as float16 (docs/RESULTS.md).
 
-Version 4 stores every layer's codebook levels as 6-bit integers times a power of two per row (:mod:`.int6_levels`):
+Version 4 stores every layer's codebook levels as integers (6 bits; 8 in 4-bit rows) times a power of two per row
+(:mod:`.int_levels`):
 ``M.levels`` and ``M.level_exponents`` instead of ``M.codebooks``, half the bits of a 2-bit row's codebook. The reader
 expands them to the float16 codebooks exactly, so a layer decodes, and the fingerprint hashes, as the float16 file of
 the same levels would. A recovery adapter may come with it in either form (``recovery.blob`` or float16 factors).
@@ -49,7 +50,7 @@ from lowra.device_runtime.errors import BlobContentError, ChecksumMismatchError
 from lowra.device_runtime.formats.bitpack import decode_widths, encode_widths, packed_bytes
 from lowra.device_runtime.formats.constants import (
     BASE_FORMAT as FORMAT_NAME,
-    BASE_INT6_VERSION as INT6_VERSION,
+    BASE_INT_LEVELS_VERSION as INT_LEVELS_VERSION,
     BASE_READS as SUPPORTED_VERSIONS,
     BASE_COMPRESSED_RECOVERY_VERSION as COMPRESSED_RECOVERY_VERSION,
     BASE_RECOVERY_VERSION as RECOVERY_VERSION,
@@ -75,11 +76,11 @@ from lowra.device_runtime.formats.container import (
     tensor_from_buffer,
     verify_payload,
 )
-from lowra.device_runtime.formats.int6_levels import decode_levels, encode_levels, packed_level_bytes
+from lowra.device_runtime.formats.int_levels import decode_levels, encode_levels, packed_level_bytes
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 
 LAYER_TENSORS = ("codebooks", "codes", "scales", "widths")
-INT6_LEVEL_TENSORS = ("levels", "level_exponents")  # version 4, instead of "codebooks"
+INT_LEVEL_TENSORS = ("levels", "level_exponents")  # version 4, instead of "codebooks"
 DENSE_DTYPE = np.dtype("<f2")
 
 REQUIRED_METADATA = (
@@ -118,9 +119,9 @@ def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, np.ndarray]:
 
 def stored_layer_tensors(name: str, weight: QuantizedWeight, codebook_format: str) -> dict[str, np.ndarray]:
     """The tensors the file stores for one module: :func:`layer_tensors`, with ``codebooks`` replaced by ``levels``
-    and ``level_exponents`` when ``codebook_format`` is "int6" (ValueError if its levels are not on that grid)."""
+    and ``level_exponents`` when ``codebook_format`` is "int" (ValueError if its levels are not on that grid)."""
     tensors = layer_tensors(name, weight)
-    if codebook_format == "int6":
+    if codebook_format == "int":
         books = tensors.pop(f"{name}.codebooks")
         levels, exponents = encode_levels(books, weight.widths, f"module {name!r}")
         tensors.update({f"{name}.levels": levels, f"{name}.level_exponents": exponents})
@@ -134,9 +135,9 @@ def check_codebook_format(codebook_format: object) -> str:
 
 
 def file_version(recovery: "Recovery | None", codebook_format: str) -> int:
-    """The version a base is written as: 4 with int6 codebooks, else 2/3 with a recovery adapter, else 1."""
-    if codebook_format == "int6":
-        return INT6_VERSION
+    """The version a base is written as: 4 with integer codebooks, else 2/3 with a recovery adapter, else 1."""
+    if codebook_format == "int":
+        return INT_LEVELS_VERSION
     return FORMAT_VERSION if recovery is None else recovery.version
 
 
@@ -249,7 +250,7 @@ class QuantizedBase:
     aliases: dict[str, str] = field(default_factory=dict)
     claims: dict[str, object] | None = None  # the verified signed claims, when the file came signed
     recovery: Recovery | None = None  # the accuracy-recovery adapter of a version-2 base
-    codebook_format: str = "float16"  # how the file stores the levels: "float16" or "int6" (version 4)
+    codebook_format: str = "float16"  # how the file stores the levels: "float16" or "int" (version 4)
 
     @property
     def report(self) -> dict[str, object]:
@@ -276,7 +277,7 @@ class QuantizedBase:
         for name, w in self.layers.items():
             for tname, arr in stored_layer_tensors(name, w, self.codebook_format).items():
                 kind = tname.rsplit(".", 1)[1]
-                layer_bytes["codebooks" if kind in INT6_LEVEL_TENSORS else kind] += arr.nbytes
+                layer_bytes["codebooks" if kind in INT_LEVEL_TENSORS else kind] += arr.nbytes
             for width in CODED_WIDTHS:
                 hist[str(width)] += int(np.sum(w.widths == width))
             code_bits += w.code_bits()
@@ -394,8 +395,8 @@ def build_quantized_base_bytes(
 ) -> bytes:
     """Serialize a quantized base. ``metadata`` needs source, group_size, scheme, report (created and aliases
     default to now and {}); format, version, modules, fingerprint and checksum are derived here. The version is
-    :func:`file_version`'s: 1, 2 or 3 (with ``recovery``) with float16 codebooks, 4 with ``codebook_format="int6"``
-    (every layer's levels must then be on the int6 grid, as ``QuantizeConfig(codebook_format="int6")`` fits them)."""
+    :func:`file_version`'s: 1, 2 or 3 (with ``recovery``) with float16 codebooks, 4 with ``codebook_format="int"``
+    (every layer's levels must then be on the integer grid, as ``QuantizeConfig(codebook_format="int")`` fits them)."""
     tensors = _all_tensors(layers, dense, dict(metadata.get("aliases") or {}), recovery, codebook_format)
     return serialize(tensors, _encode_metadata(layers, tensors, metadata, recovery, codebook_format))
 
@@ -427,8 +428,8 @@ def header_bytes_bound(
     for name, out_f, in_f, group in modules:
         n_groups = -(-in_f // group) if group else 0
         code_bytes = out_f * packed_bytes(in_f, 4)
-        if codebook_format == "int6":
-            level_bytes = packed_level_bytes(out_f * 16)
+        if codebook_format == "int":
+            level_bytes = packed_level_bytes(np.full(out_f, 4))
             entries[f"{name}.levels"] = ("U8", (level_bytes,), level_bytes)
             entries[f"{name}.level_exponents"] = ("I8", (out_f,), out_f)
         else:
@@ -617,9 +618,9 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
     decoded = decode_json_metadata(meta, JSON_METADATA, what)
     modules = _module_table(decoded["modules"], what)
     version = int(meta["format_version"])
-    int6 = version == INT6_VERSION
-    stored = [t for t in LAYER_TENSORS if t != "codebooks"] + list(INT6_LEVEL_TENSORS) if int6 else list(LAYER_TENSORS)
-    other = ["codebooks"] if int6 else list(INT6_LEVEL_TENSORS)
+    integer = version == INT_LEVELS_VERSION
+    stored = [t for t in LAYER_TENSORS if t != "codebooks"] + list(INT_LEVEL_TENSORS) if integer else list(LAYER_TENSORS)
+    other = ["codebooks"] if integer else list(INT_LEVEL_TENSORS)
     layers: dict[str, QuantizedWeight] = {}
     for name, out_f, in_f, group in modules:
         names = {t: f"{name}.{t}" for t in stored}
@@ -629,7 +630,7 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
         foreign = [f"{name}.{t}" for t in other if f"{name}.{t}" in tensors]
         if foreign:
             raise BlobContentError(
-                f"{what}: a version-{version} base stores codebooks as {'int6 levels' if int6 else 'float16'}, but "
+                f"{what}: a version-{version} base stores codebooks as {'integer levels' if integer else 'float16'}, but "
                 f"module {name!r} also has {foreign}"
             )
         packed = tensors[names["widths"]]
@@ -641,7 +642,7 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
         widths = decode_widths(packed, out_f)
         if np.any(widths == 0):
             raise BlobContentError(f"{what}: module {name!r} has rows of width 0; every base row needs 1, 2 or 4 bits")
-        if int6:
+        if integer:
             books = decode_levels(tensors[names["levels"]], tensors[names["level_exponents"]], widths,
                                   f"{what}: module {name!r}")
         else:
@@ -655,10 +656,10 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
     layer_names = {f"{n}.{t}" for n, *_ in modules for t in stored}
     recovery = None
     carries = RECOVERY_KEY in meta or any(k.startswith(RECOVERY_PREFIX) for k in tensors)
-    if version in (RECOVERY_VERSION, COMPRESSED_RECOVERY_VERSION) or (int6 and carries):
+    if version in (RECOVERY_VERSION, COMPRESSED_RECOVERY_VERSION) or (integer and carries):
         if RECOVERY_KEY not in meta:
             raise BlobContentError(f"{what}: a version-{version} base needs the {RECOVERY_KEY!r} metadata")
-        compressed = version == COMPRESSED_RECOVERY_VERSION or (int6 and RECOVERY_BLOB in tensors)
+        compressed = version == COMPRESSED_RECOVERY_VERSION or (integer and RECOVERY_BLOB in tensors)
         recovery = _read_recovery(decode_json_metadata(meta, [RECOVERY_KEY], what)[RECOVERY_KEY], tensors, layers,
                                   what, compressed)
         layer_names |= {k for k in tensors if k.startswith(RECOVERY_PREFIX)}
@@ -669,7 +670,7 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
     elif carries:
         raise BlobContentError(
             f"{what}: a version-{version} base carries recovery data; only versions {RECOVERY_VERSION}, "
-            f"{COMPRESSED_RECOVERY_VERSION} and {INT6_VERSION} may (re-run `lowra recover`)"
+            f"{COMPRESSED_RECOVERY_VERSION} and {INT_LEVELS_VERSION} may (re-run `lowra recover`)"
         )
     dense = {k: v for k, v in tensors.items() if k not in layer_names}
     fingerprint = quantized_fingerprint(layers, recovery)
@@ -683,5 +684,5 @@ def _from_tensors(header: Header, tensors: dict[str, np.ndarray], file_bytes: in
     return QuantizedBase(
         layers=layers, dense=dense, metadata=decoded, fingerprint=fingerprint,
         file_bytes=file_bytes, header_bytes=header.header_bytes, aliases=aliases, recovery=recovery,
-        codebook_format="int6" if int6 else "float16",
+        codebook_format="int" if integer else "float16",
     )

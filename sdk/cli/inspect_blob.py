@@ -112,7 +112,7 @@ def _print_base(base: QuantizedBase, title: str, indent: str) -> None:
     total = sum(r["width_histogram"].values())
     print(f"{indent}row widths        " + ", ".join(
         f"{w}-bit {n} ({100 * n / total:.0f}%)" for w, n in r["width_histogram"].items()))
-    kind = "6-bit integers x 2**e per row" if base.codebook_format == "int6" else "float16 levels"
+    kind = "integers x 2**e per row (6 bits; 8 in 4-bit rows)" if base.codebook_format == "int" else "float16 levels"
     print(f"{indent}codebooks         {kind}, {r['bytes']['codebooks']} bytes")
     rec = base.recovery
     if rec is None:

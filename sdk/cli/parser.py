@@ -371,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round each layer's columns against the calibration inputs, feeding each rounding error "
                    "forward (GPTQ-style, with the rows' own codebooks); needs calibration (default on)")
     p.add_argument("--codebook-format", default=qc.codebook_format, choices=CODEBOOK_FORMATS,
-                   help="how each row's levels are stored: 'int6' (6-bit integers times a power of two per row, "
-                   "format version 4: half the bits of float16 levels, spent on wider rows) or 'float16' (version 1, "
-                   f"for lowra readers older than version 4) (default {qc.codebook_format})")
+                   help="how each row's levels are stored: 'int' (integers times a power of two per row, 6 bits a "
+                   "level, 8 in 4-bit rows; format version 4: about half the bits of float16 levels, spent on wider "
+                   "rows) or 'float16' (version 1, for lowra readers older than version 4) "
+                   f"(default {qc.codebook_format})")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     _add_base(p, quantized=False)
 

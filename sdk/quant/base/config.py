@@ -27,11 +27,11 @@ DEFAULT_SENSITIVITY = "fisher"
 # Measured on SmolLM2 (bench/bench_base_nll.py, held-out NLL per answer token, fp32 3.513), without -> with:
 # 4.0 bits 3.629 -> 3.496, 3.0 bits 4.702 -> 3.781, 2.0 bits 9.023 -> 5.906; same widths and codebooks, same layout.
 DEFAULT_ERROR_FEEDBACK = True
-# How the file stores each row's levels (CODEBOOK_FORMATS): "int6", 6-bit integers times a power of two per row (base
+# How the file stores each row's levels (CODEBOOK_FORMATS): "int", 6-bit integers times a power of two per row (base
 # format version 4: a 2-bit row's codebook in 32 bits instead of 64), or "float16" (version 1, readable by lowra
-# releases before version 4). Codebooks are fitted on the int6 grid, so the bits saved buy wider rows. Measured on
-# SmolLM2 (bench/bench_codebook_storage.py, MSE/var at 2.0 effective bits, weight MSE): float16 0.1310, int6 0.1247.
-DEFAULT_CODEBOOK_FORMAT = "int6"
+# releases before version 4). Codebooks are fitted on the integer grid, so the bits saved buy wider rows. Measured on
+# SmolLM2 (bench/bench_codebook_storage.py, MSE/var at 2.0 effective bits, weight MSE): float16 0.1310, int 0.1247.
+DEFAULT_CODEBOOK_FORMAT = "int"
 
 
 @dataclass
@@ -47,7 +47,7 @@ class QuantizeConfig:
     # Round each layer's columns in order, feeding every column's rounding error forward to the columns not yet
     # rounded through the calibration inputs' Hessian E[x x^T] (GPTQ); used only when calibrated.
     error_feedback: bool = DEFAULT_ERROR_FEEDBACK
-    codebook_format: str = DEFAULT_CODEBOOK_FORMAT  # "int6" (format version 4) or "float16" (version 1)
+    codebook_format: str = DEFAULT_CODEBOOK_FORMAT  # "int" (format version 4) or "float16" (version 1)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits)):

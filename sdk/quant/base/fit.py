@@ -13,7 +13,7 @@ import torch
 
 from lowra.device_runtime.formats.bitpack import pack_codes, packed_bytes
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
-from lowra.device_runtime.formats.int6_levels import LEVEL_LIMIT, MAX_EXPONENT, MIN_EXPONENT
+from lowra.device_runtime.formats.int_levels import MIN_EXPONENT, level_limit, max_exponent
 from lowra.device_runtime.formats.quantized_weight import QuantizedWeight
 from lowra.sdk.errors import ConfigError
 from lowra.sdk.quant.adapter_compression import STATS_FLOOR
@@ -157,27 +157,31 @@ def row_histogram(prep: PreparedLayer, bins: int = HIST_BINS) -> RowHistogram:
     return RowHistogram(centroids, m0, within)
 
 
-def int6_levels(hist: RowHistogram, levels: torch.Tensor) -> torch.Tensor:
-    """Fitted ``levels`` [rows, k] moved onto the int6 grid (k * 2**e, |k| <= 31, one e per row; base format 4), as
-    float64, ascending: of the two smallest exponents that reach the row's largest level, and (up to 4 levels) every
-    rounding of each level down or up, the choice with the least histogram SSE; 16 levels round to the nearest.
+def int_levels(hist: RowHistogram, levels: torch.Tensor) -> torch.Tensor:
+    """Fitted ``levels`` [rows, k] moved onto the integer grid of base format 4 (k * 2**e, one e per row, integers
+    of 6 bits for 1- and 2-bit rows, 8 bits for 4-bit rows), as float64, ascending: of the two smallest exponents
+    that reach the row's largest level, and (up to 4 levels) every rounding of each level down or up, the choice
+    with the least histogram SSE; 16 levels round to the nearest.
 
-    Measured on SmolLM2 at 2.0 bits (weight MSE): nearest rounding at the smallest exponent 0.1251, this search
-    0.1247, three Lloyd steps on the grid after it 0.1247 (not worth doing).
+    Measured on SmolLM2 (weight MSE, 6-bit levels at every width, MSE/var at 2.0 / 4.0 bits): nearest rounding at
+    the smallest exponent 0.12506 / 0.012872, this search 0.12492 / 0.012864. Lloyd steps on the grid after the
+    search gained nothing measurable (prototype on raw rows at 2.0 bits: 0.1247 with and without three steps).
     """
     rows = _SortedRows(hist.centroids, hist.mass)
     k = levels.shape[1]
+    width = k.bit_length() - 1
+    limit = level_limit(width)
     absmax = levels.abs().amax(1, keepdim=True)
-    e0 = torch.ceil(torch.log2(torch.where(absmax > 0, absmax / LEVEL_LIMIT, torch.ones_like(absmax))))
+    e0 = torch.ceil(torch.log2(torch.where(absmax > 0, absmax / limit, torch.ones_like(absmax))))
     e0 = torch.where(absmax > 0, e0, torch.full_like(e0, MIN_EXPONENT))
     ups = torch.tensor([[(c >> j) & 1 for j in range(k)] for c in range(1 << k)] if k <= 4 else [[0.5] * k],
                        dtype=torch.float64, device=levels.device)
     best, best_sse = levels, torch.full((levels.shape[0],), float("inf"), dtype=torch.float64, device=levels.device)
     for shift in (0, 1):
-        step = torch.exp2((e0 + shift).clamp(MIN_EXPONENT, MAX_EXPONENT))
+        step = torch.exp2((e0 + shift).clamp(MIN_EXPONENT, max_exponent(width)))
         scaled = levels / step
         for up in ups:  # up 0.5 with floor: round half up, i.e. nearest
-            ints = (torch.floor(scaled + up) if k > 4 else torch.floor(scaled) + up).clamp(-LEVEL_LIMIT, LEVEL_LIMIT)
+            ints = (torch.floor(scaled + up) if k > 4 else torch.floor(scaled) + up).clamp(-limit, limit)
             candidate = torch.sort(ints * step, 1).values + 0.0  # + 0.0: a -0.0 level is stored as 0
             sse = rows.distortion(candidate)
             better = sse < best_sse
@@ -189,7 +193,7 @@ def int6_levels(hist: RowHistogram, levels: torch.Tensor) -> torch.Tensor:
 def fit_rows(hist: RowHistogram, width: int, grid: int | None,
              codebook_format: str = "float16") -> tuple[torch.Tensor, torch.Tensor]:
     """(levels as stored, as float64 [rows, 2**w], weighted SSE in weight space [rows]) for ``hist`` rows: the
-    Lloyd-Max levels rounded to float16, or moved onto the int6 grid (:func:`int6_levels`).
+    Lloyd-Max levels rounded to float16, or moved onto the integer grid (:func:`int_levels`).
 
     The SSE is the histogram's: every bin goes to the level nearest its centroid, an upper bound of the
     per-element nearest assignment that differs only in bins straddling a threshold.
@@ -199,8 +203,8 @@ def fit_rows(hist: RowHistogram, width: int, grid: int | None,
     for start in range(0, hist.mass.shape[0], chunk):
         part = hist.rows(slice(start, start + chunk))
         fit = lloyd_max(part.centroids, width, weight=part.mass, grid=grid)
-        if codebook_format == "int6":
-            lv = int6_levels(part, fit.levels)
+        if codebook_format == "int":
+            lv = int_levels(part, fit.levels)
         else:
             lv = fit.levels.to(torch.float16).to(torch.float64)
         codes = assign_codes(part.centroids, lv)
@@ -300,8 +304,8 @@ def quantize_weight(
 
     ``input_ms`` [in]: mean squared input of each feature; the codebooks then minimize the expected output
     error instead of the weight error. ``name`` appears in error messages. ``device``: where the fitting runs
-    (default CPU; e.g. "cuda" fits all rows of the layer there, see CUDA_CHUNK_ROWS). ``codebook_format="int6"``
-    fits the levels on the int6 grid (base format version 4) instead of rounding them to float16.
+    (default CPU; e.g. "cuda" fits all rows of the layer there, see CUDA_CHUNK_ROWS). ``codebook_format="int"``
+    fits the levels on the integer grid (base format version 4) instead of rounding them to float16.
     """
     with intra_op_threads(TORCH_THREADS):
         prep = prepare_layer(name, W, group_size, input_ms, device)

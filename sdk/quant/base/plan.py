@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lowra.device_runtime._files import utc_now
 from lowra.device_runtime.formats.bitpack import packed_bytes
 from lowra.device_runtime.formats.constants import CODED_WIDTHS
-from lowra.device_runtime.formats.int6_levels import codebook_bits as int6_codebook_bits
+from lowra.device_runtime.formats.int_levels import codebook_bits as int_codebook_bits
 from lowra.device_runtime.formats.quantized_base import (
     QuantizedBase,
     header_bytes_bound,
@@ -53,9 +53,9 @@ METHOD = (
 
 
 def row_costs(n_in: int, codebook_format: str = "float16") -> np.ndarray:
-    """Bits of a row at widths 1, 2, 4: packed codes (byte-padded) + its codebook (float16 levels, or int6 levels and
+    """Bits of a row at widths 1, 2, 4: packed codes (byte-padded) + its codebook (float16 levels, or integer levels and
     the row's exponent)."""
-    book = int6_codebook_bits if codebook_format == "int6" else (lambda w: 16 * (1 << w))
+    book = int_codebook_bits if codebook_format == "int" else (lambda w: 16 * (1 << w))
     return np.array([8 * packed_bytes(n_in, w) + book(w) for w in CODED_WIDTHS], dtype=np.float64)
 
 
@@ -198,7 +198,7 @@ class QuantizePlan:
                 "sensitivity": self.config.sensitivity if self.calibrated else "none",
                 "error_feedback": self.feeds_back,
                 "scale_dtype": "float16", "dense_dtype": "float16",
-                "codebook_dtype": "int6 x 2**e per row" if self.config.codebook_format == "int6" else "float16",
+                "codebook_dtype": "integers (6 bits; 8 in 4-bit rows) x 2**e per row" if self.config.codebook_format == "int" else "float16",
             },
             "report": report,
             "created": created,
@@ -206,12 +206,12 @@ class QuantizePlan:
 
     def fixed_bytes(self, bits: float, created: str) -> int:
         """Bytes that do not depend on the widths: the header (bounded above), scales and the width maps (and with
-        int6 codebooks each layer's last, partly filled level byte, counted as a whole byte)."""
+        integer codebooks each layer's last, partly filled level byte, counted as a whole byte)."""
         g, fmt = self.config.group_size, self.config.codebook_format
         meta = self._metadata(bits, created, placeholder_report(self.shapes, self.calibrated, self.feeds_back))
         table = [(n, o, i, g) for n, (o, i) in zip(self.names, self.shapes)]
         return header_bytes_bound(table, self.dense, meta, fmt) + sum(
-            o * 2 * (-(-i // g) if g else 0) + (o + 3) // 4 + (fmt == "int6") for o, i in self.shapes
+            o * 2 * (-(-i // g) if g else 0) + (o + 3) // 4 + (fmt == "int") for o, i in self.shapes
         )
 
     def budget_range(self, created: str = "2000-01-01T00:00:00+00:00") -> tuple[float, float]:

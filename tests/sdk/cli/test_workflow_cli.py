@@ -236,7 +236,7 @@ def test_cli_train_compress_generate_on_a_quantized_base(tmp_path, capsys, tiny_
 
 
 def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, tiny_tokenizer, tiny_user_dir):
-    """`lowra recover` writes a version-4 base (int6 codebooks, its adapter compressed); a user's adapter trained on it binds to it (the recovery adapter is
+    """`lowra recover` writes a version-4 base (integer codebooks, its adapter compressed); a user's adapter trained on it binds to it (the recovery adapter is
     part of the base, under the user's), the plain base refuses that blob, and `lowra eval` names the recovery."""
     from lowra.device_runtime.errors import BaseMismatchError
     from lowra.device_runtime.formats.quantized_base import read_quantized_base
@@ -245,7 +245,7 @@ def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, ti
     build_tiny_model().save_pretrained(base_dir)
     tiny_tokenizer.save_pretrained(base_dir)
     plain, recovered = tmp_path / "plain.safetensors", tmp_path / "recovered.safetensors"
-    assert main(["quantize-base", "--base", str(base_dir), "--bits", "6", "--group-size", "0", "--calibration",
+    assert main(["quantize-base", "--base", str(base_dir), "--bits", "7", "--group-size", "0", "--calibration",
                  "none", "--out", str(plain)]) == 0
     capsys.readouterr()
     assert main(["recover", "--base", str(base_dir), "--quantized-base", str(plain), "--out", str(recovered),
@@ -255,10 +255,10 @@ def test_cli_recover_then_users_train_on_the_recovered_base(tmp_path, capsys, ti
     assert "recovery adapter rank 2 on 14 layers" in out and "recovered base" in out and "plain low-bit base" in out
     stored = read_quantized_base(recovered)
     assert stored.recovery.info["plain_fingerprint"] == read_quantized_base(plain).fingerprint
-    assert stored.recovery.blob is not None and stored.metadata["format_version"] == "4"  # int6 codebooks
-    assert stored.codebook_format == "int6"
+    assert stored.recovery.blob is not None and stored.metadata["format_version"] == "4"  # integer codebooks
+    assert stored.codebook_format == "int"
     assert main(["inspect", str(recovered)]) == 0
-    assert "codebooks         6-bit integers x 2**e per row" in capsys.readouterr().out
+    assert "codebooks         integers x 2**e per row (6 bits; 8 in 4-bit rows)" in capsys.readouterr().out
     assert main(["recover", "--base", str(base_dir), "--quantized-base", str(plain), "--out", str(recovered)]) == 2
     assert "already exists" in capsys.readouterr().err
     common = ["--base", str(base_dir), "--quantized-base", str(recovered)]
@@ -281,7 +281,7 @@ def test_cli_train_loftq_starts_the_adapter_on_the_base_residual(tmp_path, capsy
     build_tiny_model().save_pretrained(base_dir)
     tiny_tokenizer.save_pretrained(base_dir)
     qfile = tmp_path / "q.safetensors"
-    assert main(["quantize-base", "--base", str(base_dir), "--bits", "6", "--group-size", "0", "--calibration",
+    assert main(["quantize-base", "--base", str(base_dir), "--bits", "7", "--group-size", "0", "--calibration",
                  "none", "--out", str(qfile)]) == 0
     capsys.readouterr()
     assert main(["train", "--user", str(tiny_user_dir), "--out", str(tmp_path / "a"), "--steps", "1", "--rank", "4",

@@ -89,16 +89,16 @@ def test_the_recovered_base_is_a_version_2_file_and_another_base(bases) -> None:
     assert recovered.bits_report()["recovery_bits"] > 0
 
 
-def test_recovering_an_int6_base_keeps_its_codebooks_in_a_version_4_file(tmp_path, tiny_tokenizer) -> None:
+def test_recovering_an_integer_level_base_keeps_its_codebooks_in_a_version_4_file(tmp_path, tiny_tokenizer) -> None:
     plain = quantize_model(build_tiny_model(), QuantizeConfig(bits=6.0, group_size=0, calibration=None),
                            progress=False, source="tiny")
-    assert plain.codebook_format == "int6"  # the default
+    assert plain.codebook_format == "int"  # the default
     plain_path = plain.write(tmp_path / "plain.safetensors")
     config = RecoveryConfig(**{**FAST.__dict__, "steps": 2})
     recovered = recover_quantized_base(build_tiny_model(), tiny_tokenizer, plain_path, tmp_path / "r.safetensors",
                                        config, progress=False)
     header = parse_header((tmp_path / "r.safetensors").read_bytes(), (tmp_path / "r.safetensors").stat().st_size, "t")
-    assert header.metadata["format_version"] == "4" and recovered.codebook_format == "int6"
+    assert header.metadata["format_version"] == "4" and recovered.codebook_format == "int"
     assert not any(n.endswith(".codebooks") for n in header.tensors)
     for name, qw in read_quantized_base(plain_path).layers.items():
         assert recovered.layers[name].codebooks.tobytes() == qw.codebooks.tobytes()
