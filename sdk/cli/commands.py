@@ -258,6 +258,9 @@ def cmd_quantize_base(args: argparse.Namespace) -> int:
         f"{r['n_quantized_params']:,} quantized weights ({r['code_bits']:.4f} code bits), dense tensors "
         f"{r['bytes']['dense']:,} bytes (float16)"
     )
+    kind = ("integers x 2**e per row (6 bits; 8 in 4-bit rows), format version 4" if config.codebook_format == "int"
+            else "float16 levels, format version 1")
+    print(f"codebooks: {kind}, {r['bytes']['codebooks']:,} bytes")
     print(f"error: MSE / weight variance {total['mse_over_var']:.4f}; fingerprint {quantized.fingerprint}")
     print("rows: " + ", ".join(f"{w}-bit {n} ({100 * n / rows:.1f}%)" for w, n in r["width_histogram"].items()))
     return 0

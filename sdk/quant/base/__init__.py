@@ -14,11 +14,11 @@ Method (LowRA, arXiv 2502.08141, sections 4.1-4.2; numbers measured in bench/ben
    per bin, cell boundaries on bin edges) instead of its raw values: measured on SmolLM2 rows +0.01% SSE at
    1 bit, +0.04% (64-groups) / +0.4% (no groups) at 2 bits and 1-4% *better* at 4 bits (the histogram smooths
    the discrete sample Lloyd-Max gets stuck on), and the cost no longer grows with the row length.
-   Levels are stored as 6-bit integers times a power of two per row (``codebook_format="int"``, the default, base
-   format version 4: :func:`.fit.int_levels` moves the fitted levels onto that grid, half the bits of float16 levels)
-   or as float16 (``"float16"``, version 1); codes are nearest w.r.t. the stored levels and the SSE is scored on
-   them, so the decode is what we scored. Measured on SmolLM2 (bench/bench_codebook_storage.py, MSE/var, weight
-   MSE): int is lower at every budget, 2.0 bits 0.1310 -> 0.1249, 4.0 bits 0.0177 -> 0.0129.
+   Levels are stored as integers times a power of two per row (``codebook_format="int"``, the default, base format
+   version 4: 6-bit integers in 1- and 2-bit rows, 8-bit in 4-bit rows; :func:`.fit.int_levels` moves the fitted
+   levels onto that grid) or as float16 (``"float16"``, version 1); codes are nearest w.r.t. the stored levels and
+   the SSE is scored on them, so the decode is what we scored. Measured on SmolLM2 (bench/bench_codebook_storage.py,
+   MSE/var, weight MSE): lower with "int" at every budget, 2.0 bits 0.1310 -> 0.1249, 4.0 bits 0.0177 -> 0.0128.
 0. **Calibrate** (default; ``QuantizeConfig(calibration=None)`` skips it). :func:`.apply.calibrate` runs the model
    on :mod:`lowra.sdk.training.calibration`'s windows (sample users' train files + pydoc, or the user's folder) and
    records E[x_j^2] per input of every linear and, for ``sensitivity="fisher"``, the mean squared loss gradient of
@@ -28,8 +28,8 @@ Method (LowRA, arXiv 2502.08141, sections 4.1-4.2; numbers measured in bench/ben
    error sum_j E[x_j^2] (W - Q(W))_rj^2 times its layer's sensitivity (issue 11: by weight MSE the 4-bit base put
    18% of rows at 1-2 bits wherever rows had small variance, whatever the output depended on). A multiple-choice knapsack
    (:func:`lowra.sdk.quant.allocation.assign_precision`, exact at its hull breakpoints; the paper's two ILPs over 128 channel
-   clusters approximate the same problem) minimizes total distortion under the budget; with integer codebooks a row's codebook
-   costs 6 * 2**w + 8 bits (its levels and its exponent). Rows are scored with
+   clusters approximate the same problem) minimizes total distortion under the budget; with integer codebooks a row's
+   codebook costs 6 * 2**w + 8 bits at widths 1 and 2, 8 * 16 + 8 at width 4 (its levels and its exponent). Rows are scored with
    cheap Lloyd-Max starts, then refitted once at their chosen width with the better start (DECISION_GRID /
    FINAL_GRID), so the expensive fit runs once per row instead of three times.
    The budget is **effective bits per quantized parameter with every byte of the file counted** except the

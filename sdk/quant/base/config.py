@@ -27,10 +27,12 @@ DEFAULT_SENSITIVITY = "fisher"
 # Measured on SmolLM2 (bench/bench_base_nll.py, held-out NLL per answer token, fp32 3.513), without -> with:
 # 4.0 bits 3.629 -> 3.496, 3.0 bits 4.702 -> 3.781, 2.0 bits 9.023 -> 5.906; same widths and codebooks, same layout.
 DEFAULT_ERROR_FEEDBACK = True
-# How the file stores each row's levels (CODEBOOK_FORMATS): "int", 6-bit integers times a power of two per row (base
-# format version 4: a 2-bit row's codebook in 32 bits instead of 64), or "float16" (version 1, readable by lowra
-# releases before version 4). Codebooks are fitted on the integer grid, so the bits saved buy wider rows. Measured on
-# SmolLM2 (bench/bench_codebook_storage.py, MSE/var at 2.0 effective bits, weight MSE): float16 0.1310, int 0.1247.
+# How the file stores each row's levels (CODEBOOK_FORMATS): "int", integers times a power of two per row, 6 bits a
+# level in 1- and 2-bit rows and 8 in 4-bit rows (base format version 4: a 2-bit row's codebook in 32 bits instead of
+# 64), or "float16" (version 1, readable by lowra releases before version 4). Codebooks are fitted on the integer
+# grid, so the bits saved buy wider rows. Measured on SmolLM2 (bench/bench_codebook_storage.py, weight MSE, MSE/var
+# at 1.5 / 2.0 / 3.0 / 4.0 effective bits): float16 0.2328 / 0.1310 / 0.0603 / 0.0177, int 0.2261 / 0.1249 / 0.0557
+# / 0.0128; held-out NLL of the default (calibrated, error-fed) base: docs/RESULTS.md.
 DEFAULT_CODEBOOK_FORMAT = "int"
 
 

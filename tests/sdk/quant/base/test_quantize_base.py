@@ -272,6 +272,7 @@ def test_cli_quantize_base(tmp_path, capsys, tiny_tokenizer):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "effective bits/param" in printed and "MSE / weight variance" in printed and "rows: 1-bit" in printed
+    assert "codebooks: integers x 2**e per row (6 bits; 8 in 4-bit rows), format version 4" in printed
     read = read_quantized_base(out)
     assert read.bits_report()["effective_bits"] <= 8.0
     assert len(read.layers) == 14 and read.metadata["source"] == str(base_dir)
