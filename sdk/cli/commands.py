@@ -317,7 +317,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.base_bits < 0:
         raise ConfigError(f"--base-bits must be >= 0 (0 = full-precision base), got {args.base_bits}")
     run_demo(DemoConfig(out=args.out, users=users, steps=args.steps, bits=args.bits, sweep=sweep, base=args.base,
-                        base_bits=args.base_bits or None, weighted=not args.unweighted, force=args.force))
+                        base_bits=args.base_bits or None, base_codebook_format=args.base_codebook_format,
+                        weighted=not args.unweighted, force=args.force))
     return 0
 
 

@@ -145,7 +145,7 @@ def _run(config: DemoConfig, datasets: list, out: Path, work: Path) -> dict[str,
             fp_base_loss = {d.user_id: evaluate_loss(gen.model, gen.tokenizer, d.heldout, train_config.max_len)
                             for d in datasets}
             phase.result = ", ".join(f"{u} {v:.3f}" for u, v in fp_base_loss.items())
-    base_info = _prepare_base(base, config.base_bits)
+    base_info = _prepare_base(base, config.base_bits, config.base_codebook_format)
     runtime = DeviceRuntime(base_info["runtime_base"])
     # gen computes with exactly what the device runtime decodes: the low-bit base's weights, then each user's merge
     params = dict(gen.model.named_parameters())
@@ -268,7 +268,7 @@ def _run(config: DemoConfig, datasets: list, out: Path, work: Path) -> dict[str,
     return report
 
 
-def _prepare_base(base, bits: float | None) -> dict[str, object]:
+def _prepare_base(base, bits: float | None, codebook_format: str = "float16") -> dict[str, object]:
     """Quantize the base in place to ``bits`` effective bits (cached file) and say what it costs."""
     linears = linear_module_names(base.model)
     fp32_bytes = sum(base.model.get_submodule(p).weight.nbytes for p in linears)
@@ -279,7 +279,8 @@ def _prepare_base(base, bits: float | None) -> dict[str, object]:
         print(f"   base: full precision, linears {fp32_bytes / 2**20:.1f} MiB (float32)")
         return info
     with _Phase(f"base at {bits:g} effective bits: quantizing, or reading the cached file", bars=True) as phase:
-        path = cached_quantized_base(base.model, base.path, QuantizeConfig(bits=bits), tokenizer=base.tokenizer)
+        config = QuantizeConfig(bits=bits, codebook_format=codebook_format)
+        path = cached_quantized_base(base.model, base.path, config, tokenizer=base.tokenizer)
         qb = load_quantized_base(base.model, path)
         phase.result = "done"
     report = qb.bits_report()

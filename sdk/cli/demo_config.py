@@ -25,6 +25,11 @@ class DemoConfig:
     # 1.4% of the same adapters on fp32 over all held-out tokens, on the 3-bit base 13.9% worse (up to 81% for one
     # user). Sub-2-bit bases are for larger models; `--base-bits 1.5` runs that path.
     base_bits: float | None = 4.0
+    # How the demo's base stores its codebook levels (QuantizeConfig.codebook_format). At 4 bits float16 levels measure
+    # better after a user adapter (docs/RESULTS.md, eighth session: 1.014x fp32 over all held-out tokens, per user
+    # 1.10 / 1.01 / 1.12, against 1.053x and 1.78 / 1.01 / 1.43 with integer levels, the library default that is
+    # better at 3 bits and below), so the demo's 4-bit base keeps them.
+    base_codebook_format: str = "float16"
     weighted: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_new_tokens: int = 48
