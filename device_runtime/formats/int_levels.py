@@ -149,15 +149,16 @@ def decode_levels(levels: np.ndarray, exponents: np.ndarray, widths: np.ndarray,
     bad = np.flatnonzero((e < MIN_EXPONENT) | (e > top))
     if bad.size:
         r = int(bad[0])
-        raise BlobContentError(f"{what}: row {r}'s level exponent is {int(e[r])}, expected {MIN_EXPONENT}..{int(top[r])} "
-                               f"for a {int(widths[r])}-bit row")
+        raise BlobContentError(f"{what}: row {r}'s level exponent is {int(e[r])}, expected "
+                               f"{MIN_EXPONENT}..{int(top[r])} for a {int(widths[r])}-bit row")
     ints, clean = _unpack(levels, level_bits)
     if not clean:
         raise BlobContentError(f"{what}: levels has nonzero padding bits after its {row_of.size} levels")
     low = np.flatnonzero(ints < -limit)
     if low.size:
-        raise BlobContentError(f"{what}: row {int(row_of[low[0]])} has the level {int(ints[low[0]])}, expected integers "
-                               f"in -{int(limit[low[0]])}..{int(limit[low[0]])}")
+        i = int(low[0])
+        raise BlobContentError(f"{what}: row {int(row_of[i])} has the level {int(ints[i])}, expected integers in "
+                               f"-{int(limit[i])}..{int(limit[i])}")
     if ints.size > 1 and np.any((np.diff(ints) < 0) & (row_of[1:] == row_of[:-1])):
         raise BlobContentError(f"{what}: a row's codebook levels are not in ascending order")
     # Exact: |k| <= 127 needs 7 significant bits and the exponent range keeps every product a finite float16.

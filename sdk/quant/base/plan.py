@@ -198,7 +198,8 @@ class QuantizePlan:
                 "sensitivity": self.config.sensitivity if self.calibrated else "none",
                 "error_feedback": self.feeds_back,
                 "scale_dtype": "float16", "dense_dtype": "float16",
-                "codebook_dtype": "integers (6 bits; 8 in 4-bit rows) x 2**e per row" if self.config.codebook_format == "int" else "float16",
+                "codebook_dtype": ("integers (6 bits; 8 in 4-bit rows) x 2**e per row"
+                                   if self.config.codebook_format == "int" else "float16"),
             },
             "report": report,
             "created": created,
@@ -288,7 +289,8 @@ class QuantizePlan:
             W = prep.weight.cpu().numpy()
             err = W - qw.dequantize().astype(np.float64)
             sse, energy = float(np.sum(err * err)), float(W.size * np.var(W))
-            stored_bits = 8 * sum(a.nbytes for a in stored_layer_tensors(name, qw, self.config.codebook_format).values())
+            stored = stored_layer_tensors(name, qw, self.config.codebook_format)
+            stored_bits = 8 * sum(a.nbytes for a in stored.values())
             row = [report_round(sse / max(energy, 1e-300)), report_round(stored_bits / W.size), report_round(qw.code_bits() / W.size)]
             if weighted:
                 ms = prep.input_ms.cpu().numpy()
