@@ -40,11 +40,13 @@ from lowra.device_runtime.formats.bitpack import (
     pack_codes,
 )
 from lowra.device_runtime.formats.int_levels import (
-    LEVEL_BITS,
     MIN_EXPONENT,
+    level_bit_counts as level_bits,
     level_limit,
     max_exponent,
+    pack_level_ints,
     packed_level_bytes,
+    unpack_level_ints,
 )
 from lowra.device_runtime.formats.quantized_base import (
     INT_LEVEL_TENSORS,
@@ -156,33 +158,16 @@ def _is_int_levels(tensors: dict[str, np.ndarray], name: str) -> bool:
     return f"{name}.levels" in tensors
 
 
-def level_bits(widths: np.ndarray) -> np.ndarray:
-    """The bits of each level of rows of these widths (int64, rows in order): ``LEVEL_BITS[w]`` (6 or 8), ``2**w``
-    times per row; a row of width 0 has none."""
-    w = np.asarray(widths, dtype=np.int64)
-    return np.repeat([LEVEL_BITS.get(int(v), 0) for v in w], np.where(w > 0, 1 << w, 0)).astype(np.int64)
-
-
 def level_ints(tensors: dict[str, np.ndarray], name: str, widths: np.ndarray) -> np.ndarray:
-    """A version-4 layer's integer levels k (int64, sign-extended; each on its row's bits: LEVEL_BITS[w]), read
-    leniently: no range, order or padding check (a mutator may have broken those on purpose)."""
-    bits = level_bits(widths)
-    stream = np.unpackbits(tensors[f"{name}.levels"], bitorder="little").astype(np.int64)
-    j = np.arange(8)
-    used = j[None, :] < bits[:, None]
-    at = np.where(used, (np.cumsum(bits) - bits)[:, None] + j, 0)  # each level's stream bits, LSB first
-    values = (np.where(used, stream[at] if stream.size else 0, 0) << j).sum(1)
-    half = 1 << (bits - 1)
-    return np.where(values >= half, values - 2 * half, values)
+    """A version-4 layer's integer levels k (int64, sign-extended; each on its row's bits), read leniently: no
+    range, order or padding check (a mutator may have broken those on purpose)."""
+    return unpack_level_ints(tensors[f"{name}.levels"], widths)[0]
 
 
 def store_level_ints(tensors: dict[str, np.ndarray], name: str, ints: np.ndarray, widths: np.ndarray) -> None:
-    """``ints`` (each within its row's two's complement bits: -32..31 or -128..127) packed as a version-4 layer's
-    ``levels``: one LSB-first stream, each level on its row's bits, zero padding (``packed_level_bytes`` bytes)."""
-    bits = level_bits(widths)
-    unsigned = (np.asarray(ints, dtype=np.int64) & ((1 << bits) - 1)).astype(np.uint8)
-    stream = np.unpackbits(unsigned[:, None], axis=1, bitorder="little")[np.arange(8)[None, :] < bits[:, None]]
-    tensors[f"{name}.levels"] = np.packbits(stream, bitorder="little")
+    """``ints`` (each within its row's two's complement bits: -32..31 or -128..127) stored as the layer's
+    ``levels`` stream (``packed_level_bytes`` bytes, zero padding)."""
+    tensors[f"{name}.levels"] = pack_level_ints(ints, widths)
     assert tensors[f"{name}.levels"].size == packed_level_bytes(widths)
 
 

@@ -66,28 +66,36 @@ def grid_exponents(absmax: np.ndarray, width: int) -> np.ndarray:
 
 
 def _row_tables(widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per level: its row, its bits and its limit; per row: the largest exponent."""
+    """Per level: its row, its bits and its limit; per row: the largest exponent (rows of width 0 have no levels)."""
     w = np.asarray(widths, dtype=np.int64)
-    counts = np.left_shift(1, w)
     table = np.zeros(max(LEVEL_BITS) + 1, dtype=np.int64)
     tops = np.zeros_like(table)
     for width, bits in LEVEL_BITS.items():
         table[width], tops[width] = bits, max_exponent(width)
-    row_of = np.repeat(np.arange(w.size), counts)
+    row_of = np.repeat(np.arange(w.size), np.where(w > 0, np.left_shift(1, w), 0))
     level_bits = table[w][row_of]
     return row_of, level_bits, (1 << (level_bits - 1)) - 1, tops[w]
 
 
-def _pack(ints: np.ndarray, level_bits: np.ndarray) -> np.ndarray:
-    """ints [n] (each within its two's complement range) -> the LSB-first stream of their bits (uint8)."""
+def level_bit_counts(widths: np.ndarray) -> np.ndarray:
+    """The bits of each level (int64, rows in order) of rows of these widths: ``LEVEL_BITS[w]``, ``2**w`` times."""
+    return _row_tables(widths)[1]
+
+
+def pack_level_ints(ints: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Integer levels (each within its row's two's complement bits) -> the ``levels`` stream: LSB-first, each level
+    on its row's bits, the last byte zero-padded."""
+    level_bits = level_bit_counts(widths)
     unsigned = (np.asarray(ints, dtype=np.int64) & ((1 << level_bits) - 1)).astype(np.uint8)
     bits = np.unpackbits(unsigned[:, None], axis=1, bitorder="little")  # [n, 8]
     keep = np.arange(8)[None, :] < level_bits[:, None]
     return np.packbits(bits[keep], bitorder="little")
 
 
-def _unpack(packed: np.ndarray, level_bits: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The stream -> int64 [n] (sign-extended), and whether the padding bits are all zero."""
+def unpack_level_ints(packed: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A ``levels`` stream of at least its rows' bits -> the integer levels (int64, sign-extended), and whether the
+    padding bits after them are all zero. No other check: :func:`decode_levels` is the strict reader."""
+    level_bits = level_bit_counts(widths)
     bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little").astype(np.int64)
     total = int(level_bits.sum())
     start = np.concatenate([[0], np.cumsum(level_bits)[:-1]]).astype(np.int64)
@@ -129,7 +137,7 @@ def encode_levels(codebooks: np.ndarray, widths: np.ndarray, what: str) -> tuple
             "it. Quantize with codebook_format='int' or write the base with float16 codebooks"
         )
     ints = np.round(values / 2.0 ** exponents[row_of]).astype(np.int64)
-    return _pack(ints, level_bits), exponents.astype(np.int8)
+    return pack_level_ints(ints, widths), exponents.astype(np.int8)
 
 
 def decode_levels(levels: np.ndarray, exponents: np.ndarray, widths: np.ndarray, what: str) -> np.ndarray:
@@ -151,7 +159,7 @@ def decode_levels(levels: np.ndarray, exponents: np.ndarray, widths: np.ndarray,
         r = int(bad[0])
         raise BlobContentError(f"{what}: row {r}'s level exponent is {int(e[r])}, expected "
                                f"{MIN_EXPONENT}..{int(top[r])} for a {int(widths[r])}-bit row")
-    ints, clean = _unpack(levels, level_bits)
+    ints, clean = unpack_level_ints(levels, widths)
     if not clean:
         raise BlobContentError(f"{what}: levels has nonzero padding bits after its {row_of.size} levels")
     low = np.flatnonzero(ints < -limit)
