@@ -24,6 +24,8 @@ BASE_INT_LEVELS_VERSION = 4
 BASE_READS = (1, 2, 3, 4)
 # How a base file stores its layers' codebook levels: "float16" (versions 1-3) or "int" (version 4).
 CODEBOOK_FORMATS = ("float16", "int")
+# How the CLI names each of them to a person.
+CODEBOOK_FORMAT_TEXT = {"float16": "float16 levels", "int": "integers x 2**e per row (6 bits; 8 in 4-bit rows)"}
 
 # Bits a channel of an adapter may take; 0 drops the channel (decodes to zeros).
 ADAPTER_WIDTHS = (0, 1, 2, 4)

@@ -237,6 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize_base(args: argparse.Namespace) -> int:
+    from lowra.device_runtime.formats.constants import CODEBOOK_FORMAT_TEXT
+    from lowra.device_runtime.formats.quantized_base import file_version
     from lowra.sdk.base_model import load_base
     from lowra.sdk.quant.base.apply import quantize_model
     from lowra.sdk.quant.base.config import QuantizeConfig
@@ -258,9 +260,9 @@ def cmd_quantize_base(args: argparse.Namespace) -> int:
         f"{r['n_quantized_params']:,} quantized weights ({r['code_bits']:.4f} code bits), dense tensors "
         f"{r['bytes']['dense']:,} bytes (float16)"
     )
-    kind = ("integers x 2**e per row (6 bits; 8 in 4-bit rows), format version 4" if config.codebook_format == "int"
-            else "float16 levels, format version 1")
-    print(f"codebooks: {kind}, {r['bytes']['codebooks']:,} bytes")
+    fmt = quantized.codebook_format
+    print(f"codebooks: {CODEBOOK_FORMAT_TEXT[fmt]}, format version {file_version(None, fmt)}, "
+          f"{r['bytes']['codebooks']:,} bytes")
     print(f"error: MSE / weight variance {total['mse_over_var']:.4f}; fingerprint {quantized.fingerprint}")
     print("rows: " + ", ".join(f"{w}-bit {n} ({100 * n / rows:.1f}%)" for w, n in r["width_histogram"].items()))
     return 0

@@ -268,7 +268,7 @@ def _run(config: DemoConfig, datasets: list, out: Path, work: Path) -> dict[str,
     return report
 
 
-def _prepare_base(base, bits: float | None, codebook_format: str = "float16") -> dict[str, object]:
+def _prepare_base(base, bits: float | None, codebook_format: str) -> dict[str, object]:
     """Quantize the base in place to ``bits`` effective bits (cached file) and say what it costs."""
     linears = linear_module_names(base.model)
     fp32_bytes = sum(base.model.get_submodule(p).weight.nbytes for p in linears)

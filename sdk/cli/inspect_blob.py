@@ -17,7 +17,7 @@ from typing import Any
 from lowra.device_runtime.errors import UnsignedFileError
 from lowra.device_runtime.formats import signed
 from lowra.device_runtime.formats.adapter import Blob, parse_blob, read_blob_bytes
-from lowra.device_runtime.formats.constants import ADAPTER_FORMAT, BASE_FORMAT
+from lowra.device_runtime.formats.constants import ADAPTER_FORMAT, BASE_FORMAT, CODEBOOK_FORMAT_TEXT
 from lowra.device_runtime.formats.quantized_base import (
     LIMITS,
     QuantizedBase,
@@ -112,8 +112,7 @@ def _print_base(base: QuantizedBase, title: str, indent: str) -> None:
     total = sum(r["width_histogram"].values())
     print(f"{indent}row widths        " + ", ".join(
         f"{w}-bit {n} ({100 * n / total:.0f}%)" for w, n in r["width_histogram"].items()))
-    kind = "integers x 2**e per row (6 bits; 8 in 4-bit rows)" if base.codebook_format == "int" else "float16 levels"
-    print(f"{indent}codebooks         {kind}, {r['bytes']['codebooks']} bytes")
+    print(f"{indent}codebooks         {CODEBOOK_FORMAT_TEXT[base.codebook_format]}, {r['bytes']['codebooks']} bytes")
     rec = base.recovery
     if rec is None:
         print(f"{indent}recovery adapter  none")
